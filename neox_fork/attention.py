@@ -1,0 +1,56 @@
+"""Attention backends: FlashAttention-2, torch SDPA, and a plain reference used by tests.
+
+All take q, k, v as [batch, seq, heads, head_dim] (flash-attn's layout) and return the same layout.
+`flash` uses flash-attn on CUDA in fp16/bf16 when it is installed and falls back to SDPA otherwise
+(on CUDA SDPA's own flash kernel is FlashAttention-2 too); `global` is SDPA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    flash_attn_func = None
+
+
+def flash_available(q: torch.Tensor) -> bool:
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def sdpa(q, k, v, *, causal: bool, dropout_p: float = 0.0, mask: torch.Tensor | None = None):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                         is_causal=causal and mask is None)
+    return out.transpose(1, 2)
+
+
+def reference(q, k, v, *, causal: bool, dropout_p: float = 0.0, mask: torch.Tensor | None = None):
+    """softmax(q k^T / sqrt(d)) v in fp32, written out; the yardstick for the fast paths."""
+    dtype = q.dtype
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is None and causal:
+        sq, sk = scores.shape[-2:]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return (probs @ v).transpose(1, 2).to(dtype)
+
+
+def attention(q, k, v, *, backend: str = "flash", causal: bool = True, dropout_p: float = 0.0,
+              mask: torch.Tensor | None = None):
+    """Dispatch to a backend. `mask` (bool, True = attend) is for cached decoding with several queries."""
+    if backend == "reference":
+        return reference(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)
+    if backend == "flash" and mask is None and flash_available(q):
+        # flash-attn aligns the causal mask to the bottom-right, as cached decoding needs.
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
+    return sdpa(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)

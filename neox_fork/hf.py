@@ -1,0 +1,149 @@
+"""Name and layout mapping between our (merged, TP=1) state dict and transformers' StableLmForCausalLM.
+
+The two layouts that need care:
+- our fused `query_key_value` is per head, [heads, 3, head_dim, hidden] (GPT-NeoX's layout): q, k, v are
+  taken per head, not as three contiguous blocks;
+- our `mlp.linear1` is [up; gate]: HF's `up_proj` is the first half and `gate_proj` the second.
+Everything else is a rename. Tensor-parallel shards are merged before this mapping (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from neox_fork.config import NeoXConfig
+from neox_fork.errors import UserError
+
+_RENAMES = [  # (ours, HF) as regular expressions over the layer index
+    (r"word_embeddings\.weight", "model.embed_tokens.weight"),
+    (r"final_norm\.(weight|bias)", r"model.norm.\1"),
+    (r"output_layer\.weight", "lm_head.weight"),
+    (r"layers\.(\d+)\.input_layernorm\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
+    (r"layers\.(\d+)\.post_attention_layernorm\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
+    (r"layers\.(\d+)\.attention\.dense\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"layers\.(\d+)\.mlp\.linear2\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+]
+
+
+def _rename(name: str, pairs) -> str | None:
+    for pattern, target in pairs:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, target, name)
+    return None
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
+    """Our merged model state -> HF tensor names and layouts (same dtypes, contiguous)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.endswith("_extra_state"):
+            continue
+        if m := re.fullmatch(r"layers\.(\d+)\.attention\.query_key_value\.weight", name):
+            hidden = tensor.shape[1]
+            q, k, v = tensor.view(num_heads, 3, hidden // num_heads, hidden).unbind(1)
+            for part, w in zip("qkv", (q, k, v)):
+                out[f"model.layers.{m[1]}.self_attn.{part}_proj.weight"] = w.reshape(hidden, hidden).contiguous()
+        elif m := re.fullmatch(r"layers\.(\d+)\.mlp\.linear1\.weight", name):
+            up, gate = tensor.chunk(2, dim=0)
+            out[f"model.layers.{m[1]}.mlp.up_proj.weight"] = up.contiguous()
+            out[f"model.layers.{m[1]}.mlp.gate_proj.weight"] = gate.contiguous()
+        elif (target := _rename(name, _RENAMES)) is not None:
+            out[target] = tensor.contiguous()
+        else:
+            raise KeyError(f"no Hugging Face name for parameter {name}")
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], num_heads: int, num_layers: int) -> dict[str, torch.Tensor]:
+    """HF StableLmForCausalLM tensors -> our merged model state (the inverse of to_hf_state_dict)."""
+    inverse = [
+        (r"model\.embed_tokens\.weight", "word_embeddings.weight"),
+        (r"model\.norm\.(weight|bias)", r"final_norm.\1"),
+        (r"lm_head\.weight", "output_layer.weight"),
+        (r"model\.layers\.(\d+)\.input_layernorm\.(weight|bias)", r"layers.\1.input_layernorm.\2"),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.(weight|bias)", r"layers.\1.post_attention_layernorm.\2"),
+        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.dense.weight"),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.mlp.linear2.weight"),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in hf.items():
+        if (target := _rename(name, inverse)) is not None:
+            out[target] = tensor
+        elif not re.fullmatch(r"model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(up|gate)_proj)\.weight", name):
+            raise UserError(f"Hugging Face weight '{name}' has no place in a StableLM model "
+                            "(qkv biases and qk-layernorm are not supported)")
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        q, k, v = (hf[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv")
+        hidden = q.shape[1]
+        per_head = [w.view(num_heads, hidden // num_heads, hidden) for w in (q, k, v)]
+        out[f"layers.{i}.attention.query_key_value.weight"] = torch.stack(per_head, dim=1).reshape(3 * hidden, hidden)
+        out[f"layers.{i}.mlp.linear1.weight"] = torch.cat((hf[f"{p}.mlp.up_proj.weight"], hf[f"{p}.mlp.gate_proj.weight"]))
+    return out
+
+
+def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_id: int = 0,
+                   bos_token_id: int = 0) -> dict:
+    """config.json for StableLmForCausalLM, from our config."""
+    return {
+        "architectures": ["StableLmForCausalLM"],
+        "model_type": "stablelm",
+        "vocab_size": padded_vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.ffn_hidden_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_positions,
+        "initializer_range": c.init_method_std,
+        "layer_norm_eps": c.layernorm_epsilon,
+        "use_cache": True,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "rope_theta": float(c.rotary_emb_base),
+        "partial_rotary_factor": c.rotary_pct,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rotary_emb_base),
+                            "partial_rotary_factor": c.rotary_pct},
+        "use_qkv_bias": False,
+        "qk_layernorm": False,
+        "use_parallel_residual": False,
+        "hidden_dropout": c.hidden_dropout,
+        "attention_dropout": c.attention_dropout,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
+    }
+
+
+def config_from_hf(hf: dict) -> dict:
+    """Our config keys (NeoX names) for an HF StableLM config.json; the caller adds training keys."""
+    if hf.get("model_type") != "stablelm":
+        raise UserError(f"config.json model_type is {hf.get('model_type')!r}; only 'stablelm' can be imported")
+    for key, ok in (("use_qkv_bias", False), ("qk_layernorm", False), ("use_parallel_residual", False)):
+        if hf.get(key, False) != ok:
+            raise UserError(f"config.json {key}={hf.get(key)} is not supported; only {ok} is")
+    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+        raise UserError("config.json num_key_value_heads differs from num_attention_heads; grouped-query "
+                        "attention is not supported")
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000))
+    pct = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))
+    return {
+        "num_layers": hf["num_hidden_layers"],
+        "hidden_size": hf["hidden_size"],
+        "num_attention_heads": hf["num_attention_heads"],
+        "intermediate_size": hf["intermediate_size"],
+        "seq_length": hf["max_position_embeddings"],
+        "max_position_embeddings": hf["max_position_embeddings"],
+        "vocab_size": hf["vocab_size"],
+        "layernorm_epsilon": hf.get("layer_norm_eps", 1e-5),
+        "rotary_pct": pct,
+        "rotary_emb_base": int(theta),
+        "no_weight_tying": not hf.get("tie_word_embeddings", False),
+        "init_method_std": hf.get("initializer_range", 0.02),
+        "use_bias_in_norms": True,
+        "mlp_type": "gated",
+        "activation": "silu",
+    }

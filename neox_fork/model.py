@@ -1,0 +1,324 @@
+"""The StableLM-3B-4E1T architecture, built from megatron-core tensor-parallel layers.
+
+    tokens -> word embedding (vocab-parallel)
+           -> num_layers x [ x + attention(LN(x)) ; x + SwiGLU(LN(x)) ]   (pre-norm, sequential residual)
+           -> final LayerNorm -> output head (column-parallel over the vocabulary)
+
+Attention: fused per-head QKV projection ([heads, 3, head_dim] rows, GPT-NeoX's layout), rotary on the
+first `rotary_pct` of each head's dims (rotate-half, not interleaved), causal. MLP: `linear1` holds
+[up; gate] for this rank's slice and computes silu(gate) * up; `linear2` projects back. Norms are
+LayerNorm with bias; no linear has a bias. The same code runs at any tensor-parallel size: each rank
+holds its heads and its slice of the MLP and vocabulary; the logits are never gathered for the loss.
+
+This module knows nothing of launch, data or checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core import tensor_parallel as tp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from neox_fork.attention import attention
+from neox_fork.config import NeoXConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelShape:
+    """What the model needs from the config, resolved (padded vocabulary included)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_hidden_size: int
+    vocab_size: int  # padded
+    rotary_dim: int
+    rotary_base: float
+    max_positions: int
+    norm_eps: float
+    norm_bias: bool
+    tie_word_embeddings: bool
+    init_std: float
+    init_method: str
+    output_layer_init_method: str
+    attention_types: list
+    hidden_dropout: float
+    attention_dropout: float
+    checkpoint_activations: bool
+    checkpoint_num_layers: int
+    full_precision_loss: bool
+    loss_chunk_tokens: int  # 0: compute the loss for all tokens at once
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_config(cls, c: NeoXConfig, tokenizer_vocab_size: int | None = None) -> "ModelShape":
+        return cls(
+            num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+            ffn_hidden_size=c.ffn_hidden_size, vocab_size=c.padded_vocab_size(tokenizer_vocab_size),
+            rotary_dim=c.rotary_dim, rotary_base=float(c.rotary_emb_base), max_positions=c.max_positions,
+            norm_eps=c.layernorm_epsilon, norm_bias=c.use_bias_in_norms,
+            tie_word_embeddings=c.tie_word_embeddings, init_std=c.init_method_std,
+            init_method=c.init_method, output_layer_init_method=c.output_layer_init_method,
+            attention_types=c.attention_types, hidden_dropout=c.hidden_dropout,
+            attention_dropout=c.attention_dropout, checkpoint_activations=c.checkpoint_activations,
+            checkpoint_num_layers=c.checkpoint_num_layers,
+            full_precision_loss=c.full_precision_lm_cross_entropy,
+            loss_chunk_tokens=4096 if c.fused_cross_entropy else 0,
+        )
+
+
+def init_method(name: str, std: float, num_layers: int, hidden_size: int):
+    """GPT-NeoX's initialisers: normal, scaled_normal (std / sqrt(2L)), small_init, wang_init."""
+    if name == "normal":
+        sigma = std
+    elif name == "scaled_normal":
+        sigma = std / math.sqrt(2.0 * num_layers)
+    elif name == "small_init":
+        sigma = math.sqrt(2 / (5 * hidden_size))
+    elif name == "wang_init":
+        sigma = 2 / num_layers / math.sqrt(hidden_size)
+    else:
+        raise ValueError(f"unknown init method {name}")
+    return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=sigma)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for the first `dim` dims of each head (frequencies duplicated, rotate-half)."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.dim = dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)  # [b, s, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [b, s, 1, dim]
+        return emb.cos(), emb.sin()
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        rot = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
+        return torch.cat((rot, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, s: ModelShape, mp: ModelParallelConfig, layer_number: int):
+        super().__init__()
+        self.shape = s
+        self.backend = s.attention_types[layer_number]
+        tp_size = mp.tensor_model_parallel_size
+        self.heads_per_rank = s.num_heads // tp_size
+        self.query_key_value = tp.ColumnParallelLinear(
+            s.hidden_size, 3 * s.hidden_size, config=mp, bias=False, gather_output=False,
+            init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+        self.dense = tp.RowParallelLinear(
+            s.hidden_size, s.hidden_size, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
+            init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+
+    def forward(self, x, rotary: Rotary, cos, sin, kv_cache=None):
+        b, sq, _ = x.shape
+        qkv, _ = self.query_key_value(x)
+        qkv = qkv.view(b, sq, self.heads_per_rank, 3, self.shape.head_dim)
+        q, k, v = qkv.unbind(dim=3)  # each [b, s, heads, head_dim]
+        if rotary.dim:
+            q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        mask, causal = None, True
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            causal = sq > 1
+            if sq > 1 and k.shape[1] > sq:  # several new tokens after a cached prefix: mask bottom-right
+                mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=x.device).tril(k.shape[1] - sq)
+        dropout = self.shape.attention_dropout if self.training else 0.0
+        out = attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout, mask=mask)
+        out, _ = self.dense(out.reshape(b, sq, -1))
+        return out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, s: ModelShape, mp: ModelParallelConfig):
+        super().__init__()
+        self.linear1 = tp.ColumnParallelLinear(  # [up; gate] per rank: stride 2 keeps halves paired
+            s.hidden_size, 2 * s.ffn_hidden_size, config=mp, bias=False, gather_output=False, stride=2,
+            init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+        self.linear2 = tp.RowParallelLinear(
+            s.ffn_hidden_size, s.hidden_size, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
+            init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+
+    def forward(self, x):
+        h, _ = self.linear1(x)
+        up, gate = h.chunk(2, dim=-1)
+        out, _ = self.linear2(F.silu(gate) * up)
+        return out
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, s: ModelShape, mp: ModelParallelConfig, layer_number: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
+        self.attention = Attention(s, mp, layer_number)
+        self.post_attention_layernorm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
+        self.mlp = SwiGLU(s, mp)
+        self.dropout = nn.Dropout(s.hidden_dropout)
+
+    def forward(self, x, rotary, cos, sin, kv_cache=None):
+        x = x + self.dropout(self.attention(self.input_layernorm(x), rotary, cos, sin, kv_cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class KVCache:
+    """Keys and values of one layer for incremental decoding, [batch, seq, heads, head_dim]."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def update(self, k, v):
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=1)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=1)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+
+class StableLM(nn.Module):
+    def __init__(self, shape: ModelShape, mp: ModelParallelConfig):
+        super().__init__()
+        s = self.shape = shape
+        self.word_embeddings = tp.VocabParallelEmbedding(
+            s.vocab_size, s.hidden_size, config=mp,
+            init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+        self.embedding_dropout = nn.Dropout(s.hidden_dropout)
+        self.layers = nn.ModuleList(TransformerLayer(s, mp, i) for i in range(s.num_layers))
+        self.final_norm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
+        self.output_layer = tp.ColumnParallelLinear(
+            s.hidden_size, s.vocab_size, config=mp, bias=False, gather_output=False,
+            skip_weight_param_allocation=s.tie_word_embeddings,
+            init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+        self.rotary = Rotary(s.rotary_dim, s.rotary_base)
+
+    def new_kv_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def hidden_states(self, tokens, position_ids=None, kv_cache=None):
+        """Final-norm hidden states [b, s, h]; `kv_cache` (from new_kv_cache) enables cached decoding."""
+        if position_ids is None:
+            start = kv_cache[0].length if kv_cache else 0
+            position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            position_ids = position_ids.unsqueeze(0).expand(tokens.shape[0], -1)
+        x = self.embedding_dropout(self.word_embeddings(tokens))
+        cos, sin = self.rotary(position_ids)
+        chunk = self.shape.checkpoint_num_layers
+        use_checkpoint = self.shape.checkpoint_activations and self.training and kv_cache is None
+        for first in range(0, len(self.layers), chunk):
+            group = self.layers[first : first + chunk]
+            caches = kv_cache[first : first + chunk] if kv_cache else [None] * len(group)
+            if use_checkpoint:
+                x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, use_reentrant=False)
+            else:
+                x = _run_layers(group, x, self.rotary, cos, sin, caches)
+        return self.final_norm(x)
+
+    def logits_parallel(self, hidden):
+        """This rank's vocabulary slice of the logits, [b, s, vocab / tp]."""
+        weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        return logits
+
+    def forward(self, tokens, position_ids=None, kv_cache=None):
+        """Full logits [b, s, vocab] (gathered across TP ranks): for generation and parity checks."""
+        logits = self.logits_parallel(self.hidden_states(tokens, position_ids, kv_cache))
+        return tp.gather_from_tensor_model_parallel_region(logits)
+
+    def loss(self, tokens, labels, loss_mask=None):
+        """Mean next-token cross-entropy over unmasked positions; logits stay split over the vocabulary.
+
+        The head and the loss run over chunks of at most `loss_chunk_tokens` tokens, so the full fp32
+        logits of the batch (e.g. 4 x 4096 x 50304 x 4 bytes = 3.3 GB for StableLM) never exist at once.
+        """
+        hidden = self.hidden_states(tokens)
+        b, s, h = hidden.shape
+        hidden, labels = hidden.reshape(1, b * s, h), labels.reshape(1, b * s)
+        mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.reshape(1, b * s).float()
+        step = self.shape.loss_chunk_tokens or b * s
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, b * s, step):
+            end = min(start + step, b * s)
+            if self.training and step < b * s:
+                total = total + checkpoint(self._chunk_loss, hidden[:, start:end], labels[:, start:end],
+                                           mask[:, start:end], use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(hidden[:, start:end], labels[:, start:end], mask[:, start:end])
+        return total / mask.sum().clamp(min=1.0)
+
+    def _chunk_loss(self, hidden, labels, mask):
+        logits = self.logits_parallel(hidden)
+        if self.shape.full_precision_loss:
+            logits = logits.float()
+        losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
+        return (losses.float() * mask).sum()
+
+
+def _run_layers(layers, x, rotary, cos, sin, caches=None):
+    for i, layer in enumerate(layers):
+        x = layer(x, rotary, cos, sin, caches[i] if caches else None)
+    return x
+
+
+def model_parallel_config(tensor_parallel_size: int, dtype: str = "fp32") -> ModelParallelConfig:
+    """CPU initialisation on every device: the full weight is drawn from the default RNG and each rank
+    keeps its slice, so a model built at TP=N equals the same seed at TP=1 after merging."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tensor_parallel_size,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+    )
+
+
+def build_model(config: NeoXConfig, tokenizer_vocab_size: int | None = None, *,
+                perform_initialization: bool = True) -> StableLM:
+    """The model for this rank (parallel groups must be initialised; see neox_fork.parallel)."""
+    from megatron.core import parallel_state
+
+    mp = model_parallel_config(parallel_state.get_tensor_model_parallel_world_size(), config.dtype_name)
+    mp.perform_initialization = perform_initialization
+    return StableLM(ModelShape.from_config(config, tokenizer_vocab_size), mp)
+
+
+def count_parameters(shape: ModelShape) -> int:
+    """Parameters of the whole (unsharded) model, by formula; checked against a meta-device build."""
+    h, f, L, v = shape.hidden_size, shape.ffn_hidden_size, shape.num_layers, shape.vocab_size
+    norm = 2 * h if shape.norm_bias else h
+    per_layer = 4 * h * h + 3 * h * f + 2 * norm
+    heads = 1 if shape.tie_word_embeddings else 2
+    return L * per_layer + heads * v * h + norm
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]

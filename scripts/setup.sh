@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install everything the project needs (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# torch first and pinned: a CPU build; an unpinned torch pulls a multi-GB CUDA build.
+.venv/bin/pip install -q "$(grep '^torch==' requirements.txt)"
+.venv/bin/pip install -q -r requirements.txt
+.venv/bin/pip install -q --no-deps --no-build-isolation -e .
