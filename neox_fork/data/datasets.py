@@ -1,0 +1,337 @@
+"""Training samples from `.bin/.idx` datasets, blended and shuffled by megatron-core, and a resumable
+batch iterator with Megatron's pretraining-sampler order.
+
+Settings follow GPT-NeoX: either one `data_path` cut into train/valid/test by `split` ("969,30,1",
+ranges of documents), or separate `train/valid/test_data_paths` each with optional weights (equal
+when omitted). Samples are `seq_length + 1` tokens packed across document boundaries; a dataset
+smaller than the requested samples is repeated for more epochs, each reshuffled, as in GPT-NeoX.
+
+Each dataset item is a dict of torch tensors:
+    tokens     int64 [seq_length]   inputs
+    labels     int64 [seq_length]   tokens shifted left by one (the next token)
+    loss_mask  float32 [seq_length] 1.0 where the label counts (0 at end-of-document ids when
+                                    eod_mask_loss is set)
+    dataset_id int64 []             which entry of the blend the sample came from (0 without blend)
+
+Index caches (document/sample/shuffle orders) are written once under `cache_dir` and reused. Under
+torch.distributed rank 0 builds them while the other ranks wait at a barrier, then load them; a
+single process without a process group needs no initialisation (the blend's own index, which is
+cheap, is then rebuilt in memory instead of cached, since megatron-core asks for the rank there).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from neox_fork.data.validate import (
+    check_token_ids,
+    check_weights,
+    inspect_indexed_dataset,
+    parse_split,
+    split_document_ranges,
+)
+from neox_fork.errors import UserError
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+@dataclass
+class DataPlan:
+    """Validated data settings: either one prefix cut by `split`, or per-split blends."""
+
+    data_path: str | None
+    split: str | None
+    blends: list[tuple[list[str], list[float]] | None] = field(default_factory=lambda: [None, None, None])
+    samples: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    def prefixes(self) -> list[str]:
+        if self.data_path is not None:
+            return [self.data_path]
+        return [prefix for blend in self.blends if blend is not None for prefix in blend[0]]
+
+
+def validate_data_paths(
+    *,
+    data_path: str | None = None,
+    train_data_paths: Sequence[str] | None = None,
+    train_data_weights: Sequence[float] | None = None,
+    valid_data_paths: Sequence[str] | None = None,
+    valid_data_weights: Sequence[float] | None = None,
+    test_data_paths: Sequence[str] | None = None,
+    test_data_weights: Sequence[float] | None = None,
+    split: str | None = "969,30,1",
+    seq_length: int,
+    train_samples: int,
+    valid_samples: int = 0,
+    test_samples: int = 0,
+    tokenizer,
+) -> DataPlan:
+    """Check every dataset a run will read, before building anything; returns the checked plan.
+
+    Fails with a one-line `UserError` on: neither or both of data_path/train_data_paths, weights
+    not matching paths, missing or truncated .bin/.idx, token ids >= the tokenizer's vocab_size, and
+    any split that is asked for samples but holds fewer than seq_length + 1 tokens.
+    """
+    samples = [int(train_samples), int(valid_samples), int(test_samples)]
+    if seq_length < 1 or any(n < 0 for n in samples):
+        raise UserError(f"seq_length {seq_length} must be >= 1 and sample counts {samples} >= 0")
+    need = seq_length + 1
+    per_split_paths = [list(train_data_paths or []), list(valid_data_paths or []), list(test_data_paths or [])]
+    if data_path and per_split_paths[0]:
+        raise UserError("set either data-path (cut by split) or train-data-paths, not both")
+    if not data_path and not per_split_paths[0]:
+        raise UserError("no training data: set data-path or train-data-paths")
+
+    vocab_file = getattr(tokenizer, "vocab_file", "")
+    infos = {}
+
+    def inspect(prefix: str):
+        if prefix not in infos:
+            info = inspect_indexed_dataset(prefix)
+            check_token_ids(info, tokenizer.vocab_size, vocab_file)
+            infos[prefix] = info
+        return infos[prefix]
+
+    if data_path:
+        fractions = parse_split(split if split is not None else "969,30,1")
+        info = inspect(data_path)
+        ranges = split_document_ranges(len(info.sequence_lengths), fractions)
+        for name, (begin, end), wanted in zip(SPLIT_NAMES, ranges, samples):
+            tokens = int(info.sequence_lengths[begin:end].sum(dtype="int64"))
+            if wanted > 0 and tokens < need:
+                raise UserError(
+                    f"data-path {data_path}: split {split!r} gives the {name} split {end - begin} documents "
+                    f"with {tokens} tokens, fewer than one sample of seq_length + 1 = {need}; "
+                    f"use more data or give {name} no share"
+                )
+        return DataPlan(data_path=data_path, split=split or "969,30,1", samples=samples)
+
+    weights_in = [train_data_weights, valid_data_weights, test_data_weights]
+    plan = DataPlan(data_path=None, split=None, samples=samples)
+    for i, name in enumerate(SPLIT_NAMES):
+        paths = per_split_paths[i]
+        weights = check_weights(paths, weights_in[i], f"{name}-data-weights")
+        for prefix in paths:
+            info = inspect(prefix)
+            if samples[i] > 0 and info.num_tokens < need:
+                raise UserError(
+                    f"{name}-data-paths {prefix}: holds {info.num_tokens} tokens, fewer than one sample "
+                    f"of seq_length + 1 = {need}"
+                )
+        if paths and samples[i] > 0:
+            plan.blends[i] = (paths, weights)
+    return plan
+
+
+class _TokenizerForMegatron:
+    """The attributes megatron-core's GPTDataset reads from a tokenizer. Deliberately no `pad`:
+    without one megatron-core pads (never, for training) with -1 rather than a real id."""
+
+    def __init__(self, tokenizer):
+        self.eod = int(tokenizer.eod)
+        self.vocab_size = int(tokenizer.vocab_size)
+        # Part of the index-cache key: what changes samples, not where the tokenizer file lives.
+        self.unique_identifiers = {"class": type(tokenizer).__name__, "eod": self.eod, "vocab_size": self.vocab_size}
+
+
+class GPTSamples(torch.utils.data.Dataset):
+    """A megatron-core GPTDataset or BlendedDataset reduced to tokens/labels/loss_mask/dataset_id."""
+
+    def __init__(self, megatron_dataset):
+        self.megatron_dataset = megatron_dataset
+
+    def __len__(self) -> int:
+        return len(self.megatron_dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.megatron_dataset[int(index)]
+        return {
+            "tokens": item["tokens"].to(torch.int64),
+            "labels": item["labels"].to(torch.int64),
+            "loss_mask": item["loss_mask"].to(torch.float32),
+            "dataset_id": torch.tensor(int(item.get("dataset_id", 0)), dtype=torch.int64),
+        }
+
+
+def _default_cache_dir(plan: DataPlan) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(plan.prefixes()[0])), "index_cache")
+
+
+def _megatron_modules():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        from megatron.core.datasets.blended_dataset import BlendedDataset
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    return BlendedDataset, BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig
+
+
+def _builder_class():
+    BlendedDataset, BlendedMegatronDatasetBuilder, _, _ = _megatron_modules()
+
+    class Builder(BlendedMegatronDatasetBuilder):
+        """megatron-core's builder, except that without a process group the blend index is not
+        cached (BlendedDataset calls torch.distributed.get_rank() on a cache miss)."""
+
+        @staticmethod
+        def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
+            if cls is BlendedDataset and not torch.distributed.is_initialized():
+                *rest, config = args
+                config = copy.copy(config)
+                config.path_to_cache = None
+                args = (*rest, config)
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(
+                cls, is_built_on_rank, synchronize_ranks, *args
+            )
+
+    return Builder
+
+
+def build_datasets(
+    *,
+    data_path: str | None = None,
+    train_data_paths: Sequence[str] | None = None,
+    train_data_weights: Sequence[float] | None = None,
+    valid_data_paths: Sequence[str] | None = None,
+    valid_data_weights: Sequence[float] | None = None,
+    test_data_paths: Sequence[str] | None = None,
+    test_data_weights: Sequence[float] | None = None,
+    split: str | None = "969,30,1",
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: int = 0,
+    test_samples: int = 0,
+    cache_dir: str | None = None,
+    tokenizer,
+    eod_mask_loss: bool = False,
+) -> tuple[GPTSamples | None, GPTSamples | None, GPTSamples | None]:
+    """Train/valid/test `GPTSamples` (None for a split with no data or no samples asked).
+
+    Each has at least the requested number of samples. `cache_dir` defaults to `index_cache/`
+    beside the first dataset. Call on every rank: rank 0 writes the caches first.
+    """
+    plan = validate_data_paths(
+        data_path=data_path,
+        train_data_paths=train_data_paths,
+        train_data_weights=train_data_weights,
+        valid_data_paths=valid_data_paths,
+        valid_data_weights=valid_data_weights,
+        test_data_paths=test_data_paths,
+        test_data_weights=test_data_weights,
+        split=split,
+        seq_length=seq_length,
+        train_samples=train_samples,
+        valid_samples=valid_samples,
+        test_samples=test_samples,
+        tokenizer=tokenizer,
+    )
+    if plan.data_path is None and all(blend is None for blend in plan.blends):
+        return None, None, None
+    _, _, GPTDataset, GPTDatasetConfig = _megatron_modules()
+    common = dict(
+        random_seed=int(seed),
+        sequence_length=int(seq_length),
+        path_to_cache=cache_dir or _default_cache_dir(plan),
+        tokenizer=_TokenizerForMegatron(tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=bool(eod_mask_loss),
+        create_attention_mask=False,
+    )
+    if plan.data_path is not None:
+        config = GPTDatasetConfig(blend=([plan.data_path], None), split=plan.split, **common)
+        # A split asked for no samples gets size None (one epoch) rather than 0: megatron-core
+        # would loop forever looking for the one extra token of a zero-sample request on an empty range.
+        sizes = [n if n > 0 else None for n in plan.samples]
+    else:
+        config = GPTDatasetConfig(blend_per_split=list(plan.blends), **common)
+        sizes = list(plan.samples)
+    built = _builder_class()(GPTDataset, sizes, lambda: True, config).build()
+    return tuple(
+        GPTSamples(dataset) if dataset is not None and wanted > 0 else None
+        for dataset, wanted in zip(built, plan.samples)
+    )
+
+
+class PretrainingBatchSampler:
+    """Megatron's pretraining order: global step s covers samples [s*G, (s+1)*G) with
+    G = micro_batch_size * data_parallel_size, and rank r takes the r-th micro_batch_size slice.
+
+    Starting at `consumed_samples` (a multiple of G when resuming a run) yields exactly what an
+    uninterrupted run would yield from there; a last incomplete global batch is dropped.
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ):
+        if micro_batch_size < 1 or data_parallel_size < 1 or not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(
+                f"need micro_batch_size >= 1 and 0 <= data_parallel_rank ({data_parallel_rank}) < "
+                f"data_parallel_size ({data_parallel_size})"
+            )
+        if not 0 <= consumed_samples <= total_samples:
+            raise UserError(
+                f"consumed samples {consumed_samples} lies outside the dataset's {total_samples} samples; "
+                "was the checkpoint made with more train-iters or another batch size?"
+            )
+        self.total_samples = int(total_samples)
+        self.consumed_samples = int(consumed_samples)
+        self.micro_batch_size = int(micro_batch_size)
+        self.data_parallel_rank = int(data_parallel_rank)
+        self.global_batch_size = self.micro_batch_size * int(data_parallel_size)
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // self.global_batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        first = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
+        for step in range(len(self)):
+            start = first + step * self.global_batch_size
+            yield list(range(start, start + self.micro_batch_size))
+
+
+def collate_samples(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack items into a batch: tokens, labels (int64 [b, seq]) and loss_mask (float32 [b, seq])."""
+    return {
+        "tokens": torch.stack([item["tokens"] for item in items]),
+        "labels": torch.stack([item["labels"] for item in items]),
+        "loss_mask": torch.stack([item["loss_mask"] for item in items]),
+    }
+
+
+def build_batch_iterator(
+    dataset: torch.utils.data.Dataset,
+    *,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches for this data-parallel rank, from `consumed_samples` on (see PretrainingBatchSampler).
+
+    Each batch: {"tokens": int64 [b, seq], "labels": int64 [b, seq], "loss_mask": float32 [b, seq]}.
+    """
+    sampler = PretrainingBatchSampler(
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        persistent_workers=num_workers > 0,
+    )
+    return iter(loader)
