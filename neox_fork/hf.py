@@ -10,6 +10,7 @@ Everything else is a rename. Tensor-parallel shards are merged before this mappi
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -147,3 +148,125 @@ def config_from_hf(hf: dict) -> dict:
         "mlp_type": "gated",
         "activation": "silu",
     }
+
+
+# ---------------------------------------------------------------------- folders
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MAX_SHARD_SIZE = "5GB"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPE_NAMES.items()}[dtype]
+
+
+def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | None = None) -> Path:
+    """A checkpoint (any TP size) -> a Hugging Face StableLmForCausalLM folder, written atomically."""
+    import json
+    import shutil
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from neox_fork import checkpoint
+
+    state, config, folder = checkpoint.load_merged(ckpt_path, step)
+    tensors = to_hf_state_dict(state, config.num_attention_heads)
+    if dtype is None:
+        dtype = dtype_name(tensors["model.embed_tokens.weight"].dtype)
+    tensors = {k: v.to(_DTYPE_NAMES[dtype]).contiguous() for k, v in tensors.items()}
+    vocab = tensors["model.embed_tokens.weight"].shape[0]
+    tokenizer_file = checkpoint.tokenizer_of(folder, config)
+    eos = _eos_id(tokenizer_file) if tokenizer_file else 0
+
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD_SIZE)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf_config = hf_config_dict(config, vocab, dtype, eos_token_id=eos, bos_token_id=eos)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        generation = {"bos_token_id": eos, "eos_token_id": eos, "do_sample": True, "temperature": 0.75,
+                      "top_p": 0.95, "max_new_tokens": 64}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if tokenizer_file:
+            save_hf_tokenizer(tokenizer_file, tmp, config.max_positions)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _eos_id(tokenizer_file) -> int:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    eos = tok.token_to_id("<|endoftext|>")
+    return 0 if eos is None else eos
+
+
+def save_hf_tokenizer(tokenizer_file, output_dir, model_max_length: int) -> None:
+    """tokenizer.json plus the config files transformers' AutoTokenizer reads."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_max_length=model_max_length)
+    special = "<|endoftext|>" if tok.convert_tokens_to_ids("<|endoftext|>") is not None else None
+    if special:
+        tok.add_special_tokens({"eos_token": special, "bos_token": special, "unk_token": special})
+    tok.save_pretrained(str(output_dir))
+
+
+def read_hf_folder(hf_dir) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, all tensors) of a Hugging Face folder with one or many safetensors files."""
+    import json
+
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"'{hf_dir}' is not a Hugging Face model folder: no config.json")
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"'{hf_dir}' has no *.safetensors weights (convert .bin weights with transformers first)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return json.loads((hf_dir / "config.json").read_text()), tensors
+
+
+def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = None) -> Path:
+    """A Hugging Face StableLM folder -> our checkpoint at step 0, split over `tp` ranks."""
+    import math
+
+    from neox_fork import checkpoint
+    from neox_fork.config import from_dict
+
+    hf_config, tensors = read_hf_folder(hf_dir)
+    keys = config_from_hf(hf_config)
+    vocab = keys["vocab_size"]
+    if vocab % tp:
+        raise UserError(f"vocab_size {vocab} in {hf_dir}/config.json is not divisible by --tp {tp}")
+    # keep the vocabulary exactly as released: pick the padding multiple that already divides it
+    keys["make_vocab_size_divisible_by"] = math.gcd(vocab // tp, 128)
+    keys["model_parallel_size"] = tp
+    dtype = dtype_name(tensors["model.embed_tokens.weight"].dtype)
+    keys["precision"] = {"bf16": "bfloat16", "fp16": "fp16", "fp32": "fp32"}[dtype]
+    tokenizer = Path(hf_dir) / "tokenizer.json"
+    if tokenizer.is_file():
+        keys["vocab_file"] = str(Path(output_dir).resolve() / "global_step0" / checkpoint.TOKENIZER_FILE)
+    keys.update(extra_config or {})
+    config = from_dict(keys, source=f"{hf_dir}/config.json")
+    state = from_hf_state_dict(tensors, config.num_attention_heads, config.num_layers)
+    if config.tie_word_embeddings:
+        state.pop("output_layer.weight", None)
+    return checkpoint.save_model_checkpoint(output_dir, 0, checkpoint.split_tp(state, tp), config,
+                                            tokenizer if tokenizer.is_file() else None)
