@@ -19,8 +19,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from megatron.core import ModelParallelConfig
+from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core import tensor_parallel as tp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -78,6 +79,11 @@ class ModelShape:
         )
 
 
+def tp_args(mp: ModelParallelConfig) -> dict:
+    """Arguments every megatron-core parallel layer takes: its config and the tensor-parallel group."""
+    return {"config": mp, "tp_group": parallel_state.get_tensor_model_parallel_group()}
+
+
 def init_method(name: str, std: float, num_layers: int, hidden_size: int):
     """GPT-NeoX's initialisers: normal, scaled_normal (std / sqrt(2L)), small_init, wang_init."""
     if name == "normal":
@@ -126,11 +132,11 @@ class Attention(nn.Module):
         tp_size = mp.tensor_model_parallel_size
         self.heads_per_rank = s.num_heads // tp_size
         self.query_key_value = tp.ColumnParallelLinear(
-            s.hidden_size, 3 * s.hidden_size, config=mp, bias=False, gather_output=False,
+            s.hidden_size, 3 * s.hidden_size, **tp_args(mp), bias=False, gather_output=False,
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.dense = tp.RowParallelLinear(
-            s.hidden_size, s.hidden_size, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
+            s.hidden_size, s.hidden_size, **tp_args(mp), bias=False, input_is_parallel=True, skip_bias_add=False,
             init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
         )
 
@@ -157,11 +163,11 @@ class SwiGLU(nn.Module):
     def __init__(self, s: ModelShape, mp: ModelParallelConfig):
         super().__init__()
         self.linear1 = tp.ColumnParallelLinear(  # [up; gate] per rank: stride 2 keeps halves paired
-            s.hidden_size, 2 * s.ffn_hidden_size, config=mp, bias=False, gather_output=False, stride=2,
+            s.hidden_size, 2 * s.ffn_hidden_size, **tp_args(mp), bias=False, gather_output=False, stride=2,
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.linear2 = tp.RowParallelLinear(
-            s.ffn_hidden_size, s.hidden_size, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
+            s.ffn_hidden_size, s.hidden_size, **tp_args(mp), bias=False, input_is_parallel=True, skip_bias_add=False,
             init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
         )
 
@@ -207,14 +213,14 @@ class StableLM(nn.Module):
         super().__init__()
         s = self.shape = shape
         self.word_embeddings = tp.VocabParallelEmbedding(
-            s.vocab_size, s.hidden_size, config=mp,
+            s.vocab_size, s.hidden_size, **tp_args(mp),
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.embedding_dropout = nn.Dropout(s.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(s, mp, i) for i in range(s.num_layers))
         self.final_norm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
         self.output_layer = tp.ColumnParallelLinear(
-            s.hidden_size, s.vocab_size, config=mp, bias=False, gather_output=False,
+            s.hidden_size, s.vocab_size, **tp_args(mp), bias=False, gather_output=False,
             skip_weight_param_allocation=s.tie_word_embeddings,
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
@@ -251,7 +257,11 @@ class StableLM(nn.Module):
     def forward(self, tokens, position_ids=None, kv_cache=None):
         """Full logits [b, s, vocab] (gathered across TP ranks): for generation and parity checks."""
         logits = self.logits_parallel(self.hidden_states(tokens, position_ids, kv_cache))
-        return tp.gather_from_tensor_model_parallel_region(logits)
+        group = parallel_state.get_tensor_model_parallel_group()
+        if group.size() == 1:
+            return logits
+        # differentiable all-gather over the vocabulary slices (megatron-core's allocates on CUDA)
+        return torch.cat(dist_nn.all_gather(logits.contiguous(), group=group), dim=-1)
 
     def loss(self, tokens, labels, loss_mask=None):
         """Mean next-token cross-entropy over unmasked positions; logits stay split over the vocabulary.
@@ -304,8 +314,6 @@ def model_parallel_config(tensor_parallel_size: int, dtype: str = "fp32") -> Mod
 def build_model(config: NeoXConfig, tokenizer_vocab_size: int | None = None, *,
                 perform_initialization: bool = True) -> StableLM:
     """The model for this rank (parallel groups must be initialised; see neox_fork.parallel)."""
-    from megatron.core import parallel_state
-
     mp = model_parallel_config(parallel_state.get_tensor_model_parallel_world_size(), config.dtype_name)
     mp.perform_initialization = perform_initialization
     return StableLM(ModelShape.from_config(config, tokenizer_vocab_size), mp)

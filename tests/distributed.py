@@ -1,0 +1,47 @@
+"""Run a function on N local processes joined by gloo: the same code path NCCL takes on a cluster."""
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        results[rank] = ("ok", fn(rank, *args))
+    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
+        results[rank] = ("error", traceback.format_exc())
+        raise
+    finally:
+        from neox_fork import parallel
+
+        parallel.destroy()
+
+
+def run_distributed(fn, world_size: int, *args):
+    """fn(rank, *args) on `world_size` processes; returns the list of their return values."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        port = free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=600)
+        out = []
+        for rank in range(world_size):
+            status, value = results.get(rank, ("error", f"rank {rank} died (exit code {procs[rank].exitcode})"))
+            if status != "ok":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            out.append(value)
+        return out

@@ -1,0 +1,64 @@
+"""generate.py's greedy output equals transformers' greedy generate on the converted model."""
+
+import json
+import subprocess
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
+from neox_fork import checkpoint
+from neox_fork.config import from_dict
+from neox_fork.generation import SamplingParams, generate
+from neox_fork.hf import export_folder
+from neox_fork.model import build_model
+
+
+def trained_looking_checkpoint(path, seed=0):
+    config = from_dict(tiny_keys(vocab_size=None, vocab_file=str(NEOX_TOKENIZER)))
+    torch.manual_seed(seed)
+    model = build_model(config, 50277)
+    with torch.no_grad():  # sharper logits than at init, so greedy paths are not ties
+        for p in model.parameters():
+            p.mul_(4.0 if p.dim() > 1 else 1.0)
+    checkpoint.save_model_checkpoint(path, 7, [checkpoint.model_state(model)], config, NEOX_TOKENIZER)
+    return model.eval()
+
+
+def test_greedy_generate_py_equals_transformers_generate(one_process, tmp_path):
+    trained_looking_checkpoint(tmp_path / "ckpt")
+    export_folder(tmp_path / "ckpt", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = [510, 4495, 273, 1495, 310]
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt-ids",
+                          ",".join(map(str, prompt)), "--max-new-tokens", "20", "--temperature", "0", "--json"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["token_ids"][: len(expected)] == expected[: len(out["token_ids"])]
+    assert len(out["token_ids"]) == 20 or out["token_ids"][-1] == 0
+    assert isinstance(out["text"], str)
+
+
+def test_kv_cache_decoding_equals_full_recomputation(one_process, tmp_path):
+    model = trained_looking_checkpoint(tmp_path / "ckpt", seed=1)
+    params = SamplingParams(max_new_tokens=25, temperature=0.0, stop_on_eod=False)
+    prompts = [[5, 6, 7, 8], [100, 200, 300, 400, 500, 600, 700]]
+    cached, _ = generate(model, prompts, params, use_cache=True)
+    full, _ = generate(model, prompts, params, use_cache=False)
+    assert cached == full
+
+
+def test_text_prompt_uses_the_checkpoint_tokenizer(tmp_path):
+    from neox_fork import parallel
+
+    parallel.initialize(1)
+    trained_looking_checkpoint(tmp_path / "ckpt")
+    parallel.destroy()
+    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "Hello",
+                          "--max-new-tokens", "5", "--temperature", "0.75", "--top-p", "0.95", "--seed", "3",
+                          "--json"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads(run.stdout)["token_ids"]) <= 5
