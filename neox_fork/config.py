@@ -523,3 +523,32 @@ def validate(c: NeoXConfig) -> None:
                  f"{prefix}_data_paths has {len(paths)}; give one weight per path")
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
+
+
+def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config derived from ours: batch sizes, ZeRO, precision, clipping.
+
+    The optimizer and LR schedule are built by neox_fork.training (AdamW with no decay on norms and
+    biases, warmup + cosine), so they are not in this dict. `torch_adam` keeps optimizer steps
+    bit-identical across a resume (DeepSpeed's CPU FusedAdam recomputes beta^t after a step jump).
+    """
+    zero = {k: v for k, v in c.zero_optimization.items() if k != "cpu_offload"}
+    zero.setdefault("stage", 0)
+    if c.zero_optimization.get("cpu_offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    ds: dict[str, Any] = {
+        "train_batch_size": c.global_batch_size(world_size),
+        "train_micro_batch_size_per_gpu": c.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "gradient_clipping": c.gradient_clipping,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
+        "wall_clock_breakdown": c.wall_clock_breakdown,
+        "zero_allow_untested_optimizer": True,
+    }
+    if c.dtype_name == "bf16":
+        ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif c.dtype_name == "fp16":
+        ds["fp16"] = {"enabled": True, **{k: v for k, v in (c.fp16 or {}).items() if k != "enabled"}}
+    return ds
