@@ -22,13 +22,14 @@ cheap, is then rebuilt in memory instead of cached, since megatron-core asks for
 from __future__ import annotations
 
 import copy
+import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
+from neox_fork.data import _megatron
 from neox_fork.data.validate import (
     check_token_ids,
     check_weights,
@@ -164,11 +165,11 @@ def _default_cache_dir(plan: DataPlan) -> str:
 
 
 def _megatron_modules():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-        from megatron.core.datasets.blended_dataset import BlendedDataset
-        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    _megatron.indexed_dataset()  # imports megatron.core quietly
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
     return BlendedDataset, BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig
 
 
@@ -185,7 +186,16 @@ def _builder_class():
                 *rest, config = args
                 config = copy.copy(config)
                 config.path_to_cache = None
-                args = (*rest, config)
+                # It would warn that it cannot save the index: expected here, so not shown.
+                blend_logger = logging.getLogger(BlendedDataset.__module__)
+                level = blend_logger.level
+                blend_logger.setLevel(logging.ERROR)
+                try:
+                    return BlendedMegatronDatasetBuilder.build_generic_dataset(
+                        cls, is_built_on_rank, synchronize_ranks, *rest, config
+                    )
+                finally:
+                    blend_logger.setLevel(level)
             return BlendedMegatronDatasetBuilder.build_generic_dataset(
                 cls, is_built_on_rank, synchronize_ranks, *args
             )

@@ -1,0 +1,57 @@
+"""tools/prepare_demo_data.py builds a small corpus offline, deterministically, and skips a finished build."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+
+from neox_fork.data._megatron import indexed_dataset
+from neox_fork.data.datasets import build_datasets
+from neox_fork.data.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _prepare(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "prepare_demo_data.py"), "--output-dir", str(out),
+         "--max-bytes", "300000", "--vocab-size", "600", "--workers", "2", *extra],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_demo_corpus_is_built_deterministically_and_trains(tmp_path):
+    first, second = tmp_path / "one", tmp_path / "two"
+    done = _prepare(first)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["tokens"] > 50_000
+    assert manifest["splits"]["valid"]["documents"] >= 1
+    assert _prepare(second).returncode == 0
+    for name in ("tokenizer.json", "train_text_document.bin", "train_text_document.idx", "valid_text_document.bin"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+    # Both code and prose are in it.
+    sources = [json.loads(line)["source"] for line in (first / "train.jsonl").read_text().splitlines()]
+    assert any(s.startswith("code:stdlib/") for s in sources)
+    assert any(s.startswith(("docstrings:", "docs:")) for s in sources)
+
+    tokenizer = build_tokenizer("HFTokenizer", str(first / "tokenizer.json"))
+    assert tokenizer.vocab_size == 600 and tokenizer.eod == 0
+    docs = indexed_dataset().IndexedDataset(str(first / "train_text_document"))
+    assert int(docs[0][-1]) == tokenizer.eod  # documents end with <|endoftext|>
+    text = json.loads((first / "train.jsonl").read_text().splitlines()[0])["text"]
+    assert docs[0][:-1].tolist() == tokenizer.encode(text)
+
+    train, valid, _ = build_datasets(
+        train_data_paths=[str(first / "train_text_document")], valid_data_paths=[str(first / "valid_text_document")],
+        seq_length=64, seed=1, train_samples=32, valid_samples=4, test_samples=0, cache_dir=str(tmp_path / "cache"),
+        tokenizer=tokenizer,
+    )
+    assert len(train) >= 32 and len(valid) >= 4
+    assert int(numpy.max(train[0]["tokens"].numpy())) < tokenizer.vocab_size
+
+    again = _prepare(first)
+    assert again.returncode == 0 and "already built" in again.stdout
