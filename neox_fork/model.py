@@ -118,7 +118,7 @@ class Rotary(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [b, s, 1, dim]
         return emb.cos(), emb.sin()
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.dim], x[..., self.dim :]
         rot = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
         return torch.cat((rot, rest), dim=-1)
@@ -146,7 +146,7 @@ class Attention(nn.Module):
         qkv = qkv.view(b, sq, self.heads_per_rank, 3, self.shape.head_dim)
         q, k, v = qkv.unbind(dim=3)  # each [b, s, heads, head_dim]
         if rotary.dim:
-            q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+            q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
         mask, causal = None, True
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
@@ -254,8 +254,11 @@ class StableLM(nn.Module):
         logits, _ = self.output_layer(hidden, weight=weight)
         return logits
 
-    def forward(self, tokens, position_ids=None, kv_cache=None):
-        """Full logits [b, s, vocab] (gathered across TP ranks): for generation and parity checks."""
+    def forward(self, tokens, position_ids=None, kv_cache=None, labels=None, loss_mask=None):
+        """With `labels`: the training loss (see `loss`). Without: full logits [b, s, vocab], gathered
+        across TP ranks, for generation and parity checks."""
+        if labels is not None:
+            return self.loss(tokens, labels, loss_mask)
         logits = self.logits_parallel(self.hidden_states(tokens, position_ids, kv_cache))
         group = parallel_state.get_tensor_model_parallel_group()
         if group.size() == 1:

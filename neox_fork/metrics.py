@@ -1,0 +1,89 @@
+"""Where training reports go: a progress line, SAVE_DIR/metrics.jsonl, TensorBoard and W&B.
+
+Only global rank 0 writes. metrics.jsonl always exists (when `save` is set): one JSON object per
+logged step, so a run can be plotted or compared without any extra package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger("neox_fork")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_line(m: dict, total_iters: int) -> str:
+    parts = [f"step {m['iteration']}/{total_iters}", f"loss {m['lm_loss']:.4f}", f"lr {m['lr']:.3e}",
+             f"grad_norm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "grad_norm n/a",
+             f"tokens/s {m['tokens_per_sec']:,.0f}"]
+    if m.get("mfu") is not None:
+        parts.append(f"mfu {m['mfu']:.1%}")
+    parts.append(f"elapsed {format_duration(m['elapsed_sec'])}")
+    parts.append(f"eta {format_duration(m['eta_sec'])}")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    def __init__(self, config, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tensorboard = None
+        self.wandb = None
+        if not enabled:
+            return
+        if config.save:
+            Path(config.save).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(config.save) / "metrics.jsonl", "a", buffering=1)
+        if config.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=config.tensorboard_dir)
+        if config.use_wandb:
+            self.wandb = _start_wandb(config)
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(metrics) + "\n")
+        step = metrics["iteration"]
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "iteration"}
+        if self.tensorboard:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _start_wandb(config):
+    try:
+        import wandb
+    except ImportError:
+        log.warning("use_wandb is true but wandb is not installed (pip install wandb); not logging to W&B")
+        return None
+    if config.wandb_host:
+        os.environ.setdefault("WANDB_BASE_URL", config.wandb_host)
+    return wandb.init(project=config.wandb_project or "neox_fork", entity=config.wandb_team or None,
+                      group=config.wandb_group or None, name=config.wandb_name or None,
+                      config=config.to_dict(), dir=config.save or None)

@@ -1,0 +1,379 @@
+"""The training loop: DeepSpeed engine (ZeRO-1, bf16, clipping), LR schedule, eval, checkpoints, signals.
+
+One `pretrain(config)` call per rank. The flow:
+
+    process groups -> seed -> tokenizer -> data checks -> model -> AdamW + schedule -> DeepSpeed engine
+    -> resume (`load`) -> loop: micro-batches, step, log, eval, save, react to SIGTERM/SIGUSR1
+
+A run is reproducible from (config, checkpoint): the checkpoint holds the model, ZeRO optimizer shards,
+the LR schedule, the iteration and consumed samples, and every rank's RNG state, so stopping at N and
+resuming gives the same losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from neox_fork import checkpoint, flops, parallel
+from neox_fork.config import NeoXConfig, deepspeed_config
+from neox_fork.errors import UserError
+from neox_fork.metrics import MetricsWriter, progress_line
+from neox_fork.model import build_model, count_parameters
+
+log = logging.getLogger("neox_fork")
+
+
+# ---------------------------------------------------------------------- learning rate
+def lr_at(c: NeoXConfig, iteration: int) -> float:
+    """LR for the update after `iteration` completed steps: linear warmup, then decay to min_lr.
+
+    warmup:  lr * (iteration + 1) / warmup_steps
+    cosine:  min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * progress))
+    linear:  min_lr + (lr - min_lr) * (1 - progress)
+    with progress = (iteration - warmup_steps) / (decay_iters - warmup_steps), clamped to [0, 1].
+    """
+    peak, warmup, decay = c.learning_rate, c.warmup_steps, c.decay_iters
+    if iteration < warmup:
+        return peak * (iteration + 1) / warmup
+    if c.lr_decay_style == "constant":
+        return peak
+    progress = min(max((iteration - warmup) / max(decay - warmup, 1), 0.0), 1.0)
+    if c.lr_decay_style == "linear":
+        return c.min_lr + (peak - c.min_lr) * (1 - progress)
+    return c.min_lr + (peak - c.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms (weight and bias) and any bias get none."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(c: NeoXConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay); torch's fused kernel on CUDA, the foreach one on CPU."""
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.learning_rate, betas=c.adam_betas,
+                             eps=c.adam_eps, fused=fused, foreach=None if fused else True)
+
+
+# ---------------------------------------------------------------------- signals
+class StopSignal:
+    """SIGTERM/SIGUSR1 (Slurm preemption) ask for a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        log.warning("received %s: will save a checkpoint and exit after this step", signal.Signals(signum).name)
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    nan_steps_in_a_row: int = 0
+    last_saved: int | None = None
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _dp_mean(value: torch.Tensor) -> float:
+    value = value.detach().float().clone().to(_device())
+    dist.all_reduce(value, group=parallel.parallel_state.get_data_parallel_group())
+    return value.item() / parallel.dp_size()
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank {rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+                        force=True)
+    for noisy in ("megatron", "megatron.core", "DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------- data
+def build_data(c: NeoXConfig, tokenizer, world_size: int):
+    from neox_fork.data.datasets import build_datasets
+
+    gbs = c.global_batch_size(world_size)
+    evals = (c.train_iters // c.eval_interval + 1) * c.eval_iters if c.eval_iters else 0
+    train, valid, _ = build_datasets(
+        data_path=c.data_path, train_data_paths=c.train_data_paths, train_data_weights=c.train_data_weights,
+        valid_data_paths=c.valid_data_paths, valid_data_weights=c.valid_data_weights,
+        test_data_paths=c.test_data_paths, test_data_weights=c.test_data_weights, split=c.split,
+        seq_length=c.seq_length, seed=c.seed, train_samples=c.train_iters * gbs,
+        valid_samples=c.eval_iters * c.train_micro_batch_size_per_gpu * parallel.dp_size() if evals else 0,
+        cache_dir=c.data_cache_path, tokenizer=tokenizer,
+    )
+    return train, valid
+
+
+def batches(dataset, c: NeoXConfig, consumed_samples: int):
+    from neox_fork.data.datasets import build_batch_iterator
+
+    return build_batch_iterator(dataset, consumed_samples=consumed_samples,
+                                micro_batch_size=c.train_micro_batch_size_per_gpu,
+                                data_parallel_rank=parallel.dp_rank(), data_parallel_size=parallel.dp_size(),
+                                num_workers=min(c.num_workers, 2))
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save(engine, c: NeoXConfig, state: TrainState, tokenizer_file: str | None) -> None:
+    """Everything needed to resume, written under global_stepN.partial and published when complete."""
+    ckpt_dir = Path(c.save)
+    tag = f"global_step{state.iteration}"
+    partial = f"{tag}.partial"
+    if _rank0():
+        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+    dist.barrier()
+    client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples}
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    torch.save({"rng": parallel._get_rng(), "tracker": parallel.RNG_TRACKER.state_dict()},
+               ckpt_dir / partial / f"rng_state_{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if _rank0():
+        checkpoint.save_config(ckpt_dir / partial, c)
+        checkpoint.copy_tokenizer(ckpt_dir / partial, tokenizer_file)
+        checkpoint.publish(ckpt_dir / partial, ckpt_dir / tag, ckpt_dir, state.iteration)
+        prune_checkpoints(ckpt_dir, c.keep_last_n_checkpoints)
+        log.info("saved checkpoint %s", ckpt_dir / tag)
+    dist.barrier()
+    state.last_saved = state.iteration
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int | None) -> None:
+    if not keep:
+        return
+    steps = sorted(int(p.name[len("global_step"):]) for p in ckpt_dir.glob("global_step*")
+                   if p.name[len("global_step"):].isdigit())
+    for step in steps[:-keep]:
+        shutil.rmtree(checkpoint.step_dir(ckpt_dir, step), ignore_errors=True)
+
+
+def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
+    """Continue from `load` (full state), or take weights only with `finetune: true`."""
+    if not c.load:
+        return
+    step = checkpoint.read_latest(c.load)
+    if step is None:
+        if Path(c.load) == Path(c.save or ""):  # first start of a run that saves and loads in one place
+            log.info("no checkpoint in %s yet: starting from scratch", c.load)
+            return
+        raise UserError(f"load: '{c.load}' has no 'latest' file; point it at a checkpoint folder")
+    folder = checkpoint.step_dir(c.load, step)
+    if c.finetune:
+        load_weights_only(model, folder)
+        log.info("fine-tuning from the weights of %s", folder)
+        return
+    saved_tp = checkpoint.tp_size_of(folder)
+    if saved_tp != c.model_parallel_size:
+        raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} but this run uses "
+                        f"{c.model_parallel_size}; reshard it with tools/reshard_checkpoint.py or set finetune: true")
+    _, client_state = engine.load_checkpoint(c.load, tag=f"global_step{step}")
+    state.iteration = client_state["iteration"]
+    state.consumed_samples = client_state["consumed_samples"]
+    rng_file = folder / f"rng_state_{dist.get_rank():05d}.pt"
+    if rng_file.is_file():
+        saved = torch.load(rng_file, weights_only=False)
+        parallel._set_rng(saved["rng"])
+        parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
+    log.info("resumed from %s at iteration %d (%d samples consumed)", folder, state.iteration,
+             state.consumed_samples)
+
+
+def load_weights_only(model, folder: Path) -> None:
+    """This rank's weights from a checkpoint saved at any TP size (merged, then split for this run)."""
+    shards = checkpoint.load_model_shards(folder)
+    tp, rank = parallel.tp_size(), parallel.tp_rank()
+    mine = shards[rank] if len(shards) == tp else checkpoint.split_tp(checkpoint.merge_tp_shards(shards), tp)[rank]
+    own = checkpoint.model_state(model)
+    problems = [k for k in own if k not in mine or mine[k].shape != own[k].shape]
+    if problems:
+        k = problems[0]
+        got = tuple(mine[k].shape) if k in mine else "missing"
+        raise UserError(f"checkpoint {folder} does not fit this model: {k} is {got}, the model needs "
+                        f"{tuple(own[k].shape)}; check num_layers/hidden_size/vocab settings")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(mine[name])
+
+
+# ---------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(engine, c: NeoXConfig, valid) -> float | None:
+    if valid is None or not c.eval_iters:
+        return None
+    engine.eval()
+    it = batches(valid, c, 0)
+    losses = []
+    for _ in range(c.eval_iters):
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        batch = {k: v.to(_device()) for k, v in batch.items()}
+        losses.append(engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"]).float())
+    engine.train()
+    return _dp_mean(torch.stack(losses).mean()) if losses else None
+
+
+# ---------------------------------------------------------------------- the loop
+def pretrain(c: NeoXConfig) -> int:
+    """Train as the config says; returns the last iteration. Run on every rank."""
+    import deepspeed
+
+    setup_logging()
+    parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes,
+                        use_slurm_env=c.deepspeed_slurm)
+    world = dist.get_world_size()
+    c.check_world_size(world)
+    parallel.seed_everything(c.seed)
+
+    from neox_fork.data.tokenizer import build_tokenizer
+
+    if not c.vocab_file:
+        raise UserError(f"{c.where('vocab_file')}: vocab_file is not set; point it at a tokenizer.json")
+    tokenizer = build_tokenizer(c.tokenizer_type, c.vocab_file)
+    train_data, valid_data = build_data(c, tokenizer, world)
+
+    model = build_model(c, tokenizer.vocab_size)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    optimizer = build_optimizer(c, model)
+    scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_at(c, it) / c.learning_rate)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(c, world), mpu=parallel.MPU(),
+                                           dist_init_required=False)
+    state = TrainState()
+    resume(engine, model, c, state)
+    state.last_saved = state.iteration if c.load and state.iteration else None
+    stop = StopSignal()
+    metrics = MetricsWriter(c, enabled=_rank0())
+
+    n_params = count_parameters(model.shape)
+    flops_per_token = flops.model_flops_per_token(n_params, c.num_layers, c.hidden_size, c.seq_length)
+    peak = flops.device_peak_flops()
+    tokens_per_step = c.global_batch_size(world) * c.seq_length
+    if _rank0():
+        log.info("model: %d parameters; world %d = tensor %d x data %d; global batch %d x %d tokens; %s",
+                 n_params, world, c.model_parallel_size, parallel.dp_size(), c.global_batch_size(world),
+                 c.seq_length, c.dtype_name)
+
+    train_iter = batches(train_data, c, state.consumed_samples)
+    started, window_start, window_steps = time.time(), time.time(), 0
+    first_iteration = state.iteration
+    window_loss, window_count = 0.0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    if c.save and state.iteration == 0 and 0 in (c.extra_save_iters or []):
+        save(engine, c, state, c.vocab_file)
+    while state.iteration < c.train_iters:
+        step_loss, finite = 0.0, True
+        for _ in range(c.gradient_accumulation_steps):
+            batch = {k: v.to(_device()) for k, v in next(train_iter).items()}
+            loss = engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+            if not torch.isfinite(loss):
+                finite = False
+                loss = sum(p.sum() * 0.0 for p in params)  # zero gradient instead of NaNs
+            engine.backward(loss)
+            step_loss += loss.item() / c.gradient_accumulation_steps
+        bad = torch.tensor([0.0 if finite else 1.0], device=_device())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            for group in engine.optimizer.param_groups:  # an update with lr 0 leaves the weights unchanged
+                group["lr"] = 0.0
+        engine.step()
+        state.iteration += 1
+        state.consumed_samples += c.global_batch_size(world)
+        window_steps += 1
+
+        if bad.item():
+            state.nan_steps_in_a_row += 1
+            log.warning("step %d: loss is NaN/inf on some rank; update skipped (%d in a row)", state.iteration,
+                        state.nan_steps_in_a_row)
+            if state.nan_steps_in_a_row >= c.max_nan_steps:
+                metrics.close()
+                raise UserError(f"loss was NaN/inf for {state.nan_steps_in_a_row} steps in a row (max_nan_steps "
+                                f"{c.max_nan_steps}) at step {state.iteration}; last good checkpoint: "
+                                f"{'step ' + str(state.last_saved) if state.last_saved is not None else 'none'}; "
+                                "lower the learning rate or check the data")
+            continue
+        state.nan_steps_in_a_row = 0
+        window_loss += _dp_mean(torch.tensor(step_loss))
+        window_count += 1
+
+        if state.iteration % c.log_interval == 0 or state.iteration == c.train_iters:
+            elapsed = time.time() - window_start
+            tokens_per_sec = tokens_per_step * window_steps / max(elapsed, 1e-9)
+            grad_norm = engine.get_global_grad_norm()
+            m = {
+                "iteration": state.iteration,
+                "lm_loss": window_loss / max(window_count, 1),
+                "lr": lr_at(c, state.iteration - 1),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_sec": tokens_per_sec,
+                "mfu": flops.mfu(tokens_per_sec, flops_per_token, world, peak),
+                "consumed_samples": state.consumed_samples,
+                "elapsed_sec": time.time() - started,
+            }
+            done = state.iteration - first_iteration
+            m["eta_sec"] = (time.time() - started) / max(done, 1) * (c.train_iters - state.iteration)
+            if _rank0():
+                log.info(progress_line(m, c.train_iters))
+            metrics.write(m)
+            window_start, window_steps, window_loss, window_count = time.time(), 0, 0.0, 0
+
+        if c.eval_interval and state.iteration % c.eval_interval == 0 and valid_data is not None:
+            eval_loss = evaluate(engine, c, valid_data)
+            if eval_loss is not None:
+                if _rank0():
+                    log.info("step %d: validation loss %.4f (ppl %.2f)", state.iteration, eval_loss,
+                             math.exp(min(eval_loss, 50)))
+                metrics.write({"iteration": state.iteration, "eval_lm_loss": eval_loss,
+                               "eval_ppl": math.exp(min(eval_loss, 50))})
+
+        if c.save and (
+            (c.save_every and state.iteration % c.save_every == 0)
+            or state.iteration in (c.extra_save_iters or [])
+        ):
+            save(engine, c, state, c.vocab_file)
+        if stop.any_rank():
+            if c.save and state.last_saved != state.iteration:
+                save(engine, c, state, c.vocab_file)
+            log.warning("stopping at step %d on signal", state.iteration)
+            break
+
+    if c.save and state.last_saved != state.iteration:
+        save(engine, c, state, c.vocab_file)
+    metrics.close()
+    return state.iteration

@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""Per-rank training entry: `python train.py CONFIG.yml [MORE.yml ...]`.
+
+Started on every rank by deepy.py (through DeepSpeed's launcher), by torchrun, or by `srun` with
+`deepspeed_slurm: true`. Rank and world come from the environment.
+"""
+
+import argparse
+
+from neox_fork.config import load_config
+from neox_fork.errors import exit_on_user_error
+from neox_fork.training import pretrain
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("configs", nargs="+", help="NeoX YAML files, merged in order")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by DeepSpeed's launcher")
+    args = parser.parse_args(argv)
+    pretrain(load_config(*args.configs))
+
+
+if __name__ == "__main__":
+    main()
