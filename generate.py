@@ -1,59 +1,127 @@
 #!/usr/bin/env python
 """Sample from a neox_fork checkpoint.
 
-    python generate.py --checkpoint CKPT_DIR --prompt "The meaning of life" --max-new-tokens 32
-    python generate.py --checkpoint CKPT_DIR --prompt-ids 1,2,3 --temperature 0 --json
+    python generate.py --checkpoint CKPT --prompt "The meaning of life" --max-new-tokens 32
+    python generate.py --checkpoint CKPT --prompt "One" --prompt "Two words" --temperature 0.7 --seed 1
+    python generate.py --checkpoint CKPT --prompt-ids 1,2,3 --temperature 0 --json
+    python generate.py --checkpoint CKPT --input-file prompts.jsonl --output-file out.jsonl --batch-size 8
+    python generate.py --checkpoint CKPT --interactive            # one prompt per stdin line, until EOF
+    torchrun --nproc_per_node 2 generate.py --checkpoint CKPT --prompt "Hi"   # TP ranks cooperate
+
+--input-file takes .jsonl (objects with a "prompt" field) or plain text (one prompt per line);
+--output-file writes jsonl records {prompt, token_ids, text}. Generation stops at the tokenizer's EOD.
 """
 
 import argparse
 import json
 import sys
 
+import torch.distributed as dist
+
 from neox_fork.errors import UserError, exit_on_user_error
-from neox_fork.generation import SamplingParams, generate, load_for_inference
+from neox_fork.generation import (SamplingParams, generate, interactive_prompts, load_for_inference,
+                                  read_prompt_file, result_record, write_jsonl)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (with 'latest') or a global_stepN folder")
+    p.add_argument("--step", type=int, help="read global_stepN instead of 'latest'")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs a tokenizer saved with the checkpoint)")
-    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; needs the checkpoint's tokenizer)")
+    src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
+    src.add_argument("--input-file", help=".jsonl with a 'prompt' field per line, or a text file of one prompt per line")
+    src.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    p.add_argument("--output-file", help="write jsonl records {prompt, token_ids, text}")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (left padded)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")
+    p.add_argument("--no-stop-on-eod", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--tp-cooperate", action="store_true",
+                   help="every launched rank holds one tensor-parallel shard (default when WORLD_SIZE > 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt with token_ids and text")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def encode_prompts(args, tokenizer) -> list:
+    """(shown prompt, token ids) pairs for --prompt / --prompt-ids / --input-file."""
+    if args.prompt_ids:
+        pairs = []
+        for text in args.prompt_ids:
+            try:
+                pairs.append((text, [int(t) for t in text.split(",") if t.strip()]))
+            except ValueError:
+                raise UserError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        return pairs
+    texts = args.prompt if args.prompt else read_prompt_file(args.input_file)
+    return [(text, encode_text(text, tokenizer, args.checkpoint)) for text in texts]
+
+
+def encode_text(text, tokenizer, ckpt):
+    if tokenizer is None:
+        raise UserError(f"checkpoint {ckpt} has no tokenizer.json and its config names no vocab-file that exists; "
+                        "pass --prompt-ids instead of text prompts")
+    return tokenizer.encode(text)
+
+
+def show(records, as_json: bool) -> None:
+    for r in records:
+        if as_json:
+            print(json.dumps({"token_ids": r["token_ids"], "text": r["text"]}), flush=True)
+        else:
+            shown = r["text"] if r["text"] is not None else " ".join(map(str, r["token_ids"]))
+            prompt = r["prompt"] if isinstance(r["prompt"], str) else ""
+            print(prompt + shown + "\n", flush=True)
 
 
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    model, config, tokenizer = load_for_inference(args.checkpoint, dtype=args.dtype)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise UserError(f"checkpoint {args.checkpoint} has no tokenizer; pass --prompt-ids instead of --prompt")
-        prompt = tokenizer.encode(args.prompt)
-    else:
-        try:
-            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise UserError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    model, config, tokenizer = load_for_inference(args.checkpoint, args.step, args.dtype,
+                                                  tp_cooperate=args.tp_cooperate or None)
+    lead = not dist.is_initialized() or dist.get_rank() == 0
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                            args.repetition_penalty, args.seed)
-    (ids,), stats = generate(model, [prompt], params, eod=tokenizer.eod if tokenizer else None,
-                             use_cache=not args.no_cache, max_positions=config.max_positions)
-    text = tokenizer.decode(ids) if tokenizer else None
-    if args.json:
-        print(json.dumps({"token_ids": ids, "text": text, "tokens_per_sec": stats["tokens_per_sec"]}))
+                            args.repetition_penalty, args.seed, stop_on_eod=not args.no_stop_on_eod)
+    params.check()
+    eod = tokenizer.eod if tokenizer else None
+    options = dict(eod=eod, use_cache=not args.no_cache, max_positions=config.max_positions,
+                   batch_size=args.batch_size)
+    records, new_tokens, seconds = [], 0, 0.0
+
+    if args.interactive:
+        for text in interactive_prompts():
+            try:
+                (ids,), stats = generate(model, [encode_text(text, tokenizer, args.checkpoint)], params, **options)
+            except UserError as err:  # one bad line does not end the session
+                if lead:
+                    print(f"error: {err}", file=sys.stderr, flush=True)
+                continue
+            new_tokens, seconds = new_tokens + stats["new_tokens"], seconds + stats["seconds"]
+            records.append(result_record(text, ids, tokenizer, eod))
+            if lead:
+                show(records[-1:], args.json)
     else:
-        print((args.prompt or "") + (text if text is not None else " ".join(map(str, ids))))
-        print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_sec']:.1f} tokens/s]", file=sys.stderr)
+        pairs = encode_prompts(args, tokenizer)
+        if not pairs:
+            raise UserError(f"--input-file {args.input_file}: holds no prompts")
+        outputs, stats = generate(model, [ids for _, ids in pairs], params, **options)
+        new_tokens, seconds = stats["new_tokens"], stats["seconds"]
+        records = [result_record(shown, ids, tokenizer, eod) for (shown, _), ids in zip(pairs, outputs)]
+        if lead and not args.output_file:
+            show(records, args.json)
+    if lead:
+        if args.output_file:
+            write_jsonl(args.output_file, records)
+        rate = new_tokens / seconds if seconds else 0.0
+        print(f"[{len(records)} prompts, {new_tokens} new tokens in {seconds:.2f} s: {rate:.1f} tokens/s]",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
