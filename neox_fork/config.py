@@ -123,6 +123,7 @@ class NeoXConfig:
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
     max_nan_steps: int = 3
+    exit_interval: int | None = None  # save and stop once the iteration is a multiple of this (Megatron)
     num_workers: int = 2
     distributed_backend: str = "nccl"
 

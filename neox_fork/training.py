@@ -367,6 +367,11 @@ def pretrain(c: NeoXConfig) -> int:
             or state.iteration in (c.extra_save_iters or [])
         ):
             save(engine, c, state, c.vocab_file)
+        if c.exit_interval and state.iteration % c.exit_interval == 0:
+            if c.save and state.last_saved != state.iteration:
+                save(engine, c, state, c.vocab_file)
+            log.info("exit_interval %d reached at step %d", c.exit_interval, state.iteration)
+            break
         if stop.any_rank():
             if c.save and state.last_saved != state.iteration:
                 save(engine, c, state, c.vocab_file)

@@ -33,3 +33,65 @@ def one_process():
     parallel.initialize(1)
     yield
     parallel.destroy()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A small demo corpus (stdlib code and docs, 600-token BPE) shared by the training tests."""
+    from neox_fork.data.demo import build_demo_data
+
+    out = tmp_path_factory.mktemp("corpus")
+    build_demo_data(str(out), vocab_size=600, max_bytes=400_000, workers=1)
+    return out
+
+
+def write_train_config(folder, corpus, **overrides):
+    """A YAML config for a training subprocess: the tiny architecture at test size, fp32, one step a log."""
+    import yaml
+
+    keys = tiny_keys(vocab_size=None, seq_length=64, vocab_file=str(corpus / "tokenizer.json"),
+                     train_data_paths=[str(corpus / "train_text_document")],
+                     valid_data_paths=[str(corpus / "valid_text_document")],
+                     train_micro_batch_size_per_gpu=2, train_iters=8, log_interval=1, eval_interval=1000,
+                     eval_iters=2, optimizer={"type": "Adam", "params": {"lr": 3e-3, "betas": [0.9, 0.95]}},
+                     warmup=0.1, min_lr=3e-4, save=str(folder / "ckpt"), num_workers=0,
+                     distributed_backend="gloo", seed=7, hidden_dropout=0.1)
+    keys.update(overrides)
+    path = folder / "config.yml"
+    path.write_text(yaml.safe_dump(keys))
+    return path
+
+
+def read_metrics(save_dir, key="lm_loss"):
+    """{iteration: value} of one field of SAVE_DIR/metrics.jsonl."""
+    import json
+
+    out = {}
+    for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            out[row["iteration"]] = row[key]
+    return out
+
+
+def run_training(config_path, nproc=1, timeout=600, check=True):
+    """train.py on `nproc` local ranks (torchrun, gloo) as a subprocess."""
+    import subprocess
+
+    cmd = [PYTHON, "train.py", str(config_path)]
+    if nproc > 1:
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(_free_port()), "train.py", str(config_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and run.returncode != 0:
+        raise AssertionError(f"training failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    return run
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

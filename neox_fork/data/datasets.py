@@ -343,5 +343,8 @@ def build_batch_iterator(
         num_workers=num_workers,
         collate_fn=collate_samples,
         persistent_workers=num_workers > 0,
+        # its own generator: creating an iterator must not draw from the global RNG, whose state a
+        # resumed run restores (dropout would otherwise differ from an uninterrupted run)
+        generator=torch.Generator().manual_seed(0),
     )
     return iter(loader)

@@ -1,0 +1,23 @@
+"""Gradient accumulation 2 x micro-batch 1 is the same optimisation as micro-batch 2 x accumulation 1."""
+
+import torch
+
+from conftest import read_metrics, run_training, write_train_config
+from neox_fork import checkpoint
+
+
+def test_accumulation_equals_bigger_micro_batch(tmp_path, small_corpus):
+    runs = {}
+    for name, micro, accum in (("accum", 1, 2), ("micro", 2, 1)):
+        (tmp_path / name).mkdir()
+        config = write_train_config(tmp_path / name, small_corpus, train_micro_batch_size_per_gpu=micro,
+                                    gradient_accumulation_steps=accum, train_iters=4, hidden_dropout=0.0)
+        run_training(config)
+        runs[name] = tmp_path / name / "ckpt"
+    a, b = read_metrics(runs["accum"]), read_metrics(runs["micro"])
+    for it in a:
+        assert abs(a[it] - b[it]) <= 1e-5 * abs(b[it]), (it, a[it], b[it])
+    wa, _, _ = checkpoint.load_merged(runs["accum"])
+    wb, _, _ = checkpoint.load_merged(runs["micro"])
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
