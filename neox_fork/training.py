@@ -299,7 +299,7 @@ def pretrain(c: NeoXConfig) -> int:
         save(engine, c, state, c.vocab_file)
     while state.iteration < c.train_iters:
         step_loss, finite = 0.0, True
-        for _ in range(c.gradient_accumulation_steps):
+        for micro in range(c.gradient_accumulation_steps):
             batch = {k: v.to(_device()) for k, v in next(train_iter).items()}
             loss = engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
             if not torch.isfinite(loss):
@@ -307,12 +307,13 @@ def pretrain(c: NeoXConfig) -> int:
                 loss = sum(p.sum() * 0.0 for p in params)  # zero gradient instead of NaNs
             engine.backward(loss)
             step_loss += loss.item() / c.gradient_accumulation_steps
-        bad = torch.tensor([0.0 if finite else 1.0], device=_device())
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            for group in engine.optimizer.param_groups:  # an update with lr 0 leaves the weights unchanged
-                group["lr"] = 0.0
-        engine.step()
+            if micro == c.gradient_accumulation_steps - 1:
+                bad = torch.tensor([0.0 if finite else 1.0], device=_device())
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                if bad.item():
+                    for group in engine.optimizer.param_groups:  # lr 0 leaves the weights unchanged
+                        group["lr"] = 0.0
+            engine.step()  # DeepSpeed updates only at the accumulation boundary
         state.iteration += 1
         state.consumed_samples += c.global_batch_size(world)
         window_steps += 1

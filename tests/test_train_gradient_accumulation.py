@@ -20,4 +20,4 @@ def test_accumulation_equals_bigger_micro_batch(tmp_path, small_corpus):
     wa, _, _ = checkpoint.load_merged(runs["accum"])
     wb, _, _ = checkpoint.load_merged(runs["micro"])
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)  # Adam divides by sqrt(v): fp32 summation order shows at 1e-6
