@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Launch training on every rank, as GPT-NeoX's deepy.py does:
+
+    python deepy.py train.py configs/tiny.yml [MORE.yml ...] [-H HOSTFILE] [--dry-run]
+
+The config files are merged and validated here, the world size is worked out from the hostfile,
+include/exclude, num_nodes/num_gpus or the Slurm allocation and checked against the config, and then
+DeepSpeed's runner (or srun, with `deepspeed_slurm: true`) starts USER_SCRIPT with the same config files
+on every rank. `--dry-run` prints the command and each rank's RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/
+MASTER_PORT instead of launching.
+"""
+
+import argparse
+import json
+import os
+
+from neox_fork.config import deepspeed_config, load_config
+from neox_fork.errors import exit_on_user_error
+from neox_fork.launch import launch, plan_launch
+
+
+@exit_on_user_error
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("user_script", help="the per-rank entry, normally train.py")
+    p.add_argument("configs", nargs="+", help="NeoX YAML files, merged in order (later files win)")
+    p.add_argument("-d", "--conf_dir", default=None, help="folder the config file names are relative to")
+    p.add_argument("-H", "--hostfile", default=None, help="MPI-style hostfile ('host slots=N'); overrides the key")
+    p.add_argument("--dry-run", "--dry_run", action="store_true",
+                   help="print the launch command and every rank's environment, start nothing")
+    args = p.parse_args(argv)
+    paths = [os.path.join(args.conf_dir, c) if args.conf_dir else c for c in args.configs]
+    config = load_config(*paths)
+    plan = plan_launch(config, args.user_script, paths, hostfile=args.hostfile)
+    ds = deepspeed_config(config, plan.world_size)
+    if args.dry_run:
+        print(plan.describe())
+        print("deepspeed config: " + json.dumps(ds, sort_keys=True))
+        return 0
+    print(f"deepy: world size {plan.world_size}; running: {' '.join(plan.command)}", flush=True)
+    return launch(plan)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
