@@ -1,0 +1,63 @@
+"""Tensor x data parallelism (with ZeRO-1) computes what one process computes.
+
+Each run is train.py under torchrun on gloo: the code path NCCL takes on a cluster.
+"""
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_training, write_train_config
+from neox_fork import checkpoint
+
+STEPS = 10
+
+
+def train(tmp_path, small_corpus, name, nproc, **keys):
+    """Vocabulary padding is a multiple of make_vocab_size_divisible_by x TP: keep it 768 for every TP."""
+    keys.setdefault("make_vocab_size_divisible_by", 256 // keys.get("model_parallel_size", 1))
+    folder = tmp_path / name
+    folder.mkdir()
+    config = write_train_config(folder, small_corpus, train_iters=STEPS, hidden_dropout=0.0, **keys)
+    run_training(config, nproc=nproc)
+    return folder / "ckpt"
+
+
+def assert_same_losses(a, b, rel=1e-5):
+    la, lb = read_metrics(a), read_metrics(b)
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    for it in la:
+        assert abs(la[it] - lb[it]) <= rel * abs(lb[it]), (it, la[it], lb[it])
+
+
+def assert_same_weights(a, b):
+    wa, _, _ = checkpoint.load_merged(a)
+    wb, _, _ = checkpoint.load_merged(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, small_corpus):
+    """The reference: one process, global batch 4."""
+    return train(tmp_path_factory.mktemp("single"), small_corpus, "tp1", 1, train_micro_batch_size_per_gpu=4)
+
+
+def test_tp2_equals_one_process(tmp_path, small_corpus, single):
+    tp2 = train(tmp_path, small_corpus, "tp2", 2, model_parallel_size=2, train_micro_batch_size_per_gpu=4)
+    assert checkpoint.tp_size_of(checkpoint.resolve(tp2)) == 2
+    assert_same_losses(tp2, single)
+    assert_same_weights(tp2, single)
+
+
+def test_dp2_zero1_equals_one_process_with_the_same_global_batch(tmp_path, small_corpus, single):
+    dp2 = train(tmp_path, small_corpus, "dp2", 2, train_micro_batch_size_per_gpu=2)
+    folder = checkpoint.resolve(dp2)
+    assert len(list(folder.glob("*zero_pp_rank_*_optim_states.pt"))) == 2  # optimizer sharded over DP
+    assert_same_losses(dp2, single)
+    assert_same_weights(dp2, single)
+
+
+def test_tp2_by_dp2_on_four_processes_equals_one_process(tmp_path, small_corpus, single):
+    both = train(tmp_path, small_corpus, "tp2dp2", 4, model_parallel_size=2, train_micro_batch_size_per_gpu=2)
+    assert_same_losses(both, single)
