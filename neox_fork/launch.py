@@ -233,7 +233,7 @@ class LaunchPlan:
 
     def rank_env(self, info: RankInfo) -> dict[str, str]:
         env = {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(self.world_size),
-               "MASTER_ADDR": self.master_addr or "(first host of SLURM_JOB_NODELIST)",
+               "MASTER_ADDR": self.master_addr or "<first-host-of-SLURM_JOB_NODELIST>",
                "MASTER_PORT": str(self.master_port)}
         return env
 

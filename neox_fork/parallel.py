@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -50,11 +51,8 @@ def first_slurm_host(nodelist: str) -> str:
         depth += ch == "["
         depth -= ch == "]"
         head += ch
-    if "[" not in head:
-        return head
-    prefix, ranges = head.split("[", 1)
-    first = ranges.rstrip("]").split(",")[0].split("-")[0]
-    return prefix + first
+    # each bracket group contributes its first value: 'a[1-2]b[7,9]' -> 'a1b7'
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], head)
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 10, use_slurm_env: bool = False) -> None:
