@@ -196,7 +196,12 @@ def last_logits(model: StableLM, tokens, position_ids, key_valid, start: int, ca
         cache = caches[i] if caches is not None else None
         x = x + _attention_block(layer.attention, layer.input_layernorm(x), model.rotary, cos, sin, mask, cache)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    logits = model.logits_parallel(model.final_norm(x[:, -1:]))[:, -1]
+    return head_logits(model, model.final_norm(x[:, -1:]))[:, -1]
+
+
+def head_logits(model: StableLM, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of final-norm hidden states [b, s, h], gathered over TP ranks (no autograd)."""
+    logits = model.logits_parallel(hidden)
     if _tp_size() == 1:
         return logits
     group = parallel_state.get_tensor_model_parallel_group()
