@@ -135,6 +135,9 @@ class NeoXConfig:
     extra_save_iters: list | None = None
     keep_last_n_checkpoints: int | None = None
     finetune: bool = False
+    # also save each parameter's fp32 master and Adam moments unsharded over DP (per TP rank), so a run
+    # can resume at another tensor-parallel size; costs about 12 bytes x parameters of extra disk
+    save_universal: bool = False
     s3_path: str | None = None
     s3_sync_interval: int | None = None
 

@@ -161,6 +161,8 @@ def save(engine, c: NeoXConfig, state: TrainState, tokenizer_file: str | None) -
     engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
     torch.save({"rng": parallel._get_rng(), "tracker": parallel.RNG_TRACKER.state_dict()},
                ckpt_dir / partial / f"rng_state_{dist.get_rank():05d}.pt")
+    if c.save_universal:
+        save_universal(engine, engine.module, ckpt_dir / partial)
     dist.barrier()
     if _rank0():
         checkpoint.save_config(ckpt_dir / partial, c)
@@ -198,8 +200,8 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         return
     saved_tp = checkpoint.tp_size_of(folder)
     if saved_tp != c.model_parallel_size:
-        raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} but this run uses "
-                        f"{c.model_parallel_size}; reshard it with tools/reshard_checkpoint.py or set finetune: true")
+        resume_resharded(engine, model, c, state, folder, saved_tp)
+        return
     _, client_state = engine.load_checkpoint(c.load, tag=f"global_step{step}")
     state.iteration = client_state["iteration"]
     state.consumed_samples = client_state["consumed_samples"]
@@ -210,6 +212,81 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
     log.info("resumed from %s at iteration %d (%d samples consumed)", folder, state.iteration,
              state.consumed_samples)
+
+
+UNIVERSAL_FILE = "universal_mp_rank_{:02d}.pt"
+_ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def _link_optimizer_states(engine) -> None:
+    """Make every parameter's Adam moments reachable through DeepSpeed's safe_get/safe_set API.
+
+    DeepSpeed 0.19 links them after the first parameter group's step, before the second group has
+    any state, and never again, so the no-decay group stays unlinked; states missing before the first
+    step (a run about to be resumed) are created here as torch's AdamW would create them.
+    """
+    wrapper = engine.optimizer
+    base = wrapper.optimizer
+    for group in base.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            if not base.state[p]:
+                base.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32, device=p.device if on_device else "cpu"),
+                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    wrapper._hp_optimizer_states_linked = False
+    wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def save_universal(engine, model, folder: Path) -> None:
+    """Per TP rank, each parameter's fp32 master weight and Adam moments, gathered over the DP group."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _link_optimizer_states(engine)
+    out = {"fp32": {}, **{k: {} for k in _ADAM_STATES}}
+    for name, p in model.named_parameters():
+        out["fp32"][name] = safe_get_full_fp32_param(p).cpu()
+        for key in _ADAM_STATES:
+            out[key][name] = safe_get_full_optimizer_state(p, key).cpu()
+    base = engine.optimizer.optimizer
+    steps = [s["step"] for s in base.state.values() if "step" in s]
+    out["step"] = float(steps[0]) if steps else 0.0
+    if parallel.dp_rank() == 0:
+        torch.save(out, folder / UNIVERSAL_FILE.format(parallel.tp_rank()))
+
+
+def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Path, saved_tp: int) -> None:
+    """Resume a checkpoint saved at another TP size from its universal optimizer files."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    files = [folder / UNIVERSAL_FILE.format(r) for r in range(saved_tp)]
+    if not all(f.is_file() for f in files):
+        raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} but this run uses "
+                        f"{c.model_parallel_size}; it has no universal optimizer states (save_universal: true "
+                        "when saving), so only `finetune: true` (weights only) can load it")
+    saved = [torch.load(f, weights_only=False) for f in files]
+    tp, rank = parallel.tp_size(), parallel.tp_rank()
+    mine = {key: checkpoint.split_tp(checkpoint.merge_tp_shards([s[key] for s in saved]), tp)[rank]
+            for key in ("fp32", *_ADAM_STATES)}
+    load_weights_only(model, folder)
+    _link_optimizer_states(engine)
+    for name, p in model.named_parameters():
+        safe_set_full_fp32_param(p, mine["fp32"][name].to(p.device))
+        for key in _ADAM_STATES:
+            safe_set_full_optimizer_state(p, mine[key][name].to(p.device), key)
+    base = engine.optimizer.optimizer
+    for opt_state in base.state.values():
+        if "step" in opt_state:
+            opt_state["step"].fill_(saved[0]["step"])
+    meta = torch.load(folder / checkpoint.MODEL_FILE.format(0), map_location="cpu", weights_only=False)
+    engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    state.iteration, state.consumed_samples = meta["iteration"], meta["consumed_samples"]
+    for group in engine.optimizer.param_groups:  # the scheduler sets the LR only at its next step
+        group["lr"] = lr_at(c, state.iteration)
+    engine.global_steps = state.iteration
+    engine.global_samples = state.consumed_samples
+    rng = torch.load(folder / "rng_state_00000.pt", weights_only=False)  # every TP rank shares this stream
+    parallel._set_rng(rng["rng"])
+    log.info("resumed from %s (saved at TP=%d) at TP=%d, iteration %d", folder, saved_tp, tp, state.iteration)
 
 
 def load_weights_only(model, folder: Path) -> None:
