@@ -1,0 +1,73 @@
+"""evaluate_model on an in-memory model (as the training loop calls it), eval.py with NeoX configs, and
+one-line errors for an unknown task, a checkpoint without a tokenizer and bad task data."""
+
+import json
+import random
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from conftest import PYTHON, REPO, tiny_keys
+from neox_fork import checkpoint
+from neox_fork.config import from_dict
+from neox_fork.data.tokenizer import build_tokenizer
+from neox_fork.errors import UserError
+from neox_fork.evaluation import evaluate_checkpoint, evaluate_model, results_table
+from neox_fork.model import build_model
+from test_generate_matches_transformers import trained_looking_checkpoint
+
+
+def test_evaluate_model_in_memory_restores_mode_and_rng(one_process, tmp_path):
+    model = trained_looking_checkpoint(tmp_path / "ckpt", seed=9)
+    tokenizer = build_tokenizer("HFTokenizer", str(tmp_path / "ckpt" / "global_step7" / "tokenizer.json"))
+    model.train()
+    torch.manual_seed(123)
+    random.seed(123)
+    expected_torch, expected_random = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    out = evaluate_model(model, tokenizer, ["neox_facts", "neox_prose"], limit=8, batch_size=4)
+    assert model.training
+    assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_random
+    assert 0.0 <= out["results"]["neox_facts"]["acc,none"] <= 1.0
+    assert out["results"]["neox_prose"]["word_perplexity,none"] > 1.0
+    json.dumps(out)  # JSON-safe for the metrics log
+    assert "| neox_prose | 0 | bits_per_byte |" in results_table(out)
+
+
+def test_eval_py_takes_tasks_batch_size_and_checkpoint_from_configs(one_process, tmp_path):
+    trained_looking_checkpoint(tmp_path / "ckpt", seed=10)
+    config = tmp_path / "eval.yml"
+    config.write_text(yaml.safe_dump({"eval_tasks": ["neox_facts"], "eval_batch_size": 3,
+                                      "load": str(tmp_path / "ckpt")}))
+    done = subprocess.run([PYTHON, "eval.py", str(config), "--limit", "5"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "ckpt" / "eval" / "results_step7.json").read_text())
+    assert list(results["results"]) == ["neox_facts"] and results["checkpoint"]["step"] == 7
+    assert "| neox_facts | 0 | acc |" in done.stdout
+
+
+def test_bad_input_gives_one_line_errors(one_process, tmp_path):
+    trained_looking_checkpoint(tmp_path / "ckpt", seed=11)
+    done = subprocess.run([PYTHON, "eval.py", "--checkpoint", str(tmp_path / "ckpt"), "--tasks", "neox_facts,nope"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown task(s) nope; available in") and "neox_arith, neox_facts, neox_prose" in last
+
+    config = from_dict(tiny_keys())
+    checkpoint.save_model_checkpoint(tmp_path / "bare", 3, [checkpoint.model_state(build_model(config))], config)
+    with pytest.raises(UserError, match="has no tokenizer.json"):
+        evaluate_checkpoint(tmp_path / "bare", ["neox_facts"])
+
+    task = tmp_path / "mytasks" / "broken"
+    task.mkdir(parents=True)
+    (task / "broken.yaml").write_text(yaml.safe_dump({
+        "task": "broken", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "missing.jsonl"}},
+        "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}"}))
+    with pytest.raises(UserError, match=r"broken.yaml: data_files entry 'missing.jsonl' not found"):
+        evaluate_checkpoint(tmp_path / "ckpt", ["broken"], include_path=tmp_path / "mytasks")
+    with pytest.raises(UserError, match="no tasks given"):
+        evaluate_checkpoint(tmp_path / "ckpt", [])
