@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Load an exported Hugging Face folder with transformers and print a sampled continuation.
+
+The demo's last step: proof that the export is an ordinary StableLmForCausalLM.
+"""
+
+import argparse
+
+from neox_fork.errors import UserError, exit_on_user_error
+
+
+@exit_on_user_error
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("hf_dir")
+    p.add_argument("--prompt", default="def fibonacci(n):\n    \"\"\"Return")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.75)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    except OSError as err:
+        raise UserError(f"{args.hf_dir}: not a loadable Hugging Face folder ({str(err).splitlines()[0]})") from None
+    torch.manual_seed(args.seed)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=True,
+                         temperature=args.temperature, top_p=args.top_p, pad_token_id=tokenizer.eos_token_id)
+    print(f"{type(model).__name__} from {args.hf_dir}:")
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    main()
