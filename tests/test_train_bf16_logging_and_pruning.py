@@ -1,0 +1,26 @@
+"""bf16 training (fp32 masters in ZeRO-1) lowers the loss; TensorBoard events and checkpoint pruning work."""
+
+import torch
+
+from conftest import read_metrics, run_training, write_train_config
+from neox_fork import checkpoint
+
+
+def test_bf16_run_learns_logs_to_tensorboard_and_keeps_the_last_n_checkpoints(tmp_path, small_corpus):
+    config = write_train_config(tmp_path, small_corpus, train_iters=12, precision="bfloat16",
+                                checkpoint_factor=3, keep_last_n_checkpoints=2, eval_interval=6,
+                                tensorboard_dir=str(tmp_path / "tb"))
+    run = run_training(config)
+    losses = read_metrics(tmp_path / "ckpt")
+    assert losses[12] < losses[1] - 0.1
+    evals = read_metrics(tmp_path / "ckpt", "eval_lm_loss")
+    assert sorted(evals) == [6, 12] and evals[12] < evals[6]
+    assert "validation loss" in run.stdout
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("global_step*"))
+    assert kept == ["global_step12", "global_step9"]
+    state, config_saved, folder = checkpoint.load_merged(tmp_path / "ckpt")
+    assert config_saved.dtype_name == "bf16"
+    assert state["layers.0.attention.query_key_value.weight"].dtype == torch.bfloat16
+    assert any(p.name.startswith("bf16_zero_pp_rank_0") for p in folder.iterdir())  # fp32 masters live here
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
