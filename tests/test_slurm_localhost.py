@@ -1,0 +1,167 @@
+"""The sbatch flow under a real one-node Slurm on localhost (slurmctld + slurmd + munged, started here).
+
+`sbatch slurm/one-node.sbatch` with 2 CPU tasks trains the tiny config at DP=2 through deepy.py -> srun;
+`scancel -s USR1` makes the ranks save and the script requeue the job, which resumes at the next step;
+a plain `scancel` also leaves a loadable checkpoint that a resubmitted job resumes from; a rank that
+fails under srun takes the job down at once and srun names it. Needs root (CI runs as root): the
+harness apt-installs Slurm when it is missing (scripts/slurm_localhost.sh install).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+HARNESS = REPO / "scripts" / "slurm_localhost.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """Environment (SLURM_CONF) of a one-node Slurm running for this session; stopped at the end."""
+    folder = tmp_path_factory.mktemp("slurm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    subprocess.run([sys.executable, "tools/prepare_demo_data.py"], cwd=REPO, check=True, capture_output=True)
+    started = subprocess.run(["bash", str(HARNESS), "start", str(folder)], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert started.returncode == 0, started.stderr
+    env["SLURM_CONF"] = str(folder / "etc" / "slurm.conf")
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", str(HARNESS), "stop", str(folder)], env=env, capture_output=True, timeout=60)
+
+
+def sh(env, *cmd, check=True):
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    if check:
+        assert result.returncode == 0, (cmd, result.stdout, result.stderr)
+    return result.stdout.strip()
+
+
+def job_field(env, job, name):
+    out = sh(env, "scontrol", "-o", "show", "job", job, check=False)
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    return fields.get(name)
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr)  # phase timings with -s
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def iterations(save: Path) -> list[int]:
+    path = save / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["iteration"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_step(save: Path) -> int | None:
+    latest = save / "latest"
+    return int(latest.read_text().strip().removeprefix("global_step")) if latest.is_file() else None
+
+
+def submit_one_node(env, tmp_path, save, train_iters, **keys):
+    """sbatch slurm/one-node.sbatch on CPU: 2 tasks on this node, the tiny config made faster."""
+    overlay = tmp_path / "fast.yml"
+    overlay.write_text(json.dumps({
+        "train_iters": train_iters, "train_micro_batch_size_per_gpu": 2, "seq_length": 128, "log_interval": 1,
+        "eval_interval": 1000, "eval_iters": 0, "checkpoint_factor": 1000, "keep_last_n_checkpoints": None,
+        **keys}))
+    exports = f"ALL,CONFIGS=configs/tiny.yml {overlay},SAVE={save}"
+    return sh(env, "sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+              f"--output={tmp_path}/slurm-%j.out", f"--export={exports}", "slurm/one-node.sbatch")
+
+
+def job_output(tmp_path, job):
+    return (tmp_path / f"slurm-{job}.out").read_text()
+
+
+def assert_dp2_checkpoint(save: Path, step: int):
+    folder = save / f"global_step{step}"
+    assert (folder / "mp_rank_00_model_states.pt").is_file()
+    assert len(list(folder.glob("*zero_pp_rank_*optim_states.pt"))) == 2  # one ZeRO shard per DP rank
+
+
+def test_slurm_rank_failure_cancels_the_job_and_srun_names_the_task(slurm, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, sys, time\n"
+                     "time.sleep(1)\n"
+                     "sys.exit(3) if os.environ['SLURM_PROCID'] == '1' else time.sleep(120)\n")
+    overlay = tmp_path / "srun.yml"
+    overlay.write_text(json.dumps({"deepspeed_slurm": True, "num_gpus": None}))
+    wrap = f"{sys.executable} deepy.py {probe} configs/tiny.yml {overlay}"
+    start = time.monotonic()
+    job = sh(slurm, "sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
+             f"--wrap={wrap}")
+    wait_until(lambda: job_field(slurm, job, "JobState") in ("FAILED", "COMPLETED", "CANCELLED"), 60, "job end")
+    assert time.monotonic() - start < 45, "the surviving task (sleeping 120 s) was not killed"
+    assert job_field(slurm, job, "JobState") == "FAILED"
+    out = job_output(tmp_path, job)
+    assert "srun --kill-on-bad-exit=1 --ntasks 2" in out
+    assert "task 1: Exited with exit code 3" in out
+
+
+def test_slurm_one_node_sbatch_saves_on_usr1_requeues_and_resumes(slurm, tmp_path):
+    save, total = tmp_path / "ckpt", 12
+    job = submit_one_node(slurm, tmp_path, save, total)
+    wait_until(lambda: len(iterations(save)) >= 3, 120, "3 training steps")
+    sh(slurm, "scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends before the time limit
+
+    # The ranks save at the next step boundary and exit 0; the script sees train_iters not reached and requeues.
+    wait_until(lambda: job_field(slurm, job, "Restarts") == "1" and job_field(slurm, job, "JobState") == "PENDING",
+               60, "the job to requeue itself")
+    stopped = latest_step(save)
+    assert stopped is not None and 3 <= stopped < total
+    assert iterations(save) == list(range(1, stopped + 1))
+    assert_dp2_checkpoint(save, stopped)
+    assert "requeueing job" in job_output(tmp_path, job)
+    overlay = (save / "slurm" / f"job-{job}.yml").read_text()
+    assert f'"load": "{save}"' in overlay and f'"save": "{save}"' in overlay
+
+    # Skip Slurm's 2-minute requeue delay, once the node is idle and a second has passed: slurmd refuses
+    # ("credential revoked") a job restarted in the same second its previous run was killed.
+    wait_until(lambda: sh(slurm, "sinfo", "-h", "-o", "%T") == "idle", 30, "the node to be idle")
+    time.sleep(2)
+    sh(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    wait_until(lambda: job_field(slurm, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 150, "the rerun")
+    out = job_output(tmp_path, job)
+    assert job_field(slurm, job, "JobState") == "COMPLETED", out[-3000:]
+    assert f"restart 1:" in out and f"global_step{stopped} at iteration {stopped}" in out
+    # the resumed run's first iteration is the one after the checkpoint, and training ran to the end
+    assert iterations(save) == list(range(1, total + 1))
+    assert latest_step(save) == total
+    assert_dp2_checkpoint(save, total)
+
+
+def test_slurm_scancel_leaves_a_checkpoint_a_resubmitted_job_resumes_from(slurm, tmp_path):
+    save, total = tmp_path / "ckpt", 10
+    first = submit_one_node(slurm, tmp_path, save, total)
+    wait_until(lambda: len(iterations(save)) >= 2, 120, "2 training steps")
+    sh(slurm, "scancel", first)  # TERM to every process of the job, KILL after KillWait
+    wait_until(lambda: job_field(slurm, first, "JobState") == "CANCELLED", 60, "the cancel")
+    stopped = latest_step(save)
+    assert stopped is not None and 2 <= stopped < total, job_output(tmp_path, first)[-3000:]
+    assert_dp2_checkpoint(save, stopped)
+    assert job_field(slurm, first, "Restarts") == "0"  # cancelled on purpose: not requeued
+
+    second = submit_one_node(slurm, tmp_path, save, total)
+    wait_until(lambda: job_field(slurm, second, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 150,
+               "the resubmitted job")
+    out = job_output(tmp_path, second)
+    assert job_field(slurm, second, "JobState") == "COMPLETED", out[-3000:]
+    assert f"global_step{stopped} at iteration {stopped}" in out
+    assert iterations(save) == list(range(1, total + 1))
+    assert latest_step(save) == total
