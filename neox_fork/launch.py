@@ -299,10 +299,19 @@ def plan_launch(c: NeoXConfig, user_script: str, config_paths: list[str], hostfi
         raise UserError(f"user script '{user_script}' not found; run from the repository root, e.g. "
                         "python deepy.py train.py configs/tiny.yml")
     srun = use_srun(c)
+    if srun and "SLURM_JOB_ID" not in environ and not shutil.which("srun", path=environ.get("PATH")):
+        # e.g. the StableLM config (deepspeed_slurm: true) on a workstation: no Slurm here at all
+        if c.num_nodes > 1 or (hostfile and len(parse_hostfile(hostfile)) > 1):
+            raise UserError(f"{c.where('deepspeed_slurm')}: deepspeed_slurm: true needs Slurm's srun for a "
+                            "multi-node run; run inside an allocation (sbatch/salloc) or set deepspeed_slurm: false")
+        srun = False
     if srun:
         plan = _plan_srun(c, user_script, config_paths, hostfile, environ, python)
     else:
         plan = _plan_deepspeed(c, user_script, config_paths, hostfile, environ, python)
+        if c.deepspeed_slurm:
+            plan.notes.append("deepspeed_slurm: true but no Slurm here (no allocation, no srun): "
+                              "starting ranks on this machine with DeepSpeed's runner")
     c.check_world_size(plan.world_size)
     per_node = max(len(ids) for ids in plan.resources.values())
     if "OMP_NUM_THREADS" not in environ:
@@ -325,7 +334,7 @@ def _plan_deepspeed(c, user_script, config_paths, hostfile, environ, python) -> 
         args += ["--hostfile", str(hostfile)]
         master = c.master_addr or ("127.0.0.1" if list(resources) == ["localhost"] else next(iter(resources)))
         args += ["--master_addr", master]
-        if len(resources) > 1 or c.launcher != "pdsh":
+        if len(resources) > 1 or c.launcher not in ("pdsh", "slurm"):
             args += ["--launcher", c.launcher]
         if c.no_ssh_check:
             args.append("--no_ssh_check")

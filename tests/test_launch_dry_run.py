@@ -299,7 +299,12 @@ def test_launch_slurm_cannot_pin_slots(tmp_path, hostfile):
 
 
 def test_launch_slurm_outside_an_allocation_lets_srun_allocate(tmp_path):
-    command, env, ranks = ok(deepy(tmp_path, overlay={"deepspeed_slurm": True, "num_nodes": 2, "num_gpus": 2}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "srun").chmod(0o755)
+    command, env, ranks = ok(deepy(tmp_path, env={"PATH": str(bin_dir)},
+                                   overlay={"deepspeed_slurm": True, "num_nodes": 2, "num_gpus": 2}))
     flags = dict(zip(command[2:], command[3:]))
     assert (flags["--ntasks"], flags["--nodes"]) == ("4", "2") and "MASTER_ADDR" not in env
     assert len(ranks) == 4
@@ -338,3 +343,15 @@ def test_launch_training_finished_reads_latest(tmp_path):
     assert launch.training_finished(config)
     cmd = [sys.executable, "-m", "neox_fork.launch", "finished", TINY, str(cfg)]
     assert subprocess.run(cmd, cwd=REPO, capture_output=True).returncode == 0
+
+
+def test_launch_deepspeed_slurm_without_any_slurm_runs_locally(tmp_path):
+    """The StableLM config says deepspeed_slurm: true; on a workstation (no allocation, no srun) deepy
+    starts the ranks itself instead of failing, and says so."""
+    no_srun = {"PATH": str(tmp_path / "empty-bin")}
+    result = deepy(tmp_path, env=no_srun, overlay={"deepspeed_slurm": True, "launcher": "slurm", "num_gpus": 2})
+    command, _, ranks = ok(result)
+    assert command[2:4] == ["-m", "deepspeed.launcher.runner"] and "--launcher" not in command
+    assert len(ranks) == 2 and "no Slurm here" in result.stdout
+    result = deepy(tmp_path, env=no_srun, overlay={"deepspeed_slurm": True, "num_nodes": 2, "num_gpus": 2})
+    assert_user_error(result, "needs Slurm's srun for a multi-node run")
