@@ -26,6 +26,7 @@ from megatron.core import tensor_parallel as tp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from neox_fork import fused
 from neox_fork.attention import attention
 from neox_fork.config import NeoXConfig
 
@@ -57,6 +58,7 @@ class ModelShape:
     checkpoint_num_layers: int
     full_precision_loss: bool
     loss_chunk_tokens: int  # 0: compute the loss for all tokens at once
+    torch_compile: bool = False  # compile each transformer layer for training (see StableLM.compile_layers)
 
     @property
     def head_dim(self) -> int:
@@ -75,7 +77,7 @@ class ModelShape:
             attention_dropout=c.attention_dropout, checkpoint_activations=c.checkpoint_activations,
             checkpoint_num_layers=c.checkpoint_num_layers,
             full_precision_loss=c.full_precision_lm_cross_entropy,
-            loss_chunk_tokens=4096 if c.fused_cross_entropy else 0,
+            loss_chunk_tokens=4096 if c.fused_cross_entropy else 0, torch_compile=c.torch_compile,
         )
 
 
@@ -99,9 +101,7 @@ def init_method(name: str, std: float, num_layers: int, hidden_size: int):
     return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=sigma)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+rotate_half = fused.rotate_half
 
 
 class Rotary(nn.Module):
@@ -119,9 +119,7 @@ class Rotary(nn.Module):
         return emb.cos(), emb.sin()
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.dim], x[..., self.dim :]
-        rot = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
-        return torch.cat((rot, rest), dim=-1)
+        return fused.rotary_reference(x, cos, sin, self.dim)
 
 
 class Attention(nn.Module):
@@ -144,9 +142,10 @@ class Attention(nn.Module):
         b, sq, _ = x.shape
         qkv, _ = self.query_key_value(x)
         qkv = qkv.view(b, sq, self.heads_per_rank, 3, self.shape.head_dim)
-        q, k, v = qkv.unbind(dim=3)  # each [b, s, heads, head_dim]
-        if rotary.dim:
-            q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
+        if rotary.dim:  # q, k, v each [b, s, heads, head_dim]
+            q, k, v = fused.rotary_qkv(qkv, cos, sin, rotary.dim)
+        else:
+            q, k, v = qkv.unbind(dim=3)
         mask, causal = None, True
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
@@ -174,7 +173,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         h, _ = self.linear1(x)
         up, gate = h.chunk(2, dim=-1)
-        out, _ = self.linear2(F.silu(gate) * up)
+        out, _ = self.linear2(fused.swiglu(up, gate))
         return out
 
 
@@ -231,22 +230,30 @@ class StableLM(nn.Module):
 
     def hidden_states(self, tokens, position_ids=None, kv_cache=None):
         """Final-norm hidden states [b, s, h]; `kv_cache` (from new_kv_cache) enables cached decoding."""
-        if position_ids is None:
+        if position_ids is None:  # one [1, s] row for the whole batch: cos/sin broadcast over it
             start = kv_cache[0].length if kv_cache else 0
-            position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-            position_ids = position_ids.unsqueeze(0).expand(tokens.shape[0], -1)
+            position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
         x = self.embedding_dropout(self.word_embeddings(tokens))
         cos, sin = self.rotary(position_ids)
         chunk = self.shape.checkpoint_num_layers
         use_checkpoint = self.shape.checkpoint_activations and self.training and kv_cache is None
-        for first in range(0, len(self.layers), chunk):
-            group = self.layers[first : first + chunk]
+        layers = self.compiled_layers() if self.shape.torch_compile and kv_cache is None else self.layers
+        for first in range(0, len(layers), chunk):
+            group = layers[first : first + chunk]
             caches = kv_cache[first : first + chunk] if kv_cache else [None] * len(group)
             if use_checkpoint:
                 x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, use_reentrant=False)
             else:
                 x = _run_layers(group, x, self.rotary, cos, sin, caches)
         return self.final_norm(x)
+
+    def compiled_layers(self) -> list[nn.Module]:
+        """`torch.compile`d views of the layers (same parameters), made on first use. Kept in a plain list,
+        not registered as submodules, so the state dict keeps its names; cached decoding stays eager."""
+        compiled = self.__dict__.get("_compiled_layers")
+        if compiled is None:
+            compiled = self.__dict__["_compiled_layers"] = [torch.compile(layer) for layer in self.layers]
+        return compiled
 
     def logits_parallel(self, hidden):
         """This rank's vocabulary slice of the logits, [b, s, vocab / tp]."""
@@ -291,7 +298,10 @@ class StableLM(nn.Module):
         logits = self.logits_parallel(hidden)
         if self.shape.full_precision_loss:
             logits = logits.float()
-        losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:  # one fused kernel, fewer passes
+            losses = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
+        else:
+            losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
         return (losses.float() * mask).sum()
 
 

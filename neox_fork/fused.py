@@ -1,0 +1,107 @@
+"""Fused kernels for the hot elementwise parts of a block, each with a plain-torch fallback.
+
+What is fused where (docs/performance.md has the measurements):
+
+- rotary: flash-attn's rotary kernel (`flash_attn.layers.rotary.apply_rotary_emb`, non-interleaved,
+  rotary_dim < head_dim) applies the 25% partial rotary and copies the other 75% in one pass on CUDA,
+  forward and backward, when flash-attn is installed and the positions are shared by the batch (training).
+  Otherwise: torch rotate-half, applied to q and k together so every elementwise op runs once, not twice.
+- SwiGLU: silu(gate) * up through `torch.compile` on CUDA (Inductor emits one kernel for the forward and
+  one for the backward); eager torch elsewhere or if compilation fails. liger-kernel's Triton SwiGLU is
+  the same fusion behind an extra dependency that pins torch versions, so we do not take it.
+- LayerNorm: `torch.nn.LayerNorm` is already one fused kernel each way on CUDA (and CPU); Apex's
+  FusedLayerNorm is not needed and Apex is not a dependency.
+- the loss: see `StableLM.loss` (chunked, never the fp32 logits of the whole batch at once).
+- AdamW: torch's `fused=True` kernel on CUDA (neox_fork.training.build_optimizer).
+
+All functions here are differentiable and take what the model holds: q, k, v as [batch, seq, heads, dim].
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+try:  # optional GPU extra
+    from flash_attn.layers.rotary import apply_rotary_emb as flash_rotary
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    flash_rotary = None
+
+
+# ---------------------------------------------------------------------- rotary
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotate the first `rotary_dim` dims of each head (rotate-half), in fp32; the rest pass through.
+
+    x: [b, s, heads, head_dim]; cos, sin: [b or 1, s, 1, rotary_dim] (frequencies duplicated)."""
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    rot = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
+    return torch.cat((rot, rest), dim=-1)
+
+
+def flash_rotary_usable(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """flash-attn's kernel takes one [seq, rotary_dim / 2] table for the whole batch, on CUDA."""
+    return flash_rotary is not None and x.is_cuda and cos.shape[0] == 1 and x.shape[-1] <= 256
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v from the fused projection [b, s, heads, 3, head_dim], rotary applied to q and k.
+
+    Equals `rotary_reference` on q and k (tests/test_fused_rotary.py)."""
+    if flash_rotary_usable(qkv, cos) and not torch.compiler.is_compiling():  # Inductor fuses the torch path
+        q, k, v = qkv.unbind(dim=3)
+        half = rotary_dim // 2  # the tables hold each frequency twice; the kernel wants it once
+        c = cos[0, :, 0, :half].to(qkv.dtype)
+        s = sin[0, :, 0, :half].to(qkv.dtype)
+        return flash_rotary(q, c, s, interleaved=False), flash_rotary(k, c, s, interleaved=False), v
+    return _rotary_qkv_torch(qkv, cos, sin, rotary_dim)
+
+
+def _rotary_qkv_torch(qkv, cos, sin, rotary_dim):
+    """q and k rotated in one pass (half the elementwise ops of rotating them apart), no copies of v.
+
+    `split` rather than slicing, so the backward concatenates instead of zero-filling full-size grads."""
+    qk, v = qkv.split((2, 1), dim=3)
+    rot, rest = qk.split((rotary_dim, qk.shape[-1] - rotary_dim), dim=-1)
+    cos, sin = cos.unsqueeze(3), sin.unsqueeze(3)  # broadcast over the q/k axis
+    if rot.dtype != torch.float32:  # rotate in fp32, as the reference does
+        rot = rot.float()
+    rot = (rot * cos + rotate_half(rot) * sin).to(qkv.dtype)
+    q, k = torch.cat((rot, rest), dim=-1).unbind(dim=3)
+    return q, k, v.squeeze(3)
+
+
+# ---------------------------------------------------------------------- SwiGLU
+def swiglu_reference(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+_compiled_swiglu = None
+_compile_failed = False
+
+
+def swiglu(up: torch.Tensor, gate: torch.Tensor, *, compiled: bool | None = None) -> torch.Tensor:
+    """silu(gate) * up. `compiled` None: compile when training on CUDA (one fused kernel each way);
+    inside a compiled layer the eager expression is traced and fused with its neighbours anyway."""
+    global _compiled_swiglu, _compile_failed
+    if compiled is None:
+        compiled = up.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if not compiled or _compile_failed:
+        return swiglu_reference(up, gate)
+    if _compiled_swiglu is None:
+        _compiled_swiglu = torch.compile(swiglu_reference, dynamic=None)
+    try:
+        return _compiled_swiglu(up, gate)
+    except Exception as err:  # noqa: BLE001 - no compiler on this node: run eager, say so once
+        _compile_failed = True
+        log.warning("torch.compile of SwiGLU failed (%s); using eager silu * mul", err)
+        return swiglu_reference(up, gate)

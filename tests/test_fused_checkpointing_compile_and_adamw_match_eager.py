@@ -1,0 +1,86 @@
+"""Activation checkpointing and torch.compile change speed and memory, not numbers; fused AdamW takes the
+same steps as the foreach and per-tensor implementations."""
+
+import functools
+
+import pytest
+import torch
+
+from conftest import tiny_keys
+from neox_fork.config import from_dict
+from neox_fork.model import build_model
+
+B, S = 2, 32
+
+
+def _loss_and_grads(**keys):
+    torch.manual_seed(0)
+    model = build_model(from_dict(tiny_keys(num_layers=3, seq_length=S, **keys))).train()
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = (torch.randint(0, 1000, (B, S), generator=g) for _ in range(2))
+    loss = model(tokens, labels=labels)
+    loss.backward()
+    return model, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(a, b, tol):
+    (_, loss_a, grads_a), (_, loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, atol=tol, rtol=tol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("num_layers_per_checkpoint", [1, 2])  # 2 of 3 layers: an uneven last group
+def test_activation_checkpointing_gives_the_same_loss_and_grads(one_process, num_layers_per_checkpoint):
+    eager = _loss_and_grads()
+    checkpointed = _loss_and_grads(checkpoint_activations=True, checkpoint_num_layers=num_layers_per_checkpoint)
+    _assert_same(checkpointed, eager, 1e-6)
+
+
+def test_compiled_layers_keep_state_dict_names_and_graph_matches_eager(one_process, monkeypatch):
+    """Dynamo capture + AOT autograd (with checkpointing) without Inductor's code generation: seconds."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled = _loss_and_grads(torch_compile=True, checkpoint_activations=True)
+    model = compiled[0]
+    assert model.shape.torch_compile and len(model.compiled_layers()) == 3
+    assert all(not name.startswith("_") and "_orig_mod" not in name for name in model.state_dict())
+    _assert_same(compiled, _loss_and_grads(checkpoint_activations=True), 1e-5)
+
+
+def test_inductor_compiled_model_matches_eager(one_process):
+    """The real `torch_compile: true` path through Inductor (CPU C++ here; about 25-45 s cold on 2 cores)."""
+    _assert_same(_loss_and_grads(torch_compile=True), _loss_and_grads(), 1e-5)
+
+
+def test_cached_decoding_stays_eager_when_compiled(one_process, monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch.manual_seed(0)
+    model = build_model(from_dict(tiny_keys(num_layers=2, seq_length=S, torch_compile=True))).eval()
+    tokens = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        full = model(tokens)[:, -1]
+        model.compiled_layers = None  # a cached call that reached the compiled layers would fail here
+        cache = model.new_kv_cache()
+        model(tokens[:, :-1], kv_cache=cache)
+        last = model(tokens[:, -1:], kv_cache=cache)[:, -1]
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_adamw_takes_the_same_steps(fused):
+    """torch AdamW(fused=True) is what training uses on CUDA; torch also has the fused kernel on CPU."""
+    def run(**impl):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(17, 9)), torch.nn.Parameter(torch.randn(9))]
+        opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, **impl)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return params
+
+    candidate = run(fused=True) if fused else run(foreach=True)
+    for a, b in zip(candidate, run(foreach=False)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
