@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""Training-step throughput (tokens/s, MFU, peak memory) on random tokens, optionally against transformers.
+
+    python tools/benchmark.py --config configs/tiny.yml --compare hf
+    python tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --micro-batch 4 --compare hf --json
+
+See docs/performance.md for the method and the measured numbers.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from neox_fork.benchmark import main  # noqa: E402
+from neox_fork.errors import exit_on_user_error  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main)())
