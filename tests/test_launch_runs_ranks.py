@@ -33,7 +33,10 @@ def run_deepy(tmp_path, extra_env=None, timeout=120):
     cmd = [sys.executable, "deepy.py", str(probe), "configs/tiny.yml", str(overlay)]
     start = time.monotonic()
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    probes = [json.loads(line[len("PROBE "):]) for line in result.stdout.splitlines() if line.startswith("PROBE ")]
+    # two ranks share one pipe, so their lines may interleave: decode each object where its marker starts
+    decoder, probes = json.JSONDecoder(), []
+    for chunk in result.stdout.split("PROBE ")[1:]:
+        probes.append(decoder.raw_decode(chunk)[0])
     return result, sorted(probes, key=lambda p: p["RANK"]), time.monotonic() - start, str(overlay)
 
 
