@@ -41,6 +41,7 @@ export TOKENIZERS_PARALLELISM=false
 
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s) x $TASKS_PER_NODE ranks;" \
     "configs: $CONFIGS $OVERLAY"
+LATEST_BEFORE=$(cat "$SAVE/latest" 2>/dev/null || echo none)
 set +e
 # shellcheck disable=SC2086  # CONFIGS is a list of files
 "$PYTHON" deepy.py train.py $CONFIGS "$OVERLAY"
@@ -48,7 +49,12 @@ rc=$?
 # Ranks save and exit 0 on USR1 (sent 120 s before the time limit, or by `scancel -s USR1`): requeue
 # until save/latest reaches train_iters. A plain scancel (TERM) ends this shell too, so no requeue.
 # shellcheck disable=SC2086
+# A run that saved nothing new is not requeued (no endless loop on a job that cannot progress).
 if [ "$rc" = 0 ] && ! "$PYTHON" -m neox_fork.launch finished $CONFIGS "$OVERLAY" >/dev/null; then
+    if [ "$(cat "$SAVE/latest" 2>/dev/null || echo none)" = "$LATEST_BEFORE" ]; then
+        echo "training stopped before train_iters without a new checkpoint: not requeueing" >&2
+        exit 1
+    fi
     echo "training stopped before train_iters: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
 fi
