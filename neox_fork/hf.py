@@ -17,21 +17,28 @@ import torch
 from neox_fork.config import NeoXConfig
 from neox_fork.errors import UserError
 
-_RENAMES = [  # (ours, HF) as regular expressions over the layer index
-    (r"word_embeddings\.weight", "model.embed_tokens.weight"),
-    (r"final_norm\.(weight|bias)", r"model.norm.\1"),
-    (r"output_layer\.weight", "lm_head.weight"),
-    (r"layers\.(\d+)\.input_layernorm\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
-    (r"layers\.(\d+)\.post_attention_layernorm\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
-    (r"layers\.(\d+)\.attention\.dense\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"layers\.(\d+)\.mlp\.linear2\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+# (ours, HF) name templates; {layer} is a layer index, {param} weight or bias. Used in both directions.
+_RENAMES = [
+    ("word_embeddings.weight", "model.embed_tokens.weight"),
+    ("final_norm.{param}", "model.norm.{param}"),
+    ("output_layer.weight", "lm_head.weight"),
+    ("layers.{layer}.input_layernorm.{param}", "model.layers.{layer}.input_layernorm.{param}"),
+    ("layers.{layer}.post_attention_layernorm.{param}", "model.layers.{layer}.post_attention_layernorm.{param}"),
+    ("layers.{layer}.attention.dense.weight", "model.layers.{layer}.self_attn.o_proj.weight"),
+    ("layers.{layer}.mlp.linear2.weight", "model.layers.{layer}.mlp.down_proj.weight"),
 ]
 
 
-def _rename(name: str, pairs) -> str | None:
-    for pattern, target in pairs:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, target, name)
+def _pattern(template: str) -> str:
+    return (re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)")
+            .replace(r"\{param\}", r"(?P<param>weight|bias)"))
+
+
+def _rename(name: str, to_hf: bool) -> str | None:
+    for ours, theirs in _RENAMES:
+        source, target = (ours, theirs) if to_hf else (theirs, ours)
+        if m := re.fullmatch(_pattern(source), name):
+            return target.format(**m.groupdict())
     return None
 
 
@@ -50,7 +57,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], num_heads: int) -> dict[str
             up, gate = tensor.chunk(2, dim=0)
             out[f"model.layers.{m[1]}.mlp.up_proj.weight"] = up.contiguous()
             out[f"model.layers.{m[1]}.mlp.gate_proj.weight"] = gate.contiguous()
-        elif (target := _rename(name, _RENAMES)) is not None:
+        elif (target := _rename(name, to_hf=True)) is not None:
             out[target] = tensor.contiguous()
         else:
             raise KeyError(f"no Hugging Face name for parameter {name}")
@@ -59,18 +66,9 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], num_heads: int) -> dict[str
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], num_heads: int, num_layers: int) -> dict[str, torch.Tensor]:
     """HF StableLmForCausalLM tensors -> our merged model state (the inverse of to_hf_state_dict)."""
-    inverse = [
-        (r"model\.embed_tokens\.weight", "word_embeddings.weight"),
-        (r"model\.norm\.(weight|bias)", r"final_norm.\1"),
-        (r"lm_head\.weight", "output_layer.weight"),
-        (r"model\.layers\.(\d+)\.input_layernorm\.(weight|bias)", r"layers.\1.input_layernorm.\2"),
-        (r"model\.layers\.(\d+)\.post_attention_layernorm\.(weight|bias)", r"layers.\1.post_attention_layernorm.\2"),
-        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.dense.weight"),
-        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.mlp.linear2.weight"),
-    ]
     out: dict[str, torch.Tensor] = {}
     for name, tensor in hf.items():
-        if (target := _rename(name, inverse)) is not None:
+        if (target := _rename(name, to_hf=False)) is not None:
             out[target] = tensor
         elif not re.fullmatch(r"model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(up|gate)_proj)\.weight", name):
             raise UserError(f"Hugging Face weight '{name}' has no place in a StableLM model "
