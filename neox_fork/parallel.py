@@ -41,6 +41,28 @@ def slurm_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in mapped.items() if k not in env}
 
 
+def mpi_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK/LOCAL_RANK/WORLD_SIZE from Open MPI's variables (launcher openmpi/mvapich, deepspeed_mpi)."""
+    env = os.environ if environ is None else environ
+    names = {"RANK": ("OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"),
+             "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+             "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")}
+    mapped = {}
+    for ours, theirs in names.items():
+        found = next((env[n] for n in theirs if n in env), None)
+        if found is not None and ours not in env:
+            mapped[ours] = found
+    return mapped
+
+
+def launcher_environment(use_slurm_env: bool, use_mpi_env: bool) -> None:
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* from Slurm or MPI before anything reads them."""
+    if use_slurm_env:
+        os.environ.update(slurm_environment())
+    if use_mpi_env:
+        os.environ.update(mpi_environment())
+
+
 def first_slurm_host(nodelist: str) -> str:
     """First host of a Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
     head = ""

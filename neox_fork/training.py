@@ -330,6 +330,7 @@ def pretrain(c: NeoXConfig) -> int:
     """Train as the config says; returns the last iteration. Run on every rank."""
     import deepspeed
 
+    parallel.launcher_environment(c.deepspeed_slurm, c.deepspeed_mpi)
     setup_logging()
     parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes,
                         use_slurm_env=c.deepspeed_slurm)

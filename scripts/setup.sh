@@ -9,3 +9,5 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q "$(grep '^torch==' requirements.txt)"
 .venv/bin/pip install -q -r requirements.txt
 .venv/bin/pip install -q --no-deps --no-build-isolation -e .
+# Slurm for tests/test_slurm_*.py: Debian's slurmctld/slurmd/munge, installed only when missing (needs root)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash scripts/slurm_localhost.sh install; fi

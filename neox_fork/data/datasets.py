@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -321,6 +322,13 @@ def collate_samples(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
     }
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1/SIGINT: Slurm's scancel signals every process of the job,
+    and the training process must outlive them long enough to save at the next step boundary."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_batch_iterator(
     dataset: torch.utils.data.Dataset,
     *,
@@ -346,5 +354,6 @@ def build_batch_iterator(
         # its own generator: creating an iterator must not draw from the global RNG, whose state a
         # resumed run restores (dropout would otherwise differ from an uninterrupted run)
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_leave_signals_to_the_trainer,
     )
     return iter(loader)
