@@ -165,8 +165,11 @@ class PaddedKVCache:
         return self.k[:, :end], self.v[:, :end]
 
 
-def _attention_block(attn, x, rotary, cos, sin, mask, cache):
-    """The model's Attention.forward with an explicit [b, 1, q, k] mask (left padding needs one)."""
+def _attention_block(attn, x, rotary, cos, sin, masks, cache):
+    """The model's Attention.forward with an explicit mask (left padding needs one).
+
+    `masks` is None (plain causal attention, the fast path) or (bool mask, additive float mask), each
+    [b, 1, q, k]: SDPA on CPU is several times slower with a bool mask over a cache view."""
     b, sq, _ = x.shape
     qkv, _ = attn.query_key_value(x)
     q, k, v = qkv.view(b, sq, attn.heads_per_rank, 3, attn.shape.head_dim).unbind(dim=3)
@@ -174,7 +177,11 @@ def _attention_block(attn, x, rotary, cos, sin, mask, cache):
         q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
     if cache is not None:
         k, v = cache.update(k, v)
-    out = attention(q, k, v, backend=attn.backend, causal=False, mask=mask)
+    if masks is None:
+        out = attention(q, k, v, backend=attn.backend, causal=sq > 1)
+    else:
+        out = attention(q, k, v, backend=attn.backend, causal=False,
+                        mask=masks[0] if attn.backend == "reference" else masks[1])
     out, _ = attn.dense(out.reshape(b, sq, -1))
     return out
 
@@ -186,15 +193,19 @@ def last_logits(model: StableLM, tokens, position_ids, key_valid, start: int, ca
     (and itself, so padding rows never softmax over nothing). Only the last position reaches the head.
     """
     b, sq = tokens.shape
-    q_slots = torch.arange(start, start + sq, device=tokens.device)
-    k_slots = torch.arange(start + sq, device=tokens.device)
-    mask = (k_slots[None, :] <= q_slots[:, None])[None] & key_valid[:, None, : start + sq]
-    mask = (mask | (k_slots[None, :] == q_slots[:, None])[None])[:, None]  # [b, 1, sq, sk]
     x = model.word_embeddings(tokens)
+    masks = None
+    if not bool(key_valid[:, : start + sq].all()) or (start > 0 and sq > 1):
+        q_slots = torch.arange(start, start + sq, device=tokens.device)
+        k_slots = torch.arange(start + sq, device=tokens.device)
+        allowed = (k_slots[None, :] <= q_slots[:, None])[None] & key_valid[:, None, : start + sq]
+        allowed = (allowed | (k_slots[None, :] == q_slots[:, None])[None])[:, None]  # [b, 1, sq, sk]
+        additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        masks = (allowed, additive)
     cos, sin = model.rotary(position_ids)
     for i, layer in enumerate(model.layers):
         cache = caches[i] if caches is not None else None
-        x = x + _attention_block(layer.attention, layer.input_layernorm(x), model.rotary, cos, sin, mask, cache)
+        x = x + _attention_block(layer.attention, layer.input_layernorm(x), model.rotary, cos, sin, masks, cache)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return head_logits(model, model.final_norm(x[:, -1:]))[:, -1]
 
@@ -271,7 +282,7 @@ def _generate_batch(model, prompts, indices, params, eod, use_cache, stop) -> li
     for row, p in enumerate(prompts):
         key_valid[row, : width - len(p)] = False
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    generators = [torch.Generator().manual_seed(params.seed + i) for i in indices]
+    generators = [torch.Generator(device=device).manual_seed(params.seed + i) for i in indices]
     caches = [PaddedKVCache(total) for _ in model.layers] if use_cache else None
 
     produced: list[list[int]] = [[] for _ in prompts]
@@ -289,10 +300,11 @@ def _generate_batch(model, prompts, indices, params, eod, use_cache, stop) -> li
         else:
             token = torch.empty(b, dtype=torch.long, device=device)
         token = _broadcast_from_tp_rank0(token)
+        chosen = token.tolist()  # one device sync per step
         for row in range(b):
             if done[row]:
                 continue
-            produced[row].append(int(token[row]))
+            produced[row].append(chosen[row])
             if (params.stop_on_eod and eod is not None and produced[row][-1] == eod) or \
                     (stop is not None and stop(indices[row], produced[row])):
                 done[row] = True
