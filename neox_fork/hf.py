@@ -191,7 +191,7 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
         hf_config = hf_config_dict(config, vocab, dtype, eos_token_id=eos, bos_token_id=eos)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         generation = {"bos_token_id": eos, "eos_token_id": eos, "do_sample": True, "temperature": 0.75,
-                      "top_p": 0.95, "max_new_tokens": 64}
+                      "top_p": 0.95}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer_file:
             save_hf_tokenizer(tokenizer_file, tmp, config.max_positions)

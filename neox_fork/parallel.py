@@ -91,7 +91,6 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 10, use_
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even for one process
         dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 

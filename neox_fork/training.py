@@ -325,6 +325,25 @@ def evaluate(engine, c: NeoXConfig, valid) -> float | None:
     return _dp_mean(torch.stack(losses).mean()) if losses else None
 
 
+def evaluate_tasks(engine, c: NeoXConfig, tokenizer) -> dict[str, float]:
+    """lm-eval tasks (`eval_tasks`) on the current weights, as {"task/metric": value} on rank 0.
+
+    The tensor-parallel group of data-parallel rank 0 computes them together; other ranks wait.
+    """
+    from neox_fork.evaluation import evaluate_model
+
+    flat: dict[str, float] = {}
+    if parallel.dp_rank() == 0:
+        out = evaluate_model(engine.module, tokenizer, list(c.eval_tasks), batch_size=c.eval_batch_size or 8,
+                             max_length=c.seq_length)
+        for task, values in out.get("results", {}).items():
+            for metric, value in values.items():
+                if isinstance(value, (int, float)) and "stderr" not in metric and metric != "alias":
+                    flat[f"{task}/{metric.split(',')[0]}"] = float(value)
+    dist.barrier()
+    return flat
+
+
 # ---------------------------------------------------------------------- the loop
 def pretrain(c: NeoXConfig) -> int:
     """Train as the config says; returns the last iteration. Run on every rank."""
@@ -350,6 +369,7 @@ def pretrain(c: NeoXConfig) -> int:
         model = model.cuda()
     optimizer = build_optimizer(c, model)
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_at(c, it) / c.learning_rate)  # noqa: E731
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even of a single process
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(c, world), mpu=parallel.MPU(),
                                            dist_init_required=False)
@@ -440,6 +460,12 @@ def pretrain(c: NeoXConfig) -> int:
                              math.exp(min(eval_loss, 50)))
                 metrics.write({"iteration": state.iteration, "eval_lm_loss": eval_loss,
                                "eval_ppl": math.exp(min(eval_loss, 50))})
+
+        if c.eval_tasks and c.eval_interval and state.iteration % c.eval_interval == 0:
+            task_metrics = evaluate_tasks(engine, c, tokenizer)
+            if task_metrics:
+                log.info("step %d: %s", state.iteration, ", ".join(f"{k} {v:.4f}" for k, v in task_metrics.items()))
+                metrics.write({"iteration": state.iteration, **task_metrics})
 
         if c.save and (
             (c.save_every and state.iteration % c.save_every == 0)

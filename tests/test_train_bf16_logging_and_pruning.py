@@ -24,3 +24,12 @@ def test_bf16_run_learns_logs_to_tensorboard_and_keeps_the_last_n_checkpoints(tm
     assert any(p.name.startswith("bf16_zero_pp_rank_0") for p in folder.iterdir())  # fp32 masters live here
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_eval_tasks_run_during_training_and_reach_metrics(tmp_path, small_corpus):
+    config = write_train_config(tmp_path, small_corpus, train_iters=2, eval_interval=2, eval_tasks=["neox_facts"],
+                                eval_batch_size=16)
+    run = run_training(config)
+    accuracy = read_metrics(tmp_path / "ckpt", "neox_facts/acc")
+    assert list(accuracy) == [2] and 0.0 <= accuracy[2] <= 1.0
+    assert "neox_facts/acc " in run.stdout
