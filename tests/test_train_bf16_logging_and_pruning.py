@@ -33,3 +33,12 @@ def test_eval_tasks_run_during_training_and_reach_metrics(tmp_path, small_corpus
     accuracy = read_metrics(tmp_path / "ckpt", "neox_facts/acc")
     assert list(accuracy) == [2] and 0.0 <= accuracy[2] <= 1.0
     assert "neox_facts/acc " in run.stdout
+
+
+def test_wandb_offline_run_records_the_metrics(tmp_path, small_corpus, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    config = write_train_config(tmp_path, small_corpus, train_iters=3, use_wandb=True, wandb_project="neox-test")
+    run_training(config)
+    runs = list((tmp_path / "ckpt" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs and runs[0].stat().st_size > 0
