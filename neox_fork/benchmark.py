@@ -7,9 +7,10 @@ step is bracketed by `torch.cuda.synchronize()`. Both models see the same batch,
 optimizer (torch AdamW: fused on CUDA, foreach on CPU, the same parameter groups), and both use
 activation checkpointing when the config asks for it.
 
-Memory: CUDA `max_memory_allocated` per model (measured in its own warm-up, before the other model
-exists); on the CPU the process's peak resident set after each model's warm-up (the second includes the
-first's resident memory, so it is reported as the growth).
+Memory, per model, over its build and warm-up: on CUDA the growth of `max_memory_allocated` over what was
+allocated before it was built; on the CPU the growth of the process's peak resident set (VmHWM, reset
+through /proc/self/clear_refs) over the resident set before it was built. Either way the other model's
+resident memory is not counted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -58,12 +58,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
-def _peak_memory(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak_bytes()
+def _memory_mark(device: torch.device) -> int | None:
+    """Reset the peak counter; return what is in use now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def _memory_peak_since(device: torch.device, mark: int | None) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - mark
+    peak = _status_bytes("VmHWM")
+    return None if peak is None or mark is None else peak - mark
 
 
 def build_ours(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -140,20 +164,14 @@ def run(config: NeoXConfig, *, steps: int = 10, warmup: int = 3, compare_hf: boo
 
     builders = [("ours", build_ours)] + ([("hf", build_hf)] if compare_hf else [])
     runs, results = [], {}
-    baseline_rss = _rss_peak_bytes()
     for name, build in builders:
         torch.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        else:
-            before = baseline_rss
+        mark = _memory_mark(device)
         model, step = build(config, vocab, torch_dtype, device)
         m = Measurement(name)
         for _ in range(warmup):
             m.loss = _timed(step, batch, device)[1]
-        m.peak_memory_bytes = _peak_memory(device) - before
-        baseline_rss = _rss_peak_bytes()
+        m.peak_memory_bytes = _memory_peak_since(device, mark)
         runs.append((m, step, model))
     for _ in range(steps):  # interleaved: ours, theirs, ours, theirs, ...
         for m, step, _ in runs:
@@ -194,7 +212,7 @@ def run(config: NeoXConfig, *, steps: int = 10, warmup: int = 3, compare_hf: boo
         "model_flops_per_token": model_fpt,
         "hardware_flops_per_token": hardware_fpt,
         "peak_flops": peak,
-        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss_peak_growth",
+        "memory_kind": "cuda_max_allocated_growth" if device.type == "cuda" else "rss_peak_growth",
         "ours": results["ours"],
     }
     if compare_hf:

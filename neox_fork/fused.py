@@ -105,3 +105,53 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor, *, compiled: bool | None = None
         _compile_failed = True
         log.warning("torch.compile of SwiGLU failed (%s); using eager silu * mul", err)
         return swiglu_reference(up, gate)
+
+
+# ---------------------------------------------------------------------- head + loss
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum(mask * cross_entropy(hidden @ weight.T, labels)) chunk by chunk, with the gradients for hidden
+    and weight computed in the same pass over each chunk: the logits of only one chunk exist at a time, and
+    the backward needs no second head matmul (the checkpointed chunks recompute it: 4 matmuls become 3)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, mask, chunk):
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            h, y, m = hidden[start:end], labels[start:end], mask[start:end]
+            logits = (h @ weight.t()).float()
+            target = logits.gather(1, y[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: one fp32 buffer per chunk, few passes over it
+            sum_exp = probs.sum(dim=-1, keepdim=True)
+            total += ((top + sum_exp.log()).squeeze(1) - target).mul_(m).sum()
+            # d(sum m * loss) / d logits = m * (softmax - onehot)
+            grad = probs.mul_(m[:, None] / sum_exp)
+            grad[torch.arange(end - start, device=grad.device), y] -= m
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.matmul(grad, weight, out=grad_hidden[start:end])
+            if grad_weight is not None:
+                grad_weight.add_(grad.t() @ h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """Masked sum of the fp32 cross-entropy of `hidden [n, h] @ weight [vocab, h].T` against `labels [n]`,
+    `chunk` tokens at a time (one tensor-parallel rank holding the whole vocabulary)."""
+    return _LinearCrossEntropy.apply(hidden, weight, labels, mask.float(), max(1, chunk))

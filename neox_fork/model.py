@@ -224,6 +224,7 @@ class StableLM(nn.Module):
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.rotary = Rotary(s.rotary_dim, s.rotary_base)
+        self.fused_linear_loss = True  # False: the checkpointed-chunk loss (what TP>1 uses), for tests
 
     def new_kv_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -278,12 +279,19 @@ class StableLM(nn.Module):
 
         The head and the loss run over chunks of at most `loss_chunk_tokens` tokens, so the full fp32
         logits of the batch (e.g. 4 x 4096 x 50304 x 4 bytes = 3.3 GB for StableLM) never exist at once.
+        At TP=1 when training, `fused.linear_cross_entropy` computes each chunk's gradients in the same pass
+        (no recompute of the head); otherwise each chunk is checkpointed.
         """
         hidden = self.hidden_states(tokens)
         b, s, h = hidden.shape
         hidden, labels = hidden.reshape(1, b * s, h), labels.reshape(1, b * s)
         mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.reshape(1, b * s).float()
         step = self.shape.loss_chunk_tokens or b * s
+        if self.fused_linear_loss and torch.is_grad_enabled() and hidden.requires_grad \
+                and parallel_state.get_tensor_model_parallel_world_size() == 1:
+            weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else self.output_layer.weight
+            total = fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0], step)
+            return total / mask.sum().clamp(min=1.0)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, b * s, step):
             end = min(start + step, b * s)

@@ -1,5 +1,6 @@
-"""The chunked loss (head + cross-entropy per chunk of tokens, each chunk checkpointed) equals the loss
-computed from the full logits of the batch, forward and backward, at TP=1; so does its fused TP=1 kernel."""
+"""The chunked loss equals the loss computed from the full logits of the batch, forward and backward, at
+TP=1, on both of its paths: the fused head + cross-entropy with gradients in the same pass (TP=1 training)
+and the checkpointed chunks (what TP>1 runs); and its TP=1 kernel equals megatron's vocab-parallel one."""
 
 import pytest
 import torch
@@ -45,10 +46,13 @@ def _full_logits_loss(tokens, labels, mask):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("chunk", [0, 48, 4096])  # unchunked, 3 uneven chunks (checkpointed), one chunk
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_chunked_loss_equals_full_logits_loss(one_process, dtype, tol, chunk, with_mask):
+@pytest.mark.parametrize("fused_linear_loss", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_full_logits_loss(one_process, dtype, tol, chunk, with_mask, fused_linear_loss, tied):
     tokens, labels, mask = _batch(with_mask)
-    model = _model(dtype, full_precision_lm_cross_entropy=True)
+    model = _model(dtype, full_precision_lm_cross_entropy=True, no_weight_tying=not tied)
     model.shape.loss_chunk_tokens = chunk
+    model.fused_linear_loss = fused_linear_loss
     loss, grads = _loss_and_grads(model, lambda m: m(tokens, labels=labels, loss_mask=mask))
     ref_loss, ref_grads = _loss_and_grads(model, _full_logits_loss(tokens, labels, mask))
     torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
