@@ -115,6 +115,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, mask, chunk):
+        # The gradient is formed in megatron's order (softmax, minus one at the target, times mask) so that
+        # TP=1 and the vocab-parallel path at TP>1 round alike; Adam amplifies even last-bit differences.
         n = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -129,9 +131,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             sum_exp = probs.sum(dim=-1, keepdim=True)
             total += ((top + sum_exp.log()).squeeze(1) - target).mul_(m).sum()
             # d(sum m * loss) / d logits = m * (softmax - onehot)
-            grad = probs.mul_(m[:, None] / sum_exp)
-            grad[torch.arange(end - start, device=grad.device), y] -= m
-            grad = grad.to(hidden.dtype)
+            grad = probs.div_(sum_exp)
+            grad[torch.arange(end - start, device=grad.device), y] -= 1.0
+            grad = grad.mul_(m[:, None]).to(hidden.dtype)
             if grad_hidden is not None:
                 torch.matmul(grad, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
@@ -152,6 +154,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                          chunk: int) -> torch.Tensor:
-    """Masked sum of the fp32 cross-entropy of `hidden [n, h] @ weight [vocab, h].T` against `labels [n]`,
-    `chunk` tokens at a time (one tensor-parallel rank holding the whole vocabulary)."""
-    return _LinearCrossEntropy.apply(hidden, weight, labels, mask.float(), max(1, chunk))
+    """Masked mean of the fp32 cross-entropy of `hidden [n, h] @ weight [vocab, h].T` against `labels [n]`,
+    `chunk` tokens at a time (one tensor-parallel rank holding the whole vocabulary). The 1/count factor
+    goes into the per-token weights, as autograd applies it on the other path."""
+    mask = mask.float()
+    weights = mask * (1.0 / mask.sum().clamp(min=1.0))
+    return _LinearCrossEntropy.apply(hidden, weight, labels, weights, max(1, chunk))

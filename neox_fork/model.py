@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core import tensor_parallel as tp
 from torch import nn
@@ -290,8 +289,7 @@ class StableLM(nn.Module):
         if self.fused_linear_loss and torch.is_grad_enabled() and hidden.requires_grad \
                 and parallel_state.get_tensor_model_parallel_world_size() == 1:
             weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else self.output_layer.weight
-            total = fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0], step)
-            return total / mask.sum().clamp(min=1.0)
+            return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0], step)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, b * s, step):
             end = min(start + step, b * s)
@@ -306,10 +304,7 @@ class StableLM(nn.Module):
         logits = self.logits_parallel(hidden)
         if self.shape.full_precision_loss:
             logits = logits.float()
-        if parallel_state.get_tensor_model_parallel_world_size() == 1:  # one fused kernel, fewer passes
-            losses = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
-        else:
-            losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
+        losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
         return (losses.float() * mask).sum()
 
 
