@@ -109,7 +109,7 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor, *, compiled: bool | None = None
 
 # ---------------------------------------------------------------------- head + loss
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum(mask * cross_entropy(hidden @ weight.T, labels)) chunk by chunk, with the gradients for hidden
+    """sum(weights * cross_entropy(hidden @ weight.T, labels)) chunk by chunk, with the gradients for hidden
     and weight computed in the same pass over each chunk: the logits of only one chunk exist at a time, and
     the backward needs no second head matmul (the checkpointed chunks recompute it: 4 matmuls become 3)."""
 
