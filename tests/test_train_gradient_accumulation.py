@@ -20,4 +20,8 @@ def test_accumulation_equals_bigger_micro_batch(tmp_path, small_corpus):
     wa, _, _ = checkpoint.load_merged(runs["accum"])
     wb, _, _ = checkpoint.load_merged(runs["micro"])
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)  # Adam divides by sqrt(v): fp32 summation order shows at 1e-6
+        # Adam divides by sqrt(v): where a gradient is ~0, fp32 summation order can move an element by
+        # up to ~lr. So: every element within 1% of one step's lr, and 99.9% of them within 1e-6.
+        diff = (wa[name] - wb[name]).abs()
+        assert diff.max() <= 3e-5, (name, diff.max())
+        assert (diff <= 1e-6).float().mean() >= 0.999, name
