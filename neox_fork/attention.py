@@ -23,6 +23,8 @@ def flash_available(q: torch.Tensor) -> bool:
 
 
 def sdpa(q, k, v, *, causal: bool, dropout_p: float = 0.0, mask: torch.Tensor | None = None):
+    if mask is not None and mask.dtype == torch.bool:  # SDPA on CPU is several times slower with bool masks
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=causal and mask is None)
@@ -47,7 +49,8 @@ def reference(q, k, v, *, causal: bool, dropout_p: float = 0.0, mask: torch.Tens
 
 def attention(q, k, v, *, backend: str = "flash", causal: bool = True, dropout_p: float = 0.0,
               mask: torch.Tensor | None = None):
-    """Dispatch to a backend. `mask` (bool, True = attend) is for cached decoding with several queries."""
+    """Dispatch to a backend. `mask` (bool, True = attend, broadcastable to [b, heads, q, k]) replaces the
+    causal mask: cached decoding with several queries, left-padded batches."""
     if backend == "reference":
         return reference(q, k, v, causal=causal, dropout_p=dropout_p, mask=mask)
     if backend == "flash" and mask is None and flash_available(q):

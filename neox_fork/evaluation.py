@@ -36,7 +36,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from neox_fork import checkpoint  # noqa: E402
 from neox_fork.errors import UserError  # noqa: E402
-from neox_fork.generation import SamplingParams, generate, head_logits, load_for_inference  # noqa: E402
+from neox_fork.generation import SamplingParams, generate, load_for_inference  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
@@ -94,7 +94,7 @@ class NeoxLM(TemplateLM):
             tokens = torch.tensor([w + [0] * (width - len(w)) for w in inputs], device=self.device_)
             hidden = self.model.hidden_states(tokens)  # right padding: causal attention never sees it
             picked = torch.cat([hidden[row, start:end] for row, (start, end, _) in enumerate(spans)])
-            logprobs = F.log_softmax(head_logits(self.model, picked[None]).float()[0], dim=-1)
+            logprobs = F.log_softmax(self.model.full_logits(picked[None]).float()[0], dim=-1)
             offset = 0
             for i, (start, end, continuation) in zip(rows, spans):
                 chunk, offset = logprobs[offset : offset + end - start], offset + end - start

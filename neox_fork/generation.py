@@ -27,7 +27,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from neox_fork import checkpoint, parallel
-from neox_fork.attention import attention
 from neox_fork.errors import UserError
 from neox_fork.model import StableLM, build_model
 
@@ -147,78 +146,21 @@ def next_token(logits: torch.Tensor, previous: torch.Tensor, p: SamplingParams, 
 
 
 # ---------------------------------------------------------------------- masked forward with a cache
-class PaddedKVCache:
-    """One layer's keys and values, preallocated [batch, capacity, heads, head_dim]; `update` writes the
-    new positions in place and returns views up to the current length (no copy of the past)."""
-
-    def __init__(self, capacity: int):
-        self.capacity, self.length = capacity, 0
-        self.k = self.v = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        if self.k is None:
-            shape = (k.shape[0], self.capacity, *k.shape[2:])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        end = self.length + k.shape[1]
-        self.k[:, self.length : end], self.v[:, self.length : end] = k, v
-        self.length = end
-        return self.k[:, :end], self.v[:, :end]
-
-
-def _attention_block(attn, x, rotary, cos, sin, masks, cache):
-    """The model's Attention.forward with an explicit mask (left padding needs one).
-
-    `masks` is None (plain causal attention, the fast path) or (bool mask, additive float mask), each
-    [b, 1, q, k]: SDPA on CPU is several times slower with a bool mask over a cache view."""
-    b, sq, _ = x.shape
-    qkv, _ = attn.query_key_value(x)
-    q, k, v = qkv.view(b, sq, attn.heads_per_rank, 3, attn.shape.head_dim).unbind(dim=3)
-    if rotary.dim:
-        q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(k, v)
-    if masks is None:
-        out = attention(q, k, v, backend=attn.backend, causal=sq > 1)
-    else:
-        out = attention(q, k, v, backend=attn.backend, causal=False,
-                        mask=masks[0] if attn.backend == "reference" else masks[1])
-    out, _ = attn.dense(out.reshape(b, sq, -1))
-    return out
-
-
 def last_logits(model: StableLM, tokens, position_ids, key_valid, start: int, caches=None) -> torch.Tensor:
     """Logits [b, vocab] of the last position of `tokens` [b, s], which occupy slots start..start+s.
 
     key_valid [b, >= start+s]: False for padding slots. A query sees valid keys at or before its slot
     (and itself, so padding rows never softmax over nothing). Only the last position reaches the head.
     """
-    b, sq = tokens.shape
-    x = model.word_embeddings(tokens)
-    masks = None
+    sq = tokens.shape[1]
+    mask = None
     if not bool(key_valid[:, : start + sq].all()) or (start > 0 and sq > 1):
         q_slots = torch.arange(start, start + sq, device=tokens.device)
         k_slots = torch.arange(start + sq, device=tokens.device)
         allowed = (k_slots[None, :] <= q_slots[:, None])[None] & key_valid[:, None, : start + sq]
-        allowed = (allowed | (k_slots[None, :] == q_slots[:, None])[None])[:, None]  # [b, 1, sq, sk]
-        additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
-        masks = (allowed, additive)
-    cos, sin = model.rotary(position_ids)
-    for i, layer in enumerate(model.layers):
-        cache = caches[i] if caches is not None else None
-        x = x + _attention_block(layer.attention, layer.input_layernorm(x), model.rotary, cos, sin, masks, cache)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return head_logits(model, model.final_norm(x[:, -1:]))[:, -1]
-
-
-def head_logits(model: StableLM, hidden: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits of final-norm hidden states [b, s, h], gathered over TP ranks (no autograd)."""
-    logits = model.logits_parallel(hidden)
-    if _tp_size() == 1:
-        return logits
-    group = parallel_state.get_tensor_model_parallel_group()
-    pieces = [torch.empty_like(logits) for _ in range(group.size())]
-    dist.all_gather(pieces, logits.contiguous(), group=group)
-    return torch.cat(pieces, dim=-1)
+        mask = (allowed | (k_slots[None, :] == q_slots[:, None])[None])[:, None]  # [b, 1, sq, sk]
+    hidden = model.hidden_states(tokens, position_ids, kv_cache=caches, attention_mask=mask)
+    return model.full_logits(hidden[:, -1:])[:, -1]
 
 
 def _tp_size() -> int:
@@ -283,7 +225,7 @@ def _generate_batch(model, prompts, indices, params, eod, use_cache, stop) -> li
         key_valid[row, : width - len(p)] = False
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     generators = [torch.Generator(device=device).manual_seed(params.seed + i) for i in indices]
-    caches = [PaddedKVCache(total) for _ in model.layers] if use_cache else None
+    caches = model.new_kv_cache(capacity=total) if use_cache else None
 
     produced: list[list[int]] = [[] for _ in prompts]
     done = [False] * b

@@ -137,7 +137,8 @@ class Attention(nn.Module):
             init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
         )
 
-    def forward(self, x, rotary: Rotary, cos, sin, kv_cache=None):
+    def forward(self, x, rotary: Rotary, cos, sin, kv_cache=None, mask=None):
+        """`mask` [b, 1, q, k] (bool, True = attend) replaces the causal mask, e.g. for left padding."""
         b, sq, _ = x.shape
         qkv, _ = self.query_key_value(x)
         qkv = qkv.view(b, sq, self.heads_per_rank, 3, self.shape.head_dim)
@@ -145,11 +146,11 @@ class Attention(nn.Module):
             q, k, v = fused.rotary_qkv(qkv, cos, sin, rotary.dim)
         else:
             q, k, v = qkv.unbind(dim=3)
-        mask, causal = None, True
+        causal = mask is None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-            causal = sq > 1
-            if sq > 1 and k.shape[1] > sq:  # several new tokens after a cached prefix: mask bottom-right
+            causal = causal and sq > 1
+            if causal and k.shape[1] > sq:  # several new tokens after a cached prefix: mask bottom-right
                 mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=x.device).tril(k.shape[1] - sq)
         dropout = self.shape.attention_dropout if self.training else 0.0
         out = attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout, mask=mask)
@@ -185,25 +186,34 @@ class TransformerLayer(nn.Module):
         self.mlp = SwiGLU(s, mp)
         self.dropout = nn.Dropout(s.hidden_dropout)
 
-    def forward(self, x, rotary, cos, sin, kv_cache=None):
-        x = x + self.dropout(self.attention(self.input_layernorm(x), rotary, cos, sin, kv_cache))
+    def forward(self, x, rotary, cos, sin, kv_cache=None, mask=None):
+        x = x + self.dropout(self.attention(self.input_layernorm(x), rotary, cos, sin, kv_cache, mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class KVCache:
-    """Keys and values of one layer for incremental decoding, [batch, seq, heads, head_dim]."""
+    """Keys and values of one layer for incremental decoding, [batch, seq, heads, head_dim].
 
-    def __init__(self):
+    With a `capacity` the buffers are allocated once and each update writes its positions in place
+    (returning views up to the current length); without one they grow by concatenation.
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity, self.length = capacity, 0
         self.k = self.v = None
 
     def update(self, k, v):
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=1)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=1)
-        return self.k, self.v
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[1]
+        end = self.length + k.shape[1]
+        if self.capacity is None:
+            self.k = k if self.k is None else torch.cat((self.k, k), dim=1)
+            self.v = v if self.v is None else torch.cat((self.v, v), dim=1)
+        else:
+            if self.k is None:
+                shape = (k.shape[0], self.capacity, *k.shape[2:])
+                self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+            self.k[:, self.length : end], self.v[:, self.length : end] = k, v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
 
 
 class StableLM(nn.Module):
@@ -225,11 +235,12 @@ class StableLM(nn.Module):
         self.rotary = Rotary(s.rotary_dim, s.rotary_base)
         self.fused_linear_loss = True  # False: the checkpointed-chunk loss (what TP>1 uses), for tests
 
-    def new_kv_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def new_kv_cache(self, capacity: int | None = None) -> list[KVCache]:
+        return [KVCache(capacity) for _ in self.layers]
 
-    def hidden_states(self, tokens, position_ids=None, kv_cache=None):
-        """Final-norm hidden states [b, s, h]; `kv_cache` (from new_kv_cache) enables cached decoding."""
+    def hidden_states(self, tokens, position_ids=None, kv_cache=None, attention_mask=None):
+        """Final-norm hidden states [b, s, h]. `kv_cache` (from new_kv_cache) enables cached decoding;
+        `attention_mask` [b, 1, s, k] (bool, True = attend) replaces the causal mask (left padding)."""
         if position_ids is None:  # one [1, s] row for the whole batch: cos/sin broadcast over it
             start = kv_cache[0].length if kv_cache else 0
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
@@ -244,7 +255,7 @@ class StableLM(nn.Module):
             if use_checkpoint:
                 x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, use_reentrant=False)
             else:
-                x = _run_layers(group, x, self.rotary, cos, sin, caches)
+                x = _run_layers(group, x, self.rotary, cos, sin, caches, attention_mask)
         return self.final_norm(x)
 
     def compiled_layers(self) -> list[nn.Module]:
@@ -266,7 +277,11 @@ class StableLM(nn.Module):
         across TP ranks, for generation and parity checks."""
         if labels is not None:
             return self.loss(tokens, labels, loss_mask)
-        logits = self.logits_parallel(self.hidden_states(tokens, position_ids, kv_cache))
+        return self.full_logits(self.hidden_states(tokens, position_ids, kv_cache))
+
+    def full_logits(self, hidden):
+        """Logits over the whole vocabulary for final-norm hidden states, gathered across TP ranks."""
+        logits = self.logits_parallel(hidden)
         group = parallel_state.get_tensor_model_parallel_group()
         if group.size() == 1:
             return logits
@@ -308,9 +323,9 @@ class StableLM(nn.Module):
         return (losses.float() * mask).sum()
 
 
-def _run_layers(layers, x, rotary, cos, sin, caches=None):
+def _run_layers(layers, x, rotary, cos, sin, caches=None, mask=None):
     for i, layer in enumerate(layers):
-        x = layer(x, rotary, cos, sin, caches[i] if caches else None)
+        x = layer(x, rotary, cos, sin, caches[i] if caches else None, mask)
     return x
 
 
