@@ -1,0 +1,36 @@
+"""A Hugging Face StableLM imported with convert_from_hf trains with `finetune: true` from its exact weights."""
+
+import subprocess
+
+import torch
+from transformers import StableLmConfig, StableLmForCausalLM
+
+from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
+from neox_fork import checkpoint
+from neox_fork.config import load_config
+from neox_fork.hf import from_hf_state_dict, hf_config_dict
+
+
+def test_finetune_starts_from_the_imported_weights(tmp_path, small_corpus):
+    config_path = write_train_config(tmp_path, small_corpus, train_iters=3, extra_save_iters=[0])
+    config = load_config(config_path)
+    keys = hf_config_dict(config, config.padded_vocab_size(600), "fp32")
+    for k in ("architectures", "model_type", "torch_dtype"):
+        keys.pop(k)
+    torch.manual_seed(0)
+    hf = StableLmForCausalLM(StableLmConfig(**keys))
+    hf.save_pretrained(tmp_path / "hf")
+    done = subprocess.run([PYTHON, "tools/convert_from_hf.py", "--hf-dir", str(tmp_path / "hf"), "--output-dir",
+                           str(tmp_path / "imported")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    text = config_path.read_text() + f"load: {tmp_path / 'imported'}\nfinetune: true\n"
+    config_path.write_text(text)
+    run = run_training(config_path)
+    assert "fine-tuning from the weights of" in run.stdout
+    start, _, _ = checkpoint.load_merged(tmp_path / "ckpt", step=0)
+    expected = from_hf_state_dict(hf.state_dict(), config.num_attention_heads, config.num_layers)
+    assert start.keys() == expected.keys()
+    for name in start:
+        assert torch.equal(start[name], expected[name]), name
+    assert sorted(read_metrics(tmp_path / "ckpt")) == [1, 2, 3]  # a fresh schedule: iterations start at 1
