@@ -139,7 +139,7 @@ def test_slurm_one_node_sbatch_saves_on_usr1_requeues_and_resumes(slurm, tmp_pat
     wait_until(lambda: job_field(slurm, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 150, "the rerun")
     out = job_output(tmp_path, job)
     assert job_field(slurm, job, "JobState") == "COMPLETED", out[-3000:]
-    assert f"restart 1:" in out and f"global_step{stopped} at iteration {stopped}" in out
+    assert "restart 1:" in out and f"global_step{stopped} at iteration {stopped}" in out
     # the resumed run's first iteration is the one after the checkpoint, and training ran to the end
     assert iterations(save) == list(range(1, total + 1))
     assert latest_step(save) == total

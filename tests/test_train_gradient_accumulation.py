@@ -1,7 +1,5 @@
 """Gradient accumulation 2 x micro-batch 1 is the same optimisation as micro-batch 2 x accumulation 1."""
 
-import torch
-
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork import checkpoint
 

@@ -7,13 +7,11 @@
 See docs/performance.md for the method and the measured numbers.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_fork.benchmark import main  # noqa: E402
-from neox_fork.errors import exit_on_user_error  # noqa: E402
+from neox_fork.benchmark import main
+from neox_fork.errors import exit_on_user_error
 
 if __name__ == "__main__":
     sys.exit(exit_on_user_error(main)())

@@ -10,19 +10,15 @@ numbers are for the record (they depend on the machine and its load), not assert
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from neox_fork import parallel  # noqa: E402
-from neox_fork.config import load_config  # noqa: E402
-from neox_fork.generation import SamplingParams, checkpoint_dtype, generate  # noqa: E402
-from neox_fork.model import build_model  # noqa: E402
+from neox_fork import parallel
+from neox_fork.config import load_config
+from neox_fork.generation import SamplingParams, checkpoint_dtype, generate
+from neox_fork.model import build_model
 
 
 def sync():

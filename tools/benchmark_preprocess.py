@@ -12,14 +12,12 @@ Prints MB/s for both and the ratio ours / baseline.
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_fork.data.preprocess import preprocess  # noqa: E402
-from neox_fork.errors import exit_on_user_error  # noqa: E402
+from neox_fork.data.preprocess import preprocess
+from neox_fork.errors import exit_on_user_error
 
 
 @exit_on_user_error

@@ -10,14 +10,12 @@ already built unless --force. Train with
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_fork.data.demo import build_demo_data, is_built  # noqa: E402
-from neox_fork.errors import exit_on_user_error  # noqa: E402
+from neox_fork.data.demo import build_demo_data, is_built
+from neox_fork.errors import exit_on_user_error
 
 
 def parse_args(argv=None):

@@ -12,10 +12,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_fork.data.preprocess import preprocess  # noqa: E402
-from neox_fork.errors import exit_on_user_error  # noqa: E402
+from neox_fork.data.preprocess import preprocess
+from neox_fork.errors import exit_on_user_error
 
 
 def parse_args(argv=None):

@@ -8,13 +8,11 @@ whole .txt files); malformed records are skipped and counted.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_fork.data.tokenizer import train_tokenizer_from_files  # noqa: E402
-from neox_fork.errors import exit_on_user_error  # noqa: E402
+from neox_fork.data.tokenizer import train_tokenizer_from_files
+from neox_fork.errors import exit_on_user_error
 
 
 def parse_args(argv=None):
