@@ -12,6 +12,7 @@ atomically afterwards, so a crash mid-save never leaves a half checkpoint that `
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -203,3 +204,29 @@ def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# ---------------------------------------------------------------------- resharding
+def vocab_keys_for(vocab: int, tp: int, where: str) -> dict:
+    """Config keys that keep an already padded vocabulary of `vocab` rows unchanged at TP size `tp`."""
+    if vocab % tp:
+        raise UserError(f"{where}: a vocabulary of {vocab} rows cannot be split over {tp} tensor-parallel ranks; "
+                        f"use a tensor-parallel size that divides {vocab}")
+    return {"vocab_size": vocab, "make_vocab_size_divisible_by": math.gcd(vocab // tp, 128),
+            "model_parallel_size": tp}
+
+
+def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, step: int | None = None) -> Path:
+    """Write the weights of a checkpoint (any TP size) split for `tp` ranks, with a matching config.
+
+    Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size; a full
+    training state moves to another TP size on load instead (`save_universal: true`, see training.py).
+    """
+    state, config, folder = load_merged(path, step)
+    keys = config.to_dict()
+    keys.update(vocab_keys_for(state["word_embeddings.weight"].shape[0], tp, str(folder)))
+    keys.update(num_gpus=None, num_nodes=-1, load=None)  # launch settings belong to the next run
+    new_config = from_dict(keys, source=str(folder / CONFIG_FILE))
+    m = re.fullmatch(r"global_step(\d+)", folder.name)
+    return save_model_checkpoint(output_dir, int(m[1]) if m else 0, split_tp(state, tp), new_config,
+                                 tokenizer_of(folder, config))

@@ -243,19 +243,13 @@ def read_hf_folder(hf_dir) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = None) -> Path:
     """A Hugging Face StableLM folder -> our checkpoint at step 0, split over `tp` ranks."""
-    import math
-
     from neox_fork import checkpoint
     from neox_fork.config import from_dict
 
     hf_config, tensors = read_hf_folder(hf_dir)
     keys = config_from_hf(hf_config)
-    vocab = keys["vocab_size"]
-    if vocab % tp:
-        raise UserError(f"vocab_size {vocab} in {hf_dir}/config.json is not divisible by --tp {tp}")
     # keep the vocabulary exactly as released: pick the padding multiple that already divides it
-    keys["make_vocab_size_divisible_by"] = math.gcd(vocab // tp, 128)
-    keys["model_parallel_size"] = tp
+    keys.update(checkpoint.vocab_keys_for(keys["vocab_size"], tp, f"{hf_dir}/config.json"))
     dtype = dtype_name(tensors["model.embed_tokens.weight"].dtype)
     keys["precision"] = {"bf16": "bfloat16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     tokenizer = Path(hf_dir) / "tokenizer.json"
