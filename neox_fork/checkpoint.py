@@ -89,15 +89,26 @@ def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / f"global_step{step}"
 
 
+def step_of(tag: str) -> int | None:
+    """The N of a 'global_stepN' tag or folder name; None for anything else (e.g. a .partial folder)."""
+    m = re.fullmatch(r"global_step(\d+)", tag)
+    return int(m[1]) if m else None
+
+
+def saved_steps(ckpt_dir: str | os.PathLike) -> list[int]:
+    """The steps of the complete step folders in a checkpoint folder, oldest first."""
+    return sorted(n for p in Path(ckpt_dir).glob("global_step*") if (n := step_of(p.name)) is not None)
+
+
 def read_latest(ckpt_dir: str | os.PathLike) -> int | None:
     latest = Path(ckpt_dir) / "latest"
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    m = re.fullmatch(r"global_step(\d+)", tag)
-    if not m:
+    step = step_of(tag)
+    if step is None:
         raise UserError(f"{latest}: expected 'global_stepN', found {tag!r}")
-    return int(m[1])
+    return step
 
 
 def resolve(path: str | os.PathLike, step: int | None = None) -> Path:
@@ -227,6 +238,5 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
     keys.update(vocab_keys_for(state["word_embeddings.weight"].shape[0], tp, str(folder)))
     keys.update(num_gpus=None, num_nodes=-1, load=None)  # launch settings belong to the next run
     new_config = from_dict(keys, source=str(folder / CONFIG_FILE))
-    m = re.fullmatch(r"global_step(\d+)", folder.name)
-    return save_model_checkpoint(output_dir, int(m[1]) if m else 0, split_tp(state, tp), new_config,
+    return save_model_checkpoint(output_dir, step_of(folder.name) or 0, split_tp(state, tp), new_config,
                                  tokenizer_of(folder, config))

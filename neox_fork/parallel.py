@@ -177,20 +177,20 @@ class RNGTracker:
     def add(self, name: str, seed: int) -> None:
         with _preserved_rng():
             torch.manual_seed(seed)
-            self.states[name] = _get_rng()
+            self.states[name] = get_rng_state()
 
     @contextlib.contextmanager
     def fork(self, name: str = "model-parallel"):
         if name not in self.states:
             yield
             return
-        saved = _get_rng()
-        _set_rng(self.states[name])
+        saved = get_rng_state()
+        set_rng_state(self.states[name])
         try:
             yield
         finally:
-            self.states[name] = _get_rng()
-            _set_rng(saved)
+            self.states[name] = get_rng_state()
+            set_rng_state(saved)
 
     def state_dict(self) -> dict:
         return dict(self.states)
@@ -199,11 +199,11 @@ class RNGTracker:
         self.states = dict(states)
 
 
-def _get_rng():
+def get_rng_state():
     return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
 
 
-def _set_rng(state) -> None:
+def set_rng_state(state) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state[1])
@@ -211,11 +211,11 @@ def _set_rng(state) -> None:
 
 @contextlib.contextmanager
 def _preserved_rng():
-    saved = _get_rng()
+    saved = get_rng_state()
     try:
         yield
     finally:
-        _set_rng(saved)
+        set_rng_state(saved)
 
 
 RNG_TRACKER = RNGTracker()

@@ -127,13 +127,12 @@ def build_data(c: NeoXConfig, tokenizer, world_size: int):
     from neox_fork.data.datasets import build_datasets
 
     gbs = c.global_batch_size(world_size)
-    evals = (c.train_iters // c.eval_interval + 1) * c.eval_iters if c.eval_iters else 0
     train, valid, _ = build_datasets(
         data_path=c.data_path, train_data_paths=c.train_data_paths, train_data_weights=c.train_data_weights,
         valid_data_paths=c.valid_data_paths, valid_data_weights=c.valid_data_weights,
         test_data_paths=c.test_data_paths, test_data_weights=c.test_data_weights, split=c.split,
         seq_length=c.seq_length, seed=c.seed, train_samples=c.train_iters * gbs,
-        valid_samples=c.eval_iters * c.train_micro_batch_size_per_gpu * parallel.dp_size() if evals else 0,
+        valid_samples=c.eval_iters * c.train_micro_batch_size_per_gpu * parallel.dp_size(),
         cache_dir=c.data_cache_path, tokenizer=tokenizer,
     )
     return train, valid
@@ -149,8 +148,12 @@ def batches(dataset, c: NeoXConfig, consumed_samples: int):
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save(engine, c: NeoXConfig, state: TrainState, tokenizer_file: str | None) -> None:
-    """Everything needed to resume, written under global_stepN.partial and published when complete."""
+def save(engine, c: NeoXConfig, state: TrainState) -> None:
+    """Everything needed to resume, written under global_stepN.partial and published when complete.
+
+    A no-op without `save`, or when this iteration is already saved."""
+    if not c.save or state.last_saved == state.iteration:
+        return
     ckpt_dir = Path(c.save)
     tag = f"global_step{state.iteration}"
     partial = f"{tag}.partial"
@@ -159,14 +162,14 @@ def save(engine, c: NeoXConfig, state: TrainState, tokenizer_file: str | None) -
     dist.barrier()
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples}
     engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
-    torch.save({"rng": parallel._get_rng(), "tracker": parallel.RNG_TRACKER.state_dict()},
+    torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},
                ckpt_dir / partial / f"rng_state_{dist.get_rank():05d}.pt")
     if c.save_universal:
         save_universal(engine, engine.module, ckpt_dir / partial)
     dist.barrier()
     if _rank0():
         checkpoint.save_config(ckpt_dir / partial, c)
-        checkpoint.copy_tokenizer(ckpt_dir / partial, tokenizer_file)
+        checkpoint.copy_tokenizer(ckpt_dir / partial, c.vocab_file)
         checkpoint.publish(ckpt_dir / partial, ckpt_dir / tag, ckpt_dir, state.iteration)
         prune_checkpoints(ckpt_dir, c.keep_last_n_checkpoints)
         log.info("saved checkpoint %s", ckpt_dir / tag)
@@ -177,9 +180,7 @@ def save(engine, c: NeoXConfig, state: TrainState, tokenizer_file: str | None) -
 def prune_checkpoints(ckpt_dir: Path, keep: int | None) -> None:
     if not keep:
         return
-    steps = sorted(int(p.name[len("global_step"):]) for p in ckpt_dir.glob("global_step*")
-                   if p.name[len("global_step"):].isdigit())
-    for step in steps[:-keep]:
+    for step in checkpoint.saved_steps(ckpt_dir)[:-keep]:
         shutil.rmtree(checkpoint.step_dir(ckpt_dir, step), ignore_errors=True)
 
 
@@ -205,10 +206,11 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     _, client_state = engine.load_checkpoint(c.load, tag=f"global_step{step}")
     state.iteration = client_state["iteration"]
     state.consumed_samples = client_state["consumed_samples"]
+    state.last_saved = state.iteration
     rng_file = folder / f"rng_state_{dist.get_rank():05d}.pt"
     if rng_file.is_file():
         saved = torch.load(rng_file, weights_only=False)
-        parallel._set_rng(saved["rng"])
+        parallel.set_rng_state(saved["rng"])
         parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
     log.info("resumed from %s at iteration %d (%d samples consumed)", folder, state.iteration,
              state.consumed_samples)
@@ -284,8 +286,9 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
         group["lr"] = lr_at(c, state.iteration)
     engine.global_steps = state.iteration
     engine.global_samples = state.consumed_samples
+    state.last_saved = state.iteration
     rng = torch.load(folder / "rng_state_00000.pt", weights_only=False)  # every TP rank shares this stream
-    parallel._set_rng(rng["rng"])
+    parallel.set_rng_state(rng["rng"])
     log.info("resumed from %s (saved at TP=%d) at TP=%d, iteration %d", folder, saved_tp, tp, state.iteration)
 
 
@@ -375,17 +378,17 @@ def pretrain(c: NeoXConfig) -> int:
                                            dist_init_required=False)
     state = TrainState()
     resume(engine, model, c, state)
-    state.last_saved = state.iteration if c.load and state.iteration else None
     stop = StopSignal()
     metrics = MetricsWriter(c, enabled=_rank0())
 
     n_params = count_parameters(model.shape)
     flops_per_token = flops.model_flops_per_token(n_params, c.num_layers, c.hidden_size, c.seq_length)
     peak = flops.device_peak_flops()
-    tokens_per_step = c.global_batch_size(world) * c.seq_length
+    global_batch = c.global_batch_size(world)
+    tokens_per_step = global_batch * c.seq_length
     if _rank0():
         log.info("model: %d parameters; world %d = tensor %d x data %d; global batch %d x %d tokens; %s",
-                 n_params, world, c.model_parallel_size, parallel.dp_size(), c.global_batch_size(world),
+                 n_params, world, c.model_parallel_size, parallel.dp_size(), global_batch,
                  c.seq_length, c.dtype_name)
 
     train_iter = batches(train_data, c, state.consumed_samples)
@@ -393,8 +396,8 @@ def pretrain(c: NeoXConfig) -> int:
     first_iteration = state.iteration
     window_loss, window_count = 0.0, 0
     params = [p for p in model.parameters() if p.requires_grad]
-    if c.save and state.iteration == 0 and 0 in (c.extra_save_iters or []):
-        save(engine, c, state, c.vocab_file)
+    if state.iteration == 0 and 0 in (c.extra_save_iters or []):
+        save(engine, c, state)
     while state.iteration < c.train_iters:
         step_loss, finite = 0.0, True
         for micro in range(c.gradient_accumulation_steps):
@@ -413,7 +416,7 @@ def pretrain(c: NeoXConfig) -> int:
                         group["lr"] = 0.0
             engine.step()  # DeepSpeed updates only at the accumulation boundary
         state.iteration += 1
-        state.consumed_samples += c.global_batch_size(world)
+        state.consumed_samples += global_batch
         window_steps += 1
 
         if bad.item():
@@ -452,7 +455,7 @@ def pretrain(c: NeoXConfig) -> int:
             metrics.write(m)
             window_start, window_steps, window_loss, window_count = time.time(), 0, 0.0, 0
 
-        if c.eval_interval and state.iteration % c.eval_interval == 0 and valid_data is not None:
+        if state.iteration % c.eval_interval == 0:
             eval_loss = evaluate(engine, c, valid_data)
             if eval_loss is not None:
                 if _rank0():
@@ -460,30 +463,20 @@ def pretrain(c: NeoXConfig) -> int:
                              math.exp(min(eval_loss, 50)))
                 metrics.write({"iteration": state.iteration, "eval_lm_loss": eval_loss,
                                "eval_ppl": math.exp(min(eval_loss, 50))})
-
-        if c.eval_tasks and c.eval_interval and state.iteration % c.eval_interval == 0:
-            task_metrics = evaluate_tasks(engine, c, tokenizer)
+            task_metrics = evaluate_tasks(engine, c, tokenizer) if c.eval_tasks else {}
             if task_metrics:
                 log.info("step %d: %s", state.iteration, ", ".join(f"{k} {v:.4f}" for k, v in task_metrics.items()))
                 metrics.write({"iteration": state.iteration, **task_metrics})
 
-        if c.save and (
-            (c.save_every and state.iteration % c.save_every == 0)
-            or state.iteration in (c.extra_save_iters or [])
-        ):
-            save(engine, c, state, c.vocab_file)
+        if (c.save_every and state.iteration % c.save_every == 0) or state.iteration in (c.extra_save_iters or []):
+            save(engine, c, state)
         if c.exit_interval and state.iteration % c.exit_interval == 0:
-            if c.save and state.last_saved != state.iteration:
-                save(engine, c, state, c.vocab_file)
             log.info("exit_interval %d reached at step %d", c.exit_interval, state.iteration)
             break
         if stop.any_rank():
-            if c.save and state.last_saved != state.iteration:
-                save(engine, c, state, c.vocab_file)
             log.warning("stopping at step %d on signal", state.iteration)
             break
 
-    if c.save and state.last_saved != state.iteration:
-        save(engine, c, state, c.vocab_file)
+    save(engine, c, state)
     metrics.close()
     return state.iteration
