@@ -148,16 +148,25 @@ def tp_size_of(folder: Path) -> int:
     return len(list(folder.glob("mp_rank_*_model_states.pt")))
 
 
+def _load_shard(folder: Path, rank: int) -> dict[str, torch.Tensor]:
+    path = folder / MODEL_FILE.format(rank)
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        raise UserError(f"cannot read checkpoint file '{path}': {err}") from None
+    return {k: v for k, v in states["module"].items() if not k.endswith("_extra_state")}
+
+
 def load_model_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
-    shards = []
-    for rank in range(tp_size_of(folder)):
-        path = folder / MODEL_FILE.format(rank)
-        try:
-            states = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-            raise UserError(f"cannot read checkpoint file '{path}': {err}") from None
-        shards.append({k: v for k, v in states["module"].items() if not k.endswith("_extra_state")})
-    return shards
+    return [_load_shard(folder, rank) for rank in range(tp_size_of(folder))]
+
+
+def load_rank_shard(folder: Path, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """TP rank `rank`'s weights for a run at TP size `tp`: its own file when the checkpoint was saved at
+    that size, else the merged weights split again."""
+    if tp_size_of(folder) == tp:
+        return _load_shard(folder, rank)
+    return split_tp(merge_tp_shards(load_model_shards(folder)), tp)[rank]
 
 
 def load_merged(path: str | os.PathLike, step: int | None = None):

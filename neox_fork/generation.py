@@ -77,7 +77,7 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
         parallel.init_distributed()
         tp = dist.get_world_size()
         parallel.initialize(tp)
-        state = _own_shard(folder, tp, parallel.tp_rank())
+        state = checkpoint.load_rank_shard(folder, tp, parallel.tp_rank())
     else:
         tp = 1
         parallel.initialize(1)
@@ -95,18 +95,6 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
                         f"unexpected {unexpected[:3]}")
     model = model.to(dtype=checkpoint_dtype(dtype)).eval()
     return model, config, tokenizer
-
-
-def _own_shard(folder: Path, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    saved_tp = checkpoint.tp_size_of(folder)
-    if saved_tp != tp:  # e.g. a TP=1 checkpoint on 2 ranks: split the merged state
-        return checkpoint.split_tp(checkpoint.merge_tp_shards(checkpoint.load_model_shards(folder)), tp)[rank]
-    path = folder / checkpoint.MODEL_FILE.format(rank)
-    try:
-        states = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise UserError(f"cannot read checkpoint file '{path}': {err}") from None
-    return {k: v for k, v in states["module"].items() if not k.endswith("_extra_state")}
 
 
 # ---------------------------------------------------------------------- sampling

@@ -9,7 +9,7 @@ Two ways ranks start, chosen by the launcher keys GPT-NeoX users know:
   a thin wrapper that reports which rank failed and how (DeepSpeed's own message names the wrong one).
 * srun (`deepspeed_slurm: true`, or `launcher: slurm`): `srun --kill-on-bad-exit=1 -n N -N M ...
   python -u USER_SCRIPT CONFIGS`; every rank maps SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS to
-  RANK/LOCAL_RANK/WORLD_SIZE itself (neox_fork.parallel.slurm_environment), so no ssh is needed.
+  RANK/LOCAL_RANK/WORLD_SIZE itself (launch.slurm_environment), so no ssh is needed.
 
 `plan_launch` does all the arithmetic without starting anything, so `deepy.py --dry-run` prints exactly
 what would run and the environment every rank will see. Resource selection follows DeepSpeed's rules
@@ -134,6 +134,49 @@ def select_resources(pool: dict[str, int], include: str | None = None, exclude: 
 
 
 # ---------------------------------------------------------------------- Slurm variables
+def slurm_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR derived from Slurm's variables (for `srun python train.py`).
+
+    Only variables that are not set already are returned. MASTER_ADDR is the first host of
+    SLURM_JOB_NODELIST (expanded as `scontrol show hostnames` would for the common forms).
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_PROCID" not in env:
+        return {}
+    mapped = {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
+    }
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if nodelist:
+        mapped["MASTER_ADDR"] = first_slurm_host(nodelist)
+    mapped.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
+    return {k: v for k, v in mapped.items() if k not in env}
+
+
+def mpi_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK/LOCAL_RANK/WORLD_SIZE from Open MPI's variables (launcher openmpi/mvapich, deepspeed_mpi)."""
+    env = os.environ if environ is None else environ
+    names = {"RANK": ("OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"),
+             "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+             "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")}
+    mapped = {}
+    for ours, theirs in names.items():
+        found = next((env[n] for n in theirs if n in env), None)
+        if found is not None and ours not in env:
+            mapped[ours] = found
+    return mapped
+
+
+def launcher_environment(use_slurm_env: bool, use_mpi_env: bool) -> None:
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* from Slurm or MPI before anything reads them."""
+    if use_slurm_env:
+        os.environ.update(slurm_environment())
+    if use_mpi_env:
+        os.environ.update(mpi_environment())
+
+
 def expand_hostlist(nodelist: str) -> list[str]:
     """Slurm's compressed node list -> hosts, as `scontrol show hostnames` prints them.
 
@@ -160,6 +203,11 @@ def _expand_one(item: str) -> list[str]:
         for n in range(int(lo), int(hi) + 1):
             out += [prefix + str(n).zfill(len(lo)) + tail for tail in _expand_one(rest)]
     return out
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    return expand_hostlist(nodelist)[0]
 
 
 def tasks_per_node(value: str) -> list[int]:

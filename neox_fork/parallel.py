@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import re
 
 import torch
 import torch.distributed as dist
@@ -20,69 +19,12 @@ from megatron.core import parallel_state
 from neox_fork.errors import UserError
 
 
-def slurm_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR derived from Slurm's variables (for `srun python train.py`).
+def init_distributed(backend: str | None = None, timeout_minutes: int = 10) -> None:
+    """Join the default process group (env:// when launched, a private one-rank group otherwise).
 
-    Only variables that are not set already are returned. MASTER_ADDR is the first host of
-    SLURM_JOB_NODELIST (expanded as `scontrol show hostnames` would for the common forms).
-    """
-    env = os.environ if environ is None else environ
-    if "SLURM_PROCID" not in env:
-        return {}
-    mapped = {
-        "RANK": env["SLURM_PROCID"],
-        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
-    }
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if nodelist:
-        mapped["MASTER_ADDR"] = first_slurm_host(nodelist)
-    mapped.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
-    return {k: v for k, v in mapped.items() if k not in env}
-
-
-def mpi_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """RANK/LOCAL_RANK/WORLD_SIZE from Open MPI's variables (launcher openmpi/mvapich, deepspeed_mpi)."""
-    env = os.environ if environ is None else environ
-    names = {"RANK": ("OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"),
-             "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
-             "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")}
-    mapped = {}
-    for ours, theirs in names.items():
-        found = next((env[n] for n in theirs if n in env), None)
-        if found is not None and ours not in env:
-            mapped[ours] = found
-    return mapped
-
-
-def launcher_environment(use_slurm_env: bool, use_mpi_env: bool) -> None:
-    """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* from Slurm or MPI before anything reads them."""
-    if use_slurm_env:
-        os.environ.update(slurm_environment())
-    if use_mpi_env:
-        os.environ.update(mpi_environment())
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    head = ""
-    depth = 0
-    for ch in nodelist:
-        if ch == "," and depth == 0:
-            break
-        depth += ch == "["
-        depth -= ch == "]"
-        head += ch
-    # each bracket group contributes its first value: 'a[1-2]b[7,9]' -> 'a1b7'
-    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], head)
-
-
-def init_distributed(backend: str | None = None, timeout_minutes: int = 10, use_slurm_env: bool = False) -> None:
-    """Join the default process group (env:// when launched, a private one-rank group otherwise)."""
+    Under srun or mpirun call `launcher_environment` first, so RANK and WORLD_SIZE are set."""
     if dist.is_initialized():
         return
-    if use_slurm_env:
-        os.environ.update(slurm_environment())
     if backend is None or (backend == "nccl" and not torch.cuda.is_available()):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -94,10 +36,9 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 10, use_
         dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeout_minutes: int = 10,
-               use_slurm_env: bool = False) -> None:
+def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeout_minutes: int = 10) -> None:
     """Process group plus TP/DP groups; idempotent for the same TP size."""
-    init_distributed(backend, timeout_minutes, use_slurm_env)
+    init_distributed(backend, timeout_minutes)
     world = dist.get_world_size()
     if world % tensor_parallel_size:
         raise UserError(f"model_parallel_size {tensor_parallel_size} does not divide the world size {world}")

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from neox_fork import checkpoint, flops, parallel
 from neox_fork.config import NeoXConfig, deepspeed_config
 from neox_fork.errors import UserError
+from neox_fork.launch import launcher_environment
 from neox_fork.metrics import MetricsWriter, progress_line
 from neox_fork.model import build_model, count_parameters
 
@@ -294,9 +295,7 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
 
 def load_weights_only(model, folder: Path) -> None:
     """This rank's weights from a checkpoint saved at any TP size (merged, then split for this run)."""
-    shards = checkpoint.load_model_shards(folder)
-    tp, rank = parallel.tp_size(), parallel.tp_rank()
-    mine = shards[rank] if len(shards) == tp else checkpoint.split_tp(checkpoint.merge_tp_shards(shards), tp)[rank]
+    mine = checkpoint.load_rank_shard(folder, parallel.tp_size(), parallel.tp_rank())
     own = checkpoint.model_state(model)
     problems = [k for k in own if k not in mine or mine[k].shape != own[k].shape]
     if problems:
@@ -352,10 +351,9 @@ def pretrain(c: NeoXConfig) -> int:
     """Train as the config says; returns the last iteration. Run on every rank."""
     import deepspeed
 
-    parallel.launcher_environment(c.deepspeed_slurm, c.deepspeed_mpi)
+    launcher_environment(c.deepspeed_slurm, c.deepspeed_mpi)
     setup_logging()
-    parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes,
-                        use_slurm_env=c.deepspeed_slurm)
+    parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes)
     world = dist.get_world_size()
     c.check_world_size(world)
     parallel.seed_everything(c.seed)
