@@ -28,6 +28,7 @@ from megatron.core import parallel_state
 
 from neox_fork import checkpoint, parallel
 from neox_fork.errors import UserError
+from neox_fork.hf import torch_dtype
 from neox_fork.model import StableLM, build_model
 
 
@@ -55,10 +56,6 @@ class SamplingParams:
 
 
 # ---------------------------------------------------------------------- loading
-def checkpoint_dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", tp_cooperate: bool | None = None):
     """(model, config, tokenizer or None) for this process.
 
@@ -93,7 +90,7 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
     if missing or unexpected:
         raise UserError(f"checkpoint {folder} does not match its config: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
-    model = model.to(dtype=checkpoint_dtype(dtype)).eval()
+    model = model.to(dtype=torch_dtype(dtype)).eval()
     return model, config, tokenizer
 
 

@@ -149,12 +149,17 @@ def config_from_hf(hf: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- folders
-_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_SHARD_SIZE = "5GB"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPE_NAMES.items()}[dtype]
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'bf16' / 'fp16' / 'fp32' -> the torch dtype (the names checkpoints, converters and CLIs use)."""
+    return _DTYPES[name]
 
 
 def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | None = None) -> Path:
@@ -171,7 +176,7 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
     tensors = to_hf_state_dict(state, config.num_attention_heads)
     if dtype is None:
         dtype = dtype_name(tensors["model.embed_tokens.weight"].dtype)
-    tensors = {k: v.to(_DTYPE_NAMES[dtype]).contiguous() for k, v in tensors.items()}
+    tensors = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in tensors.items()}
     vocab = tensors["model.embed_tokens.weight"].shape[0]
     tokenizer_file = checkpoint.tokenizer_of(folder, config)
     eos = _eos_id(tokenizer_file) if tokenizer_file else 0

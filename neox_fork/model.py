@@ -29,9 +29,6 @@ from neox_fork import fused
 from neox_fork.attention import attention
 from neox_fork.config import NeoXConfig
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @dataclass
 class ModelShape:
     """What the model needs from the config, resolved (padded vocabulary included)."""
@@ -358,6 +355,3 @@ def count_parameters(shape: ModelShape) -> int:
     heads = 1 if shape.tie_word_embeddings else 2
     return L * per_layer + heads * v * h + norm
 
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]

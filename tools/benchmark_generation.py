@@ -17,7 +17,8 @@ import yaml
 
 from neox_fork import parallel
 from neox_fork.config import load_config
-from neox_fork.generation import SamplingParams, checkpoint_dtype, generate
+from neox_fork.generation import SamplingParams, generate
+from neox_fork.hf import torch_dtype
 from neox_fork.model import build_model
 
 
@@ -47,7 +48,7 @@ def main(argv=None):
     overrides.update((k, yaml.safe_load(v)) for k, v in (item.split("=", 1) for item in args.set))
     config = load_config(args.config, overrides=overrides)
     torch.manual_seed(0)
-    model = build_model(config).to(args.device, checkpoint_dtype(args.dtype)).eval()
+    model = build_model(config).to(args.device, torch_dtype(args.dtype)).eval()
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_on_eod=False)
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
