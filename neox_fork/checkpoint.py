@@ -148,12 +148,16 @@ def tp_size_of(folder: Path) -> int:
     return len(list(folder.glob("mp_rank_*_model_states.pt")))
 
 
-def _load_shard(folder: Path, rank: int) -> dict[str, torch.Tensor]:
-    path = folder / MODEL_FILE.format(rank)
+def read_file(path: str | os.PathLike):
+    """The one place a checkpoint file (ours, DeepSpeed's, GPT-NeoX's) is unpickled."""
     try:
-        states = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
         raise UserError(f"cannot read checkpoint file '{path}': {err}") from None
+
+
+def _load_shard(folder: Path, rank: int) -> dict[str, torch.Tensor]:
+    states = read_file(folder / MODEL_FILE.format(rank))
     return {k: v for k, v in states["module"].items() if not k.endswith("_extra_state")}
 
 

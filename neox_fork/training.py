@@ -210,7 +210,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     state.last_saved = state.iteration
     rng_file = folder / f"rng_state_{dist.get_rank():05d}.pt"
     if rng_file.is_file():
-        saved = torch.load(rng_file, weights_only=False)
+        saved = checkpoint.read_file(rng_file)
         parallel.set_rng_state(saved["rng"])
         parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
     log.info("resumed from %s at iteration %d (%d samples consumed)", folder, state.iteration,
@@ -266,7 +266,7 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
         raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} but this run uses "
                         f"{c.model_parallel_size}; it has no universal optimizer states (save_universal: true "
                         "when saving), so only `finetune: true` (weights only) can load it")
-    saved = [torch.load(f, weights_only=False) for f in files]
+    saved = [checkpoint.read_file(f) for f in files]
     tp, rank = parallel.tp_size(), parallel.tp_rank()
     mine = {key: checkpoint.split_tp(checkpoint.merge_tp_shards([s[key] for s in saved]), tp)[rank]
             for key in ("fp32", *_ADAM_STATES)}
@@ -280,7 +280,7 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
     for opt_state in base.state.values():
         if "step" in opt_state:
             opt_state["step"].fill_(saved[0]["step"])
-    meta = torch.load(folder / checkpoint.MODEL_FILE.format(0), map_location="cpu", weights_only=False)
+    meta = checkpoint.read_file(folder / checkpoint.MODEL_FILE.format(0))
     engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.iteration, state.consumed_samples = meta["iteration"], meta["consumed_samples"]
     for group in engine.optimizer.param_groups:  # the scheduler sets the LR only at its next step
@@ -288,7 +288,7 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
     engine.global_steps = state.iteration
     engine.global_samples = state.consumed_samples
     state.last_saved = state.iteration
-    rng = torch.load(folder / "rng_state_00000.pt", weights_only=False)  # every TP rank shares this stream
+    rng = checkpoint.read_file(folder / "rng_state_00000.pt")  # every TP rank shares this stream
     parallel.set_rng_state(rng["rng"])
     log.info("resumed from %s (saved at TP=%d) at TP=%d, iteration %d", folder, saved_tp, tp, state.iteration)
 
