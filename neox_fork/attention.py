@@ -1,16 +1,21 @@
 """Attention backends: FlashAttention-2, torch SDPA, and a plain reference used by tests.
 
 All take q, k, v as [batch, seq, heads, head_dim] (flash-attn's layout) and return the same layout.
-`flash` uses flash-attn on CUDA in fp16/bf16 when it is installed and falls back to SDPA otherwise
-(on CUDA SDPA's own flash kernel is FlashAttention-2 too); `global` is SDPA.
+`flash` uses flash-attn on CUDA in fp16/bf16 when it is installed and falls back to SDPA otherwise;
+`global` is SDPA. On Hopper and later (compute capability 9.0+) SDPA tries cuDNN's attention first
+(its Hopper kernels are FlashAttention-3-style, faster than SDPA's FlashAttention-2 there), then flash,
+memory-efficient and math: a backend that cannot take the inputs hands them to the next. Elsewhere SDPA
+keeps torch's own order. `pytest -m gpu` checks every backend against `reference`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
@@ -22,12 +27,25 @@ def flash_available(q: torch.Tensor) -> bool:
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
+HOPPER_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+
+
+def sdpa_priority(q: torch.Tensor):
+    """The SDPA backend order for q's device: cuDNN first on compute capability 9.0+, else torch's default.
+    Inside a compiled graph torch's own choice stands (the context manager is not traced)."""
+    if q.is_cuda and not torch.compiler.is_compiling() and torch.cuda.get_device_capability(q.device) >= (9, 0):
+        return sdpa_kernel(HOPPER_SDPA_ORDER, set_priority=True)
+    return contextlib.nullcontext()
+
+
 def sdpa(q, k, v, *, causal: bool, dropout_p: float = 0.0, mask: torch.Tensor | None = None):
     if mask is not None and mask.dtype == torch.bool:  # SDPA on CPU is several times slower with bool masks
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                         is_causal=causal and mask is None)
+    with sdpa_priority(q):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                             is_causal=causal and mask is None)
     return out.transpose(1, 2)
 
 

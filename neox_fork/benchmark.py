@@ -1,11 +1,16 @@
-"""Training-step throughput on random tokens: ours, and optionally transformers' StableLmForCausalLM.
+"""Training-step throughput on random tokens, by two paths (tools/benchmark.py is the command line).
 
-One step = forward + backward + AdamW step, one process, TP=1. After `warmup` untimed steps of each
-model, `steps` timed steps alternate between the models (ours, theirs, ours, ...) so that clock drift,
-thermal state and background load hit both alike; the reported time is the median step. On CUDA each
-step is bracketed by `torch.cuda.synchronize()`. Both models see the same batch, dtype, thread count and
-optimizer (torch AdamW: fused on CUDA, foreach on CPU, the same parameter groups), and both use
-activation checkpointing when the config asks for it.
+- path "engine": the step users run. `training.build_engine` (DeepSpeed: ZeRO as configured, bf16 with fp32
+  master weights and the fp32 gradient buffer, clipping, the LR schedule) and `training.train_step` (our
+  loss, gradient accumulation, the non-finite check), the very functions `train.py` calls, one process.
+- path "model": like for like against transformers' StableLmForCausalLM: forward + loss + backward + torch
+  AdamW on the same parameters and dtype, no DeepSpeed on either side. Eager is eager on both sides;
+  with torch_compile both compile each transformer layer.
+
+After `warmup` untimed steps of each model, `steps` timed steps are taken in pairs whose order alternates
+(ours then theirs, theirs then ours, ...) so that clock drift, heat, background load and whatever the
+previous step left in caches hit both alike; the reported time is the median step. On CUDA each step is
+bracketed by `torch.cuda.synchronize()`.
 
 Memory, per model, over its build and warm-up: on CUDA the growth of `max_memory_allocated` over what was
 allocated before it was built; on the CPU the growth of the process's peak resident set (VmHWM, reset
@@ -16,19 +21,20 @@ resident memory is not counted.
 from __future__ import annotations
 
 import gc
-import json
+import itertools
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from neox_fork import flops
-from neox_fork.config import GPT_NEOX_20B_VOCAB_SIZE, NeoXConfig, load_config
+from neox_fork.config import GPT_NEOX_20B_VOCAB_SIZE, NeoXConfig
+from neox_fork.errors import UserError
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PATHS = ("engine", "model")
 
 
 @dataclass
@@ -120,8 +126,11 @@ def build_hf(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.d
     hf_config = StableLmConfig(**keys)
     hf_config._attn_implementation = "sdpa"  # transformers' default where available; named for clarity
     model = StableLmForCausalLM(hf_config).to(device=device, dtype=dtype).train()
-    if config.checkpoint_activations:
+    if config.recompute == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.torch_compile:  # as ours: each decoder layer compiled, the rest eager
+        for layer in model.model.layers:
+            layer.compile()
     optimizer = build_optimizer(config, model)
 
     def step(tokens, labels):
@@ -135,86 +144,127 @@ def build_hf(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.d
     return model, step
 
 
-def _timed(step, batch, device) -> tuple[float, float]:
+def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
+    """The train.py step on `batch` (one micro-batch, reused for every accumulation step)."""
+    from neox_fork.model import build_model
+    from neox_fork.training import build_engine, train_step
+
+    model = build_model(config, vocab)
+    engine = build_engine(config, model, world=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro_batches = itertools.repeat(batch)
+    return model, lambda: train_step(engine, config, micro_batches, params)[0]
+
+
+def _timed(step, device) -> tuple[float, float]:
     _sync(device)
     start = time.perf_counter()
-    loss = step(*batch)
+    loss = step()
     _sync(device)
-    return time.perf_counter() - start, float(loss.detach())
+    seconds = time.perf_counter() - start
+    return seconds, float(loss.detach() if torch.is_tensor(loss) else loss)
 
 
-def run(config: NeoXConfig, *, steps: int = 10, warmup: int = 3, compare_hf: bool = False,
+def check_comparable(config: NeoXConfig, path: str, compare_hf: bool) -> None:
+    """Refuse comparisons that would not be like for like."""
+    if path not in PATHS:
+        raise UserError(f"--path {path}: use one of {', '.join(PATHS)}")
+    if compare_hf and path != "model":
+        raise UserError("--compare hf needs --path model: transformers has no DeepSpeed training step here, "
+                        "so only the model paths compare like for like")
+    if compare_hf and config.recompute == "selective":
+        raise UserError("--compare hf with recompute_granularity selective: transformers has no selective "
+                        "recompute; compare with checkpoint_activations true (full) or false")
+
+
+def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int = 3, compare_hf: bool = False,
         dtype: str | None = None, seed: int = 0) -> dict:
-    """Measure and return a result dict (see `format_text` for the fields)."""
+    """Measure and return a result dict (see `format_text` for the fields). On the engine path the
+    precision is the config's (DeepSpeed's); `dtype` applies to the model path."""
     from neox_fork import parallel
-    from neox_fork.model import ModelShape, count_parameters
 
+    check_comparable(config, path, compare_hf)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if path == "engine":
+        dtype = config.dtype_name
     dtype = dtype or ("bf16" if device.type == "cuda" else config.dtype_name)
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype}: use one of {', '.join(_DTYPES)}")
-    torch_dtype = _DTYPES[dtype]
-    parallel.initialize(1)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo")
     vocab = tokenizer_vocab_size(config)
-    shape = ModelShape.from_config(config, vocab)
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
     generator = torch.Generator().manual_seed(seed)
     data = torch.randint(0, vocab, (b, s + 1), generator=generator)
-    batch = (data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device))
+    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
-    builders = [("ours", build_ours)] + ([("hf", build_hf)] if compare_hf else [])
-    runs, results = [], {}
+    if path == "engine":
+        micro = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
+        builders = [("ours", lambda: build_engine_step(config, vocab, micro))]
+    else:
+        batch = (tokens.to(device), labels.to(device))
+        builders = [("ours", build_ours)] + ([("hf", build_hf)] if compare_hf else [])
+        builders = [(name, _bind(build, config, vocab, DTYPES[dtype], device, batch)) for name, build in builders]
+    runs = []
     for name, build in builders:
         torch.manual_seed(seed)
         mark = _memory_mark(device)
-        model, step = build(config, vocab, torch_dtype, device)
+        model, step = build()
         m = Measurement(name)
         for _ in range(warmup):
-            m.loss = _timed(step, batch, device)[1]
+            m.loss = _timed(step, device)[1]
         m.peak_memory_bytes = _memory_peak_since(device, mark)
         runs.append((m, step, model))
-    for _ in range(steps):  # interleaved: ours, theirs, ours, theirs, ...
-        for m, step, _ in runs:
-            seconds, m.loss = _timed(step, batch, device)
+    for i in range(steps):  # pairs in alternating order: ours-theirs, theirs-ours, ...
+        for m, step, _ in (runs if i % 2 == 0 else runs[::-1]):
+            seconds, m.loss = _timed(step, device)
             m.step_seconds.append(seconds)
 
-    params = count_parameters(shape)
-    model_fpt = flops.model_flops_per_token(params, shape.num_layers, shape.hidden_size, s)
-    hardware_fpt = flops.hardware_flops_per_token(params, shape.num_layers, shape.hidden_size, s,
-                                                  recompute=config.checkpoint_activations)
+    ours = runs[0][2]
+    fpt = flops.training_flops_per_token(ours, s, config.recompute)
+    params = sum(p.numel() for p in ours.parameters())
     peak = flops.device_peak_flops(device) if device.type == "cuda" else None
+    results = {}
     for m, _, _ in runs:
-        tps = b * s / m.median()
+        tps = b * config.gradient_accumulation_steps * s / m.median() if path == "engine" else b * s / m.median()
         results[m.name] = {
             "tokens_per_sec": tps,
             "step_seconds_median": m.median(),
             "step_seconds": m.step_seconds,
-            "mfu": flops.mfu(tps, model_fpt, 1, peak),
-            "hfu": flops.mfu(tps, hardware_fpt, 1, peak),
+            "mfu": flops.mfu(tps, fpt.model, 1, peak),
+            "hfu": flops.mfu(tps, fpt.hardware, 1, peak),
             "peak_memory_bytes": m.peak_memory_bytes,
             "loss": m.loss,
         }
     out = {
+        "path": path,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],  # other work on the machine during the run
         "torch": torch.__version__,
         "dtype": dtype,
         "micro_batch": b,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps if path == "engine" else 1,
         "seq_length": s,
-        "vocab_size": shape.vocab_size,
+        "vocab_size": ours.shape.vocab_size,
         "parameters": params,
+        "non_embedding_parameters": fpt.non_embedding_params,
         "checkpoint_activations": config.checkpoint_activations,
+        "recompute": config.recompute,
         "torch_compile": config.torch_compile,
-        "attention": sorted(set(shape.attention_types)),
+        "attention": sorted(set(ours.shape.attention_types)),
         "steps": steps,
         "warmup": warmup,
-        "model_flops_per_token": model_fpt,
-        "hardware_flops_per_token": hardware_fpt,
+        "model_flops_per_token": fpt.model,
+        "hardware_flops_per_token": fpt.hardware,
         "peak_flops": peak,
         "memory_kind": "cuda_max_allocated_growth" if device.type == "cuda" else "rss_peak_growth",
         "ours": results["ours"],
     }
+    if path == "engine":
+        import deepspeed
+
+        out["deepspeed"] = deepspeed.__version__
+        out["zero_stage"] = config.zero_stage
     if compare_hf:
         import transformers
 
@@ -224,6 +274,14 @@ def run(config: NeoXConfig, *, steps: int = 10, warmup: int = 3, compare_hf: boo
     del runs
     gc.collect()
     return out
+
+
+def _bind(build, config, vocab, dtype, device, batch):
+    """A builder for the model path: (model, step()) with the batch bound."""
+    def built():
+        model, step = build(config, vocab, dtype, device)
+        return model, lambda: step(*batch)
+    return built
 
 
 def cpu_name() -> str:
@@ -247,11 +305,10 @@ def _fmt_pct(x: float | None) -> str:
 
 def format_text(r: dict) -> str:
     lines = [
-        f"device: {r['device']}, {r['threads']} threads, load {r['load_average_1min']:.1f}, torch {r['torch']}, "
-        f"{r['dtype']}",
+        f"path: {r['path']}; device: {r['device']}, {r['threads']} threads, load {r['load_average_1min']:.1f}, "
+        f"torch {r['torch']}, {r['dtype']}",
         f"shape: {r['parameters']:,} parameters, micro-batch {r['micro_batch']} x seq {r['seq_length']}, "
-        f"vocab {r['vocab_size']}, checkpoint_activations {r['checkpoint_activations']}, "
-        f"torch_compile {r['torch_compile']}",
+        f"vocab {r['vocab_size']}, recompute {r['recompute']}, torch_compile {r['torch_compile']}",
         f"flops/token: model {r['model_flops_per_token']:.4g}, hardware {r['hardware_flops_per_token']:.4g}",
     ]
     for name in ("ours", "hf"):
@@ -264,44 +321,3 @@ def format_text(r: dict) -> str:
     if "ratio_vs_hf" in r:
         lines.append(f"ratio_vs_hf: {r['ratio_vs_hf']:.3f}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", nargs="+", required=True, help="NeoX YAML files (later files win)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    p.add_argument("--compare", choices=["hf"], help="also time transformers' StableLmForCausalLM")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--micro-batch", type=int, help="override train_micro_batch_size_per_gpu")
-    p.add_argument("--seq-length", type=int, help="override seq-length (and max positions if smaller)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on CUDA, the config's on CPU")
-    p.add_argument("--vocab-size", type=int, help="override the vocabulary (else config, tokenizer, 50277)")
-    p.add_argument("--checkpoint-activations", choices=["true", "false"], help="override the config")
-    p.add_argument("--torch-compile", choices=["true", "false"], help="override the config")
-    args = p.parse_args(argv)
-
-    overrides: dict = {}
-    if args.micro_batch:
-        overrides["train_micro_batch_size_per_gpu"] = args.micro_batch
-    if args.seq_length:
-        overrides["seq_length"] = args.seq_length
-        overrides["max_position_embeddings"] = args.seq_length
-    if args.vocab_size:
-        overrides["vocab_size"] = args.vocab_size
-    if args.checkpoint_activations:
-        overrides["checkpoint_activations"] = args.checkpoint_activations == "true"
-    if args.torch_compile:
-        overrides["torch_compile"] = args.torch_compile == "true"
-    config = load_config(*args.config, overrides=overrides)
-    result = run(config, steps=args.steps, warmup=args.warmup, compare_hf=args.compare == "hf", dtype=args.dtype)
-    if args.json:
-        print(json.dumps(result))
-        if "ratio_vs_hf" in result:  # the documented last line, also in JSON mode
-            print(f"ratio_vs_hf: {result['ratio_vs_hf']:.3f}")
-    else:
-        print(format_text(result))
-    sys.stdout.flush()
-    return 0

@@ -102,6 +102,7 @@ class NeoXConfig:
     # --- activation checkpointing and fused paths ---
     checkpoint_activations: bool = False
     checkpoint_num_layers: int = 1
+    recompute_granularity: str = "full"  # with checkpoint_activations: "full" layers or "selective" (attention core)
     partition_activations: bool = False
     synchronize_each_layer: bool = False
     scaled_upper_triang_masked_softmax_fusion: bool = False
@@ -237,6 +238,12 @@ class NeoXConfig:
         return "fp32"
 
     @property
+    def recompute(self) -> str:
+        """What the backward recomputes: 'none', 'full' (each layer's forward, Megatron's `full`) or
+        'selective' (only rotary and the attention core, Megatron's `selective`)."""
+        return self.recompute_granularity if self.checkpoint_activations else "none"
+
+    @property
     def save_every(self) -> int | None:
         return self.checkpoint_factor or self.save_interval
 
@@ -322,6 +329,7 @@ _CHOICES = {
     "tokenizer_type": ("HFTokenizer",),
     "launcher": ("pdsh", "openmpi", "mvapich", "slurm"),
     "distributed_backend": ("nccl", "gloo"),
+    "recompute_granularity": ("full", "selective"),
 }
 _MUST_BE_FALSE = {
     "rotary_interleaved": "StableLM uses rotate-half rotary",

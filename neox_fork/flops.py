@@ -1,16 +1,26 @@
 """FLOPs per token, MFU/HFU, a device peak table, and the memory a training step needs per GPU.
 
-FLOPs per token of training (forward + backward), as in the PaLM paper and GPT-NeoX:
+FLOPs per token of training (forward + backward), the count Megatron (72BsLh^2(1 + s/6h + V/12hL)),
+torchtitan and nanotron report:
 
-    model_flops_per_token = 6 * N + 12 * L * h * T
+    model FLOPs per token = 6 * N_non_embedding + 12 * L * h * s + 6 * V * h
 
-N parameters (embeddings included), L layers, h hidden size, T sequence length: 6N for the matrix
-multiplies (2 forward + 4 backward), 12*L*h*T for attention scores and their weighted sum. With full
-activation checkpointing the forward runs twice, so the hardware does 8N + 16*L*h*T (HFU).
-MFU = tokens/s * model_flops_per_token / (devices * peak FLOP/s).
+N_non_embedding: the parameters of the transformer layers and the final norm, counted on the built model
+(so biases, GQA or another MLP width count as they are); 6 per parameter for its matrix multiply (2 forward,
+4 backward). 12*L*h*s: attention scores and their weighted sum (L layers, h hidden, s sequence). 6*V*h: the
+output head over the padded vocabulary, once whether or not it is tied to the input embedding; the input
+embedding is a lookup and counts nothing.
+
+Hardware FLOPs add what activation checkpointing recomputes in the backward: `full` one more forward of the
+transformer layers (2 * N_layers + 4 * L * h * s), `selective` the attention core only (4 * L * h * s),
+`none` nothing. The head is never recomputed (at TP=1 the fused head + loss forms its gradients in the
+forward pass). MFU = tokens/s * model FLOPs per token / (devices * peak FLOP/s); HFU likewise with hardware
+FLOPs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -29,16 +39,51 @@ PEAK_FLOPS = {
     "MI300X": 1307e12,
 }
 
-
-def model_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_length: int) -> int:
-    return 6 * num_params + 12 * num_layers * hidden_size * seq_length
+RECOMPUTE = ("none", "full", "selective")
 
 
-def hardware_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_length: int,
-                             recompute: bool) -> int:
-    """What the device executes: one extra forward (2N + 4*L*h*T) under full activation checkpointing."""
-    extra = 2 * num_params + 4 * num_layers * hidden_size * seq_length if recompute else 0
-    return model_flops_per_token(num_params, num_layers, hidden_size, seq_length) + extra
+def model_flops_per_token(non_embedding_params: int, num_layers: int, hidden_size: int, seq_length: int,
+                          vocab_size: int) -> int:
+    """6 N_non_embedding + 12 L h s + 6 V h (see the module docstring)."""
+    return 6 * non_embedding_params + 12 * num_layers * hidden_size * seq_length + 6 * vocab_size * hidden_size
+
+
+def recompute_flops_per_token(recompute: str, layer_params: int, num_layers: int, hidden_size: int,
+                              seq_length: int) -> int:
+    """FLOPs the backward spends re-running forward work: one forward of the checkpointed layers (their
+    matrix multiplies and attention) for `full`, the attention core (q k^T and p v) for `selective`."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute {recompute!r}: use one of {', '.join(RECOMPUTE)}")
+    attention_forward = 4 * num_layers * hidden_size * seq_length
+    return {"none": 0, "full": 2 * layer_params + attention_forward, "selective": attention_forward}[recompute]
+
+
+def _whole_model_numel(module: torch.nn.Module, tp_size: int) -> int:
+    """Parameters of `module` in the unsharded model: megatron-core marks tensor-parallel shards with
+    `tensor_model_parallel` (tp_size of them make the whole); the others are replicated on every rank."""
+    return sum(p.numel() * (tp_size if getattr(p, "tensor_model_parallel", False) else 1)
+               for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    model: int  # for MFU
+    hardware: int  # for HFU: model + what the configured recomputation repeats
+    non_embedding_params: int
+    recompute: str
+
+
+def training_flops_per_token(model: torch.nn.Module, seq_length: int, recompute: str,
+                             tp_size: int = 1) -> FlopsPerToken:
+    """The FLOPs per token of one training step of `model` (this rank's shard of a TP=`tp_size` model, or a
+    meta-device build): the one function model_summary, the training log, metrics.jsonl and the benchmark
+    use. N_non_embedding is counted on the model: `model.layers` plus `model.final_norm`."""
+    layer_params = _whole_model_numel(model.layers, tp_size)
+    non_embedding = layer_params + _whole_model_numel(model.final_norm, tp_size)
+    s = model.shape
+    flops = model_flops_per_token(non_embedding, s.num_layers, s.hidden_size, seq_length, s.vocab_size)
+    extra = recompute_flops_per_token(recompute, layer_params, s.num_layers, s.hidden_size, seq_length)
+    return FlopsPerToken(flops, flops + extra, non_embedding, recompute)
 
 
 def device_peak_flops(device: torch.device | str | None = None) -> float | None:
@@ -71,6 +116,8 @@ def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int,
     - weights and gradients: 2 bytes each per parameter in bf16/fp16 (4 in fp32), split over TP;
     - optimizer: fp32 master copy + Adam m and v = 12 bytes per parameter (8 in pure fp32), split over
       TP and, from ZeRO stage 1, over DP;
+    - fp32 gradient buffer (`fp32_gradient_buffer_bytes`): DeepSpeed's bf16 optimizer accumulates gradients
+      in an fp32 copy of the whole model on every rank;
     - activations per layer: 34*s*b*h/tp bytes without checkpointing; with it, the layer inputs
       (2*s*b*h each) plus one layer being recomputed; plus the logits chunk of the loss.
     """
@@ -79,6 +126,7 @@ def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int,
     weights = p * (2 if half else 4)
     grads = p * (2 if half else 4)
     optim = p * (12 if half else 8) / (dp if zero_stage >= 1 else 1)
+    grad_buffer = fp32_gradient_buffer_bytes(p, dp=dp, zero_stage=zero_stage, dtype=dtype)
     sbh = seq_length * micro_batch * hidden_size
     per_layer = 34 * sbh / tp
     if checkpoint_activations:
@@ -86,5 +134,29 @@ def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int,
     else:
         activations = num_layers * per_layer
     logits = min(seq_length * micro_batch, 4096) * vocab_size / tp * 4 * 2
-    return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": activations + logits,
-            "total": weights + grads + optim + activations + logits}
+    return {"weights": weights, "gradients": grads, "grad_buffer_fp32": grad_buffer, "optimizer": optim,
+            "activations": activations + logits,
+            "total": weights + grads + grad_buffer + optim + activations + logits}
+
+
+def fp32_gradient_buffer_bytes(params_per_rank: float, *, dp: int, zero_stage: int, dtype: str) -> float:
+    """DeepSpeed's fp32 gradients beside the model's half-precision ones. bf16 at ZeRO stage <= 1 (our
+    `grad_accum_dtype: fp32`) runs its BF16_Optimizer, which holds an fp32 gradient buffer the size of the
+    whole (TP-sharded) model on every rank; fp16, and bf16 at stage 2, keep fp32 gradients of this rank's
+    ZeRO partition only; fp32 training accumulates in the parameters' own gradients."""
+    if dtype == "bf16" and zero_stage <= 1:
+        return params_per_rank * 4
+    if dtype in ("bf16", "fp16"):
+        return params_per_rank * 4 / (dp if zero_stage >= 1 else 1)
+    return 0.0
+
+
+def largest_micro_batch(memory_at, budget_bytes: float, limit: int = 64) -> int:
+    """The largest micro-batch b <= limit with memory_at(b)["total"] <= budget_bytes (0 if none fits);
+    `memory_at(b)` is `training_memory_bytes` with every other argument fixed."""
+    best = 0
+    for b in range(1, limit + 1):
+        if memory_at(b)["total"] > budget_bytes:
+            break
+        best = b
+    return best

@@ -6,9 +6,10 @@ What is fused where (docs/performance.md has the measurements):
   rotary_dim < head_dim) applies the 25% partial rotary and copies the other 75% in one pass on CUDA,
   forward and backward, when flash-attn is installed and the positions are shared by the batch (training).
   Otherwise: torch rotate-half, applied to q and k together so every elementwise op runs once, not twice.
-- SwiGLU: silu(gate) * up through `torch.compile` on CUDA (Inductor emits one kernel for the forward and
-  one for the backward); eager torch elsewhere or if compilation fails. liger-kernel's Triton SwiGLU is
-  the same fusion behind an extra dependency that pins torch versions, so we do not take it.
+- SwiGLU: eager silu(gate) * up; with `torch_compile: true` Inductor fuses it inside each compiled layer
+  (one kernel forward, one backward). `swiglu(compiled=True)` compiles it alone (the GPU tests check it).
+  liger-kernel's Triton SwiGLU is the same fusion behind an extra dependency that pins torch versions, so
+  we do not take it.
 - LayerNorm: `torch.nn.LayerNorm` is already one fused kernel each way on CUDA (and CPU); Apex's
   FusedLayerNorm is not needed and Apex is not a dependency.
 - the loss: see `StableLM.loss` (chunked, never the fp32 logits of the whole batch at once).
@@ -89,13 +90,12 @@ _compiled_swiglu = None
 _compile_failed = False
 
 
-def swiglu(up: torch.Tensor, gate: torch.Tensor, *, compiled: bool | None = None) -> torch.Tensor:
-    """silu(gate) * up. `compiled` None: compile when training on CUDA (one fused kernel each way);
-    inside a compiled layer the eager expression is traced and fused with its neighbours anyway."""
+def swiglu(up: torch.Tensor, gate: torch.Tensor, *, compiled: bool = False) -> torch.Tensor:
+    """silu(gate) * up, eager unless `compiled` (one Inductor kernel each way). The model calls it eager:
+    compilation happens only with `torch_compile: true`, where the whole layer is compiled and this
+    expression is traced and fused with its neighbours, so "eager" benchmarks are eager throughout."""
     global _compiled_swiglu, _compile_failed
-    if compiled is None:
-        compiled = up.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if not compiled or _compile_failed:
+    if not compiled or _compile_failed or torch.compiler.is_compiling():
         return swiglu_reference(up, gate)
     if _compiled_swiglu is None:
         _compiled_swiglu = torch.compile(swiglu_reference, dynamic=None)

@@ -30,6 +30,8 @@ def progress_line(m: dict, total_iters: int) -> str:
              f"tokens/s {m['tokens_per_sec']:,.0f}"]
     if m.get("mfu") is not None:
         parts.append(f"mfu {m['mfu']:.1%}")
+    if m.get("hfu") is not None:
+        parts.append(f"hfu {m['hfu']:.1%}")
     parts.append(f"elapsed {format_duration(m['elapsed_sec'])}")
     parts.append(f"eta {format_duration(m['eta_sec'])}")
     return " | ".join(parts)

@@ -50,11 +50,12 @@ class ModelShape:
     attention_types: list
     hidden_dropout: float
     attention_dropout: float
-    checkpoint_activations: bool
+    checkpoint_activations: bool  # full recompute: each group of layers re-runs its forward in the backward
     checkpoint_num_layers: int
     full_precision_loss: bool
     loss_chunk_tokens: int  # 0: compute the loss for all tokens at once
     torch_compile: bool = False  # compile each transformer layer for training (see StableLM.compile_layers)
+    selective_recompute: bool = False  # recompute only rotary + the attention core (Attention.forward)
 
     @property
     def head_dim(self) -> int:
@@ -70,10 +71,11 @@ class ModelShape:
             tie_word_embeddings=c.tie_word_embeddings, init_std=c.init_method_std,
             init_method=c.init_method, output_layer_init_method=c.output_layer_init_method,
             attention_types=c.attention_types, hidden_dropout=c.hidden_dropout,
-            attention_dropout=c.attention_dropout, checkpoint_activations=c.checkpoint_activations,
+            attention_dropout=c.attention_dropout, checkpoint_activations=c.recompute == "full",
             checkpoint_num_layers=c.checkpoint_num_layers,
             full_precision_loss=c.full_precision_lm_cross_entropy,
             loss_chunk_tokens=4096 if c.fused_cross_entropy else 0, torch_compile=c.torch_compile,
+            selective_recompute=c.recompute == "selective",
         )
 
 
@@ -139,6 +141,18 @@ class Attention(nn.Module):
         b, sq, _ = x.shape
         qkv, _ = self.query_key_value(x)
         qkv = qkv.view(b, sq, self.heads_per_rank, 3, self.shape.head_dim)
+        if self.shape.selective_recompute and self.training and kv_cache is None and mask is None:
+            # Megatron's selective recompute: the backward re-runs rotary and the attention core from qkv,
+            # so the rotated q, k and the kernel's output are not kept (4 L h s FLOPs per token extra)
+            out = checkpoint(self.core, qkv, rotary, cos, sin, use_reentrant=False)
+        else:
+            out = self.core(qkv, rotary, cos, sin, kv_cache, mask)
+        out, _ = self.dense(out.reshape(b, sq, -1))
+        return out
+
+    def core(self, qkv, rotary: Rotary, cos, sin, kv_cache=None, mask=None):
+        """Rotary and attention on [b, s, heads, 3, head_dim]; the output [b, s, heads, head_dim]."""
+        sq = qkv.shape[1]
         if rotary.dim:  # q, k, v each [b, s, heads, head_dim]
             q, k, v = fused.rotary_qkv(qkv, cos, sin, rotary.dim)
         else:
@@ -148,11 +162,9 @@ class Attention(nn.Module):
             k, v = kv_cache.update(k, v)
             causal = causal and sq > 1
             if causal and k.shape[1] > sq:  # several new tokens after a cached prefix: mask bottom-right
-                mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=x.device).tril(k.shape[1] - sq)
+                mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=qkv.device).tril(k.shape[1] - sq)
         dropout = self.shape.attention_dropout if self.training else 0.0
-        out = attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout, mask=mask)
-        out, _ = self.dense(out.reshape(b, sq, -1))
-        return out
+        return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout, mask=mask)
 
 
 class SwiGLU(nn.Module):

@@ -22,9 +22,11 @@ from neox_fork.errors import UserError
 def init_distributed(backend: str | None = None, timeout_minutes: int = 10) -> None:
     """Join the default process group (env:// when launched, a private one-rank group otherwise).
 
-    Under srun or mpirun call `launcher_environment` first, so RANK and WORLD_SIZE are set."""
+    Under srun or mpirun call `launcher_environment` first, so RANK and WORLD_SIZE are set. The private
+    group is gloo unless NCCL is asked for by name on a CUDA machine (a one-GPU DeepSpeed engine)."""
     if dist.is_initialized():
         return
+    private_nccl = backend == "nccl" and torch.cuda.is_available()
     if backend is None or (backend == "nccl" and not torch.cuda.is_available()):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -32,6 +34,10 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 10) -> N
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timeout)
+    elif private_nccl:
+        torch.cuda.set_device(0)
+        dist.init_process_group(backend="nccl", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=torch.device("cuda", 0))
     else:
         dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,17 +21,11 @@ def tokenizer_vocab_size(config) -> int | None:
     return None
 
 
-def meta_parameter_count(config, vocab: int | None) -> int:
-    """Parameters of the whole model, counted on a TP=1 meta-device build (no memory is allocated)."""
+def meta_model(config, vocab: int | None):
+    """The whole model (TP=1) built on the meta device: shapes and parameter counts, no memory."""
     parallel.initialize(1)
-    tp = config.model_parallel_size
-    config.model_parallel_size = 1
-    try:
-        with torch.device("meta"):
-            model = build_model(config, vocab, perform_initialization=False)
-    finally:
-        config.model_parallel_size = tp
-    return sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        return build_model(dataclasses.replace(config, model_parallel_size=1), vocab, perform_initialization=False)
 
 
 def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assumed_mfu=0.40) -> dict:
@@ -39,34 +34,37 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     config.check_world_size(world)
     vocab = tokenizer_vocab_size(config)
     shape = ModelShape.from_config(config, vocab)
-    n = meta_parameter_count(config, vocab)
+    model = meta_model(config, vocab)
+    n = sum(p.numel() for p in model.parameters())
     if n != count_parameters(shape):
         raise AssertionError(f"meta build has {n} parameters, formula says {count_parameters(shape)}")
     tp, dp = config.model_parallel_size, config.data_parallel_size(world)
     seq = config.seq_length
-    model_fpt = flops.model_flops_per_token(n, config.num_layers, config.hidden_size, seq)
-    hw_fpt = flops.hardware_flops_per_token(n, config.num_layers, config.hidden_size, seq,
-                                            config.checkpoint_activations)
-    mem = flops.training_memory_bytes(
-        n, num_layers=config.num_layers, hidden_size=config.hidden_size, seq_length=seq,
-        micro_batch=config.train_micro_batch_size_per_gpu, tp=tp, dp=dp, zero_stage=config.zero_stage,
-        dtype=config.dtype_name, checkpoint_activations=config.checkpoint_activations, vocab_size=shape.vocab_size)
+    fpt = flops.training_flops_per_token(model, seq, config.recompute)
+    model_fpt = fpt.model
+
+    def memory_at(micro_batch: int, checkpoint_activations: bool) -> dict[str, float]:
+        return flops.training_memory_bytes(
+            n, num_layers=config.num_layers, hidden_size=config.hidden_size, seq_length=seq,
+            micro_batch=micro_batch, tp=tp, dp=dp, zero_stage=config.zero_stage, dtype=config.dtype_name,
+            checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size)
+
+    mem = memory_at(config.train_micro_batch_size_per_gpu, config.recompute == "full")
     gbs = config.global_batch_size(world)
     peak = flops.PEAK_FLOPS.get(gpu)
     if peak is None:
         raise UserError(f"--gpu {gpu!r} is not in the peak table; valid: {', '.join(flops.PEAK_FLOPS)}")
     tokens_per_gpu = assumed_mfu * peak / model_fpt
-    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     gib = 2**30
     lines = [
         f"config: {' + '.join(map(str, paths))}",
         f"parameters: {n}",
-        f"non_embedding_parameters: {n - embed}",
+        f"non_embedding_parameters: {fpt.non_embedding_params}",
         f"layers: {config.num_layers}  hidden: {config.hidden_size}  heads: {config.num_attention_heads}  "
         f"head_dim: {config.head_dim}  ffn: {config.ffn_hidden_size}  rotary_dims: {config.rotary_dim}  "
         f"vocab(padded): {shape.vocab_size}  seq: {seq}",
-        f"flops_per_token: {model_fpt}  ({model_fpt / 1e9:.2f} GFLOP = 6N + 12*L*h*T)",
-        f"hardware_flops_per_token: {hw_fpt}  (activation checkpointing: {config.checkpoint_activations})",
+        f"flops_per_token: {model_fpt}  ({model_fpt / 1e9:.2f} GFLOP = 6*N_non_embedding + 12*L*h*s + 6*V*h)",
+        f"hardware_flops_per_token: {fpt.hardware}  (recompute: {fpt.recompute})",
         f"parallelism: world {world} = tensor {tp} x data {dp}; ZeRO stage {config.zero_stage}; {config.dtype_name}",
         f"global_batch: {gbs} sequences = {gbs * seq} tokens per step",
         "memory_per_gpu_gib: " + "  ".join(f"{k} {v / gib:.2f}" for k, v in mem.items()),
@@ -78,7 +76,17 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         lines.append(f"train_iters {config.train_iters}: {config.train_iters * gbs * seq / 1e12:.2f}T tokens, "
                      f"about {days:.1f} days")
     if gpu_memory_gb:
-        fits = mem["total"] / gib <= gpu_memory_gb * 0.9
-        lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if fits else 'NO'}")
+        budget = gpu_memory_gb * gib * 0.9
+        lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if mem['total'] <= budget else 'NO'}")
+        lines.append(no_recompute_line(lambda b: memory_at(b, False), budget, gpu_memory_gb))
     print("\n".join(lines))
     return {"parameters": n, "flops_per_token": model_fpt, "memory": mem}
+
+
+def no_recompute_line(memory_at, budget: float, gpu_memory_gb: float) -> str:
+    """Which micro-batch trains without activation checkpointing (no recompute FLOPs at all)."""
+    b = flops.largest_micro_batch(memory_at, budget)
+    if not b:
+        return f"without recompute: no micro-batch fits in {gpu_memory_gb:g} GiB; keep checkpoint_activations"
+    return (f"without recompute: micro-batch up to {b} fits in {gpu_memory_gb:g} GiB "
+            f"(checkpoint_activations: false, train_micro_batch_size_per_gpu: {b})")

@@ -346,11 +346,49 @@ def evaluate_tasks(engine, c: NeoXConfig, tokenizer) -> dict[str, float]:
     return flat
 
 
+# ---------------------------------------------------------------------- the step
+def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):
+    """The DeepSpeed engine training runs: AdamW + the LR schedule, ZeRO, bf16 with fp32 masters, clipping."""
+    import deepspeed
+
+    if torch.cuda.is_available():
+        model = model.cuda()
+    optimizer = build_optimizer(c, model)
+    scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_at(c, it) / c.learning_rate)  # noqa: E731
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even of a single process
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(c, world), mpu=parallel.MPU(),
+                                           dist_init_required=False)
+    return engine
+
+
+def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Parameter]) -> tuple[float, bool]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches from the iterator `micro_batches`
+    (dicts of tokens, labels, loss_mask). A non-finite loss on any rank backpropagates zeros and the update
+    runs at lr 0, so every rank stays in step. Returns (mean loss on this rank, whether the update was
+    skipped). tools/benchmark.py --path engine times exactly this."""
+    step_loss, finite = 0.0, True
+    for micro in range(c.gradient_accumulation_steps):
+        batch = {k: v.to(_device()) for k, v in next(micro_batches).items()}
+        loss = engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+        if not torch.isfinite(loss):
+            finite = False
+            loss = sum(p.sum() * 0.0 for p in params)  # zero gradient instead of NaNs
+        engine.backward(loss)
+        step_loss += loss.item() / c.gradient_accumulation_steps
+        if micro == c.gradient_accumulation_steps - 1:
+            bad = torch.tensor([0.0 if finite else 1.0], device=_device())
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
+                for group in engine.optimizer.param_groups:  # lr 0 leaves the weights unchanged
+                    group["lr"] = 0.0
+        engine.step()  # DeepSpeed updates only at the accumulation boundary
+    return step_loss, bool(bad.item())
+
+
 # ---------------------------------------------------------------------- the loop
 def pretrain(c: NeoXConfig) -> int:
     """Train as the config says; returns the last iteration. Run on every rank."""
-    import deepspeed
-
     launcher_environment(c.deepspeed_slurm, c.deepspeed_mpi)
     setup_logging()
     parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes)
@@ -366,28 +404,22 @@ def pretrain(c: NeoXConfig) -> int:
     train_data, valid_data = build_data(c, tokenizer, world)
 
     model = build_model(c, tokenizer.vocab_size)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    optimizer = build_optimizer(c, model)
-    scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_at(c, it) / c.learning_rate)  # noqa: E731
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even of a single process
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(c, world), mpu=parallel.MPU(),
-                                           dist_init_required=False)
+    engine = build_engine(c, model, world)
     state = TrainState()
     resume(engine, model, c, state)
     stop = StopSignal()
     metrics = MetricsWriter(c, enabled=_rank0())
 
     n_params = count_parameters(model.shape)
-    flops_per_token = flops.model_flops_per_token(n_params, c.num_layers, c.hidden_size, c.seq_length)
+    flops_per_token = flops.training_flops_per_token(model, c.seq_length, c.recompute, parallel.tp_size())
     peak = flops.device_peak_flops()
     global_batch = c.global_batch_size(world)
     tokens_per_step = global_batch * c.seq_length
     if _rank0():
-        log.info("model: %d parameters; world %d = tensor %d x data %d; global batch %d x %d tokens; %s",
-                 n_params, world, c.model_parallel_size, parallel.dp_size(), global_batch,
-                 c.seq_length, c.dtype_name)
+        log.info("model: %d parameters; world %d = tensor %d x data %d; global batch %d x %d tokens; %s; "
+                 "FLOPs per token %d (hardware %d, recompute %s)", n_params, world, c.model_parallel_size,
+                 parallel.dp_size(), global_batch, c.seq_length, c.dtype_name, flops_per_token.model,
+                 flops_per_token.hardware, c.recompute)
 
     train_iter = batches(train_data, c, state.consumed_samples)
     started, window_start, window_steps = time.time(), time.time(), 0
@@ -397,27 +429,12 @@ def pretrain(c: NeoXConfig) -> int:
     if state.iteration == 0 and 0 in (c.extra_save_iters or []):
         save(engine, c, state)
     while state.iteration < c.train_iters:
-        step_loss, finite = 0.0, True
-        for micro in range(c.gradient_accumulation_steps):
-            batch = {k: v.to(_device()) for k, v in next(train_iter).items()}
-            loss = engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
-            if not torch.isfinite(loss):
-                finite = False
-                loss = sum(p.sum() * 0.0 for p in params)  # zero gradient instead of NaNs
-            engine.backward(loss)
-            step_loss += loss.item() / c.gradient_accumulation_steps
-            if micro == c.gradient_accumulation_steps - 1:
-                bad = torch.tensor([0.0 if finite else 1.0], device=_device())
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                if bad.item():
-                    for group in engine.optimizer.param_groups:  # lr 0 leaves the weights unchanged
-                        group["lr"] = 0.0
-            engine.step()  # DeepSpeed updates only at the accumulation boundary
+        step_loss, skipped = train_step(engine, c, train_iter, params)
         state.iteration += 1
         state.consumed_samples += global_batch
         window_steps += 1
 
-        if bad.item():
+        if skipped:
             state.nan_steps_in_a_row += 1
             log.warning("step %d: loss is NaN/inf on some rank; update skipped (%d in a row)", state.iteration,
                         state.nan_steps_in_a_row)
@@ -442,7 +459,8 @@ def pretrain(c: NeoXConfig) -> int:
                 "lr": lr_at(c, state.iteration - 1),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_sec": tokens_per_sec,
-                "mfu": flops.mfu(tokens_per_sec, flops_per_token, world, peak),
+                "mfu": flops.mfu(tokens_per_sec, flops_per_token.model, world, peak),
+                "hfu": flops.mfu(tokens_per_sec, flops_per_token.hardware, world, peak),
                 "consumed_samples": state.consumed_samples,
                 "elapsed_sec": time.time() - started,
             }

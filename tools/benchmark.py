@@ -1,17 +1,80 @@
 #!/usr/bin/env python
-"""Training-step throughput (tokens/s, MFU, peak memory) on random tokens, optionally against transformers.
+"""Training-step throughput (tokens/s, MFU, HFU, peak memory) on random tokens.
 
-    python tools/benchmark.py --config configs/tiny.yml --compare hf
-    python tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --micro-batch 4 --compare hf --json
+    python tools/benchmark.py --config configs/tiny.yml --compare hf                   # model path, vs transformers
+    python tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --path engine      # the train.py step
+    python tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --compare hf --json
 
-See docs/performance.md for the method and the measured numbers.
+See neox_fork/benchmark.py for what each path times and docs/performance.md for the measured numbers.
 """
 
+import argparse
+import json
 import sys
 
-
-from neox_fork.benchmark import main
+from neox_fork.benchmark import DTYPES, PATHS, format_text, run
+from neox_fork.config import load_config
 from neox_fork.errors import exit_on_user_error
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", required=True, help="NeoX YAML files (later files win)")
+    p.add_argument("--path", choices=PATHS, default="model",
+                   help="engine: the train.py step (DeepSpeed); model: forward/backward/AdamW, like for like "
+                        "with transformers (default)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--compare", choices=["hf"], help="also time transformers' StableLmForCausalLM (--path model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--micro-batch", type=int, help="override train_micro_batch_size_per_gpu")
+    p.add_argument("--seq-length", type=int, help="override seq-length (and max positions)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="model path: default bf16 on CUDA, the config's on CPU; engine path: sets the precision")
+    p.add_argument("--vocab-size", type=int, help="override the vocabulary (else config, tokenizer, 50277)")
+    p.add_argument("--checkpoint-activations", choices=["true", "false", "selective"],
+                   help="override the config: full recompute, none, or selective (attention core only)")
+    p.add_argument("--torch-compile", choices=["true", "false"], help="override the config")
+    return p.parse_args(argv)
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    """Config keys the flags set (the config files stay as they are)."""
+    out: dict = {}
+    if args.micro_batch:
+        out["train_micro_batch_size_per_gpu"] = args.micro_batch
+    if args.seq_length:
+        out["seq_length"] = args.seq_length
+        out["max_position_embeddings"] = args.seq_length
+    if args.vocab_size:
+        out["vocab_size"] = args.vocab_size
+    if args.checkpoint_activations:
+        out["checkpoint_activations"] = args.checkpoint_activations != "false"
+        if args.checkpoint_activations != "false":
+            out["recompute_granularity"] = "selective" if args.checkpoint_activations == "selective" else "full"
+    if args.torch_compile:
+        out["torch_compile"] = args.torch_compile == "true"
+    if args.dtype and args.path == "engine":
+        out["precision"] = args.dtype
+        out["bf16"] = {"enabled": args.dtype == "bf16"}
+    return out
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = load_config(*args.config, overrides=overrides_from(args))
+    result = run(config, path=args.path, steps=args.steps, warmup=args.warmup, compare_hf=args.compare == "hf",
+                 dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result))
+        if "ratio_vs_hf" in result:  # the documented last line, also in JSON mode
+            print(f"ratio_vs_hf: {result['ratio_vs_hf']:.3f}")
+    else:
+        print(format_text(result))
+    sys.stdout.flush()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(exit_on_user_error(main)())
+    sys.exit(main())
