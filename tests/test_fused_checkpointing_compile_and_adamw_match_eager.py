@@ -38,6 +38,17 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads(one_process, num
     _assert_same(checkpointed, eager, 1e-6)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # with dropout the recompute must replay the same masks
+def test_selective_recompute_gives_the_same_loss_and_grads(one_process, dropout):
+    """Megatron-style selective recompute (rotary + attention core re-run in the backward) changes memory only.
+    Both runs do the same operations in the same order on the same inputs, so 1e-6 (a few fp32 ulps of
+    values of order 1) bounds any difference; the recompute must restore the RNG for the dropout masks."""
+    keys = dict(attention_dropout=dropout, hidden_dropout=dropout)
+    selective = _loss_and_grads(checkpoint_activations=True, recompute_granularity="selective", **keys)
+    assert selective[0].shape.selective_recompute and not selective[0].shape.checkpoint_activations
+    _assert_same(selective, _loss_and_grads(**keys), 1e-6)
+
+
 def test_compiled_layers_keep_state_dict_names_and_graph_matches_eager(one_process, monkeypatch):
     """Dynamo capture + AOT autograd (with checkpointing) without Inductor's code generation: seconds."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
