@@ -321,3 +321,21 @@ def format_text(r: dict) -> str:
     if "ratio_vs_hf" in r:
         lines.append(f"ratio_vs_hf: {r['ratio_vs_hf']:.3f}")
     return "\n".join(lines)
+
+
+def format_table(results: list[tuple[str, dict]]) -> str:
+    """One Markdown table over benchmark results (label, result dict): a row per timed model."""
+    rows = ["| run | path | recompute | micro-batch | compile | model | tokens/s | MFU | HFU | peak memory | "
+            "ratio_vs_hf |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in results:
+        for name in ("ours", "hf"):
+            if name not in r:
+                continue
+            x = r[name]
+            ratio = f"{r['ratio_vs_hf']:.3f}" if name == "ours" and "ratio_vs_hf" in r else ""
+            rows.append(f"| {label} | {r['path']} | {r['recompute']} | {r['micro_batch']} | {r['torch_compile']} | "
+                        f"{'transformers' if name == 'hf' else 'ours'} | {x['tokens_per_sec']:,.0f} | "
+                        f"{_fmt_pct(x['mfu'])} | {_fmt_pct(x['hfu'])} | {_fmt_bytes(x['peak_memory_bytes'])} | "
+                        f"{ratio} |")
+    devices = sorted({r["device"] for _, r in results})
+    return "\n".join(rows + [f"device: {', '.join(devices)}"])

@@ -12,14 +12,16 @@ import argparse
 import json
 import sys
 
-from neox_fork.benchmark import DTYPES, PATHS, format_text, run
+from pathlib import Path
+
+from neox_fork.benchmark import DTYPES, PATHS, format_table, format_text, run
 from neox_fork.config import load_config
-from neox_fork.errors import exit_on_user_error
+from neox_fork.errors import UserError, exit_on_user_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", nargs="+", required=True, help="NeoX YAML files (later files win)")
+    p.add_argument("--config", nargs="+", help="NeoX YAML files (later files win)")
     p.add_argument("--path", choices=PATHS, default="model",
                    help="engine: the train.py step (DeepSpeed); model: forward/backward/AdamW, like for like "
                         "with transformers (default)")
@@ -35,7 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-activations", choices=["true", "false", "selective"],
                    help="override the config: full recompute, none, or selective (attention core only)")
     p.add_argument("--torch-compile", choices=["true", "false"], help="override the config")
-    return p.parse_args(argv)
+    p.add_argument("--table", nargs="+", metavar="JSON",
+                   help="instead of measuring: one table from the --json outputs of earlier runs")
+    args = p.parse_args(argv)
+    if not args.config and not args.table:
+        p.error("--config is required (or --table to tabulate earlier results)")
+    return args
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -60,9 +67,20 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return out
 
 
+def read_result(path: str) -> dict:
+    """The JSON object a `--json` run printed (its first line; a ratio line may follow)."""
+    try:
+        return json.loads(Path(path).read_text().splitlines()[0])
+    except (OSError, IndexError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not the output of tools/benchmark.py --json ({err})") from None
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(format_table([(Path(f).stem, read_result(f)) for f in args.table]))
+        return 0
     config = load_config(*args.config, overrides=overrides_from(args))
     result = run(config, path=args.path, steps=args.steps, warmup=args.warmup, compare_hf=args.compare == "hf",
                  dtype=args.dtype)
