@@ -384,6 +384,8 @@ def _plan_deepspeed(c, user_script, config_paths, hostfile, environ, python) -> 
         args += ["--master_addr", master]
         if len(resources) > 1 or c.launcher not in ("pdsh", "slurm"):
             args += ["--launcher", c.launcher]
+        if c.launcher in ("openmpi", "mvapich"):
+            args += _mpi_launcher_args(c, pool, resources, hostfile, master, environ)
         if c.no_ssh_check:
             args.append("--no_ssh_check")
     else:
@@ -406,13 +408,26 @@ def _plan_deepspeed(c, user_script, config_paths, hostfile, environ, python) -> 
         args += ["--include", c.include]
     if c.exclude:
         args += ["--exclude", c.exclude]
-    if not (c.include or c.exclude):
+    if not (c.include or c.exclude) and not (hostfile and c.launcher in ("openmpi", "mvapich")):
         if c.num_nodes > 0 and hostfile:
             args += ["--num_nodes", str(c.num_nodes)]
         if c.num_gpus is not None or not hostfile:
             args += ["--num_gpus", str(len(next(iter(resources.values()))))]
     args += ["--master_port", str(c.master_port), "--module", "neox_fork.launch", "rank", user_script, *config_paths]
     return LaunchPlan("deepspeed", args, {}, [], resources, master, c.master_port, notes)
+
+
+def _mpi_launcher_args(c, pool, resources, hostfile, master, environ) -> list[str]:
+    """mpirun options for DeepSpeed's MPI runners, which start one rank per slot of the whole hostfile and
+    give ranks no MASTER_ADDR/MASTER_PORT (upstream finds them with mpi4py; we pass them with -x)."""
+    if any(len(ids) != pool[h] for h, ids in resources.items()) or list(resources) != list(pool):
+        raise UserError(f"{c.where('launcher')}: launcher {c.launcher!r} starts a rank on every slot of hostfile "
+                        f"{hostfile} (DeepSpeed's MPI runner cannot select); drop include/exclude/num_nodes/num_gpus "
+                        "or write a hostfile with only the slots to use")
+    mpirun = ["-x", f"MASTER_ADDR={master}", "-x", f"MASTER_PORT={c.master_port}"]
+    if environ.get("OMPI_MCA_btl_tcp_if_include"):  # DeepSpeed otherwise forces `--mca btl_tcp_if_include eth0`
+        mpirun += ["--mca", "btl_tcp_if_include", environ["OMPI_MCA_btl_tcp_if_include"]]
+    return ["--launcher_args", shlex.join(mpirun)]
 
 
 def _plan_srun(c, user_script, config_paths, hostfile, environ, python) -> LaunchPlan:
@@ -458,6 +473,28 @@ def _plan_srun(c, user_script, config_paths, hostfile, environ, python) -> Launc
     return LaunchPlan("srun", args, env, unset, resources, master, c.master_port, notes)
 
 
+# What each multi-node launcher runs on this machine, and where it comes from.
+LAUNCHER_TOOLS = {
+    "pdsh": [("pdsh", "apt-get install pdsh"), ("ssh", "apt-get install openssh-client")],
+    "openmpi": [("mpirun", "apt-get install openmpi-bin"), ("ompi_info", "apt-get install openmpi-bin"),
+                ("ssh", "apt-get install openssh-client")],
+    "mvapich": [("mpiname", "MVAPICH2-GDR, which Debian does not package"),
+                ("mpirun", "MVAPICH2-GDR, which Debian does not package")],
+}
+
+
+def missing_tools(plan: LaunchPlan) -> None:
+    """One line naming what a multi-node launcher lacks here, instead of DeepSpeed's traceback."""
+    launcher = plan.command[plan.command.index("--launcher") + 1] if "--launcher" in plan.command else "pdsh"
+    if plan.mode != "deepspeed" or (len(plan.resources) < 2 and launcher == "pdsh"):
+        return
+    missing = [(tool, where) for tool, where in LAUNCHER_TOOLS.get(launcher, []) if not shutil.which(tool)]
+    if missing:
+        hints = "; ".join(dict.fromkeys(where for _, where in missing))
+        raise UserError(f"launcher {launcher} needs {', '.join(t for t, _ in missing)} on PATH here and on every "
+                        f"host of the hostfile ({hints}); or use another launcher")
+
+
 def launch(plan: LaunchPlan) -> int:
     """Run the plan's command in the foreground; returns its exit status.
 
@@ -467,6 +504,7 @@ def launch(plan: LaunchPlan) -> int:
     if plan.mode == "srun" and not shutil.which("srun"):
         raise UserError("deepspeed_slurm: true needs Slurm's srun on PATH; run inside an allocation "
                         "(sbatch/salloc) or set deepspeed_slurm: false")
+    missing_tools(plan)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(plan.command[0], plan.command, plan.environment())
@@ -474,28 +512,47 @@ def launch(plan: LaunchPlan) -> int:
 
 
 # ---------------------------------------------------------------------- helpers run by the ranks / sbatch
-def run_rank(argv: list[str]) -> None:
-    """`python -m neox_fork.launch [--local_rank=N] rank SCRIPT ARGS...`: run SCRIPT as __main__ and,
-    if it fails, say which rank (and host) failed and how, then fail the same way."""
-    import runpy
+def run_rank(argv: list[str]) -> int:
+    """`python -m neox_fork.launch [--local_rank=N] rank SCRIPT ARGS...`: run SCRIPT in a child process and,
+    if it fails, say which rank on which host failed and how, then fail the same way.
+
+    A parent process is what lets a rank killed outright (SIGKILL, the OOM killer) still be named: DeepSpeed's
+    launch.py only names its last-started command, and on a remote node pdsh adds nothing but the host.
+    Signals that ask a rank to stop or save (INT, TERM, USR1, USR2, HUP) are passed on to the child.
+    """
+    import signal
 
     local_rank = [a for a in argv if a.startswith("--local_rank")]
     rest = [a for a in argv if not a.startswith("--local_rank")]
     script, args = rest[0], rest[1:]
-    sys.argv = [script, *args, *local_rank]
-    sys.path.insert(0, str(Path(script).resolve().parent))
-    who = (f"rank {os.environ.get('RANK', '?')}/{os.environ.get('WORLD_SIZE', '?')} "
-           f"(local rank {os.environ.get('LOCAL_RANK', '?')} on {socket.gethostname()})")
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as err:
-        if err.code not in (None, 0):
-            code = err.code if isinstance(err.code, int) else 1
-            print(f"[neox_fork.launch] {who} exited with code {code}", file=sys.stderr, flush=True)
-        raise
-    except BaseException as err:
-        print(f"[neox_fork.launch] {who} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        raise
+    env = dict(os.environ)
+    env.update({k: v for k, v in rank_defaults(env).items() if k not in env})
+    names = {**env, **mpi_environment(env)}  # under mpirun the rank is in OMPI_COMM_WORLD_* only
+    who = (f"rank {names.get('RANK', '?')}/{names.get('WORLD_SIZE', '?')} "
+           f"(local rank {names.get('LOCAL_RANK', '?')} on {socket.gethostname()})")
+    child = subprocess.Popen([sys.executable, "-u", script, *args, *local_rank], env=env)
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+    for sig in forwarded:
+        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    code = child.wait()
+    for sig in forwarded:
+        signal.signal(sig, signal.SIG_DFL)
+    if code < 0:
+        print(f"[neox_fork.launch] {who} was killed by {signal.Signals(-code).name}", file=sys.stderr, flush=True)
+        return 128 - code
+    if code:
+        print(f"[neox_fork.launch] {who} exited with code {code}", file=sys.stderr, flush=True)
+    return code
+
+
+def rank_defaults(environ: dict[str, str]) -> dict[str, str]:
+    """What every rank should see unless its environment says otherwise.
+
+    deepy sets these for the launcher, but DeepSpeed's pdsh runner forwards only PYTHON*-style variables to
+    other nodes, so a rank on a remote node fills them in itself (OMP_NUM_THREADS from the node's own cores
+    and its number of ranks, LOCAL_SIZE, which DeepSpeed's launch.py sets)."""
+    per_node = max(1, int(environ.get("LOCAL_SIZE", "1") or 1))
+    return {**RANK_ENV_DEFAULTS, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // per_node))}
 
 
 def training_finished(config: NeoXConfig) -> bool:
@@ -514,8 +571,7 @@ def _main(argv: list[str]) -> int:
     if commands[:1] == ["rank"] and len(commands) > 1:
         rest = list(argv)
         rest.remove("rank")  # the first one only: a user argument may be spelt the same
-        run_rank(rest)
-        return 0
+        return run_rank(rest)
     if commands[:1] == ["finished"] and len(commands) > 1:
         from neox_fork.config import load_config
         from neox_fork.errors import exit_on_user_error

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from neox_fork.metrics import MetricsWriter, progress_line
 from neox_fork.model import build_model, count_parameters
 
 log = logging.getLogger("neox_fork")
+placement_log = logging.getLogger("neox_fork.placement")
 
 
 # ---------------------------------------------------------------------- learning rate
@@ -115,10 +117,12 @@ def _dp_mean(value: torch.Tensor) -> float:
 
 
 def setup_logging() -> None:
+    """Rank 0 logs progress, the others warnings only; every line names the rank and its host."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s rank {rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
-                        force=True)
+                        format=f"[%(asctime)s rank {rank} {socket.gethostname()}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    placement_log.setLevel(logging.INFO)  # where each rank runs: one line from every rank
     for noisy in ("megatron", "megatron.core", "DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -393,6 +397,9 @@ def pretrain(c: NeoXConfig) -> int:
     setup_logging()
     parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes)
     world = dist.get_world_size()
+    placement_log.info("rank %d/%d on host %s: local rank %s, pid %d, tensor-parallel rank %d, data-parallel rank %d",
+                       dist.get_rank(), world, socket.gethostname(), os.environ.get("LOCAL_RANK", "0"), os.getpid(),
+                       parallel.tp_rank(), parallel.dp_rank())
     c.check_world_size(world)
     parallel.seed_everything(c.seed)
 

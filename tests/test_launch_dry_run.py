@@ -230,8 +230,32 @@ def test_launch_conflicting_launcher_keys_are_errors(tmp_path, overlay, fragment
 
 def test_launch_openmpi_launcher_is_passed_to_deepspeed(tmp_path, hostfile):
     command, _, ranks = ok(deepy(tmp_path, "-H", hostfile, overlay={"launcher": "openmpi", "deepspeed_mpi": True,
-                                                                    "num_gpus": 1}))
-    assert command[command.index("--launcher") + 1] == "openmpi" and len(ranks) == 3
+                                                                    "num_gpus": None}))
+    assert command[command.index("--launcher") + 1] == "openmpi" and len(ranks) == 12
+    # DeepSpeed's MPI runner refuses --num_gpus/--num_nodes and gives ranks no MASTER_*: mpirun -x does
+    assert "--num_gpus" not in command and "--num_nodes" not in command
+    mpirun = shlex.split(command[command.index("--launcher_args") + 1])
+    assert mpirun == ["-x", "MASTER_ADDR=worker-a", "-x", f"MASTER_PORT={ranks[0]['MASTER_PORT']}"]
+
+
+def test_launch_openmpi_cannot_select_part_of_the_hostfile(tmp_path, hostfile):
+    result = deepy(tmp_path, "-H", hostfile, overlay={"launcher": "openmpi", "deepspeed_mpi": True, "num_gpus": 1})
+    assert_user_error(result, "launcher 'openmpi' starts a rank on every slot of hostfile", "num_gpus")
+
+
+def test_launch_multinode_launcher_without_its_tools_is_one_line(tmp_path, hostfile):
+    """Not a dry run: deepy refuses before starting DeepSpeed's runner, naming what is missing."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    for overlay, missing in (({"launcher": "openmpi", "deepspeed_mpi": True, "num_gpus": None},
+                              "launcher openmpi needs mpirun, ompi_info, ssh on PATH"),
+                             ({"launcher": "pdsh"}, "launcher pdsh needs pdsh, ssh on PATH")):
+        (tmp_path / "overlay.yml").write_text(json.dumps(overlay))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env.update(PATH=str(empty), CUDA_VISIBLE_DEVICES="")
+        result = subprocess.run([sys.executable, "deepy.py", "train.py", TINY, str(tmp_path / "overlay.yml"), "-H",
+                                 hostfile], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert_user_error(result, missing, "apt-get install")
 
 
 # ---------------------------------------------------------------------- Slurm (srun) launches
