@@ -58,7 +58,8 @@ ns() { echo "$PREFIX-$1"; }
 on() {  # on HOST CMD...: CMD in HOST's network namespace, under HOST's hostname, with the cluster's ssh
     local host=$1
     shift
-    ip netns exec "$(ns "$host")" unshare --uts -- env PATH="$B/bin:$PATH" FAKE_CLUSTER_HOST="$host" \
+    # nsenter, not `ip netns exec`: that remounts /sys, which hides /sys/fs/cgroup from slurmd
+    nsenter --net="/run/netns/$(ns "$host")" unshare --uts -- env PATH="$B/bin:$PATH" FAKE_CLUSTER_HOST="$host" \
         sh -c 'hostname "$FAKE_CLUSTER_HOST" && exec "$@"' sh "$@"
 }
 
@@ -70,7 +71,7 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...
         sleep 0.1
     done
     echo "error: $what did not come up within ${limit}s; logs in $B/log" >&2
-    tail -n 20 "$B"/log/* >&2 || true
+    tail -n 20 "$B"/log/* "$B"/slurm/log/* >&2 2>/dev/null || true
     return 1
 }
 
