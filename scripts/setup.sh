@@ -9,5 +9,9 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q "$(grep '^torch==' requirements.txt)"
 .venv/bin/pip install -q -r requirements.txt
 .venv/bin/pip install -q --no-deps --no-build-isolation -e .
-# Slurm for tests/test_slurm_*.py: Debian's slurmctld/slurmd/munge, installed only when missing (needs root)
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash scripts/slurm_localhost.sh install; fi
+# Slurm for tests/test_slurm_*.py: Debian's slurmctld/slurmd/munge, installed only when missing (needs root);
+# and for tests/test_multinode_*.py openssh-server, pdsh, openmpi-bin, iproute2 (scripts/fake_cluster.sh)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    bash scripts/slurm_localhost.sh install
+    bash scripts/fake_cluster.sh install
+fi

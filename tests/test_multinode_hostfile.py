@@ -41,9 +41,9 @@ def single(tmp_path_factory, small_corpus):
 def cluster_config(folder, corpus, tp=1, **keys):
     """The reference's config at TP=tp over two ranks (global batch 4), on a free master port."""
     folder.mkdir(exist_ok=True)
-    keys = dict(train_iters=equivalence.STEPS, hidden_dropout=0.0, model_parallel_size=tp,
-                make_vocab_size_divisible_by=256 // tp, train_micro_batch_size_per_gpu=2 * tp,
-                master_port=_free_port(), **keys)
+    keys = {**dict(train_iters=equivalence.STEPS, hidden_dropout=0.0, model_parallel_size=tp,
+                   make_vocab_size_divisible_by=256 // tp, train_micro_batch_size_per_gpu=2 * tp,
+                   master_port=_free_port()), **keys}
     return write_train_config(folder, corpus, **keys)
 
 

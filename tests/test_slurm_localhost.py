@@ -21,9 +21,10 @@ from conftest import REPO
 HARNESS = REPO / "scripts" / "slurm_localhost.sh"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    """Environment (SLURM_CONF) of a one-node Slurm running for this session; stopped at the end."""
+    """Environment (SLURM_CONF) of a one-node Slurm running for this module; stopped at its end, before the
+    multi-node tests start theirs."""
     folder = tmp_path_factory.mktemp("slurm")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     subprocess.run([sys.executable, "tools/prepare_demo_data.py"], cwd=REPO, check=True, capture_output=True)
