@@ -413,7 +413,9 @@ def _plan_deepspeed(c, user_script, config_paths, hostfile, environ, python) -> 
             args += ["--num_nodes", str(c.num_nodes)]
         if c.num_gpus is not None or not hostfile:
             args += ["--num_gpus", str(len(next(iter(resources.values()))))]
-    args += ["--master_port", str(c.master_port), "--module", "neox_fork.launch", "rank", user_script, *config_paths]
+    # hostfile launches: each rank under a watcher that names it if it dies (see watch_rank)
+    entry = "watch" if hostfile else "rank"
+    args += ["--master_port", str(c.master_port), "--module", "neox_fork.launch", entry, user_script, *config_paths]
     return LaunchPlan("deepspeed", args, {}, [], resources, master, c.master_port, notes)
 
 
@@ -512,13 +514,37 @@ def launch(plan: LaunchPlan) -> int:
 
 
 # ---------------------------------------------------------------------- helpers run by the ranks / sbatch
-def run_rank(argv: list[str]) -> int:
-    """`python -m neox_fork.launch [--local_rank=N] rank SCRIPT ARGS...`: run SCRIPT in a child process and,
-    if it fails, say which rank on which host failed and how, then fail the same way.
+def run_rank(argv: list[str]) -> None:
+    """`python -m neox_fork.launch [--local_rank=N] rank SCRIPT ARGS...`: run SCRIPT as __main__ and,
+    if it fails, say which rank (and host) failed and how, then fail the same way."""
+    import runpy
 
-    A parent process is what lets a rank killed outright (SIGKILL, the OOM killer) still be named: DeepSpeed's
-    launch.py only names its last-started command, and on a remote node pdsh adds nothing but the host.
-    Signals that ask a rank to stop or save (INT, TERM, USR1, USR2, HUP) are passed on to the child.
+    local_rank = [a for a in argv if a.startswith("--local_rank")]
+    rest = [a for a in argv if not a.startswith("--local_rank")]
+    script, args = rest[0], rest[1:]
+    sys.argv = [script, *args, *local_rank]
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    who = (f"rank {os.environ.get('RANK', '?')}/{os.environ.get('WORLD_SIZE', '?')} "
+           f"(local rank {os.environ.get('LOCAL_RANK', '?')} on {socket.gethostname()})")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as err:
+        if err.code not in (None, 0):
+            code = err.code if isinstance(err.code, int) else 1
+            print(f"[neox_fork.launch] {who} exited with code {code}", file=sys.stderr, flush=True)
+        raise
+    except BaseException as err:
+        print(f"[neox_fork.launch] {who} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
+
+
+def watch_rank(argv: list[str]) -> int:
+    """`python -m neox_fork.launch [--local_rank=N] watch SCRIPT ARGS...`: how DeepSpeed's launcher starts a
+    rank of a hostfile launch on each host. SCRIPT runs in a child process so that a rank killed outright
+    (SIGKILL, the OOM killer) is still named with its host: DeepSpeed's launch.py names only the node's
+    last-started command, and pdsh adds only the host. INT/TERM/USR1/USR2/HUP sent to this process are
+    passed on; the child is in its own process group (a terminal's Ctrl-C reaches it once, through here) and
+    dies with this process (PR_SET_PDEATHSIG), so it is never left behind.
     """
     import signal
 
@@ -530,7 +556,8 @@ def run_rank(argv: list[str]) -> int:
     names = {**env, **mpi_environment(env)}  # under mpirun the rank is in OMPI_COMM_WORLD_* only
     who = (f"rank {names.get('RANK', '?')}/{names.get('WORLD_SIZE', '?')} "
            f"(local rank {names.get('LOCAL_RANK', '?')} on {socket.gethostname()})")
-    child = subprocess.Popen([sys.executable, "-u", script, *args, *local_rank], env=env)
+    child = subprocess.Popen([sys.executable, "-u", script, *args, *local_rank], env=env,
+                             preexec_fn=_watched_child)
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
     for sig in forwarded:
         signal.signal(sig, lambda signum, frame: child.send_signal(signum))
@@ -545,13 +572,26 @@ def run_rank(argv: list[str]) -> int:
     return code
 
 
+def _watched_child() -> None:
+    """In the child, before exec: its own process group, and SIGKILL when the watching parent dies (Linux
+    prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's signal forwarding still applies
+        pass
+
+
 def rank_defaults(environ: dict[str, str]) -> dict[str, str]:
     """What every rank should see unless its environment says otherwise.
 
     deepy sets these for the launcher, but DeepSpeed's pdsh runner forwards only PYTHON*-style variables to
     other nodes, so a rank on a remote node fills them in itself (OMP_NUM_THREADS from the node's own cores
-    and its number of ranks, LOCAL_SIZE, which DeepSpeed's launch.py sets)."""
-    per_node = max(1, int(environ.get("LOCAL_SIZE", "1") or 1))
+    and its number of ranks: LOCAL_SIZE from DeepSpeed's launch.py, or Open MPI's local size)."""
+    per_node = max(1, int(environ.get("LOCAL_SIZE") or environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or 1))
     return {**RANK_ENV_DEFAULTS, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // per_node))}
 
 
@@ -571,7 +611,12 @@ def _main(argv: list[str]) -> int:
     if commands[:1] == ["rank"] and len(commands) > 1:
         rest = list(argv)
         rest.remove("rank")  # the first one only: a user argument may be spelt the same
-        return run_rank(rest)
+        run_rank(rest)
+        return 0
+    if commands[:1] == ["watch"] and len(commands) > 1:
+        rest = list(argv)
+        rest.remove("watch")
+        return watch_rank(rest)
     if commands[:1] == ["finished"] and len(commands) > 1:
         from neox_fork.config import load_config
         from neox_fork.errors import exit_on_user_error
@@ -579,7 +624,8 @@ def _main(argv: list[str]) -> int:
         finished = exit_on_user_error(lambda: training_finished(load_config(*commands[1:])))()
         print("finished" if finished else "unfinished")
         return 0 if finished else 1
-    print("usage: python -m neox_fork.launch rank SCRIPT [ARGS...] | finished CONFIG [CONFIG...]", file=sys.stderr)
+    print("usage: python -m neox_fork.launch rank|watch SCRIPT [ARGS...] | finished CONFIG [CONFIG...]",
+          file=sys.stderr)
     return 2
 
 

@@ -84,6 +84,8 @@ import ipaddress, re, subprocess, sys
 mine = ipaddress.ip_network(sys.argv[1])
 text = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
 text += subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+# ... and in every named network namespace already on the machine (containers, other test setups)
+text += subprocess.run(["ip", "-all", "netns", "exec", "ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
 for net in re.findall(r"\b(\d+\.\d+\.\d+\.\d+(?:/\d+)?)", text):
     try:
         if ipaddress.ip_network(net, strict=False).overlaps(mine) and not net.startswith("0."):

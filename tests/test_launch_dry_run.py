@@ -110,6 +110,8 @@ def test_launch_hostfile_uses_every_slot_of_every_host_in_file_order(tmp_path, h
     assert [r["host"] for r in ranks] == ["worker-a"] * 4 + ["worker-b"] * 4 + ["worker-c"] * 4
     assert world(ranks) == list(range(12)) and world(ranks, "LOCAL_RANK") == [0, 1, 2, 3] * 3
     assert {r["MASTER_ADDR"] for r in ranks} == {"worker-a"} and {r["WORLD_SIZE"] for r in ranks} == {"12"}
+    # on every host each rank runs under the watcher that names it, with its host, if it dies
+    assert command[command.index("neox_fork.launch") + 1:][:2] == ["watch", "train.py"]
 
 
 def test_launch_hostfile_key_in_config_works_like_dash_H(tmp_path, hostfile):
