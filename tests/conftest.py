@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-NEOX_TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+# GPT-NeoX-20B's tokenizer, installed into the venv by scripts/setup.sh (scripts/install_test_tokenizer.sh)
+NEOX_TOKENIZER = Path(sys.prefix) / "share" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 PYTHON = sys.executable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+import conftest
 from neox_fork.data import preprocess as preprocess_module
 from neox_fork.data.preprocess import preprocess
 from neox_fork.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-NEOX_TOKENIZER = str(REPO.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json")
+NEOX_TOKENIZER = str(conftest.NEOX_TOKENIZER)
 
 
 def _jsonl(path: Path, good: int, bad_lines=()) -> Path:

@@ -8,12 +8,12 @@ import numpy
 import pytest
 import zstandard
 
+import conftest
 from neox_fork.data._megatron import indexed_dataset
 from neox_fork.data.preprocess import preprocess
 from neox_fork.data.tokenizer import build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-NEOX_TOKENIZER = str(REPO.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json")
+NEOX_TOKENIZER = str(conftest.NEOX_TOKENIZER)
 
 DOCS = [
     "Hello world.",

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+import conftest
 from neox_fork.data.tokenizer import build_tokenizer, padded_vocab_size
 from neox_fork.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-NEOX_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+NEOX_TOKENIZER = conftest.NEOX_TOKENIZER
 
 
 def test_gpt_neox_tokenizer_ids_eod_and_real_vocab_size():
