@@ -1,11 +1,13 @@
-"""The fused paths of a block equal their written-out references, forward and backward, fp32 and bf16."""
+"""The fused paths of a block and the model's norms equal written-out references, forward and backward,
+fp32 and bf16."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import tiny_keys
 from neox_fork import fused
-from neox_fork.model import Rotary
+from neox_fork.config import from_dict
+from neox_fork.model import Rotary, build_model
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -98,16 +100,26 @@ def test_swiglu_compiled_matches_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layernorm_kernel_matches_written_out_formula(dtype):
-    """nn.LayerNorm is the fused kernel we use (no Apex): it equals (x - mean) / sqrt(var + eps) * w + b."""
+def test_model_layernorms_match_written_out_formula_with_the_configs_eps(one_process, dtype):
+    """Every norm the model builds (no Apex: torch's fused kernel) is (x - mean) / sqrt(var + eps) * w + b with
+    the config's layernorm_epsilon; a large eps makes a dropped or default eps show."""
+    eps = 0.5
+    model = build_model(from_dict(tiny_keys(layernorm_epsilon=eps, use_bias_in_norms=True)))
+    norms = {n: m for n, m in model.named_modules() if n.endswith(("layernorm", "final_norm"))}
+    assert len(norms) == 2 * 2 + 1  # two per layer and the final one
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 10, 48, generator=g).to(dtype)
-    w, b = (1 + 0.1 * torch.randn(48, generator=g)).to(dtype), (0.1 * torch.randn(48, generator=g)).to(dtype)
+    x = torch.randn(3, 10, 64, generator=g).to(dtype)
 
     def written_out(x, w, b):
         x32 = x.float()
         mean = x32.mean(-1, keepdim=True)
         var = ((x32 - mean) ** 2).mean(-1, keepdim=True)
-        return ((x32 - mean) / torch.sqrt(var + 1e-5) * w.float() + b.float()).to(x.dtype)
+        return ((x32 - mean) / torch.sqrt(var + eps) * w.float() + b.float()).to(x.dtype)
 
-    _assert_same_fwd_bwd(lambda x, w, b: F.layer_norm(x, (48,), w, b, 1e-5), written_out, [x, w, b], TOL[dtype])
+    for name, norm in norms.items():
+        w, b = (1 + 0.1 * torch.randn(64, generator=g)).to(dtype), (0.1 * torch.randn(64, generator=g)).to(dtype)
+
+        def ours(x, w, b, norm=norm):
+            return torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
+
+        _assert_same_fwd_bwd(ours, written_out, [x, w, b], TOL[dtype])

@@ -51,14 +51,28 @@ def test_kv_cache_decoding_equals_full_recomputation(one_process, tmp_path):
     assert cached == full
 
 
-def test_text_prompt_uses_the_checkpoint_tokenizer(tmp_path):
-    from neox_fork import parallel
+def test_text_prompt_uses_the_checkpoint_tokenizer(one_process, tmp_path):
+    """The config's vocab_file is gone after saving: a text prompt can only be encoded (and the output
+    decoded) by the checkpoint's own tokenizer.json, and gives exactly the ids of that tokenizer."""
+    import shutil
 
-    parallel.initialize(1)
-    trained_looking_checkpoint(tmp_path / "ckpt")
-    parallel.destroy()
-    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "Hello",
-                          "--max-new-tokens", "5", "--temperature", "0.75", "--top-p", "0.95", "--seed", "3",
-                          "--json"], cwd=REPO, capture_output=True, text=True)
+    from neox_fork.data.tokenizer import build_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    vocab = shutil.copy(NEOX_TOKENIZER, tmp_path / "tok" / "tokenizer.json")
+    config = from_dict(tiny_keys(vocab_size=None, vocab_file=str(vocab)))
+    torch.manual_seed(0)
+    model = build_model(config, 50277)
+    checkpoint.save_model_checkpoint(tmp_path / "ckpt", 7, [checkpoint.model_state(model)], config, vocab)
+    shutil.rmtree(tmp_path / "tok")
+    tokenizer = build_tokenizer("HFTokenizer", str(tmp_path / "ckpt" / "global_step7" / "tokenizer.json"))
+    prompt = "Hello, tokenizer world"
+    expected, _ = generate(model.eval(), [tokenizer.encode(prompt)],
+                           SamplingParams(max_new_tokens=5, temperature=0.0, stop_on_eod=False))
+    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt,
+                          "--max-new-tokens", "5", "--temperature", "0", "--no-stop-on-eod", "--json"],
+                         cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert len(json.loads(run.stdout)["token_ids"]) <= 5
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["token_ids"] == expected[0] and len(expected[0]) == 5
+    assert out["text"] == tokenizer.decode(expected[0])
