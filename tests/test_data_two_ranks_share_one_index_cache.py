@@ -6,9 +6,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import numpy
 
 from neox_fork.data._megatron import indexed_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,9 +2,12 @@
 
 import subprocess
 
+import pytest
 import yaml
 
 from conftest import PYTHON, REPO
+
+pytestmark = [pytest.mark.slow]
 
 
 def run(*args):

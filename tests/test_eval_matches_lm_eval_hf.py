@@ -14,6 +14,8 @@ from neox_fork.evaluation import TASKS_DIR, task_manager
 from neox_fork.hf import export_folder
 from test_generate_matches_transformers import trained_looking_checkpoint
 
+pytestmark = [pytest.mark.slow]
+
 TASKS = ["neox_facts", "neox_prose", "neox_arith"]
 
 

@@ -1,6 +1,7 @@
 """Batched (left-padded) KV-cache decoding equals one-prompt decoding, full recomputation and transformers;
 sampling follows transformers' processors and is reproducible; TP=2 cooperating ranks equal TP=1."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
@@ -79,6 +80,7 @@ def _tp_generate(rank, ckpt):
     return generate(model, PROMPTS, greedy)[0], generate(model, PROMPTS, sampled)[0]
 
 
+@pytest.mark.multiproc
 def test_tp2_cooperating_ranks_equal_tp1(tmp_path):
     from neox_fork import parallel
 

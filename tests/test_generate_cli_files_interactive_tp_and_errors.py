@@ -76,6 +76,7 @@ def test_interactive_reads_stdin_until_eof(ckpts):
     assert "3 prompts" in done.stderr and "tokens/s" in done.stderr
 
 
+@pytest.mark.multiproc
 def test_torchrun_tp2_ranks_cooperate_and_equal_tp1(ckpts):
     root, expected = ckpts
     torchrun = str(Path(sys.executable).with_name("torchrun"))

@@ -80,6 +80,7 @@ def _build_and_save_shard(rank, tp, folder):
         return model.eval()(tokens)
 
 
+@pytest.mark.multiproc
 def test_tp2_model_merges_to_the_tp1_model_with_the_same_seed(tmp_path):
     (tmp_path / "a").mkdir()
     tp1_logits = run_distributed(_build_and_save_shard, 1, 1, str(tmp_path / "a"))

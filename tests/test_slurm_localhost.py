@@ -18,6 +18,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc, pytest.mark.slurm]
+
 HARNESS = REPO / "scripts" / "slurm_localhost.sh"
 
 

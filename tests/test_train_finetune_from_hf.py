@@ -2,6 +2,7 @@
 
 import subprocess
 
+import pytest
 import torch
 from transformers import StableLmConfig, StableLmForCausalLM
 
@@ -9,6 +10,8 @@ from conftest import PYTHON, REPO, read_metrics, run_training, write_train_confi
 from neox_fork import checkpoint
 from neox_fork.config import load_config
 from neox_fork.hf import from_hf_state_dict, hf_config_dict
+
+pytestmark = [pytest.mark.slow]
 
 
 def test_finetune_starts_from_the_imported_weights(tmp_path, small_corpus):

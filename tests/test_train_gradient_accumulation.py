@@ -1,7 +1,11 @@
 """Gradient accumulation 2 x micro-batch 1 is the same optimisation as micro-batch 2 x accumulation 1."""
 
+import pytest
+
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork import checkpoint
+
+pytestmark = [pytest.mark.slow]
 
 
 def test_accumulation_equals_bigger_micro_batch(tmp_path, small_corpus):

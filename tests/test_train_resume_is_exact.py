@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
 import yaml
 
 from conftest import read_metrics, run_training, write_train_config
+
+pytestmark = [pytest.mark.slow]
 
 
 def test_resume_continues_bit_for_bit(tmp_path, small_corpus):

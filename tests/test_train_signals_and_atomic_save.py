@@ -5,11 +5,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 import yaml
 
 from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
 from neox_fork import checkpoint
+
+pytestmark = [pytest.mark.slow]
 
 
 def start(config):
