@@ -5,9 +5,14 @@
 
 The config files are merged and validated here, the world size is worked out from the hostfile,
 include/exclude, num_nodes/num_gpus or the Slurm allocation and checked against the config, and then
-DeepSpeed's runner (or srun, with `deepspeed_slurm: true`) starts USER_SCRIPT with the same config files
-on every rank. `--dry-run` prints the command and each rank's RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/
-MASTER_PORT instead of launching.
+USER_SCRIPT starts with the same config files on every rank: on one node deepy starts and supervises the
+ranks itself (neox_fork/supervisor.py), with a hostfile DeepSpeed's runner does, and with
+`deepspeed_slurm: true` srun does. `--dry-run` prints the command and each rank's RANK/LOCAL_RANK/
+WORLD_SIZE/MASTER_ADDR/MASTER_PORT instead of launching.
+
+On one node, SIGUSR1/SIGTERM/SIGINT reach every rank, which saves at its next step and stops. Exit status:
+0 when training finished or every rank saved and stopped on a signal; else the first failing rank's status
+(128 + N for a rank ended by signal N; 137 for ranks killed after `signal_grace_seconds`).
 """
 
 import argparse

@@ -181,6 +181,10 @@ class NeoXConfig:
     comment: str | None = None
     account: str | None = None
     distributed_timeout_minutes: int = 10
+    # One-node runs: after SIGUSR1/SIGTERM/SIGINT, deepy gives the ranks this long to finish their step and
+    # save before it SIGKILLs them. 600 s covers StableLM-3B on one node: its checkpoint is 39 GB
+    # (`tools/model_summary.py`: 14 bytes per parameter), 390 s at 100 MB/s, plus one step (~90 s on 8 GPUs).
+    signal_grace_seconds: float = 600.0
 
     # Where each key came from (key -> file), for messages; not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -517,6 +521,8 @@ def validate(c: NeoXConfig) -> None:
         fail("optimizer", f"optimizer type {c.optimizer.get('type')!r} is not supported; valid: Adam, AdamW")
     if c.zero_stage not in (0, 1, 2):
         fail("zero_optimization", f"zero_optimization stage {c.zero_stage} is not supported; valid: 0, 1, 2")
+    if c.signal_grace_seconds <= 0:
+        fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
     if c.learning_rate <= 0:
         fail("optimizer", f"learning rate must be positive, got {c.learning_rate}")
     if not 0 <= c.warmup <= 1:

@@ -43,6 +43,7 @@ RANK_ENV_DEFAULTS = {
     "PYTHONFAULTHANDLER": "1",  # a rank killed by a fatal signal prints its Python stack
 }
 RANK_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHERS = {"srun": "srun", "deepspeed": "DeepSpeed runner", "local": "deepy (one node, ranks supervised)"}
 
 
 # ---------------------------------------------------------------------- hostfile and filters
@@ -259,6 +260,7 @@ class LaunchPlan:
     master_addr: str | None
     master_port: int
     notes: list[str] = field(default_factory=list)
+    grace_seconds: float | None = None  # "local": signal to SIGKILL (signal_grace_seconds)
 
     @property
     def world_size(self) -> int:
@@ -269,7 +271,7 @@ class LaunchPlan:
         out, rank = [], 0
         for host, ids in self.resources.items():
             for local, slot in enumerate(ids):
-                if self.mode == "deepspeed":
+                if self.mode in ("deepspeed", "local"):
                     # DeepSpeed's launch.py numbers local ranks as rank % procs-on-this-node, which is a
                     # rotation of 0..n-1 when hosts have different slot counts; show what ranks will see.
                     local = rank % len(ids)
@@ -296,7 +298,7 @@ class LaunchPlan:
         """What --dry-run prints: the command, the environment it adds, and every rank's variables."""
         hosts = len(self.resources)
         lines = [f"world size {self.world_size} ({hosts} node{'s' * (hosts != 1)}), launched by "
-                 f"{'srun' if self.mode == 'srun' else 'DeepSpeed runner'}"]
+                 f"{LAUNCHERS[self.mode]}"]
         lines += [f"note: {n}" for n in self.notes]
         lines.append("env: " + " ".join(f"{k}={v}" for k, v in sorted(self.env.items())))
         if self.unset:
@@ -356,10 +358,14 @@ def plan_launch(c: NeoXConfig, user_script: str, config_paths: list[str], hostfi
     if srun:
         plan = _plan_srun(c, user_script, config_paths, hostfile, environ, python)
     else:
-        plan = _plan_deepspeed(c, user_script, config_paths, hostfile, environ, python)
+        if c.launcher in ("openmpi", "mvapich") and not c.deepspeed_mpi:
+            raise UserError(f"{c.where('launcher')}: launcher {c.launcher!r} starts ranks with mpirun, which needs "
+                            "deepspeed_mpi: true so each rank reads its MPI rank")
+        plan = (_plan_deepspeed(c, user_script, config_paths, hostfile, environ, python) if hostfile
+                else _plan_local(c, user_script, config_paths, environ, python))
         if c.deepspeed_slurm:
             plan.notes.append("deepspeed_slurm: true but no Slurm here (no allocation, no srun): "
-                              "starting ranks on this machine with DeepSpeed's runner")
+                              "starting ranks on this machine")
     c.check_world_size(plan.world_size)
     per_node = max(len(ids) for ids in plan.resources.values())
     if "OMP_NUM_THREADS" not in environ:
@@ -371,39 +377,19 @@ def plan_launch(c: NeoXConfig, user_script: str, config_paths: list[str], hostfi
 
 
 def _plan_deepspeed(c, user_script, config_paths, hostfile, environ, python) -> LaunchPlan:
-    if c.launcher in ("openmpi", "mvapich") and not c.deepspeed_mpi:
-        raise UserError(f"{c.where('launcher')}: launcher {c.launcher!r} starts ranks with mpirun, which needs "
-                        "deepspeed_mpi: true so each rank reads its MPI rank")
     args = [python, "-u", "-m", "deepspeed.launcher.runner"]
     notes = []
-    if hostfile:
-        pool = parse_hostfile(hostfile)
-        resources = select_resources(pool, c.include, c.exclude, c.num_nodes, c.num_gpus, where=f"hostfile {hostfile}")
-        args += ["--hostfile", str(hostfile)]
-        master = c.master_addr or ("127.0.0.1" if list(resources) == ["localhost"] else next(iter(resources)))
-        args += ["--master_addr", master]
-        if len(resources) > 1 or c.launcher not in ("pdsh", "slurm"):
-            args += ["--launcher", c.launcher]
-        if c.launcher in ("openmpi", "mvapich"):
-            args += _mpi_launcher_args(c, pool, resources, hostfile, master, environ)
-        if c.no_ssh_check:
-            args.append("--no_ssh_check")
-    else:
-        if c.num_nodes > 1:
-            raise UserError(f"{c.where('num_nodes')}: num_nodes {c.num_nodes} needs a hostfile (-H FILE or the "
-                            "hostfile key) or deepspeed_slurm: true inside a Slurm allocation")
-        if c.include or c.exclude:
-            raise UserError(f"{c.where('include' if c.include else 'exclude')}: include/exclude select hosts of a "
-                            "hostfile; pass one with -H FILE or the hostfile key")
-        gpus = visible_gpu_count(environ)
-        count = c.num_gpus or gpus or 1
-        if gpus and count > gpus:
-            raise UserError(f"{c.where('num_gpus')}: num_gpus {count} but this machine shows {gpus} GPU(s)")
-        if not gpus:
-            notes.append(f"no GPU visible: {count} CPU process(es) on gloo")
-        resources = collections.OrderedDict(localhost=list(range(count)))
-        master = c.master_addr or "127.0.0.1"
-        args += ["--master_addr", master]
+    pool = parse_hostfile(hostfile)
+    resources = select_resources(pool, c.include, c.exclude, c.num_nodes, c.num_gpus, where=f"hostfile {hostfile}")
+    args += ["--hostfile", str(hostfile)]
+    master = c.master_addr or ("127.0.0.1" if list(resources) == ["localhost"] else next(iter(resources)))
+    args += ["--master_addr", master]
+    if len(resources) > 1 or c.launcher not in ("pdsh", "slurm"):
+        args += ["--launcher", c.launcher]
+    if c.launcher in ("openmpi", "mvapich"):
+        args += _mpi_launcher_args(c, pool, resources, hostfile, master, environ)
+    if c.no_ssh_check:
+        args.append("--no_ssh_check")
     if c.include:
         args += ["--include", c.include]
     if c.exclude:
@@ -430,6 +416,40 @@ def _mpi_launcher_args(c, pool, resources, hostfile, master, environ) -> list[st
     if environ.get("OMPI_MCA_btl_tcp_if_include"):  # DeepSpeed otherwise forces `--mca btl_tcp_if_include eth0`
         mpirun += ["--mca", "btl_tcp_if_include", environ["OMPI_MCA_btl_tcp_if_include"]]
     return ["--launcher_args", shlex.join(mpirun)]
+
+
+def _plan_local(c, user_script, config_paths, environ, python) -> LaunchPlan:
+    """One node, no hostfile: deepy starts the ranks itself and passes signals on (neox_fork.supervisor).
+    Without a master_port in the configs it takes a free port, so two runs on one machine do not collide."""
+    if c.num_nodes > 1:
+        raise UserError(f"{c.where('num_nodes')}: num_nodes {c.num_nodes} needs a hostfile (-H FILE or the "
+                        "hostfile key) or deepspeed_slurm: true inside a Slurm allocation")
+    if c.include or c.exclude:
+        raise UserError(f"{c.where('include' if c.include else 'exclude')}: include/exclude select hosts of a "
+                        "hostfile; pass one with -H FILE or the hostfile key")
+    gpus = visible_gpu_count(environ)
+    count = c.num_gpus or gpus or 1
+    if gpus and count > gpus:
+        raise UserError(f"{c.where('num_gpus')}: num_gpus {count} but this machine shows {gpus} GPU(s)")
+    notes = [] if gpus else [f"no GPU visible: {count} CPU process(es) on gloo"]
+    port = c.master_port
+    if "master_port" not in c.sources:
+        port = free_port()
+        notes.append(f"master_port not set: using free port {port}")
+    notes.append(f"on SIGUSR1/SIGTERM/SIGINT every rank saves at its next step and stops; ranks still running "
+                 f"{c.signal_grace_seconds:g} s later are killed (signal_grace_seconds)")
+    command = [python, "-u", "-m", "neox_fork.launch", "rank", user_script, *config_paths]
+    resources = collections.OrderedDict(localhost=list(range(count)))
+    plan = LaunchPlan("local", command, {}, [], resources, c.master_addr or "127.0.0.1", port, notes)
+    plan.grace_seconds = c.signal_grace_seconds
+    return plan
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (the kernel's pick), for a one-node rendezvous."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _plan_srun(c, user_script, config_paths, hostfile, environ, python) -> LaunchPlan:
@@ -498,11 +518,16 @@ def missing_tools(plan: LaunchPlan) -> None:
 
 
 def launch(plan: LaunchPlan) -> int:
-    """Run the plan's command in the foreground; returns its exit status.
+    """Run the plan in the foreground; returns its exit status.
 
-    The launcher replaces this process (exec), so signals sent to deepy (Ctrl-C, scancel, a preemption
-    USR1) reach srun or DeepSpeed's runner exactly as if the user had started them directly.
+    One node ("local"): deepy starts and supervises the ranks (neox_fork.supervisor). Otherwise the
+    launcher replaces this process (exec), so signals sent to deepy (Ctrl-C, scancel, a preemption USR1)
+    reach srun or DeepSpeed's runner exactly as if the user had started them directly.
     """
+    if plan.mode == "local":
+        from neox_fork.supervisor import supervise
+
+        return supervise(plan)
     if plan.mode == "srun" and not shutil.which("srun"):
         raise UserError("deepspeed_slurm: true needs Slurm's srun on PATH; run inside an allocation "
                         "(sbatch/salloc) or set deepspeed_slurm: false")

@@ -12,6 +12,8 @@ from neox_fork.config import load_config
 from neox_fork.errors import UserError
 from neox_fork.model import ModelShape, build_model, count_parameters
 
+DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
+
 
 def tokenizer_vocab_size(config) -> int | None:
     if config.vocab_file and Path(config.vocab_file).is_file():
@@ -71,6 +73,11 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"estimate on {gpu} at {assumed_mfu:.0%} MFU: {tokens_per_gpu:,.0f} tokens/s per GPU, "
         f"{tokens_per_gpu * world:,.0f} tokens/s total, {gbs * seq / (tokens_per_gpu * world):.2f} s per step",
     ]
+    # model states (weights in the training dtype) + ZeRO's fp32 master weights and Adam moments (12 bytes)
+    ckpt_bytes = n * ((2 if config.dtype_name in ("bf16", "fp16") else 4) + 12)
+    lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // n} bytes per parameter); "
+                 f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "
+                 "(compare signal_grace_seconds)")
     if config.train_iters:
         days = config.train_iters * gbs * seq / (tokens_per_gpu * world) / 86400
         lines.append(f"train_iters {config.train_iters}: {config.train_iters * gbs * seq / 1e12:.2f}T tokens, "
@@ -80,7 +87,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if mem['total'] <= budget else 'NO'}")
         lines.append(no_recompute_line(lambda b: memory_at(b, False), budget, gpu_memory_gb))
     print("\n".join(lines))
-    return {"parameters": n, "flops_per_token": model_fpt, "memory": mem}
+    return {"parameters": n, "flops_per_token": model_fpt, "memory": mem, "checkpoint_bytes": ckpt_bytes}
 
 
 def no_recompute_line(memory_at, budget: float, gpu_memory_gb: float) -> str:

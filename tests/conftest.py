@@ -78,20 +78,14 @@ def run_training(config_path, nproc=1, timeout=600, check=True):
     """train.py on `nproc` local ranks (torchrun, gloo) as a subprocess."""
     import subprocess
 
+    from neox_fork.launch import free_port
+
     cmd = [PYTHON, "train.py", str(config_path)]
     if nproc > 1:
         cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "train.py", str(config_path)]
+               str(free_port()), "train.py", str(config_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and run.returncode != 0:
         raise AssertionError(f"training failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     return run
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

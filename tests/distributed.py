@@ -1,16 +1,11 @@
 """Run a function on N local processes joined by gloo: the same code path NCCL takes on a cluster."""
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from neox_fork.launch import free_port
 
 
 def _worker(rank, world_size, port, fn, args, results):

@@ -71,27 +71,31 @@ def hostfile(tmp_path):
 
 
 # ---------------------------------------------------------------------- local (no hostfile)
-def test_launch_local_cpu_defaults_to_one_rank_through_deepspeed_runner_with_this_python(tmp_path):
-    command, env, ranks = ok(deepy(tmp_path))
-    assert command[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
-    assert command[command.index("--num_gpus") + 1] == "1"
-    # every rank gets the config files and runs under the wrapper that reports failures
-    assert command[-4:] == ["neox_fork.launch", "rank", "train.py", TINY]
-    assert "--module" in command
+def test_launch_local_cpu_defaults_to_one_rank_started_by_deepy_with_this_python(tmp_path):
+    result = deepy(tmp_path)
+    command, env, ranks = ok(result)
+    # deepy starts (and supervises) each rank itself: the wrapper that reports failures, then the configs
+    assert command == [sys.executable, "-u", "-m", "neox_fork.launch", "rank", "train.py", TINY]
+    assert "launched by deepy (one node, ranks supervised)" in result.stdout
+    # no master_port in the configs: a free port, named in a note
+    port = int(ranks[0]["MASTER_PORT"])
+    assert f"note: master_port not set: using free port {port}" in result.stdout
     assert ranks == [{"host": "localhost", "device": "0", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}]
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}]
+    assert "ranks still running 600 s later are killed (signal_grace_seconds)" in result.stdout
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert int(env["OMP_NUM_THREADS"]) >= 1
 
 
 def test_launch_num_gpus_and_master_keys_set_the_local_world(tmp_path):
-    command, env, ranks = ok(deepy(tmp_path, overlay={"num_gpus": 3, "master_port": 31234, "master_addr": "10.0.0.9"}))
-    assert command[command.index("--num_gpus") + 1] == "3"
-    assert command[command.index("--master_port") + 1] == "31234"
-    assert command[command.index("--master_addr") + 1] == "10.0.0.9"
+    result = deepy(tmp_path, overlay={"num_gpus": 3, "master_port": 31234, "master_addr": "10.0.0.9",
+                                      "signal_grace_seconds": 45})
+    command, env, ranks = ok(result)
     assert world(ranks) == [0, 1, 2] and world(ranks, "LOCAL_RANK") == [0, 1, 2]
     assert {r["WORLD_SIZE"] for r in ranks} == {"3"}
     assert {(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in ranks} == {("10.0.0.9", "31234")}
+    assert "free port" not in result.stdout
+    assert "ranks still running 45 s later are killed" in result.stdout
     assert env["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 3))
 
 
@@ -377,7 +381,7 @@ def test_launch_deepspeed_slurm_without_any_slurm_runs_locally(tmp_path):
     no_srun = {"PATH": str(tmp_path / "empty-bin")}
     result = deepy(tmp_path, env=no_srun, overlay={"deepspeed_slurm": True, "launcher": "slurm", "num_gpus": 2})
     command, _, ranks = ok(result)
-    assert command[2:4] == ["-m", "deepspeed.launcher.runner"] and "--launcher" not in command
+    assert command[2:5] == ["-m", "neox_fork.launch", "rank"]
     assert len(ranks) == 2 and "no Slurm here" in result.stdout
     result = deepy(tmp_path, env=no_srun, overlay={"deepspeed_slurm": True, "num_nodes": 2, "num_gpus": 2})
     assert_user_error(result, "needs Slurm's srun for a multi-node run")

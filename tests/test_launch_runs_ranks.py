@@ -1,4 +1,4 @@
-"""deepy.py really starts ranks through DeepSpeed's runner on CPU: every rank gets its RANK/LOCAL_RANK/
+"""deepy.py really starts ranks on CPU: every rank gets its RANK/LOCAL_RANK/
 WORLD_SIZE/MASTER_*, the config files, --local_rank and deepy's own interpreter; a failing rank takes the
 run down within seconds and is named."""
 
@@ -8,10 +8,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
 
 PROBE = """
 import json, os, sys, time
+
+pytestmark = [pytest.mark.multiproc]
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 print("PROBE " + json.dumps({"argv": sys.argv[1:], "exe": sys.executable, **{k: os.environ.get(k) for k in keys}}),
       flush=True)
@@ -27,7 +31,7 @@ def run_deepy(tmp_path, extra_env=None, timeout=120):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     overlay = tmp_path / "two.yml"
-    overlay.write_text(json.dumps({"num_gpus": 2, "master_port": 29400 + os.getpid() % 500}))
+    overlay.write_text(json.dumps({"num_gpus": 2}))  # no master_port: deepy picks a free one
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(CUDA_VISIBLE_DEVICES="", **(extra_env or {}))
     cmd = [sys.executable, "deepy.py", str(probe), "configs/tiny.yml", str(overlay)]
@@ -44,8 +48,10 @@ def test_launch_starts_two_cpu_ranks_with_their_environment(tmp_path):
     result, probes, _, overlay = run_deepy(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(p["RANK"], p["LOCAL_RANK"], p["WORLD_SIZE"]) for p in probes] == [("0", "0", "2"), ("1", "1", "2")]
+    port = probes[0]["MASTER_PORT"]
+    assert f"rendezvous 127.0.0.1:{port};" in result.stderr
     for p in probes:
-        assert p["MASTER_ADDR"] == "127.0.0.1" and p["MASTER_PORT"] == str(29400 + os.getpid() % 500)
+        assert p["MASTER_ADDR"] == "127.0.0.1" and p["MASTER_PORT"] == port
         assert p["exe"] == sys.executable  # the interpreter (venv) deepy runs under
         assert p["argv"][:2] == ["configs/tiny.yml", overlay]
         assert p["argv"][2] == f"--local_rank={p['LOCAL_RANK']}"

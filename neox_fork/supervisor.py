@@ -1,0 +1,136 @@
+"""deepy's supervision of the ranks of a one-node run (plan mode "local").
+
+DeepSpeed's runner dies on SIGUSR1 and leaves its ranks training on as orphans, and its launch.py
+SIGKILLs the ranks 30 s after SIGTERM, too soon for a large checkpoint. Here deepy itself is the parent
+of every rank:
+
+* SIGUSR1, SIGTERM and SIGINT to deepy go to every rank; each saves at its next step boundary and exits 0
+  (training.StopSignal); deepy exits 0 once all have, so "saved and stopped on a signal" is status 0
+  (slurm/common.sh then requeues if `latest` moved and train_iters is not reached).
+* Ranks still running `signal_grace_seconds` after the first signal are SIGKILLed. A second SIGINT
+  (Ctrl-C twice) kills them at once.
+* A rank that fails stops the others (SIGTERM, SIGKILL after FAILURE_GRACE_SECONDS, as a save cannot
+  complete without it) and deepy exits with that rank's status: its exit code, or 128 + N for a rank
+  ended by signal N (137 for a rank killed after the grace period).
+* Ranks run in their own process group (a terminal's Ctrl-C reaches deepy, which passes one SIGINT on) and
+  get SIGTERM if deepy itself dies (PR_SET_PDEATHSIG), so none trains on as an orphan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+FAILURE_GRACE_SECONDS = 30.0
+POLL_SECONDS = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+def _say(message: str) -> None:
+    print(f"deepy: {message}", file=sys.stderr, flush=True)
+
+
+def _rank_preexec() -> None:
+    """In each rank before exec: its own process group, so a terminal's Ctrl-C reaches deepy alone (which
+    passes one SIGINT on), and SIGTERM when deepy dies (Linux's PR_SET_PDEATHSIG)."""
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def exit_status(returncode: int) -> int:
+    """A Popen return code as a shell reports it: 128 + N for a process ended by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Supervisor:
+    """The ranks of one plan, started together, signalled together, and waited for."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.grace = float(plan.grace_seconds or 600.0)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.received: list[int] = []
+        self.kill_at: float | None = None
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            _say(f"second {name}: killing the ranks now")
+            self.kill_at = time.monotonic()
+        elif not self.received:
+            self.kill_at = time.monotonic() + self.grace
+            _say(f"received {name}: passing it to {len(self.procs)} rank(s); each saves at its next step and "
+                 f"stops; ranks still running in {self.grace:g} s are killed (signal_grace_seconds)")
+        self.received.append(signum)
+        self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    def start(self) -> None:
+        base = self.plan.environment()
+        for info in self.plan.ranks():
+            env = dict(base, **self.plan.rank_env(info))
+            command = [*self.plan.command, f"--local_rank={info.local_rank}"]
+            self.procs[info.rank] = subprocess.Popen(command, env=env, preexec_fn=_rank_preexec)
+            if self.received:  # a signal that came while ranks were starting reaches the late ones too
+                self.procs[info.rank].send_signal(self.received[0])
+
+    def wait(self) -> int:
+        """Until every rank has exited; returns deepy's exit status."""
+        failed: tuple[int, int] | None = None
+        killed = False
+        while True:
+            running = [p for p in self.procs.values() if p.poll() is None]
+            if failed is None:
+                failed = next(((r, p.returncode) for r, p in self.procs.items() if p.returncode not in (None, 0)),
+                              None)
+                if failed is not None and running:
+                    rank, code = failed
+                    _say(f"rank {rank} ended with status {exit_status(code)}: stopping the other ranks")
+                    for proc in running:
+                        proc.terminate()
+                    now = time.monotonic()
+                    self.kill_at = min(self.kill_at or float("inf"), now + FAILURE_GRACE_SECONDS)
+            if not running:
+                break
+            if not killed and self.kill_at is not None and time.monotonic() >= self.kill_at:
+                ranks = [r for r, p in self.procs.items() if p.poll() is None]
+                _say(f"rank(s) {', '.join(map(str, ranks))} still running: SIGKILL")
+                for proc in running:
+                    proc.kill()
+                killed = True
+            time.sleep(POLL_SECONDS)
+        if failed is not None:
+            return exit_status(failed[1])
+        if self.received:
+            _say(f"all {len(self.procs)} rank(s) saved and stopped on {signal.Signals(self.received[0]).name}")
+        return 0
+
+
+def supervise(plan) -> int:
+    """Start the plan's ranks on this machine and wait for them; returns deepy's exit status."""
+    sup = Supervisor(plan)
+    _say(f"{plan.world_size} rank(s) on this machine, rendezvous {plan.master_addr}:{plan.master_port}; "
+         f"grace after a stop signal {sup.grace:g} s (signal_grace_seconds)")
+    previous = {sig: signal.signal(sig, sup._on_signal) for sig in FORWARDED}
+    try:
+        sup.start()
+        return sup.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for proc in sup.procs.values():  # only reached with ranks alive if deepy itself failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
