@@ -76,14 +76,17 @@ def build_optimizer(c: NeoXConfig, model: torch.nn.Module) -> torch.optim.Optimi
 
 # ---------------------------------------------------------------------- signals
 class StopSignal:
-    """SIGTERM/SIGUSR1 (Slurm preemption) ask for a checkpoint at the next step boundary."""
+    """SIGTERM/SIGUSR1 (Slurm preemption) and SIGINT (Ctrl-C, or deepy passing one on) ask for a checkpoint
+    at the next step boundary and a clean exit."""
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the save
         self.received = signum
         log.warning("received %s: will save a checkpoint and exit after this step", signal.Signals(signum).name)
 
@@ -395,6 +398,7 @@ def pretrain(c: NeoXConfig) -> int:
     """Train as the config says; returns the last iteration. Run on every rank."""
     launcher_environment(c.deepspeed_slurm, c.deepspeed_mpi)
     setup_logging()
+    stop = StopSignal()  # before the slow start-up, so a signal during it still ends in a save
     parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes)
     world = dist.get_world_size()
     placement_log.info("rank %d/%d on host %s: local rank %s, pid %d, tensor-parallel rank %d, data-parallel rank %d",
@@ -414,7 +418,9 @@ def pretrain(c: NeoXConfig) -> int:
     engine = build_engine(c, model, world)
     state = TrainState()
     resume(engine, model, c, state)
-    stop = StopSignal()
+    if state.iteration >= c.train_iters:
+        log.info("nothing to do: the checkpoint is at iteration %d and train_iters is %d; no step was run",
+                 state.iteration, c.train_iters)
     metrics = MetricsWriter(c, enabled=_rank0())
 
     n_params = count_parameters(model.shape)
@@ -441,7 +447,7 @@ def pretrain(c: NeoXConfig) -> int:
         state.consumed_samples += global_batch
         window_steps += 1
 
-        if skipped:
+        if skipped:  # NaN/inf loss: no update, but the saves and the signal check below still run
             state.nan_steps_in_a_row += 1
             log.warning("step %d: loss is NaN/inf on some rank; update skipped (%d in a row)", state.iteration,
                         state.nan_steps_in_a_row)
@@ -451,12 +457,12 @@ def pretrain(c: NeoXConfig) -> int:
                                 f"{c.max_nan_steps}) at step {state.iteration}; last good checkpoint: "
                                 f"{'step ' + str(state.last_saved) if state.last_saved is not None else 'none'}; "
                                 "lower the learning rate or check the data")
-            continue
-        state.nan_steps_in_a_row = 0
-        window_loss += _dp_mean(torch.tensor(step_loss))
-        window_count += 1
+        else:
+            state.nan_steps_in_a_row = 0
+            window_loss += _dp_mean(torch.tensor(step_loss))
+            window_count += 1
 
-        if state.iteration % c.log_interval == 0 or state.iteration == c.train_iters:
+        if window_count and (state.iteration % c.log_interval == 0 or state.iteration == c.train_iters):
             elapsed = time.time() - window_start
             tokens_per_sec = tokens_per_step * window_steps / max(elapsed, 1e-9)
             grad_norm = engine.get_global_grad_norm()
@@ -478,7 +484,7 @@ def pretrain(c: NeoXConfig) -> int:
             metrics.write(m)
             window_start, window_steps, window_loss, window_count = time.time(), 0, 0.0, 0
 
-        if state.iteration % c.eval_interval == 0:
+        if state.iteration % c.eval_interval == 0 and not skipped:
             eval_loss = evaluate(engine, c, valid_data)
             if eval_loss is not None:
                 if _rank0():
