@@ -6,8 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import numpy
+import pytest
 
 from neox_fork.data._megatron import indexed_dataset
 

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = [pytest.mark.multiproc]
+
 PROBE = """
 import json, os, sys, time
-
-pytestmark = [pytest.mark.multiproc]
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 print("PROBE " + json.dumps({"argv": sys.argv[1:], "exe": sys.executable, **{k: os.environ.get(k) for k in keys}}),
       flush=True)

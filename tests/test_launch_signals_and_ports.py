@@ -89,8 +89,9 @@ def test_usr1_to_deepy_saves_on_every_rank_even_when_the_save_outlasts_30_second
     assert_gone([proc.pid] + [r.pid for r in ranks])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_term_and_int_to_deepy_save_and_exit_zero(tmp_path, small_corpus, sig):
+def test_int_to_deepy_saves_and_exits_zero(tmp_path, small_corpus):
+    """Ctrl-C (SIGTERM takes the same path: see the grace test below and train.py's own SIGTERM test)."""
+    sig = signal.SIGINT
     config = write_train_config(tmp_path, small_corpus, train_iters=100_000, lr_decay_iters=1000, num_gpus=2)
     ckpt = tmp_path / "ckpt"
     proc = start_deepy(config)
@@ -125,7 +126,8 @@ def test_two_trainings_at_once_on_one_machine_take_different_free_ports(tmp_path
     procs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        procs.append(start_deepy(write_train_config(tmp_path / name, small_corpus, train_iters=3, num_gpus=2)))
+        # one rank each: its process group still listens on the master port
+        procs.append(start_deepy(write_train_config(tmp_path / name, small_corpus, train_iters=3, num_gpus=1)))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     ports = []
     for proc, out in zip(procs, outs):
