@@ -22,7 +22,7 @@ from conftest import PYTHON, REPO, _free_port, write_train_config
 from fake_cluster import clean_env, command_line, fake_cluster, wait_until
 from neox_fork import checkpoint
 
-pytestmark = pytest.mark.multinode
+pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.multiproc]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from conftest import PYTHON, REPO
 from fake_cluster import fake_cluster, wait_until
 from test_slurm_localhost import assert_dp2_checkpoint, iterations, latest_step
 
-pytestmark = pytest.mark.multinode
+pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.multiproc]
 
 
 @pytest.fixture(scope="module")
