@@ -18,9 +18,10 @@ import time
 import pytest
 
 import test_parallel_equivalence as equivalence
-from conftest import PYTHON, REPO, _free_port, write_train_config
+from conftest import PYTHON, REPO, write_train_config
 from fake_cluster import clean_env, command_line, fake_cluster, wait_until
 from neox_fork import checkpoint
+from neox_fork.launch import free_port
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.multiproc]
 
@@ -43,7 +44,7 @@ def cluster_config(folder, corpus, tp=1, **keys):
     folder.mkdir(exist_ok=True)
     keys = {**dict(train_iters=equivalence.STEPS, hidden_dropout=0.0, model_parallel_size=tp,
                    make_vocab_size_divisible_by=256 // tp, train_micro_batch_size_per_gpu=2 * tp,
-                   master_port=_free_port()), **keys}
+                   optimizer=equivalence.OPTIMIZER, master_port=free_port()), **keys}
     return write_train_config(folder, corpus, **keys)
 
 

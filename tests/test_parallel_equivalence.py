@@ -30,12 +30,13 @@ LR = 3e-3
 ADAM_EPS = 1e-5
 WEIGHT_TOL = 1e-3 * LR * STEPS
 LOSS_RTOL = 1e-5
+OPTIMIZER = {"type": "Adam", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": ADAM_EPS}}
 
 
 def train(tmp_path, small_corpus, name, nproc, **keys):
     """Vocabulary padding is a multiple of make_vocab_size_divisible_by x TP: keep it 768 for every TP."""
     keys.setdefault("make_vocab_size_divisible_by", 256 // keys.get("model_parallel_size", 1))
-    keys.setdefault("optimizer", {"type": "Adam", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": ADAM_EPS}})
+    keys.setdefault("optimizer", OPTIMIZER)
     folder = tmp_path / name
     folder.mkdir()
     config = write_train_config(folder, small_corpus, train_iters=STEPS, hidden_dropout=0.0, **keys)
