@@ -504,6 +504,10 @@ def validate(c: NeoXConfig) -> None:
         if size % tp:
             fail("model_parallel_size", f"model_parallel_size {tp} does not divide {key} {size}; "
                  f"use a tensor-parallel size that divides {size}")
+    if (c.sequence_parallel or c.partition_activations) and c.seq_length % tp:
+        key = "sequence_parallel" if c.sequence_parallel else "partition_activations"
+        fail(key, f"{key} splits the sequence over model_parallel_size {tp}, which does not divide "
+             f"seq_length {c.seq_length}")
     attn = c.attention_config
     if attn:
         ok = all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], list) and isinstance(e[1], int)

@@ -16,7 +16,7 @@ This module knows nothing of launch, data or checkpoints.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed.nn.functional as dist_nn
@@ -56,6 +56,7 @@ class ModelShape:
     loss_chunk_tokens: int  # 0: compute the loss for all tokens at once
     torch_compile: bool = False  # compile each transformer layer for training (see StableLM.compile_layers)
     selective_recompute: bool = False  # recompute only rotary + the attention core (Attention.forward)
+    sequence_parallel: bool = False  # split norm/dropout/residual regions over the sequence when training at TP>1
 
     @property
     def head_dim(self) -> int:
@@ -76,6 +77,7 @@ class ModelShape:
             full_precision_loss=c.full_precision_lm_cross_entropy,
             loss_chunk_tokens=4096 if c.fused_cross_entropy else 0, torch_compile=c.torch_compile,
             selective_recompute=c.recompute == "selective",
+            sequence_parallel=c.sequence_parallel or c.partition_activations,
         )
 
 
@@ -137,9 +139,14 @@ class Attention(nn.Module):
         )
 
     def forward(self, x, rotary: Rotary, cos, sin, kv_cache=None, mask=None):
-        """`mask` [b, 1, q, k] (bool, True = attend) replaces the causal mask, e.g. for left padding."""
-        b, sq, _ = x.shape
+        """`mask` [b, 1, q, k] (bool, True = attend) replaces the causal mask, e.g. for left padding.
+        Under sequence parallelism `x` is this rank's [s/tp, b, h] slice: the QKV projection gathers the
+        sequence (megatron-core) and the output projection reduce-scatters it back."""
+        sequence_first = self.query_key_value.sequence_parallel
         qkv, _ = self.query_key_value(x)
+        if sequence_first:  # [s, b, 3h/tp] -> [b, s, 3h/tp]
+            qkv = qkv.transpose(0, 1)
+        b, sq, _ = qkv.shape
         qkv = qkv.view(b, sq, self.heads_per_rank, 3, self.shape.head_dim)
         if self.shape.selective_recompute and self.training and kv_cache is None and mask is None:
             # Megatron's selective recompute: the backward re-runs rotary and the attention core from qkv,
@@ -147,7 +154,8 @@ class Attention(nn.Module):
             out = checkpoint(self.core, qkv, rotary, cos, sin, use_reentrant=False)
         else:
             out = self.core(qkv, rotary, cos, sin, kv_cache, mask)
-        out, _ = self.dense(out.reshape(b, sq, -1))
+        out = out.reshape(b, sq, -1)
+        out, _ = self.dense(out.transpose(0, 1).contiguous() if sequence_first else out)
         return out
 
     def core(self, qkv, rotary: Rotary, cos, sin, kv_cache=None, mask=None):
@@ -186,6 +194,37 @@ class SwiGLU(nn.Module):
         return out
 
 
+class HiddenDropout(nn.Module):
+    """Dropout of the residual stream and the embeddings, the same masks at any TP size and with or without
+    sequence parallelism.
+
+    The mask is drawn with `bernoulli_` from the default generator, which is seeded alike on every TP rank.
+    Without sequence parallelism each TP rank holds the whole [b, s, h] tensor and draws its mask. Under
+    sequence parallelism rank r holds the positions [r*s/tp, (r+1)*s/tp) as [s/tp, b, h]; it draws the mask
+    of the whole [b, s, h] tensor (the same numbers a TP=1 run draws) and keeps its slice, so every position
+    is dropped exactly as at TP=1. Megatron instead forks a per-rank stream (statistically equivalent, not
+    equal); this costs tp x the random numbers of the slice, and only the slice's bool mask is kept.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if sequence_parallel:
+            local, b, h = x.shape
+            start = self.tp_rank * local
+            full = x.new_empty(b, local * self.tp_size, h).bernoulli_(1.0 - self.p)
+            keep = full[:, start : start + local].transpose(0, 1).to(torch.bool)
+        else:
+            keep = torch.empty_like(x).bernoulli_(1.0 - self.p).to(torch.bool)
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class TransformerLayer(nn.Module):
     def __init__(self, s: ModelShape, mp: ModelParallelConfig, layer_number: int):
         super().__init__()
@@ -193,11 +232,12 @@ class TransformerLayer(nn.Module):
         self.attention = Attention(s, mp, layer_number)
         self.post_attention_layernorm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
         self.mlp = SwiGLU(s, mp)
-        self.dropout = nn.Dropout(s.hidden_dropout)
+        self.dropout = HiddenDropout(s.hidden_dropout)
 
     def forward(self, x, rotary, cos, sin, kv_cache=None, mask=None):
-        x = x + self.dropout(self.attention(self.input_layernorm(x), rotary, cos, sin, kv_cache, mask))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        sp = self.attention.query_key_value.sequence_parallel
+        x = x + self.dropout(self.attention(self.input_layernorm(x), rotary, cos, sin, kv_cache, mask), sp)
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)), sp)
 
 
 class KVCache:
@@ -233,16 +273,19 @@ class StableLM(nn.Module):
             s.vocab_size, s.hidden_size, **tp_args(mp),
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
-        self.embedding_dropout = nn.Dropout(s.hidden_dropout)
+        self.embedding_dropout = HiddenDropout(s.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(s, mp, i) for i in range(s.num_layers))
         self.final_norm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
-        self.output_layer = tp.ColumnParallelLinear(
-            s.hidden_size, s.vocab_size, **tp_args(mp), bias=False, gather_output=False,
+        self.output_layer = tp.ColumnParallelLinear(  # its input is gathered over the sequence first
+            s.hidden_size, s.vocab_size, **tp_args(replace(mp, sequence_parallel=False)), bias=False,
+            gather_output=False,
             skip_weight_param_allocation=s.tie_word_embeddings,
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.rotary = Rotary(s.rotary_dim, s.rotary_base)
         self.fused_linear_loss = True  # False: the checkpointed-chunk loss (what TP>1 uses), for tests
+        if mp.sequence_parallel:
+            mark_sequence_parallel_parameters(self)
 
     def new_kv_cache(self, capacity: int | None = None) -> list[KVCache]:
         return [KVCache(capacity) for _ in self.layers]
@@ -253,7 +296,11 @@ class StableLM(nn.Module):
         if position_ids is None:  # one [1, s] row for the whole batch: cos/sin broadcast over it
             start = kv_cache[0].length if kv_cache else 0
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
-        x = self.embedding_dropout(self.word_embeddings(tokens))
+        sp = self.use_sequence_parallel(tokens.shape[1], kv_cache is None and attention_mask is None)
+        x = self.word_embeddings(tokens)
+        if sp:  # [b, s, h] -> this rank's [s/tp, b, h] slice
+            x = tp.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous())
+        x = self.embedding_dropout(x, sp)
         cos, sin = self.rotary(position_ids)
         chunk = self.shape.checkpoint_num_layers
         use_checkpoint = self.shape.checkpoint_activations and self.training and kv_cache is None
@@ -265,7 +312,30 @@ class StableLM(nn.Module):
                 x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, use_reentrant=False)
             else:
                 x = _run_layers(group, x, self.rotary, cos, sin, caches, attention_mask)
-        return self.final_norm(x)
+        x = self.final_norm(x)
+        if sp:  # the head needs every position; its own backward all-reduce sums the TP ranks' parts
+            x = tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False).transpose(0, 1)
+        return x
+
+    def use_sequence_parallel(self, seq_length: int, full_sequence: bool) -> bool:
+        """Whether this forward splits the sequence, switching the megatron-core layers to match.
+
+        Sequence parallelism runs when it is configured, the model is training and the call is a plain
+        full-sequence forward; evaluation, generation and cached decoding run the same weights without it.
+        """
+        if not self.shape.sequence_parallel:
+            return False
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        on = tp_size > 1 and self.training and full_sequence
+        if on and seq_length % tp_size:
+            raise ValueError(f"sequence parallelism needs a sequence length divisible by the TP size {tp_size}, "
+                             f"got {seq_length}")
+        for m in self.layers.modules():
+            if isinstance(m, (tp.ColumnParallelLinear, tp.RowParallelLinear)) and m.sequence_parallel != on:
+                m.sequence_parallel = on
+                if isinstance(m, tp.ColumnParallelLinear):
+                    m.allreduce_dgrad = tp_size > 1 and not on and not m.disable_grad_reduce
+        return on
 
     def compiled_layers(self) -> list[nn.Module]:
         """`torch.compile`d views of the layers (same parameters), made on first use. Kept in a plain list,
@@ -332,13 +402,25 @@ class StableLM(nn.Module):
         return (losses.float() * mask).sum()
 
 
+def mark_sequence_parallel_parameters(model: StableLM) -> None:
+    """Mark `sequence_parallel = True` on the parameters that every TP rank holds whole but that see only its
+    sequence slice under sequence parallelism: those of the transformer layers and the final norm that
+    megatron-core did not split (norms, row-parallel biases). Their gradients are partial sums that must be
+    added over the TP group (see neox_fork.parallel.sum_sequence_parallel_grads)."""
+    for module in (model.layers, model.final_norm):
+        for p in module.parameters():
+            if not getattr(p, "tensor_model_parallel", False):
+                p.sequence_parallel = True
+
+
 def _run_layers(layers, x, rotary, cos, sin, caches=None, mask=None):
     for i, layer in enumerate(layers):
         x = layer(x, rotary, cos, sin, caches[i] if caches else None, mask)
     return x
 
 
-def model_parallel_config(tensor_parallel_size: int, dtype: str = "fp32") -> ModelParallelConfig:
+def model_parallel_config(tensor_parallel_size: int, dtype: str = "fp32",
+                          sequence_parallel: bool = False) -> ModelParallelConfig:
     """CPU initialisation on every device: the full weight is drawn from the default RNG and each rank
     keeps its slice, so a model built at TP=N equals the same seed at TP=1 after merging."""
     return ModelParallelConfig(
@@ -348,15 +430,18 @@ def model_parallel_config(tensor_parallel_size: int, dtype: str = "fp32") -> Mod
         params_dtype=torch.float32,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
+        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
     )
 
 
 def build_model(config: NeoXConfig, tokenizer_vocab_size: int | None = None, *,
                 perform_initialization: bool = True) -> StableLM:
     """The model for this rank (parallel groups must be initialised; see neox_fork.parallel)."""
-    mp = model_parallel_config(parallel_state.get_tensor_model_parallel_world_size(), config.dtype_name)
+    shape = ModelShape.from_config(config, tokenizer_vocab_size)
+    mp = model_parallel_config(parallel_state.get_tensor_model_parallel_world_size(), config.dtype_name,
+                               shape.sequence_parallel)
     mp.perform_initialization = perform_initialization
-    return StableLM(ModelShape.from_config(config, tokenizer_vocab_size), mp)
+    return StableLM(shape, mp)
 
 
 def count_parameters(shape: ModelShape) -> int:

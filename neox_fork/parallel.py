@@ -57,6 +57,71 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=False,
     )
+    if not torch.cuda.is_available():
+        _megatron_buffers_on_cpu()
+
+
+class _CpuCuda:
+    """torch.cuda as megatron-core's allocations see it on a machine without CUDA: the current device is the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+
+class _TorchWithCpuCuda:
+    def __init__(self):
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _megatron_buffers_on_cpu() -> None:
+    """Let megatron-core's sequence-parallel collectives run on CPU processes (gloo).
+
+    Its all-gather and reduce-scatter (tensor_parallel.mappings, the sequence-parallel linear in
+    tensor_parallel.layers, the global memory buffer) allocate their output buffers with
+    `device=torch.cuda.current_device()`, which fails without CUDA. On such a machine those three modules
+    see a `torch` whose current CUDA device is the CPU; the collectives, autograd functions and layers
+    that run are megatron-core's own. Never done when CUDA is available.
+    """
+    from megatron.core import utils
+    from megatron.core.tensor_parallel import layers, mappings
+
+    for module in (mappings, layers, utils):
+        if module.torch is torch:
+            module.torch = _TorchWithCpuCuda()
+
+
+def sum_sequence_parallel_grads(model: torch.nn.Module) -> int:
+    """Make the gradient of every parameter marked `sequence_parallel` the sum over the TP group.
+
+    Under sequence parallelism each TP rank's norm (and row-parallel bias) gradient covers only its
+    sequence slice. DeepSpeed reduces gradients over the data-parallel group only, and ZeRO does so inside
+    `engine.backward` (stage 2 as each gradient is produced, then frees it), so there is no moment between
+    backward and step to add them up. A hook on each such parameter all-reduces its gradient over the TP
+    group as autograd produces it, before it is accumulated and before DeepSpeed sees it (sums are linear,
+    so gradient accumulation is unaffected). Returns how many parameters were hooked.
+    """
+    group = parallel_state.get_tensor_model_parallel_group()
+    if group.size() == 1:
+        return 0
+
+    def all_reduce(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    hooked = 0
+    for p in model.parameters():
+        if p.requires_grad and getattr(p, "sequence_parallel", False):
+            p.register_hook(all_reduce)
+            hooked += 1
+    return hooked
 
 
 def destroy() -> None:

@@ -358,6 +358,9 @@ def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):
     """The DeepSpeed engine training runs: AdamW + the LR schedule, ZeRO, bf16 with fp32 masters, clipping."""
     import deepspeed
 
+    if parallel.sum_sequence_parallel_grads(model) and c.partition_activations and not c.sequence_parallel:
+        log.info("partition_activations: true runs as sequence_parallel: true (checkpointed layer inputs are "
+                 "split over the tensor-parallel group)")
     if torch.cuda.is_available():
         model = model.cuda()
     optimizer = build_optimizer(c, model)
