@@ -109,7 +109,8 @@ def mfu(tokens_per_sec: float, flops_per_token: float, num_devices: int, peak: f
 
 def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int, seq_length: int,
                           micro_batch: int, tp: int, dp: int, zero_stage: int, dtype: str,
-                          checkpoint_activations: bool, vocab_size: int) -> dict[str, float]:
+                          checkpoint_activations: bool, vocab_size: int,
+                          sequence_parallel: bool = False) -> dict[str, float]:
     """Bytes per GPU for one training step, by part (Rajbhandari et al. for ZeRO, Korthikanti et al.
     for activations with a fused attention kernel that keeps no s x s scores).
 
@@ -118,8 +119,7 @@ def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int,
       TP and, from ZeRO stage 1, over DP;
     - fp32 gradient buffer (`fp32_gradient_buffer_bytes`): DeepSpeed's bf16 optimizer accumulates gradients
       in an fp32 copy of the whole model on every rank;
-    - activations per layer: 34*s*b*h/tp bytes without checkpointing; with it, the layer inputs
-      (2*s*b*h each) plus one layer being recomputed; plus the logits chunk of the loss.
+    - activations: see `activation_memory_bytes`; plus the logits chunk of the loss.
     """
     half = dtype in ("bf16", "fp16")
     p = num_params / tp
@@ -127,12 +127,9 @@ def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int,
     grads = p * (2 if half else 4)
     optim = p * (12 if half else 8) / (dp if zero_stage >= 1 else 1)
     grad_buffer = fp32_gradient_buffer_bytes(p, dp=dp, zero_stage=zero_stage, dtype=dtype)
-    sbh = seq_length * micro_batch * hidden_size
-    per_layer = 34 * sbh / tp
-    if checkpoint_activations:
-        activations = num_layers * 2 * sbh + per_layer
-    else:
-        activations = num_layers * per_layer
+    activations = activation_memory_bytes(num_layers=num_layers, hidden_size=hidden_size, seq_length=seq_length,
+                                          micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
+                                          checkpoint_activations=checkpoint_activations)
     logits = min(seq_length * micro_batch, 4096) * vocab_size / tp * 4 * 2
     return {"weights": weights, "gradients": grads, "grad_buffer_fp32": grad_buffer, "optimizer": optim,
             "activations": activations + logits,
@@ -160,3 +157,21 @@ def largest_micro_batch(memory_at, budget_bytes: float, limit: int = 64) -> int:
             break
         best = b
     return best
+
+
+def activation_memory_bytes(*, num_layers: int, hidden_size: int, seq_length: int, micro_batch: int, tp: int,
+                            sequence_parallel: bool, checkpoint_activations: bool) -> float:
+    """Bytes of 16-bit activations one rank holds for the backward pass (Korthikanti et al. 2022, with a
+    fused attention kernel that keeps no s x s scores), for s*b*h = seq x micro-batch x hidden:
+
+    - per layer, tensor parallelism alone: s*b*h*(10 + 24/tp): the LayerNorm, dropout and residual
+      inputs (10 sbh) are whole on every rank, the attention and MLP insides (24 sbh) are split;
+    - per layer, with sequence parallelism: 34*s*b*h/tp: those 10 sbh are split over the sequence too;
+    - with full activation checkpointing: each layer's input (2 sbh, /tp with sequence parallelism)
+      plus one layer being recomputed.
+    """
+    sbh = seq_length * micro_batch * hidden_size
+    per_layer = 34 * sbh / tp if sequence_parallel else sbh * (10 + 24 / tp)
+    if checkpoint_activations:
+        return num_layers * 2 * sbh / (tp if sequence_parallel else 1) + per_layer
+    return num_layers * per_layer

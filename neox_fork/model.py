@@ -298,8 +298,8 @@ class StableLM(nn.Module):
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
         sp = self.use_sequence_parallel(tokens.shape[1], kv_cache is None and attention_mask is None)
         x = self.word_embeddings(tokens)
-        if sp:  # [b, s, h] -> this rank's [s/tp, b, h] slice
-            x = tp.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous())
+        if sp:  # [b, s, h] -> this rank's [s/tp, b, h] slice, in its own memory (megatron's split is a view)
+            x = tp.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous()).clone()
         x = self.embedding_dropout(x, sp)
         cos, sin = self.rotary(position_ids)
         chunk = self.shape.checkpoint_num_layers

@@ -49,9 +49,14 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         return flops.training_memory_bytes(
             n, num_layers=config.num_layers, hidden_size=config.hidden_size, seq_length=seq,
             micro_batch=micro_batch, tp=tp, dp=dp, zero_stage=config.zero_stage, dtype=config.dtype_name,
-            checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size)
+            checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size,
+            sequence_parallel=shape.sequence_parallel and tp > 1)
 
     mem = memory_at(config.train_micro_batch_size_per_gpu, config.recompute == "full")
+    act = {sp: flops.activation_memory_bytes(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, seq_length=seq, tp=tp, sequence_parallel=sp,
+        micro_batch=config.train_micro_batch_size_per_gpu, checkpoint_activations=config.recompute == "full")
+        for sp in (False, True)}
     gbs = config.global_batch_size(world)
     peak = flops.PEAK_FLOPS.get(gpu)
     if peak is None:
@@ -70,6 +75,8 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"parallelism: world {world} = tensor {tp} x data {dp}; ZeRO stage {config.zero_stage}; {config.dtype_name}",
         f"global_batch: {gbs} sequences = {gbs * seq} tokens per step",
         "memory_per_gpu_gib: " + "  ".join(f"{k} {v / gib:.2f}" for k, v in mem.items()),
+        f"activations_per_rank_gib (layers, 16-bit): tensor-parallel only {act[False] / gib:.2f}  "
+        f"with sequence_parallel {act[True] / gib:.2f}  (sequence_parallel: {shape.sequence_parallel})",
         f"estimate on {gpu} at {assumed_mfu:.0%} MFU: {tokens_per_gpu:,.0f} tokens/s per GPU, "
         f"{tokens_per_gpu * world:,.0f} tokens/s total, {gbs * seq / (tokens_per_gpu * world):.2f} s per step",
     ]
@@ -87,7 +94,8 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if mem['total'] <= budget else 'NO'}")
         lines.append(no_recompute_line(lambda b: memory_at(b, False), budget, gpu_memory_gb))
     print("\n".join(lines))
-    return {"parameters": n, "flops_per_token": model_fpt, "memory": mem, "checkpoint_bytes": ckpt_bytes}
+    return {"parameters": n, "flops_per_token": model_fpt, "memory": mem, "checkpoint_bytes": ckpt_bytes,
+            "activations_by_sequence_parallel": act}
 
 
 def no_recompute_line(memory_at, budget: float, gpu_memory_gb: float) -> str:

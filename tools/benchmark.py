@@ -4,6 +4,7 @@
     python tools/benchmark.py --config configs/tiny.yml --compare hf                   # model path, vs transformers
     python tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --path engine      # the train.py step
     python tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --compare hf --json
+    torchrun --nproc_per_node 2 tools/benchmark.py --config configs/tiny.yml --activation-memory   # TP=2, SP vs not
 
 See neox_fork/benchmark.py for what each path times and docs/performance.md for the measured numbers.
 """
@@ -37,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-activations", choices=["true", "false", "selective"],
                    help="override the config: full recompute, none, or selective (attention core only)")
     p.add_argument("--torch-compile", choices=["true", "false"], help="override the config")
+    p.add_argument("--activation-memory", action="store_true",
+                   help="instead: per-rank activation memory at TP = number of ranks (run under torchrun), with "
+                        "and without sequence parallelism (neox_fork.activation_memory)")
     p.add_argument("--table", nargs="+", metavar="JSON",
                    help="instead of measuring: one table from the --json outputs of earlier runs")
     args = p.parse_args(argv)
@@ -81,6 +85,10 @@ def main(argv=None) -> int:
     if args.table:
         print(format_table([(Path(f).stem, read_result(f)) for f in args.table]))
         return 0
+    if args.activation_memory:
+        from neox_fork import activation_memory
+
+        return activation_memory.main(args.config, overrides_from(args), args.json)
     config = load_config(*args.config, overrides=overrides_from(args))
     result = run(config, path=args.path, steps=args.steps, warmup=args.warmup, compare_hf=args.compare == "hf",
                  dtype=args.dtype)
