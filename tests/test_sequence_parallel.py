@@ -113,6 +113,8 @@ def sp_runs():
     return run_distributed(_sp_worker, 2, CASES)
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("case", range(len(CASES)), ids=["dropout-chunked-loss", "dropout-ckpt-compile",
                                                          "bf16-tied"])
 def test_tp2_sequence_parallel_trains_like_one_process_and_evaluates_without_it(sp_runs, case):

@@ -20,6 +20,8 @@ import yaml
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork import checkpoint
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
 STEPS, STOP = 6, 3
 LR = 3e-3
 
