@@ -2,10 +2,8 @@
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from neox_fork import checkpoint
 from neox_fork.config import from_dict
 from neox_fork.data.tokenizer import build_tokenizer
 from neox_fork.generation import SamplingParams, generate
+from neox_fork.launch import free_port
 from neox_fork.model import build_model
 from test_generate_matches_transformers import trained_looking_checkpoint
 
@@ -79,13 +78,12 @@ def test_interactive_reads_stdin_until_eof(ckpts):
 @pytest.mark.multiproc
 def test_torchrun_tp2_ranks_cooperate_and_equal_tp1(ckpts):
     root, expected = ckpts
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).is_file():
-        torchrun = shutil.which("torchrun")
     args = ["--checkpoint", root / "tp2", "--max-new-tokens", 8, "--json"]
     for text in TEXTS:
         args += ["--prompt", text]
-    done = run(*args, launcher=(torchrun, "--nproc_per_node", "2"))
+    # torchrun as this interpreter's module: a venv need not have the console script
+    done = run(*args, launcher=(sys.executable, "-m", "torch.distributed.run", "--master_port", str(free_port()),
+                                "--nproc_per_node", "2"))
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["token_ids"] for line in done.stdout.splitlines()] == expected
 
