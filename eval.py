@@ -23,6 +23,8 @@ def parse_args(argv):
     p.add_argument("configs", nargs="*", help="NeoX YAML configs (optional; later files win)")
     p.add_argument("--checkpoint", help="checkpoint folder (with 'latest') or a global_stepN folder; default: load")
     p.add_argument("--step", type=int, help="evaluate global_stepN instead of 'latest'")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle checkpoint files without restriction (can run code; only for checkpoints you trust)")
     p.add_argument("--tasks", "--eval_tasks", "--eval-tasks", dest="tasks",
                    help="comma-separated task names; default: eval_tasks of the configs")
     p.add_argument("--include-path", action="append",
@@ -53,7 +55,8 @@ def main(argv=None):
     results, path = evaluate_checkpoint(ckpt, tasks, step=args.step, include_path=args.include_path,
                                         num_fewshot=args.num_fewshot, limit=limit, batch_size=batch_size,
                                         max_length=args.max_length, output=args.output, dtype=args.dtype,
-                                        include_defaults=args.include_defaults)
+                                        include_defaults=args.include_defaults,
+                                        trust=args.trust_checkpoint or bool(config and config.trust_checkpoint))
     print(results_table(results))
     print(f"\nresults written to {path}")
 

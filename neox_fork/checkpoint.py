@@ -12,10 +12,13 @@ atomically afterwards, so a crash mid-save never leaves a half checkpoint that `
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from neox_fork.errors import UserError
 MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
 CONFIG_FILE = "config.yml"
 TOKENIZER_FILE = "tokenizer.json"
+
+log = logging.getLogger("neox_fork")
 
 # How each parameter is split over tensor-parallel ranks: (dim, stride) or None when replicated.
 # stride 2 for linear1: each rank holds [up_r; gate_r], so the merged weight is [up; gate].
@@ -84,9 +89,25 @@ def split_tp(full: dict[str, torch.Tensor], tp: int) -> list[dict[str, torch.Ten
     return shards
 
 
-# ---------------------------------------------------------------------- locating checkpoints
+# ---------------------------------------------------------------------- names
+# The one place the on-disk names live; everything else calls these.
+LATEST_FILE = "latest"
+PARTIAL_SUFFIX = ".partial"  # a step folder being written
+OLD_SUFFIX = ".old"  # the previous copy of a step folder while it is being replaced
+RNG_FILE = "rng_state_{:05d}.pt"
+
+
+def step_name(step: int) -> str:
+    """The tag and folder name of a step, as DeepSpeed and GPT-NeoX spell it."""
+    return f"global_step{step}"
+
+
 def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
-    return Path(ckpt_dir) / f"global_step{step}"
+    return Path(ckpt_dir) / step_name(step)
+
+
+def partial_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / (step_name(step) + PARTIAL_SUFFIX)
 
 
 def step_of(tag: str) -> int | None:
@@ -100,15 +121,23 @@ def saved_steps(ckpt_dir: str | os.PathLike) -> list[int]:
     return sorted(n for p in Path(ckpt_dir).glob("global_step*") if (n := step_of(p.name)) is not None)
 
 
+# ---------------------------------------------------------------------- locating checkpoints
 def read_latest(ckpt_dir: str | os.PathLike) -> int | None:
-    latest = Path(ckpt_dir) / "latest"
+    latest = Path(ckpt_dir) / LATEST_FILE
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
     step = step_of(tag)
     if step is None:
-        raise UserError(f"{latest}: expected 'global_stepN', found {tag!r}")
+        raise UserError(f"{latest}: expected 'global_stepN', found {tag!r}{_loadable_note(Path(ckpt_dir))}")
     return step
+
+
+def published_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    """Step `step`'s folder; its previous copy if a crash hit while it was being replaced (see publish)."""
+    final = step_dir(ckpt_dir, step)
+    old = final.with_name(final.name + OLD_SUFFIX)
+    return old if not final.exists() and old.is_dir() else final
 
 
 def resolve(path: str | os.PathLike, step: int | None = None) -> Path:
@@ -116,23 +145,32 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint '{path}' not found")
-    if (path / MODEL_FILE.format(0)).is_file():
+    if (path / MODEL_FILE.format(0)).is_file() or (step is None and step_of(path.name) is not None):
         return path
     if step is None:
         step = read_latest(path)
         if step is None:
-            raise UserError(f"'{path}' holds no checkpoint: no 'latest' file and no {MODEL_FILE.format(0)}")
-    found = step_dir(path, step)
-    if not (found / MODEL_FILE.format(0)).is_file():
-        raise UserError(f"checkpoint step folder '{found}' is missing or has no {MODEL_FILE.format(0)}")
+            raise UserError(f"'{path}' holds no checkpoint: no 'latest' file and no {MODEL_FILE.format(0)}"
+                            f"{_loadable_note(path)}")
+    found = published_dir(path, step)
+    if not found.is_dir():
+        raise UserError(f"checkpoint step folder '{found}' is missing{_loadable_note(path)}")
     return found
 
 
 def load_config_of(folder: Path) -> NeoXConfig:
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise UserError(f"checkpoint '{folder}' has no {CONFIG_FILE}; it was not written by neox_fork")
-    return from_dict(yaml.safe_load(path.read_text()), source=str(path))
+        raise UserError(f"checkpoint '{folder}' has no {CONFIG_FILE}; it was not written by neox_fork"
+                        f"{_loadable_note(folder.parent)}")
+    try:
+        keys = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not readable YAML ({str(err).splitlines()[0]}){_loadable_note(folder.parent)}") \
+            from None
+    if not isinstance(keys, dict):
+        raise UserError(f"{path}: expected a mapping of config keys{_loadable_note(folder.parent)}")
+    return from_dict(keys, source=str(path))
 
 
 def tokenizer_of(folder: Path, config: NeoXConfig) -> Path | None:
@@ -145,45 +183,237 @@ def tokenizer_of(folder: Path, config: NeoXConfig) -> Path | None:
 
 
 def tp_size_of(folder: Path) -> int:
-    return len(list(folder.glob("mp_rank_*_model_states.pt")))
+    """The tensor-parallel size a step folder was saved at; a missing rank file is one clear line."""
+    ranks = sorted(int(m[1]) for p in folder.glob("mp_rank_*_model_states.pt")
+                   if (m := re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", p.name)))
+    expected = _saved_tp(folder)
+    n = expected or (ranks[-1] + 1 if ranks else 1)
+    missing = [r for r in range(n) if r not in ranks]
+    if missing:
+        raise UserError(f"checkpoint file '{folder / MODEL_FILE.format(missing[0])}' is missing (the checkpoint has "
+                        f"{n} tensor-parallel ranks){_loadable_note(folder.parent, folder)}")
+    return n
 
 
-def read_file(path: str | os.PathLike):
-    """The one place a checkpoint file (ours, DeepSpeed's, GPT-NeoX's) is unpickled."""
+def _saved_tp(folder: Path) -> int | None:
+    """model_parallel_size from the step folder's config.yml, without validating the whole config."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        keys = yaml.safe_load((folder / CONFIG_FILE).read_text())
+        value = keys.get("model_parallel_size", keys.get("model-parallel-size"))
+        return int(value) if value else None
+    except Exception:  # noqa: BLE001 - no or unreadable config: count the files instead
+        return None
+
+
+# ---------------------------------------------------------------------- reading without running code
+# The exact non-tensor types that checkpoints written by us, DeepSpeed and GPT-NeoX hold. torch.load
+# with weights_only=True rebuilds tensors, containers and primitives itself and refuses any other global,
+# so a file can only construct these; each is data, none runs code on construction.
+SAFE_GLOBALS = {
+    # DeepSpeed ZeRO-1/2 optimizer shards: `loss_scaler` is pickled as the scaler object (static for
+    # fp32/bf16, dynamic for fp16); plain attributes (scale, counters).
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": ("deepspeed.runtime.fp16.loss_scaler",
+                                                             "DynamicLossScaler"),
+    # DeepSpeed ZeRO-1/2 optimizer shards: `zero_stage` is this IntEnum.
+    "deepspeed.runtime.zero.config.ZeroStageEnum": ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    # DeepSpeed ZeRO and bf16 optimizer shards: `param_slice_mappings` values, a dataclass (numel, start).
+    "deepspeed.utils.tensor_fragment.fragment_address": ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    # GPT-NeoX's mp_rank files: `np_rng_state` is numpy.random.get_state(), a tuple holding a uint32
+    # array; numpy pickles an array as _reconstruct(ndarray, ...) + its dtype (module numpy.core before
+    # numpy 2, numpy._core since).
+    "numpy.core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct"),
+    "numpy._core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct"),
+    "numpy.ndarray": ("numpy", "ndarray"),
+    "numpy.dtype": ("numpy", "dtype"),
+    "numpy.dtypes.UInt32DType": ("numpy.dtypes", "UInt32DType"),  # the class a uint32 dtype is rebuilt as
+}
+_BUILT_WITH = {"numpy.dtype": ["numpy.dtypes.UInt32DType"]}  # allowed with it; pickles name no GLOBAL for it
+_TRUST_HINT = ("if you trust whoever wrote it, pass --trust-checkpoint (trust_checkpoint: true in a config) "
+               "to load it with full unpickling, which can run code")
+
+
+def _allowed(names) -> list:
+    """(object, pickled name) pairs for torch.serialization.safe_globals, imported only when needed."""
+    import importlib
+
+    pairs = []
+    for name in [*names, *(extra for n in names for extra in _BUILT_WITH.get(n, []))]:
+        module, attr = SAFE_GLOBALS[name]
+        try:
+            pairs.append((getattr(importlib.import_module(module), attr), name))
+        except (ImportError, AttributeError):  # e.g. numpy 1 has no numpy._core: that spelling cannot occur
+            continue
+    return pairs
+
+
+def read_file(path: str | os.PathLike, trust: bool = False):
+    """The one place a checkpoint file (ours, DeepSpeed's, GPT-NeoX's) is unpickled.
+
+    Safe by default: torch.load(weights_only=True) allowing only SAFE_GLOBALS; a file that needs any
+    other type is refused by name. `trust` unpickles without restriction (logged per file).
+    A missing, truncated or foreign file is one line naming it and the step folders that do load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file '{path}' is missing{_loadable_note(*_context(path))}")
+    if trust:
+        log.warning("trust_checkpoint: unpickling '%s' without restriction (it can run code)", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+            raise UserError(_unreadable(path, err)) from None
+    needed = _unsafe_globals(path)
+    refused = [n for n in needed or [] if n not in SAFE_GLOBALS]
+    if refused:
+        raise UserError(_refusal(path, refused[0]))
+    try:
+        with torch.serialization.safe_globals(_allowed(needed if needed is not None else SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # a legacy-format file that needs a type we do not allow
+        m = re.search(r"GLOBAL ([\w.]+)|but got <class '([^']+)'>", str(err))
+        if m or "weights_only" in str(err).lower() or "Weights only" in str(err):
+            raise UserError(_refusal(path, (m[1] or m[2]) if m else "a type outside the allowlist")) from None
+        raise UserError(_unreadable(path, err)) from None
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise UserError(f"cannot read checkpoint file '{path}': {err}") from None
+        raise UserError(_unreadable(path, err)) from None
 
 
-def _load_shard(folder: Path, rank: int) -> dict[str, torch.Tensor]:
-    states = read_file(folder / MODEL_FILE.format(rank))
+def _unsafe_globals(path: Path) -> list[str] | None:
+    """The globals a zip-format torch file would load beyond torch's own safe set (None: not a zip file,
+    e.g. torch's legacy format, which torch.load then checks as it reads)."""
+    if not zipfile.is_zipfile(path):
+        if _looks_like_legacy_torch(path):
+            return None
+        raise UserError(_unreadable(path, None))
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as err:  # noqa: BLE001 - a zip that is not a torch file, or a damaged one
+        raise UserError(_unreadable(path, err)) from None
+
+
+def _looks_like_legacy_torch(path: Path) -> bool:
+    """torch's pre-1.6 format starts with a pickled magic number (protocol 2: 0x80 0x02)."""
+    with path.open("rb") as f:
+        return f.read(2) == b"\x80\x02"
+
+
+def _refusal(path: Path, name: str) -> str:
+    return (f"refusing checkpoint file '{path}': it would load '{name}', which is not a type a checkpoint "
+            f"holds (loading it could run code); {_TRUST_HINT}")
+
+
+def _unreadable(path: Path, err: Exception | None) -> str:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(4)
+    if size == 0:
+        what = "is empty (its save was interrupted?)"
+    elif head.startswith(b"PK"):
+        what = f"is truncated or damaged ({size} bytes; its zip archive is incomplete)"
+    elif head[:2] == b"\x80\x02":
+        what = f"is truncated or damaged ({size} bytes; {type(err).__name__ if err else 'unreadable'})"
+    else:
+        what = f"is not a PyTorch checkpoint file (it starts with {head!r})"
+    return f"checkpoint file '{path}' {what}{_loadable_note(*_context(path))}"
+
+
+def _context(path: Path) -> tuple[Path, Path | None]:
+    """(checkpoint folder, the step folder holding `path`) for error notes."""
+    folder = path.parent
+    if step_of(folder.name.removesuffix(OLD_SUFFIX)) is not None:
+        return folder.parent, folder
+    return folder, None
+
+
+def step_is_intact(folder: Path) -> bool:
+    """Cheap check that a step folder would load: every rank's model file is present and every .pt file
+    is a complete zip archive (a truncated one loses its central directory at the end)."""
+    try:
+        tp_size_of(folder)
+    except UserError:
+        return False
+    files = list(folder.glob("*.pt"))
+    return bool(files) and all(zipfile.is_zipfile(f) or _looks_like_legacy_torch(f) for f in files)
+
+
+def _loadable_note(ckpt_dir: Path, broken: Path | None = None) -> str:
+    """'; step folders in DIR that load: ...' for an error message."""
+    try:
+        good = [step_name(s) for s in saved_steps(ckpt_dir)
+                if step_dir(ckpt_dir, s) != broken and step_is_intact(step_dir(ckpt_dir, s))]
+    except OSError:
+        return ""
+    if not good:
+        return f"; no step folder in '{ckpt_dir}' loads" if saved_steps(ckpt_dir) else ""
+    return f"; step folders in '{ckpt_dir}' that load: {', '.join(good)} (pick one with --step or 'latest')"
+
+
+def _load_shard(folder: Path, rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
+    path = folder / MODEL_FILE.format(rank)
+    states = read_file(path, trust)
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise UserError(f"checkpoint file '{path}' holds no model weights (no 'module' state dict); it is not a "
+                        f"DeepSpeed model states file{_loadable_note(*_context(path))}")
     return {k: v for k, v in states["module"].items() if not k.endswith("_extra_state")}
 
 
-def load_model_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
-    return [_load_shard(folder, rank) for rank in range(tp_size_of(folder))]
+def load_model_shards(folder: Path, trust: bool = False) -> list[dict[str, torch.Tensor]]:
+    return [_load_shard(folder, rank, trust) for rank in range(tp_size_of(folder))]
 
 
-def load_rank_shard(folder: Path, tp: int, rank: int) -> dict[str, torch.Tensor]:
+def load_rank_shard(folder: Path, tp: int, rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
     """TP rank `rank`'s weights for a run at TP size `tp`: its own file when the checkpoint was saved at
     that size, else the merged weights split again."""
     if tp_size_of(folder) == tp:
-        return _load_shard(folder, rank)
-    return split_tp(merge_tp_shards(load_model_shards(folder)), tp)[rank]
+        return _load_shard(folder, rank, trust)
+    return split_tp(merge_tp_shards(load_model_shards(folder, trust)), tp)[rank]
 
 
-def load_merged(path: str | os.PathLike, step: int | None = None):
+def load_merged(path: str | os.PathLike, step: int | None = None, trust: bool = False):
     """(merged TP=1 state, config, step folder) of a checkpoint saved at any TP size."""
     folder = resolve(path, step)
-    return merge_tp_shards(load_model_shards(folder)), load_config_of(folder), folder
+    config = load_config_of(folder)
+    return merge_tp_shards(load_model_shards(folder, trust)), config, folder
 
 
 # ---------------------------------------------------------------------- writing
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of a folder and the folder itself to disk (before anything points at it)."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            _fsync(f)
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync(d)
+    _fsync(folder)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a file under a temporary name, flush it, and rename it into place: readers see the old
+    content or the new, never a part, even after a power loss."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+write_atomic_text = write_atomic  # the name evaluation.py calls
 
 
 def save_config(folder: Path, config: NeoXConfig) -> None:
@@ -195,39 +425,61 @@ def copy_tokenizer(folder: Path, tokenizer_file: str | os.PathLike | None) -> No
         shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
 
 
-def publish(tmp_folder: Path, final_folder: Path, ckpt_dir: Path, step: int) -> None:
-    """Move a completely written step folder into place, then point `latest` at it."""
-    if final_folder.exists():
-        old = final_folder.with_name(final_folder.name + ".old")
+def _no_fault(stage: str) -> None:
+    pass
+
+
+def publish(tmp_folder: Path, ckpt_dir: Path, step: int, fault=_no_fault) -> Path:
+    """Move a completely written step folder into place, then point `latest` at it.
+
+    Order: flush the files and folder to disk, rename into place (an existing folder of that step is
+    moved aside first and deleted last), flush the parent, then replace `latest` atomically. A crash at
+    any point leaves `latest` naming a complete folder: while a step is being replaced, readers use its
+    `.old` copy (published_dir). `fault(stage)` is called between the stages, so tests can crash there.
+    """
+    final = step_dir(ckpt_dir, step)
+    fsync_tree(tmp_folder)
+    fault("before_rename")
+    old = final.with_name(final.name + OLD_SUFFIX)
+    if final.exists():
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_folder, old)
-        os.replace(tmp_folder, final_folder)
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        fault("replacing")
+        os.replace(tmp_folder, final)
     else:
-        os.replace(tmp_folder, final_folder)
-    write_atomic_text(ckpt_dir / "latest", f"global_step{step}")
+        if old.is_dir():  # an earlier replacement of this step crashed after moving it aside
+            shutil.rmtree(old)
+        os.replace(tmp_folder, final)
+    _fsync(Path(ckpt_dir))
+    fault("before_latest")
+    write_atomic(Path(ckpt_dir) / LATEST_FILE, step_name(step))
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def start_partial(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh, empty folder to write step `step` into (the leftovers of a crashed save removed)."""
+    tmp = partial_dir(ckpt_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[dict[str, torch.Tensor]],
                           config: NeoXConfig, tokenizer_file: str | os.PathLike | None = None) -> Path:
     """Write model states only (no optimizer), e.g. for a converted Hugging Face model."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = step_dir(ckpt_dir, step)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = start_partial(ckpt_dir, step)
     try:
         for rank, shard in enumerate(shards):
             torch.save({"module": shard, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
                        tmp / MODEL_FILE.format(rank))
         save_config(tmp, config)
         copy_tokenizer(tmp, tokenizer_file)
-        publish(tmp, final, ckpt_dir, step)
+        return publish(tmp, ckpt_dir, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 # ---------------------------------------------------------------------- resharding
@@ -240,13 +492,14 @@ def vocab_keys_for(vocab: int, tp: int, where: str) -> dict:
             "model_parallel_size": tp}
 
 
-def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, step: int | None = None) -> Path:
+def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, step: int | None = None,
+            trust: bool = False) -> Path:
     """Write the weights of a checkpoint (any TP size) split for `tp` ranks, with a matching config.
 
     Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size; a full
     training state moves to another TP size on load instead (`save_universal: true`, see training.py).
     """
-    state, config, folder = load_merged(path, step)
+    state, config, folder = load_merged(path, step, trust)
     keys = config.to_dict()
     keys.update(vocab_keys_for(state["word_embeddings.weight"].shape[0], tp, str(folder)))
     keys.update(num_gpus=None, num_nodes=-1, load=None)  # launch settings belong to the next run

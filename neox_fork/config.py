@@ -136,6 +136,9 @@ class NeoXConfig:
     extra_save_iters: list | None = None
     keep_last_n_checkpoints: int | None = None
     finetune: bool = False
+    # unpickle `load` without restriction (a checkpoint needing types beyond tensors and DeepSpeed's
+    # own can then run code): only for checkpoints from someone you trust; logged when on
+    trust_checkpoint: bool = False
     # also save each parameter's fp32 master and Adam moments unsharded over DP (per TP rank), so a run
     # can resume at another tensor-parallel size; costs about 12 bytes x parameters of extra disk
     save_universal: bool = False

@@ -261,11 +261,11 @@ def evaluate_model(model, tokenizer, tasks: list[str], *, include_path=None, num
 def evaluate_checkpoint(ckpt, tasks: list[str], *, step: int | None = None, include_path=None,
                         num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
                         max_length: int | None = None, output: str | os.PathLike | None = None,
-                        dtype: str = "fp32", include_defaults: bool = False) -> tuple[dict, Path]:
+                        dtype: str = "fp32", include_defaults: bool = False, trust: bool = False) -> tuple[dict, Path]:
     """Evaluate a checkpoint (any TP size, merged into one process); results go to `output` or to
     CKPT/eval/results_stepN.json. Returns (results, path written)."""
     folder = checkpoint.resolve(ckpt, step)
-    model, config, tokenizer = load_for_inference(folder, dtype=dtype, tp_cooperate=False)
+    model, config, tokenizer = load_for_inference(folder, dtype=dtype, tp_cooperate=False, trust=trust)
     if tokenizer is None:
         raise UserError(f"checkpoint {folder} has no tokenizer.json and its config names no vocab-file that "
                         "exists; evaluation needs the tokenizer the model was trained with")

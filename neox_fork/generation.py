@@ -56,7 +56,8 @@ class SamplingParams:
 
 
 # ---------------------------------------------------------------------- loading
-def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", tp_cooperate: bool | None = None):
+def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", tp_cooperate: bool | None = None,
+                       trust: bool = False):
     """(model, config, tokenizer or None) for this process.
 
     One process (the default): the checkpoint's TP shards are merged into a TP=1 model. With
@@ -74,11 +75,11 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
         parallel.init_distributed()
         tp = dist.get_world_size()
         parallel.initialize(tp)
-        state = checkpoint.load_rank_shard(folder, tp, parallel.tp_rank())
+        state = checkpoint.load_rank_shard(folder, tp, parallel.tp_rank(), trust)
     else:
         tp = 1
         parallel.initialize(1)
-        state = checkpoint.merge_tp_shards(checkpoint.load_model_shards(folder))
+        state = checkpoint.merge_tp_shards(checkpoint.load_model_shards(folder, trust))
     tokenizer_file = checkpoint.tokenizer_of(folder, config)
     tokenizer = build_tokenizer(config.tokenizer_type, str(tokenizer_file)) if tokenizer_file else None
     config.model_parallel_size = tp

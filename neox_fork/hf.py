@@ -162,7 +162,8 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | None = None) -> Path:
+def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | None = None,
+                  trust: bool = False) -> Path:
     """A checkpoint (any TP size) -> a Hugging Face StableLmForCausalLM folder, written atomically."""
     import json
     import shutil
@@ -172,7 +173,7 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
 
     from neox_fork import checkpoint
 
-    state, config, folder = checkpoint.load_merged(ckpt_path, step)
+    state, config, folder = checkpoint.load_merged(ckpt_path, step, trust)
     tensors = to_hf_state_dict(state, config.num_attention_heads)
     if dtype is None:
         dtype = dtype_name(tensors["model.embed_tokens.weight"].dtype)

@@ -163,24 +163,25 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
     if not c.save or state.last_saved == state.iteration:
         return
     ckpt_dir = Path(c.save)
-    tag = f"global_step{state.iteration}"
-    partial = f"{tag}.partial"
+    partial = checkpoint.partial_dir(ckpt_dir, state.iteration)
     if _rank0():
-        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+        checkpoint.start_partial(ckpt_dir, state.iteration)
     dist.barrier()
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples}
-    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
     torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},
-               ckpt_dir / partial / f"rng_state_{dist.get_rank():05d}.pt")
+               partial / checkpoint.RNG_FILE.format(dist.get_rank()))
     if c.save_universal:
-        save_universal(engine, engine.module, ckpt_dir / partial)
+        save_universal(engine, engine.module, partial)
+    if not _rank0() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        checkpoint.fsync_tree(partial)  # this node's writes reach the disk before rank 0 publishes
     dist.barrier()
     if _rank0():
-        checkpoint.save_config(ckpt_dir / partial, c)
-        checkpoint.copy_tokenizer(ckpt_dir / partial, c.vocab_file)
-        checkpoint.publish(ckpt_dir / partial, ckpt_dir / tag, ckpt_dir, state.iteration)
+        checkpoint.save_config(partial, c)
+        checkpoint.copy_tokenizer(partial, c.vocab_file)
+        checkpoint.publish(partial, ckpt_dir, state.iteration)
         prune_checkpoints(ckpt_dir, c.keep_last_n_checkpoints)
-        log.info("saved checkpoint %s", ckpt_dir / tag)
+        log.info("saved checkpoint %s", checkpoint.step_dir(ckpt_dir, state.iteration))
     dist.barrier()
     state.last_saved = state.iteration
 
@@ -192,32 +193,55 @@ def prune_checkpoints(ckpt_dir: Path, keep: int | None) -> None:
         shutil.rmtree(checkpoint.step_dir(ckpt_dir, step), ignore_errors=True)
 
 
+class SafeLoads:
+    """DeepSpeed's checkpoint engine with every file it reads going through checkpoint.read_file.
+
+    engine.load_checkpoint unpickles model states and ZeRO shards itself, through
+    `engine.checkpoint_engine.load` (all of its reads in DeepSpeed 0.19): routing that one method keeps
+    DeepSpeed from running code from a checkpoint, and gives its corrupt files our one-line errors.
+    """
+
+    def __init__(self, inner, trust: bool):
+        self.inner, self.trust = inner, trust
+
+    def load(self, path, map_location=None):
+        return checkpoint.read_file(path, self.trust)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     """Continue from `load` (full state), or take weights only with `finetune: true`."""
     if not c.load:
         return
+    if c.trust_checkpoint:
+        log.warning("trust_checkpoint is on: files of %s are unpickled without restriction and can run code",
+                    c.load)
     step = checkpoint.read_latest(c.load)
     if step is None:
         if Path(c.load) == Path(c.save or ""):  # first start of a run that saves and loads in one place
             log.info("no checkpoint in %s yet: starting from scratch", c.load)
             return
         raise UserError(f"load: '{c.load}' has no 'latest' file; point it at a checkpoint folder")
-    folder = checkpoint.step_dir(c.load, step)
+    folder = checkpoint.resolve(c.load, step)
+    saved_tp = checkpoint.tp_size_of(folder)
     if c.finetune:
-        load_weights_only(model, folder)
+        load_weights_only(model, folder, c.trust_checkpoint)
         log.info("fine-tuning from the weights of %s", folder)
         return
-    saved_tp = checkpoint.tp_size_of(folder)
     if saved_tp != c.model_parallel_size:
         resume_resharded(engine, model, c, state, folder, saved_tp)
         return
-    _, client_state = engine.load_checkpoint(c.load, tag=f"global_step{step}")
+    if not isinstance(engine.checkpoint_engine, SafeLoads):
+        engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine, c.trust_checkpoint)
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     state.iteration = client_state["iteration"]
     state.consumed_samples = client_state["consumed_samples"]
     state.last_saved = state.iteration
-    rng_file = folder / f"rng_state_{dist.get_rank():05d}.pt"
+    rng_file = folder / checkpoint.RNG_FILE.format(dist.get_rank())
     if rng_file.is_file():
-        saved = checkpoint.read_file(rng_file)
+        saved = checkpoint.read_file(rng_file, c.trust_checkpoint)
         parallel.set_rng_state(saved["rng"])
         parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
     log.info("resumed from %s at iteration %d (%d samples consumed)", folder, state.iteration,
@@ -273,11 +297,11 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
         raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} but this run uses "
                         f"{c.model_parallel_size}; it has no universal optimizer states (save_universal: true "
                         "when saving), so only `finetune: true` (weights only) can load it")
-    saved = [checkpoint.read_file(f) for f in files]
+    saved = [checkpoint.read_file(f, c.trust_checkpoint) for f in files]
     tp, rank = parallel.tp_size(), parallel.tp_rank()
     mine = {key: checkpoint.split_tp(checkpoint.merge_tp_shards([s[key] for s in saved]), tp)[rank]
             for key in ("fp32", *_ADAM_STATES)}
-    load_weights_only(model, folder)
+    load_weights_only(model, folder, c.trust_checkpoint)
     _link_optimizer_states(engine)
     for name, p in model.named_parameters():
         safe_set_full_fp32_param(p, mine["fp32"][name].to(p.device))
@@ -287,7 +311,7 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
     for opt_state in base.state.values():
         if "step" in opt_state:
             opt_state["step"].fill_(saved[0]["step"])
-    meta = checkpoint.read_file(folder / checkpoint.MODEL_FILE.format(0))
+    meta = checkpoint.read_file(folder / checkpoint.MODEL_FILE.format(0), c.trust_checkpoint)
     engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.iteration, state.consumed_samples = meta["iteration"], meta["consumed_samples"]
     for group in engine.optimizer.param_groups:  # the scheduler sets the LR only at its next step
@@ -295,14 +319,14 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
     engine.global_steps = state.iteration
     engine.global_samples = state.consumed_samples
     state.last_saved = state.iteration
-    rng = checkpoint.read_file(folder / "rng_state_00000.pt")  # every TP rank shares this stream
+    rng = checkpoint.read_file(folder / checkpoint.RNG_FILE.format(0), c.trust_checkpoint)  # TP ranks share it
     parallel.set_rng_state(rng["rng"])
     log.info("resumed from %s (saved at TP=%d) at TP=%d, iteration %d", folder, saved_tp, tp, state.iteration)
 
 
-def load_weights_only(model, folder: Path) -> None:
+def load_weights_only(model, folder: Path, trust: bool = False) -> None:
     """This rank's weights from a checkpoint saved at any TP size (merged, then split for this run)."""
-    mine = checkpoint.load_rank_shard(folder, parallel.tp_size(), parallel.tp_rank())
+    mine = checkpoint.load_rank_shard(folder, parallel.tp_size(), parallel.tp_rank(), trust)
     own = checkpoint.model_state(model)
     problems = [k for k in own if k not in mine or mine[k].shape != own[k].shape]
     if problems:

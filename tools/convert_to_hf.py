@@ -15,8 +15,11 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="weight dtype (default: as stored in the checkpoint)")
     parser.add_argument("--step", type=int, default=None, help="global step to export (default: latest)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle checkpoint files without restriction (can run code; only for checkpoints you trust)")
     args = parser.parse_args(argv)
-    out = export_folder(args.input_dir, args.output_dir, args.dtype, args.step)
+    out = export_folder(args.input_dir, args.output_dir, args.dtype, args.step,
+                        trust=args.trust_checkpoint)
     print(f"wrote {out}")
 
 

@@ -19,8 +19,10 @@ def main(argv=None):
     p.add_argument("--output-dir", required=True)
     p.add_argument("--tp", type=int, required=True, help="the new tensor-parallel size")
     p.add_argument("--step", type=int, default=None, help="global step to take (default: latest)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle checkpoint files without restriction (can run code; only for checkpoints you trust)")
     args = p.parse_args(argv)
-    print(f"wrote {reshard(args.input_dir, args.output_dir, args.tp, args.step)}")
+    print(f"wrote {reshard(args.input_dir, args.output_dir, args.tp, args.step, args.trust_checkpoint)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Every program that reads a checkpoint, run the way a user runs it, for the safe-load and corrupt-file tests.
+
+The four tools run in this process through their own `main` (a refusal must come before any code from the
+file could run, so a payload would fire here and be seen); fine-tuning and resuming start train.py.
+"""
+
+import contextlib
+import importlib.util
+import io
+import os
+import subprocess
+
+import yaml
+
+from conftest import PYTHON, REPO, run_training, write_train_config
+
+TOOLS = {"convert": "tools/convert_to_hf.py", "reshard": "tools/reshard_checkpoint.py", "generate": "generate.py",
+         "eval": "eval.py"}
+
+
+def tool_args(name, ckpt, out):
+    return {"convert": ["--input-dir", ckpt, "--output-dir", out / "hf"],
+            "reshard": ["--input-dir", ckpt, "--output-dir", out / "tp2", "--tp", "2"],
+            "generate": ["--checkpoint", ckpt, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"],
+            "eval": ["--checkpoint", ckpt, "--tasks", "neox_arith", "--limit", "1", "--output", out / "eval.json"],
+            }[name]
+
+
+def run_tool(name, ckpt, out, *extra):
+    """(exit status, stderr) of one tool's main() on `ckpt`."""
+    from neox_fork import parallel
+
+    spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / TOOLS[name])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    err, status = io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            module.main([str(a) for a in (*tool_args(name, ckpt, out), *extra)])
+    except SystemExit as exit_:
+        status = exit_.code
+    finally:
+        parallel.destroy()
+    return status, err.getvalue()
+
+
+def training_config(folder, corpus, ckpt, finetune, **keys):
+    """A config that loads `ckpt` (weights only with `finetune`) and trains one more step into folder/ckpt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_train_config(folder, corpus, train_iters=3, load=str(ckpt), finetune=finetune, **keys)
+    return path
+
+
+def start_training(config):
+    return subprocess.Popen([PYTHON, "train.py", str(config)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def run_trainings(configs, parallel=2):
+    """(exit status, stdout, stderr) of train.py on each config, `parallel` at a time."""
+    results, running = {}, []
+    pending = list(configs.items())
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, config = pending.pop(0)
+            running.append((name, start_training(config)))
+        name, proc = running.pop(0)
+        out, err = proc.communicate(timeout=600)
+        results[name] = (proc.returncode, out, err)
+    return results
+
+
+def train(folder, corpus, **keys):
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_train_config(folder, corpus, **keys)
+    run_training(config)
+    return folder / "ckpt", yaml.safe_load(config.read_text())

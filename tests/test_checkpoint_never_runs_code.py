@@ -1,0 +1,137 @@
+"""Opening a checkpoint never runs code from it (issue 18).
+
+A pickled `__reduce__` payload that would create a marker file is planted in a real training checkpoint;
+every reader (convert, reshard, generate, eval, fine-tune, resume through DeepSpeed) refuses it with one
+line naming the file and the type, and the marker never appears. Everything training writes (fp32 and
+bf16, TP=2, ZeRO-1 and ZeRO-2, universal states) loads through the same safe reader, and DeepSpeed's own
+zero_to_fp32 still reads our step folders. `--trust-checkpoint` loads the file and says so.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from checkpoint_readers import TOOLS, run_tool, run_trainings, train, training_config
+from conftest import run_training
+from neox_fork import checkpoint
+
+
+class Payload:
+    """Unpickling this calls os.system: what an attacker would put in a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(path, marker):
+    """Add a payload entry to a checkpoint file (we wrote it, so reading it trusted here is fine)."""
+    states = checkpoint.read_file(path, trust=True)
+    states["payload"] = Payload(marker)
+    torch.save(states, path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_corpus):
+    """fp32, one process, ZeRO-1: two saved steps."""
+    ckpt, _ = train(tmp_path_factory.mktemp("trained"), small_corpus, train_iters=2, checkpoint_factor=1)
+    return ckpt
+
+
+def test_fp32_zero1_files_load_safely_and_deepspeed_still_reads_them(trained):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folders = [checkpoint.step_dir(trained, 1), checkpoint.step_dir(trained, 2)]
+    for folder in folders:
+        files = sorted(folder.glob("*.pt"))
+        assert {f.name for f in files} >= {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+        for f in files:
+            checkpoint.read_file(f)  # safe path: raises on anything outside the allowlist
+    # DeepSpeed's own tool reads what we publish: its fp32 weights are the ones we saved
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(trained), tag=checkpoint.step_name(2))
+    ours, _, _ = checkpoint.load_merged(trained)
+    assert fp32.keys() == ours.keys()
+    assert all(torch.equal(fp32[k], ours[k]) for k in ours)
+
+
+def test_bf16_zero2_tp2_universal_checkpoint_loads_safely_and_resumes(small_corpus, tmp_path):
+    keys = dict(precision="bfloat16", zero_optimization={"stage": 2}, model_parallel_size=2, save_universal=True,
+                make_vocab_size_divisible_by=64, train_micro_batch_size_per_gpu=2)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    from conftest import write_train_config
+
+    config = write_train_config(folder, small_corpus, train_iters=2, exit_interval=1, **keys)
+    run_training(config, nproc=2)
+    step = checkpoint.step_dir(folder / "ckpt", 1)
+    assert {f.name for f in step.glob("*.pt")} == {
+        *(f"mp_rank_0{r}_model_states.pt" for r in (0, 1)), *(f"universal_mp_rank_0{r}.pt" for r in (0, 1)),
+        *(f"bf16_zero_pp_rank_0_mp_rank_0{r}_optim_states.pt" for r in (0, 1)),
+        *(f"rng_state_0000{r}.pt" for r in (0, 1))}
+    states = {f.name: checkpoint.read_file(f) for f in step.glob("*.pt")}  # the safe path
+    assert int(states["bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"]["zero_stage"]) == 2
+    import yaml
+
+    resumed = yaml.safe_load(config.read_text())
+    resumed.update(exit_interval=None, load=str(folder / "ckpt"))
+    config.write_text(yaml.safe_dump(resumed))
+    run = run_training(config, nproc=2)
+    assert "resumed from" in run.stdout and "at iteration 1" in run.stdout
+
+
+def test_a_pickled_payload_is_refused_by_every_reader(trained, small_corpus, tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil"
+    shutil.copytree(trained, evil)
+    model_file = checkpoint.step_dir(evil, 2) / checkpoint.MODEL_FILE.format(0)
+    plant(model_file, marker)
+    # only DeepSpeed's resume reads the ZeRO shards: a payload there must be refused by it too
+    evil_optim = tmp_path / "evil_optim"
+    shutil.copytree(trained, evil_optim)
+    optim_file = checkpoint.step_dir(evil_optim, 2) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    plant(optim_file, marker)
+
+    for name in TOOLS:
+        status, err = run_tool(name, evil, tmp_path / name)
+        assert status == 2, (name, err)
+        assert err.strip().splitlines() == [
+            f"error: refusing checkpoint file '{model_file}': it would load 'posix.system', which is not a type a "
+            "checkpoint holds (loading it could run code); if you trust whoever wrote it, pass --trust-checkpoint "
+            "(trust_checkpoint: true in a config) to load it with full unpickling, which can run code"], name
+        assert not marker.exists(), name
+
+    runs = run_trainings({
+        "finetune": training_config(tmp_path / "finetune", small_corpus, evil, finetune=True),
+        "resume": training_config(tmp_path / "resume", small_corpus, evil, finetune=False),
+        "resume_optim": training_config(tmp_path / "resume_optim", small_corpus, evil_optim, finetune=False),
+    })
+    for name, (status, out, err) in runs.items():
+        bad = optim_file if name == "resume_optim" else model_file
+        assert status == 2, (name, out[-2000:], err[-2000:])
+        assert err.strip().splitlines()[-1].startswith(f"error: refusing checkpoint file '{bad}': it would load "
+                                                       "'posix.system'"), (name, err[-2000:])
+        assert "Traceback" not in err, name
+    assert not marker.exists()
+
+
+def test_trust_checkpoint_loads_it_and_says_so(trained, small_corpus, tmp_path, caplog):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil"
+    shutil.copytree(trained, evil)
+    model_file = checkpoint.step_dir(evil, 2) / checkpoint.MODEL_FILE.format(0)
+    plant(model_file, marker)
+    caplog.clear()
+    status, err = run_tool("convert", evil, tmp_path, "--trust-checkpoint")
+    assert status == 0, err
+    assert marker.exists()  # the user asked for it: the payload ran
+    assert f"trust_checkpoint: unpickling '{model_file}' without restriction" in caplog.text
+    marker.unlink()
+    runs = run_trainings({"finetune": training_config(tmp_path / "ft", small_corpus, evil, finetune=True,
+                                                      trust_checkpoint=True)})
+    status, out, err = runs["finetune"]
+    assert status == 0, err[-2000:]
+    assert "trust_checkpoint is on" in out and marker.exists()
