@@ -334,7 +334,13 @@ def step_is_intact(folder: Path) -> bool:
     except UserError:
         return False
     files = list(folder.glob("*.pt"))
-    return bool(files) and all(zipfile.is_zipfile(f) or _looks_like_legacy_torch(f) for f in files)
+    if not files or not all(zipfile.is_zipfile(f) or _looks_like_legacy_torch(f) for f in files):
+        return False
+    shards: dict[int, set[int]] = {}  # ZeRO shards: every TP rank has DP ranks 0..D-1
+    for f in files:
+        if m := re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt", f.name):
+            shards.setdefault(int(m[2]), set()).add(int(m[1]))
+    return all(dp == set(range(len(dp))) for dp in shards.values()) and len({len(d) for d in shards.values()}) <= 1
 
 
 def _loadable_note(ckpt_dir: Path, broken: Path | None = None) -> str:
@@ -447,8 +453,6 @@ def publish(tmp_folder: Path, ckpt_dir: Path, step: int, fault=_no_fault) -> Pat
         fault("replacing")
         os.replace(tmp_folder, final)
     else:
-        if old.is_dir():  # an earlier replacement of this step crashed after moving it aside
-            shutil.rmtree(old)
         os.replace(tmp_folder, final)
     _fsync(Path(ckpt_dir))
     fault("before_latest")
@@ -457,8 +461,22 @@ def publish(tmp_folder: Path, ckpt_dir: Path, step: int, fault=_no_fault) -> Pat
     return final
 
 
+def recover(ckpt_dir: str | os.PathLike) -> None:
+    """Finish what a crashed publish left: a step folder moved aside (`.old`) goes back where its new copy
+    never arrived, or is deleted where it did; half-written `.partial` folders are deleted."""
+    for old in Path(ckpt_dir).glob(f"global_step*{OLD_SUFFIX}"):
+        final = old.with_name(old.name.removesuffix(OLD_SUFFIX))
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+    for partial in Path(ckpt_dir).glob(f"global_step*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def start_partial(ckpt_dir: str | os.PathLike, step: int) -> Path:
-    """A fresh, empty folder to write step `step` into (the leftovers of a crashed save removed)."""
+    """A fresh, empty folder to write step `step` into, after recovering from any crashed save."""
+    recover(ckpt_dir)
     tmp = partial_dir(ckpt_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -10,9 +10,7 @@ import io
 import os
 import subprocess
 
-import yaml
-
-from conftest import PYTHON, REPO, run_training, write_train_config
+from conftest import PYTHON, REPO, write_train_config
 
 TOOLS = {"convert": "tools/convert_to_hf.py", "reshard": "tools/reshard_checkpoint.py", "generate": "generate.py",
          "eval": "eval.py"}
@@ -47,8 +45,8 @@ def run_tool(name, ckpt, out, *extra):
 def training_config(folder, corpus, ckpt, finetune, **keys):
     """A config that loads `ckpt` (weights only with `finetune`) and trains one more step into folder/ckpt."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = write_train_config(folder, corpus, train_iters=3, load=str(ckpt), finetune=finetune, **keys)
-    return path
+    keys.setdefault("train_iters", 3)
+    return write_train_config(folder, corpus, load=str(ckpt), finetune=finetune, **keys)
 
 
 def start_training(config):
@@ -68,10 +66,3 @@ def run_trainings(configs, parallel=2):
         out, err = proc.communicate(timeout=600)
         results[name] = (proc.returncode, out, err)
     return results
-
-
-def train(folder, corpus, **keys):
-    folder.mkdir(parents=True, exist_ok=True)
-    config = write_train_config(folder, corpus, **keys)
-    run_training(config)
-    return folder / "ckpt", yaml.safe_load(config.read_text())

@@ -89,3 +89,11 @@ def run_training(config_path, nproc=1, timeout=600, check=True):
     if check and run.returncode != 0:
         raise AssertionError(f"training failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, small_corpus):
+    """A real training checkpoint (fp32, one process, ZeRO-1) with steps 1 and 2; copy it before changing it."""
+    folder = tmp_path_factory.mktemp("trained")
+    run_training(write_train_config(folder, small_corpus, train_iters=2, checkpoint_factor=1))
+    return folder / "ckpt"

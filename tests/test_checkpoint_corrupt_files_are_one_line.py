@@ -5,18 +5,17 @@ import shutil
 
 import pytest
 
-from checkpoint_readers import TOOLS, run_tool, run_trainings, train, training_config
+from checkpoint_readers import TOOLS, run_tool, run_trainings, training_config
 from neox_fork import checkpoint
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_corpus):
-    """fp32, one process, ZeRO-1, steps 1 and 2 saved; and the same weights split for TP=2."""
-    root = tmp_path_factory.mktemp("corrupt")
-    ckpt, _ = train(root / "run", small_corpus, train_iters=2, checkpoint_factor=1)
+def trained(tmp_path_factory, trained_checkpoint):
+    """The training checkpoint (steps 1 and 2), and the same weights split for TP=2."""
+    tp2 = tmp_path_factory.mktemp("corrupt") / "tp2"
     for step in (1, 2):
-        checkpoint.reshard(ckpt, root / "tp2", 2, step=step)
-    return ckpt, root / "tp2"
+        checkpoint.reshard(trained_checkpoint, tp2, 2, step=step)
+    return trained_checkpoint, tp2
 
 
 def damage(src, dst, how):

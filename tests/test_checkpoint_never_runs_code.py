@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from checkpoint_readers import TOOLS, run_tool, run_trainings, train, training_config
+from checkpoint_readers import TOOLS, run_tool, run_trainings, training_config
 from conftest import run_training
 from neox_fork import checkpoint
 
@@ -35,11 +35,9 @@ def plant(path, marker):
     torch.save(states, path)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_corpus):
-    """fp32, one process, ZeRO-1: two saved steps."""
-    ckpt, _ = train(tmp_path_factory.mktemp("trained"), small_corpus, train_iters=2, checkpoint_factor=1)
-    return ckpt
+@pytest.fixture
+def trained(trained_checkpoint):
+    return trained_checkpoint
 
 
 def test_fp32_zero1_files_load_safely_and_deepspeed_still_reads_them(trained):
@@ -73,7 +71,7 @@ def test_bf16_zero2_tp2_universal_checkpoint_loads_safely_and_resumes(small_corp
         *(f"bf16_zero_pp_rank_0_mp_rank_0{r}_optim_states.pt" for r in (0, 1)),
         *(f"rng_state_0000{r}.pt" for r in (0, 1))}
     states = {f.name: checkpoint.read_file(f) for f in step.glob("*.pt")}  # the safe path
-    assert int(states["bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"]["zero_stage"]) == 2
+    assert int(states["bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"]["optimizer_state_dict"]["zero_stage"]) == 2
     import yaml
 
     resumed = yaml.safe_load(config.read_text())
@@ -131,7 +129,7 @@ def test_trust_checkpoint_loads_it_and_says_so(trained, small_corpus, tmp_path, 
     assert f"trust_checkpoint: unpickling '{model_file}' without restriction" in caplog.text
     marker.unlink()
     runs = run_trainings({"finetune": training_config(tmp_path / "ft", small_corpus, evil, finetune=True,
-                                                      trust_checkpoint=True)})
+                                                      trust_checkpoint=True, train_iters=1)})
     status, out, err = runs["finetune"]
     assert status == 0, err[-2000:]
     assert "trust_checkpoint is on" in out and marker.exists()

@@ -1,13 +1,14 @@
-"""SIGTERM saves at the next step boundary and exits 0; a process killed mid-save leaves `latest` whole."""
+"""SIGTERM saves at the next step boundary and exits 0; a crash at any stage of a save leaves `latest` on a
+complete checkpoint (failures injected at each stage), and files and folders reach the disk before `latest` moves."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 import torch
-import yaml
 
 from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
 from neox_fork import checkpoint
@@ -47,30 +48,90 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, small_corpus):
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_kill_during_saves_never_leaves_latest_pointing_at_a_broken_checkpoint(tmp_path, small_corpus):
-    config = write_train_config(tmp_path, small_corpus, train_iters=100_000, lr_decay_iters=1000,
-                                checkpoint_factor=1, keep_last_n_checkpoints=3)
+class Crash(BaseException):
+    """The process dies here (nothing after it runs, no cleanup)."""
+
+
+def crash_at(stage):
+    def fault(reached):
+        if reached == stage:
+            raise Crash(stage)
+    return fault
+
+
+def written_step(ckpt, src_step, step):
+    """Step `step` completely written under its temporary name, holding step `src_step`'s files."""
+    tmp = checkpoint.start_partial(ckpt, step)
+    for f in checkpoint.step_dir(ckpt, src_step).iterdir():
+        shutil.copyfile(f, tmp / f.name)
+    return tmp
+
+
+def step_folders(ckpt):
+    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("global_step"))
+
+
+@pytest.mark.parametrize("stage, step", [("before_rename", 3), ("before_latest", 3), ("replacing", 2)])
+def test_a_crash_at_each_stage_of_a_save_leaves_latest_on_a_complete_checkpoint(trained_checkpoint, tmp_path,
+                                                                                stage, step):
     ckpt = tmp_path / "ckpt"
-    proc = start(config)
-    wait_for(lambda: (checkpoint.read_latest(ckpt) or 0) >= 3, proc)
-    # kill at a spread of moments: with a save every step, some land inside a save
-    for delay in (0.0, 0.013, 0.029, 0.047):
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        step = checkpoint.read_latest(ckpt)
-        folder = checkpoint.step_dir(ckpt, step)
-        names = {p.name for p in folder.iterdir()}
-        assert {"mp_rank_00_model_states.pt", "config.yml", "tokenizer.json"} <= names
-        assert any(n.endswith("optim_states.pt") for n in names)
-        checkpoint.load_merged(ckpt)  # every file of the published step reads
-        keys = yaml.safe_load(config.read_text())
-        keys["load"] = str(ckpt)
-        config.write_text(yaml.safe_dump(keys))
-        proc = start(config)
-        wait_for(lambda s=step: (checkpoint.read_latest(ckpt) or 0) >= s + 2, proc)
-    proc.kill()
-    proc.wait()
+    shutil.copytree(trained_checkpoint, ckpt)
+    before, _, _ = checkpoint.load_merged(ckpt)  # step 2; the new folder holds step 1's different weights
+    with pytest.raises(Crash):
+        checkpoint.publish(written_step(ckpt, 1, step), ckpt, step, fault=crash_at(stage))
+    assert checkpoint.read_latest(ckpt) == 2
+    folder = checkpoint.resolve(ckpt)
+    assert checkpoint.step_is_intact(folder)
+    for f in folder.glob("*.pt"):
+        checkpoint.read_file(f)
+    state, _, _ = checkpoint.load_merged(ckpt)
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    # the next save recovers what the crash left and publishes
+    checkpoint.publish(written_step(ckpt, 1, step), ckpt, step)
+    assert checkpoint.read_latest(ckpt) == step
+    assert step_folders(ckpt) == sorted({"global_step1", "global_step2", f"global_step{step}"})
+    after, _, _ = checkpoint.load_merged(ckpt)
+    assert not all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_training_resumes_after_a_crash_while_replacing_a_step_folder(trained_checkpoint, small_corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_checkpoint, ckpt)
+    with pytest.raises(Crash):
+        checkpoint.publish(written_step(ckpt, 1, 2), ckpt, 2, fault=crash_at("replacing"))
+    assert not checkpoint.step_dir(ckpt, 2).exists()  # only its .old copy is left
+    config = write_train_config(tmp_path, small_corpus, train_iters=3, load=str(ckpt))
+    run = run_training(config)
+    assert "resumed from" in run.stdout and "global_step2.old at iteration 2" in run.stdout
+    assert checkpoint.read_latest(ckpt) == 3
+    assert step_folders(ckpt) == ["global_step1", "global_step2", "global_step3"]
+
+
+def test_publish_flushes_every_file_and_folder_before_latest_moves(trained_checkpoint, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_checkpoint, ckpt)
+    tmp = written_step(ckpt, 2, 3)
+    names = [f.name for f in tmp.iterdir()]
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.publish(tmp, ckpt, 3)
+    latest = events.index(("replace", str(ckpt / "latest")))
+    moved = events.index(("replace", str(checkpoint.step_dir(ckpt, 3))))
+    synced_before_move = {path for kind, path in events[:moved] if kind == "fsync"}
+    assert {str(tmp / n) for n in names} | {str(tmp)} <= synced_before_move
+    assert ("fsync", str(ckpt)) in events[moved:latest]  # the rename itself is on disk
+    assert any(kind == "fsync" and path.startswith(str(ckpt / "latest.tmp")) for kind, path in events[moved:latest])
+    assert events[latest + 1:] and events[-1] == ("fsync", str(ckpt))  # and so is the new `latest`
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, small_corpus):
