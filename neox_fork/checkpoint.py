@@ -1,13 +1,20 @@
 """Checkpoints in DeepSpeed's layout, as GPT-NeoX writes them, plus tensor-parallel merge and split.
 
     CKPT_DIR/latest                                    -> "global_step{N}"
-    CKPT_DIR/global_step{N}/mp_rank_{XX}_model_states.pt   {"module": state of TP rank XX, ...}
+    CKPT_DIR/global_step{N}/mp_rank_{XX}_model_states.pt   DeepSpeed's engine state of TP rank XX; its
+                                                       `module` holds the weights when pipe_parallel_size
+                                                       is 0 (GPT-NeoX's `sequential.{idx}.*` names)
+    CKPT_DIR/global_step{N}/layer_{II}-model_{XX}-model_states.pt
+                                                       layer II's weights of TP rank XX (GPT-NeoX with
+                                                       pipe_parallel_size >= 1; see neox_layout.py)
     CKPT_DIR/global_step{N}/*optim_states.pt           ZeRO optimizer shards (written by training)
     CKPT_DIR/global_step{N}/config.yml                 the merged config the run used
     CKPT_DIR/global_step{N}/tokenizer.json             a copy of the tokenizer, when the config names one
 
-A step folder is written under a temporary name and renamed when complete, and `latest` is replaced
-atomically afterwards, so a crash mid-save never leaves a half checkpoint that `latest` points to.
+We write GPT-NeoX's layout for the configured pipe_parallel_size and read both of its layouts and the
+one this project wrote before (`layers.N.*` names in `module`). A step folder is written under a
+temporary name and renamed when complete, and `latest` is replaced atomically afterwards, so a crash
+mid-save never leaves a half checkpoint that `latest` points to.
 """
 
 from __future__ import annotations
@@ -24,10 +31,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from neox_fork import neox_layout
 from neox_fork.config import NeoXConfig, from_dict
 from neox_fork.errors import UserError
 
 MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
+LAYER_FILE = "layer_{:02d}-model_{:02d}-model_states.pt"  # GPT-NeoX with pipe_parallel_size >= 1
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 CONFIG_FILE = "config.yml"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -159,9 +169,15 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> Path:
 
 
 def load_config_of(folder: Path) -> NeoXConfig:
+    """The step folder's config.yml; for a GPT-NeoX checkpoint, the files it keeps under configs/."""
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise UserError(f"checkpoint '{folder}' has no {CONFIG_FILE}; it was not written by neox_fork"
+        upstream = sorted(p for p in (folder / "configs").glob("*") if p.suffix in (".yml", ".yaml", ".json"))
+        if upstream:
+            from neox_fork.config import load_config
+
+            return load_config(*upstream)
+        raise UserError(f"checkpoint '{folder}' has no {CONFIG_FILE} (nor GPT-NeoX's configs/ folder)"
                         f"{_loadable_note(folder.parent)}")
     try:
         keys = yaml.safe_load(path.read_text())
@@ -187,12 +203,28 @@ def tp_size_of(folder: Path) -> int:
     ranks = sorted(int(m[1]) for p in folder.glob("mp_rank_*_model_states.pt")
                    if (m := re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", p.name)))
     expected = _saved_tp(folder)
-    n = expected or (ranks[-1] + 1 if ranks else 1)
+    n = max(expected or 1, ranks[-1] + 1 if ranks else 1)
     missing = [r for r in range(n) if r not in ranks]
     if missing:
         raise UserError(f"checkpoint file '{folder / MODEL_FILE.format(missing[0])}' is missing (the checkpoint has "
                         f"{n} tensor-parallel ranks){_loadable_note(folder.parent, folder)}")
+    layers = _layer_files(folder)
+    if layers:  # GPT-NeoX's per-layer files: every rank has every layer index
+        indices = set().union(*(set(files) for files in layers.values()))
+        for rank in range(n):
+            for idx in sorted(indices - set(layers.get(rank, {}))):
+                raise UserError(f"checkpoint file '{folder / LAYER_FILE.format(idx, rank)}' is missing"
+                                f"{_loadable_note(folder.parent, folder)}")
     return n
+
+
+def _layer_files(folder: Path) -> dict[int, dict[int, Path]]:
+    """{tp rank: {layer index: file}} of GPT-NeoX's per-layer files in a step folder."""
+    found: dict[int, dict[int, Path]] = {}
+    for p in folder.glob("layer_*-model_*-model_states.pt"):
+        if m := _LAYER_FILE.fullmatch(p.name):
+            found.setdefault(int(m[2]), {})[int(m[1])] = p
+    return found
 
 
 def _saved_tp(folder: Path) -> int | None:
@@ -356,12 +388,30 @@ def _loadable_note(ckpt_dir: Path, broken: Path | None = None) -> str:
 
 
 def _load_shard(folder: Path, rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
+    """TP rank `rank`'s weights in our names, from any of the three layouts (see module docstring)."""
+    layer_files = _layer_files(folder).get(rank)
+    if layer_files:
+        return neox_layout.from_neox({idx: _tensors(read_file(path, trust), path) for idx, path in layer_files.items()})
     path = folder / MODEL_FILE.format(rank)
     states = read_file(path, trust)
-    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
-        raise UserError(f"checkpoint file '{path}' holds no model weights (no 'module' state dict); it is not a "
-                        f"DeepSpeed model states file{_loadable_note(*_context(path))}")
-    return {k: v for k, v in states["module"].items() if not k.endswith("_extra_state")}
+    return weights_of_module(states.get("module") if isinstance(states, dict) else None, path)
+
+
+def weights_of_module(module, path: Path) -> dict[str, torch.Tensor]:
+    """The `module` of an mp_rank file (our names or GPT-NeoX's `sequential.{idx}.*`) in our names."""
+    if not isinstance(module, dict) or not module:
+        raise UserError(f"checkpoint file '{path}' holds no model weights (no 'module' state dict, no layer_* "
+                        f"files beside it); it is not a model states file{_loadable_note(*_context(path))}")
+    layers = neox_layout.from_sequential(_tensors(module, path))
+    state = neox_layout.from_neox(layers) if layers is not None else module
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
+def _tensors(states, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(states, dict) or not all(isinstance(v, torch.Tensor) or v is None for v in states.values()):
+        raise UserError(f"checkpoint file '{path}' does not hold a state dict of tensors"
+                        f"{_loadable_note(*_context(path))}")
+    return {k: v for k, v in states.items() if v is not None}
 
 
 def load_model_shards(folder: Path, trust: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -483,6 +533,21 @@ def start_partial(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
+def neox_weights(state: dict[str, torch.Tensor], pipe_parallel_size: int) -> tuple[dict, dict[int, dict]]:
+    """A rank's weights as GPT-NeoX writes them: (the mp_rank file's `module`, {layer index: tensors} for
+    layer files). pipe_parallel_size >= 1: layer files, and an empty module (DeepSpeed's zero_to_fp32
+    expects a dict there); 0: `sequential.{idx}.*` keys in the module, no layer files."""
+    layers = neox_layout.to_neox(state)
+    if pipe_parallel_size >= 1:
+        return {}, layers
+    return neox_layout.to_sequential(layers), {}
+
+
+def save_layer_files(folder: Path, rank: int, layers: dict[int, dict[str, torch.Tensor]]) -> None:
+    for idx, tensors in layers.items():
+        torch.save(tensors, folder / LAYER_FILE.format(idx, rank))
+
+
 def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[dict[str, torch.Tensor]],
                           config: NeoXConfig, tokenizer_file: str | os.PathLike | None = None) -> Path:
     """Write model states only (no optimizer), e.g. for a converted Hugging Face model."""
@@ -490,8 +555,10 @@ def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[d
     tmp = start_partial(ckpt_dir, step)
     try:
         for rank, shard in enumerate(shards):
-            torch.save({"module": shard, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
+            module, layers = neox_weights(shard, config.pipe_parallel_size)
+            torch.save({"module": module, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
                        tmp / MODEL_FILE.format(rank))
+            save_layer_files(tmp, rank, layers)
         save_config(tmp, config)
         copy_tokenizer(tmp, tokenizer_file)
         return publish(tmp, ckpt_dir, step)

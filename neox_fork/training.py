@@ -167,8 +167,12 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
     if _rank0():
         checkpoint.start_partial(ckpt_dir, state.iteration)
     dist.barrier()
-    client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples}
+    # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
+    module, layers = checkpoint.neox_weights(checkpoint.model_state(engine.module), c.pipe_parallel_size)
+    client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module}
     engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    if parallel.dp_rank() == 0:
+        checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
     torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},
                partial / checkpoint.RNG_FILE.format(dist.get_rank()))
     if c.save_universal:
@@ -235,9 +239,16 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         return
     if not isinstance(engine.checkpoint_engine, SafeLoads):
         engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine, c.trust_checkpoint)
-    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+
+    def load_weights(src, dst):  # DeepSpeed's `module` (sequential or our names), else the layer files
+        mine = checkpoint.weights_of_module(src, folder / checkpoint.MODEL_FILE.format(parallel.tp_rank())) if src else None
+        copy_weights(dst, mine, folder, c.trust_checkpoint)
+
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, custom_load_fn=load_weights)
     state.iteration = client_state["iteration"]
-    state.consumed_samples = client_state["consumed_samples"]
+    # GPT-NeoX keeps no sample count: its data position is iteration x global batch
+    state.consumed_samples = client_state.get("consumed_samples",
+                                              state.iteration * c.global_batch_size(dist.get_world_size()))
     state.last_saved = state.iteration
     rng_file = folder / checkpoint.RNG_FILE.format(dist.get_rank())
     if rng_file.is_file():
@@ -326,7 +337,13 @@ def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Pa
 
 def load_weights_only(model, folder: Path, trust: bool = False) -> None:
     """This rank's weights from a checkpoint saved at any TP size (merged, then split for this run)."""
-    mine = checkpoint.load_rank_shard(folder, parallel.tp_size(), parallel.tp_rank(), trust)
+    copy_weights(model, None, folder, trust)
+
+
+def copy_weights(model, mine: dict | None, folder: Path, trust: bool = False) -> None:
+    """Copy `mine` (default: this rank's weights read from `folder`) into the model, checking every shape."""
+    if mine is None:
+        mine = checkpoint.load_rank_shard(folder, parallel.tp_size(), parallel.tp_rank(), trust)
     own = checkpoint.model_state(model)
     problems = [k for k in own if k not in mine or mine[k].shape != own[k].shape]
     if problems:
