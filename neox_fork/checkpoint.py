@@ -19,6 +19,7 @@ mid-save never leaves a half checkpoint that `latest` points to.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -124,6 +125,11 @@ def step_of(tag: str) -> int | None:
     """The N of a 'global_stepN' tag or folder name; None for anything else (e.g. a .partial folder)."""
     m = re.fullmatch(r"global_step(\d+)", tag)
     return int(m[1]) if m else None
+
+
+def folder_step(folder: str | os.PathLike) -> int | None:
+    """The step a step folder holds (also its `.old` copy, see publish); None for other folders."""
+    return step_of(Path(folder).name.removesuffix(OLD_SUFFIX))
 
 
 def saved_steps(ckpt_dir: str | os.PathLike) -> list[int]:
@@ -353,7 +359,7 @@ def _unreadable(path: Path, err: Exception | None) -> str:
 def _context(path: Path) -> tuple[Path, Path | None]:
     """(checkpoint folder, the step folder holding `path`) for error notes."""
     folder = path.parent
-    if step_of(folder.name.removesuffix(OLD_SUFFIX)) is not None:
+    if folder_step(folder) is not None:
         return folder.parent, folder
     return folder, None
 
@@ -452,24 +458,55 @@ def fsync_tree(folder: Path) -> None:
     _fsync(folder)
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write a file under a temporary name, flush it, and rename it into place: readers see the old
-    content or the new, never a part, even after a power loss."""
+# The one write-to-temp-then-rename of the project (files here, data, exports): readers see the old
+# content or the new, never a part, even after a crash or a power loss.
+def temp_path_for(path: str | os.PathLike) -> Path:
+    """Where to write `path`'s new content before commit_temp moves it into place."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def commit_temp(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Flush a completely written temporary file to disk, rename it over `path`, flush the rename."""
+    _fsync(Path(tmp))
+    os.replace(tmp, path)
+    _fsync(Path(path).parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """A temporary path to write `path` to; committed when the block succeeds, removed when it fails."""
+    tmp = temp_path_for(path)
     try:
-        with tmp.open("wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield tmp
+        commit_temp(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """An empty temporary folder that replaces the folder `path` whole when the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync(path.parent)
-
-
-write_atomic_text = write_atomic  # the name evaluation.py calls
 
 
 def save_config(folder: Path, config: NeoXConfig) -> None:
@@ -589,5 +626,5 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
     keys.update(vocab_keys_for(state["word_embeddings.weight"].shape[0], tp, str(folder)))
     keys.update(num_gpus=None, num_nodes=-1, load=None)  # launch settings belong to the next run
     new_config = from_dict(keys, source=str(folder / CONFIG_FILE))
-    return save_model_checkpoint(output_dir, step_of(folder.name) or 0, split_tp(state, tp), new_config,
+    return save_model_checkpoint(output_dir, folder_step(folder) or 0, split_tp(state, tp), new_config,
                                  tokenizer_of(folder, config))

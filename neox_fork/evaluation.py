@@ -272,14 +272,14 @@ def evaluate_checkpoint(ckpt, tasks: list[str], *, step: int | None = None, incl
     results = evaluate_model(model, tokenizer, tasks, include_path=include_path, num_fewshot=num_fewshot,
                              limit=limit, batch_size=batch_size, max_length=max_length,
                              include_defaults=include_defaults)
-    match = re.fullmatch(r"global_step(\d+)", folder.name)
-    results["checkpoint"] = {"path": str(folder), "step": int(match[1]) if match else None}
+    step = checkpoint.folder_step(folder)
+    results["checkpoint"] = {"path": str(folder), "step": step}
     if output is None:
-        name = f"results_step{match[1]}.json" if match else "results.json"
-        output = (folder.parent if match else folder) / "eval" / name
+        name = f"results_step{step}.json" if step is not None else "results.json"
+        output = (folder.parent if step is not None else folder) / "eval" / name
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_atomic_text(output, json.dumps(results, indent=2))
+    checkpoint.write_atomic(output, json.dumps(results, indent=2))
     return results, output
 
 

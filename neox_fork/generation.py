@@ -299,8 +299,6 @@ def result_record(prompt, ids: list[int], tokenizer, eod: int | None) -> dict:
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with checkpoint.atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)

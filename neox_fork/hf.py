@@ -166,7 +166,6 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
                   trust: bool = False) -> Path:
     """A checkpoint (any TP size) -> a Hugging Face StableLmForCausalLM folder, written atomically."""
     import json
-    import shutil
 
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -182,11 +181,7 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
     tokenizer_file = checkpoint.tokenizer_of(folder, config)
     eos = _eos_id(tokenizer_file) if tokenizer_file else 0
 
-    output_dir = Path(output_dir)
-    tmp = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with checkpoint.atomic_folder(output_dir) as tmp:
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD_SIZE)
         for filename, names in split.filename_to_tensors.items():
             save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
@@ -201,13 +196,7 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer_file:
             save_hf_tokenizer(tokenizer_file, tmp, config.max_positions)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+    return Path(output_dir)
 
 
 def _eos_id(tokenizer_file) -> int:
@@ -260,7 +249,7 @@ def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = N
     keys["precision"] = {"bf16": "bfloat16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     tokenizer = Path(hf_dir) / "tokenizer.json"
     if tokenizer.is_file():
-        keys["vocab_file"] = str(Path(output_dir).resolve() / "global_step0" / checkpoint.TOKENIZER_FILE)
+        keys["vocab_file"] = str(checkpoint.step_dir(Path(output_dir).resolve(), 0) / checkpoint.TOKENIZER_FILE)
     keys.update(extra_config or {})
     config = from_dict(keys, source=f"{hf_dir}/config.json")
     state = from_hf_state_dict(tensors, config.num_attention_heads, config.num_layers)

@@ -624,11 +624,10 @@ def training_finished(config: NeoXConfig) -> bool:
     """True when `save/latest` has reached train_iters (or nothing is saved); a requeue is pointless then."""
     if not config.save:
         return True
-    latest = Path(config.save) / "latest"
-    if not latest.is_file():
-        return False
-    m = re.fullmatch(r"global_step(\d+)", latest.read_text().strip())
-    return bool(m) and int(m.group(1)) >= config.train_iters
+    from neox_fork.checkpoint import read_latest
+
+    step = read_latest(config.save)
+    return step is not None and step >= config.train_iters
 
 
 def _main(argv: list[str]) -> int:

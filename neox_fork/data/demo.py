@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from neox_fork.checkpoint import atomic_path, write_atomic
 from neox_fork.data.preprocess import preprocess
 from neox_fork.data.tokenizer import train_bpe_tokenizer
 
@@ -96,11 +97,9 @@ def collect_documents(stdlib: str | None = None, site_packages: str | None = Non
 
 
 def _write_jsonl(path: Path, documents: list[tuple[str, str]]) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    with open(temp, "w", encoding="utf-8") as stream:
+    with atomic_path(path) as temp, open(temp, "w", encoding="utf-8") as stream:
         for source, text in documents:
             stream.write(json.dumps({"text": text, "source": source}) + "\n")
-    os.replace(temp, path)
 
 
 def is_built(output_dir: str) -> bool:
@@ -177,7 +176,5 @@ def build_demo_data(
             "preprocess": round(time.perf_counter() - trained, 2),
         },
     }
-    temp = out / "manifest.json.tmp"
-    temp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temp, out / "manifest.json")
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import numpy
 
+from neox_fork.checkpoint import commit_temp, temp_path_for
 from neox_fork.data import _megatron
 from neox_fork.data.readers import BadRecord, Record, expand_inputs, iter_records, parse_record
 from neox_fork.data.tokenizer import build_tokenizer
@@ -144,8 +145,7 @@ class _Outputs:
     def __init__(self, prefix: str, keys: Sequence[str], dtype: type[numpy.number]):
         IndexedDatasetBuilder = _megatron.indexed_dataset().IndexedDatasetBuilder
         self.prefixes = [document_prefix(prefix, key) for key in keys]
-        tag = f".tmp-{os.getpid()}"
-        self.temp_paths = [(p + ".bin" + tag, p + ".idx" + tag) for p in self.prefixes]
+        self.temp_paths = [(str(temp_path_for(p + ".bin")), str(temp_path_for(p + ".idx"))) for p in self.prefixes]
         self.builders = []
         for bin_tmp, _ in self.temp_paths:
             self.builders.append(IndexedDatasetBuilder(bin_tmp, dtype=dtype))
@@ -162,9 +162,9 @@ class _Outputs:
         done = []
         try:
             for prefix, (bin_tmp, idx_tmp) in zip(self.prefixes, self.temp_paths):
-                os.replace(bin_tmp, prefix + ".bin")
+                commit_temp(bin_tmp, prefix + ".bin")
                 done.append(prefix + ".bin")
-                os.replace(idx_tmp, prefix + ".idx")
+                commit_temp(idx_tmp, prefix + ".idx")
                 done.append(prefix + ".idx")
         except BaseException:
             for path in done:

@@ -125,14 +125,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_path: str)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     output_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(output_dir, exist_ok=True)
-    temp_path = f"{output_path}.tmp-{os.getpid()}"
-    try:
-        tokenizer.save(temp_path)
-        os.replace(temp_path, output_path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
+    from neox_fork.checkpoint import atomic_path
+
+    with atomic_path(output_path) as temp_path:
+        tokenizer.save(str(temp_path))
     return HFTokenizer(output_path)
 
 
