@@ -24,7 +24,7 @@ def parse_args(argv):
     p.add_argument("--checkpoint", help="checkpoint folder (with 'latest') or a global_stepN folder; default: load")
     p.add_argument("--step", type=int, help="evaluate global_stepN instead of 'latest'")
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle checkpoint files without restriction (can run code; only for checkpoints you trust)")
+                   help="unpickle without restriction (can run code): only for checkpoints you trust")
     p.add_argument("--tasks", "--eval_tasks", "--eval-tasks", dest="tasks",
                    help="comma-separated task names; default: eval_tasks of the configs")
     p.add_argument("--include-path", action="append",

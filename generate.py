@@ -28,7 +28,7 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (with 'latest') or a global_stepN folder")
     p.add_argument("--step", type=int, help="read global_stepN instead of 'latest'")
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle checkpoint files without restriction (can run code; only for checkpoints you trust)")
+                   help="unpickle without restriction (can run code): only for checkpoints you trust")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; needs the checkpoint's tokenizer)")
     src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
@@ -87,7 +87,8 @@ def show(records, as_json: bool) -> None:
 def main(argv=None):
     args = parse_args(argv)
     model, config, tokenizer = load_for_inference(args.checkpoint, args.step, args.dtype,
-                                                  tp_cooperate=args.tp_cooperate or None, trust=args.trust_checkpoint)
+                                                  tp_cooperate=args.tp_cooperate or None,
+                                                  trust=args.trust_checkpoint)
     lead = not dist.is_initialized() or dist.get_rank() == 0
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                             args.repetition_penalty, args.seed, stop_on_eod=not args.no_stop_on_eod)

@@ -241,8 +241,8 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine, c.trust_checkpoint)
 
     def load_weights(src, dst):  # DeepSpeed's `module` (sequential or our names), else the layer files
-        mine = checkpoint.weights_of_module(src, folder / checkpoint.MODEL_FILE.format(parallel.tp_rank())) if src else None
-        copy_weights(dst, mine, folder, c.trust_checkpoint)
+        path = folder / checkpoint.MODEL_FILE.format(parallel.tp_rank())
+        copy_weights(dst, checkpoint.weights_of_module(src, path) if src else None, folder, c.trust_checkpoint)
 
     _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, custom_load_fn=load_weights)
     state.iteration = client_state["iteration"]

@@ -88,6 +88,13 @@ def test_we_write_gpt_neox_file_and_tensor_names(one_process, trained_checkpoint
                 assert not list(folder.glob("layer_*"))
         merged, _, _ = checkpoint.load_merged(folder)
         assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
+    # checkpoints users already have, in the layout this project wrote before, still read
+    old = tmp_path / "old" / "global_step3"
+    old.mkdir(parents=True)
+    torch.save({"module": state, "iteration": 3, "mp_world_size": 1}, old / "mp_rank_00_model_states.pt")
+    checkpoint.save_config(old, from_dict(keys))
+    merged, _, _ = checkpoint.load_merged(old)
+    assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
     # and training writes the same for the pipe_parallel_size it runs with
     folder = checkpoint.resolve(trained_checkpoint)
     module = checkpoint.read_file(folder / "mp_rank_00_model_states.pt")["module"]

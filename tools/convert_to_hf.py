@@ -16,7 +16,7 @@ def main(argv=None):
                         help="weight dtype (default: as stored in the checkpoint)")
     parser.add_argument("--step", type=int, default=None, help="global step to export (default: latest)")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle checkpoint files without restriction (can run code; only for checkpoints you trust)")
+                        help="unpickle without restriction (can run code): only for checkpoints you trust")
     args = parser.parse_args(argv)
     out = export_folder(args.input_dir, args.output_dir, args.dtype, args.step,
                         trust=args.trust_checkpoint)

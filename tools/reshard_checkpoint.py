@@ -20,7 +20,7 @@ def main(argv=None):
     p.add_argument("--tp", type=int, required=True, help="the new tensor-parallel size")
     p.add_argument("--step", type=int, default=None, help="global step to take (default: latest)")
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle checkpoint files without restriction (can run code; only for checkpoints you trust)")
+                   help="unpickle without restriction (can run code): only for checkpoints you trust")
     args = p.parse_args(argv)
     print(f"wrote {reshard(args.input_dir, args.output_dir, args.tp, args.step, args.trust_checkpoint)}")
 
