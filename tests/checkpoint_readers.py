@@ -66,3 +66,10 @@ def run_trainings(configs, parallel=2):
         out, err = proc.communicate(timeout=600)
         results[name] = (proc.returncode, out, err)
     return results
+
+
+def weights_file(step_folder, rank=0):
+    """The file every reader reads for rank `rank`'s embedding: GPT-NeoX's layer 0 file where the step has
+    layer files (pipe_parallel_size >= 1), else the mp_rank file."""
+    layer = step_folder / f"layer_00-model_{rank:02d}-model_states.pt"
+    return layer if layer.is_file() else step_folder / f"mp_rank_{rank:02d}_model_states.pt"

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from checkpoint_readers import TOOLS, run_tool, run_trainings, training_config
+from checkpoint_readers import TOOLS, run_tool, run_trainings, training_config, weights_file
 from neox_fork import checkpoint
 
 
@@ -30,7 +30,7 @@ def damage(src, dst, how):
         path = step / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
         path.unlink()
         return dst, path, "is missing"
-    path = step / checkpoint.MODEL_FILE.format(0)
+    path = weights_file(step)
     if how == "truncated":
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
