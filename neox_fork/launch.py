@@ -400,8 +400,8 @@ def _plan_deepspeed(c, user_script, config_paths, hostfile, environ, python) -> 
         if c.num_gpus is not None or not hostfile:
             args += ["--num_gpus", str(len(next(iter(resources.values()))))]
     # hostfile launches: each rank under a watcher that names it if it dies (see watch_rank)
-    entry = "watch" if hostfile else "rank"
-    args += ["--master_port", str(c.master_port), "--module", "neox_fork.launch", entry, user_script, *config_paths]
+    entry = ["watch", "--job", job_token()] if hostfile else ["rank"]
+    args += ["--master_port", str(c.master_port), "--module", "neox_fork.launch", *entry, user_script, *config_paths]
     return LaunchPlan("deepspeed", args, {}, [], resources, master, c.master_port, notes)
 
 
@@ -517,6 +517,53 @@ def missing_tools(plan: LaunchPlan) -> None:
                         f"host of the hostfile ({hints}); or use another launcher")
 
 
+def job_token() -> str:
+    """Identifies one hostfile launch's ranks on every host (deepy's host and pid)."""
+    return re.sub(r"[^A-Za-z0-9]", "_", f"{socket.gethostname()}_{os.getpid()}")
+
+
+def relays_signals(plan: LaunchPlan) -> bool:
+    """A pdsh launch over several hosts: deepy stays the runner's parent and passes signals to every rank."""
+    return (plan.mode == "deepspeed" and len(plan.resources) > 1 and "--job" in plan.command
+            and plan.command[plan.command.index("--launcher") + 1] == "pdsh")
+
+
+def relay_signals(plan: LaunchPlan) -> int:
+    """Run DeepSpeed's runner as a child and pass INT/TERM/USR1 sent to deepy on to every rank of every host.
+
+    DeepSpeed's runner would die of USR1 (leaving the ranks training with no checkpoint) and turns INT/TERM
+    into a kill of every rank; here each rank gets the signal itself, through ssh to every host (pdsh), saves
+    at its next step and exits, and the runner ends with them. The runner runs in its own session, so a
+    terminal's Ctrl-C reaches deepy alone; a second signal stops the job at once the runner's way (TERM).
+    """
+    import signal
+
+    token = plan.command[plan.command.index("--job") + 1]
+    hosts = ",".join(plan.resources)
+    pattern = rf"^[^ ]+ -u -m neox_fork[.]launch --local_rank=[0-9]+ watch --job {token} "  # the watchers only
+    env = plan.environment()
+    runner = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def relay(signum, frame):
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) > 1:
+            print(f"deepy: second signal ({name}): stopping every rank now", file=sys.stderr, flush=True)
+            runner.send_signal(signal.SIGTERM)
+            return
+        print(f"deepy: {name}: passing it to every rank on {hosts}; they save at their next step and stop",
+              file=sys.stderr, flush=True)
+        # on each host, only processes in the network namespace of the ssh session that runs pkill: the ranks
+        # that host's sshd started (hosts simulated on one machine share one process table)
+        subprocess.Popen(["pdsh", "-S", "-w", hosts, "pkill", "--ns", "$$", "--nslist", "net", f"-{name[3:]}", "-f",
+                          shlex.quote(pattern)], env={**env, "PDSH_RCMD_TYPE": "ssh"}, stdout=subprocess.DEVNULL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, relay)
+    return runner.wait()
+
+
 def launch(plan: LaunchPlan) -> int:
     """Run the plan in the foreground; returns its exit status.
 
@@ -532,6 +579,9 @@ def launch(plan: LaunchPlan) -> int:
         raise UserError("deepspeed_slurm: true needs Slurm's srun on PATH; run inside an allocation "
                         "(sbatch/salloc) or set deepspeed_slurm: false")
     missing_tools(plan)
+    if relays_signals(plan):
+        sys.stdout.flush()
+        return relay_signals(plan)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(plan.command[0], plan.command, plan.environment())
@@ -575,6 +625,8 @@ def watch_rank(argv: list[str]) -> int:
 
     local_rank = [a for a in argv if a.startswith("--local_rank")]
     rest = [a for a in argv if not a.startswith("--local_rank")]
+    if rest[:1] == ["--job"]:  # names this job's ranks for relay_signals; nothing else
+        rest = rest[2:]
     script, args = rest[0], rest[1:]
     env = dict(os.environ)
     env.update({k: v for k, v in rank_defaults(env).items() if k not in env})

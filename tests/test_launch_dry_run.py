@@ -3,6 +3,7 @@ num_nodes/num_gpus and Slurm variables; user mistakes end in one `error:` line w
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -115,7 +116,9 @@ def test_launch_hostfile_uses_every_slot_of_every_host_in_file_order(tmp_path, h
     assert world(ranks) == list(range(12)) and world(ranks, "LOCAL_RANK") == [0, 1, 2, 3] * 3
     assert {r["MASTER_ADDR"] for r in ranks} == {"worker-a"} and {r["WORLD_SIZE"] for r in ranks} == {"12"}
     # on every host each rank runs under the watcher that names it, with its host, if it dies
-    assert command[command.index("neox_fork.launch") + 1:][:2] == ["watch", "train.py"]
+    # ... marked with this launch's token, by which deepy passes a signal on to every rank of every host
+    entry = command[command.index("neox_fork.launch") + 1:]
+    assert entry[0:2] == ["watch", "--job"] and re.fullmatch(r"\w+_\d+", entry[2]) and entry[3] == "train.py"
 
 
 def test_launch_hostfile_key_in_config_works_like_dash_H(tmp_path, hostfile):

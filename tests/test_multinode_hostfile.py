@@ -5,6 +5,7 @@ scripts/fake_cluster.sh, each with its own address, hostname and sshd, sharing t
   (the bars of tests/test_parallel_equivalence.py), and every rank logs its host;
 * killing the rank on node2 fails the whole job within seconds, with a line naming that rank and host, and
   no process stays behind on either host;
+* SIGUSR1 to deepy reaches the ranks on both hosts, which save one checkpoint together and stop (exit 0);
 * `launcher: openmpi` + `deepspeed_mpi: true` (Debian's Open MPI, mpirun over the same ssh) trains DP=2 across
   the hosts like one process.
 
@@ -78,18 +79,24 @@ def test_multinode_pdsh_two_hosts_train_like_one_process(cluster, tmp_path, smal
     equivalence.assert_same_losses(ckpt, single)
 
 
-def test_multinode_killing_one_hosts_rank_fails_the_job_naming_rank_and_host(cluster, tmp_path, small_corpus):
-    config = cluster_config(tmp_path / "run", small_corpus, train_iters=10_000, checkpoint_factor=100_000)
-    daemons = {host: cluster.pids(host) for host in cluster.hosts}  # sshd on each host
-    log_path = tmp_path / "deepy.log"
+def start_deepy(cluster, config, log_path):
+    """deepy on node1 in the background, its output in log_path; returns once step 2 is logged."""
     with open(log_path, "w") as log:
         job = subprocess.Popen(cluster.on("node1", PYTHON, "deepy.py", "train.py", config, "-H",
                                           cluster.hostfile(slots=1)),
                                cwd=REPO, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    wait_until(lambda: "step 2/10000" in log_path.read_text() or job.poll() is not None, 300, "2 steps")
+    assert job.poll() is None, log_path.read_text()[-3000:]
+    return job
+
+
+def test_multinode_killing_one_hosts_rank_fails_the_job_naming_rank_and_host(cluster, tmp_path, small_corpus):
+    config = cluster_config(tmp_path / "run", small_corpus, train_iters=10_000, checkpoint_factor=100_000)
+    daemons = {host: cluster.pids(host) for host in cluster.hosts}  # sshd on each host
+    log_path = tmp_path / "deepy.log"
+    job = start_deepy(cluster, config, log_path)
     try:
-        wait_until(lambda: "step 2/10000" in log_path.read_text() or job.poll() is not None, 300, "2 steps")
-        assert job.poll() is None, log_path.read_text()[-3000:]
-        # the training process of rank 1: `python -u train.py ...` under our rank wrapper, on node2
+        # the training process of rank 1: `python -u train.py ...` under our rank watcher, on node2
         ranks = [p for p in cluster.pids("node2") - daemons["node2"]
                  if " train.py " in command_line(p) and "neox_fork.launch" not in command_line(p)]
         assert len(ranks) == 1, [command_line(p) for p in cluster.pids("node2")]
@@ -105,6 +112,33 @@ def test_multinode_killing_one_hosts_rank_fails_the_job_naming_rank_and_host(clu
     assert seconds < 60, f"the job took {seconds:.0f} s to notice a dead rank"
     assert "[neox_fork.launch] rank 1/2 (local rank 0 on node2) was killed by SIGKILL" in out
     # ... and nothing stays behind on any host: only each host's sshd is left running
+    for host in cluster.hosts:
+        wait_until(lambda: cluster.pids(host) == daemons[host], 30, f"{host}'s processes to end")
+
+
+def test_multinode_usr1_to_deepy_makes_every_rank_on_every_host_save_and_stop(cluster, tmp_path, small_corpus):
+    """What a batch system's preemption signal to the launching process must do (DeepSpeed's runner alone
+    would die of USR1 and leave the ranks training, unsaved)."""
+    config = cluster_config(tmp_path / "run", small_corpus, train_iters=10_000, checkpoint_factor=100_000)
+    daemons = {host: cluster.pids(host) for host in cluster.hosts}
+    log_path = tmp_path / "deepy.log"
+    job = start_deepy(cluster, config, log_path)
+    try:
+        deepy = [p for p in cluster.pids("node1") if "deepy.py" in command_line(p)]
+        assert len(deepy) == 1, [command_line(p) for p in cluster.pids("node1")]
+        subprocess.run(["kill", "-USR1", str(deepy[0])], check=True)
+        code = job.wait(timeout=180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    out = log_path.read_text()
+    assert code == 0, out[-3000:]
+    assert "deepy: SIGUSR1: passing it to every rank on node1,node2" in out
+    assert "rank 0 node1] received SIGUSR1" in out and "rank 1 node2] received SIGUSR1" in out
+    ckpt = tmp_path / "run" / "ckpt"
+    step = checkpoint.read_latest(ckpt)
+    assert step is not None and step >= 2
+    assert len(list((ckpt / f"global_step{step}").glob("*zero_pp_rank_*_optim_states.pt"))) == 2  # both hosts
     for host in cluster.hosts:
         wait_until(lambda: cluster.pids(host) == daemons[host], 30, f"{host}'s processes to end")
 
