@@ -90,6 +90,12 @@ class StopSignal:
         self.received = signum
         log.warning("received %s: will save a checkpoint and exit after this step", signal.Signals(signum).name)
 
+    def finished(self) -> None:
+        """Training is over and saved: a late copy of a stop signal (another host's, passed on by deepy after
+        this rank already stopped with the others) must not kill the rank on its way out."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
     def any_rank(self) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -551,5 +557,6 @@ def pretrain(c: NeoXConfig) -> int:
             break
 
     save(engine, c, state)
+    stop.finished()
     metrics.close()
     return state.iteration
