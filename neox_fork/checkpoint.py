@@ -44,22 +44,34 @@ TOKENIZER_FILE = "tokenizer.json"
 
 log = logging.getLogger("neox_fork")
 
-# How each parameter is split over tensor-parallel ranks: (dim, stride) or None when replicated.
-# stride 2 for linear1: each rank holds [up_r; gate_r], so the merged weight is [up; gate].
+# How each parameter is split over tensor-parallel ranks: (dim, stride) or None when replicated (norms, row-
+# parallel biases, learned positions). Column-parallel biases split as their weights. The fused QKV is one
+# block of rows per key/value head, so grouped-query attention splits by whole groups with stride 1.
+# "mlp": linear1 has stride 2 when the MLP is gated (each rank holds [up_r; gate_r], so the merged weight
+# is [up; gate]) and 1 when it is not; which one is read from the shapes (see _mlp_stride).
 _SHARDING = [
     (r"word_embeddings\.weight", (0, 1)),
     (r"output_layer\.weight", (0, 1)),
-    (r"layers\.\d+\.attention\.query_key_value\.weight", (0, 1)),
-    (r"layers\.\d+\.mlp\.linear1\.weight", (0, 2)),
+    (r"layers\.\d+\.attention\.query_key_value\.(weight|bias)", (0, 1)),
+    (r"layers\.\d+\.mlp\.linear1\.(weight|bias)", (0, "mlp")),
     (r"layers\.\d+\.attention\.dense\.weight", (1, 1)),
     (r"layers\.\d+\.mlp\.linear2\.weight", (1, 1)),
 ]
 
 
-def sharding(name: str) -> tuple[int, int] | None:
-    for pattern, spec in _SHARDING:
+def _mlp_stride(name: str, state: dict[str, torch.Tensor]) -> int:
+    """2 for a gated MLP (linear1 gives twice linear2's inputs), 1 for a plain one; the same on any shard."""
+    layer = name.rsplit(".mlp.", 1)[0]
+    return 2 if state[f"{layer}.mlp.linear1.weight"].shape[0] == 2 * state[f"{layer}.mlp.linear2.weight"].shape[1] \
+        else 1
+
+
+def sharding(name: str, state: dict[str, torch.Tensor] | None = None) -> tuple[int, int] | None:
+    """(dim, stride) of `name` over tensor-parallel ranks, None when replicated; `state` (any shard or the
+    merged state) resolves the MLP's stride."""
+    for pattern, (dim, stride) in _SHARDING:
         if re.fullmatch(pattern, name):
-            return spec
+            return dim, (_mlp_stride(name, state) if stride == "mlp" else stride)
     return None
 
 
@@ -72,7 +84,7 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     """Per-rank states -> the state a TP=1 model would have."""
     merged = {}
     for name, first in shards[0].items():
-        spec = sharding(name)
+        spec = sharding(name, shards[0])
         if spec is None or len(shards) == 1:
             merged[name] = first
             continue
@@ -86,7 +98,7 @@ def split_tp(full: dict[str, torch.Tensor], tp: int) -> list[dict[str, torch.Ten
     """A TP=1 state -> the states of `tp` ranks (the inverse of merge_tp_shards)."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for name, tensor in full.items():
-        spec = sharding(name)
+        spec = sharding(name, full)
         for rank in range(tp):
             if spec is None:
                 shards[rank][name] = tensor

@@ -33,161 +33,202 @@ log = logging.getLogger(__name__)
 GPT_NEOX_20B_VOCAB_SIZE = 50277
 
 
+def _key(default=None, doc: str = "", *, factory=None, no_effect: bool = False):
+    """A config key: its default (upstream NeoXArgs' unless the doc says otherwise) and what it does here.
+    `no_effect`: accepted so GPT-NeoX configs load, but nothing here reads it (logged when set)."""
+    meta = {"doc": doc, "no_effect": no_effect}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class NeoXConfig:
     # --- parallelism ---
-    pipe_parallel_size: int = 1  # pipelining is not implemented; 0 and 1 both mean "one stage"
-    model_parallel_size: int = 1  # tensor-parallel size
-    sequence_parallel: bool = False
+    pipe_parallel_size: int = _key(0, "0: one model, no PipelineModule; 1: the same model (gpt-neox then writes "
+                                      "per-layer checkpoint files); above 1 is refused (pipelining is not built)")
+    model_parallel_size: int = _key(1, "tensor-parallel size: ranks that split each weight matrix (megatron-core)")
+    sequence_parallel: bool = _key(False, "split norm/dropout/residual activations over the tensor-parallel group "
+                                          "along the sequence (megatron-core's sequence-parallel mode)")
 
     # --- model shape ---
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    seq_length: int = 128
-    max_position_embeddings: int | None = None
-    intermediate_size: int | None = None  # per SwiGLU branch, as in Hugging Face
-    mlp_multiple_of: int = 1
-    make_vocab_size_divisible_by: int = 128
-    vocab_size: int | None = None  # overrides the tokenizer's size (tests, shape-only tools)
+    num_layers: int = _key(2, "transformer layers (upstream: required; 2 here so a bare config builds)")
+    hidden_size: int = _key(64, "model width (upstream: required)")
+    num_attention_heads: int = _key(4, "query heads (upstream: required)")
+    num_kv_heads: int | None = _key(None, "key/value heads for grouped-query attention; null = num_attention_heads")
+    seq_length: int = _key(128, "training sequence length in tokens (upstream: required)")
+    max_position_embeddings: int | None = _key(None, "positions the model supports (learned table size); null = "
+                                                     "seq_length")
+    intermediate_size: int | None = _key(None, "MLP width before upstream's sizing: with a gated activation "
+                                               "(swiglu...) linear1 gets int(2/3 x this) rounded up to 2 x "
+                                               "mlp_multiple_of; with mlp_type gated/llama it is the width of each "
+                                               "branch, as in Hugging Face")
+    expansion_factor: float | None = _key(None, "MLP width as a multiple of hidden_size (instead of "
+                                                "intermediate_size; default 4)")
+    mlp_multiple_of: int = _key(1, "round MLP widths up to a multiple of this")
+    make_vocab_size_divisible_by: int = _key(128, "pad the vocabulary to a multiple of this x model_parallel_size")
+    vocab_size: int | None = _key(None, "not upstream: override the tokenizer's size (tests, shape-only tools)")
 
-    # --- architecture (the values StableLmForCausalLM can represent) ---
-    attention_head_type: str = "multihead"
-    norm: str = "layernorm"
-    layernorm_epsilon: float = 1e-5
-    pos_emb: str = "rotary"
-    rotary_pct: float = 1.0
-    rotary_emb_base: int = 10000
-    rotary_interleaved: bool = False
-    mlp_type: str = "gated"
-    activation: str = "silu"
-    no_weight_tying: bool = False
-    gpt_j_residual: bool = False
-    gpt_j_tied: bool = False
-    output_layer_parallelism: str = "column"
-    use_bias_in_norms: bool = True
-    use_bias_in_attn_linear: bool = False
-    use_bias_in_mlp: bool = False
-    attention_config: list = field(default_factory=list)  # [[["flash"|"global"], n_layers], ...]
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    # --- architecture ---
+    attention_head_type: str = _key("multihead", "Stability's fork: only multihead (grouped-query attention is "
+                                                 "num_kv_heads)")
+    norm: str = _key("layernorm", "layernorm, or rmsnorm (parameter named `scale`, as upstream)")
+    layernorm_epsilon: float = _key(1e-5, "LayerNorm epsilon")
+    rms_norm_epsilon: float = _key(1e-8, "RMSNorm epsilon, inside the square root as in Llama / Hugging Face "
+                                         "(upstream's plain RMSNorm adds it to the root)")
+    pos_emb: str = _key("learned", "learned (a position table added to the embeddings), rotary, or none")
+    rotary_pct: float = _key(1.0, "fraction of each head's dims that rotary rotates")
+    rotary_emb_base: int = _key(10000, "rotary frequency base")
+    rotary_interleaved: bool = _key(False, "Stability's fork: only false (rotate-half, as gpt-neox)")
+    mlp_type: str = _key("regular", "regular (upstream: gated when `activation` is swiglu/geglu/reglu/bilinear/glu);"
+                                    " gated (Stability's fork: activation(gate) x up, width from mlp_multiple_of); "
+                                    "llama (older upstream: the same, width rounded to 256)")
+    activation: str = _key("gelu", "MLP activation: gelu (exact erf form), relu, silu/swish, mish, softsign, or the"
+                                   " gated swiglu, geglu, reglu, bilinear, glu")
+    no_weight_tying: bool = _key(False, "false: the output layer reuses the word embedding")
+    gpt_j_residual: bool = _key(False, "true: x + attn(ln1(x)) + mlp(ln2(x)) in parallel (Pythia, GPT-NeoX-20B)")
+    gpt_j_tied: bool = _key(False, "only false (one norm shared by attention and MLP is not built)")
+    output_layer_parallelism: str = _key("column", "only column (the output layer is split over the vocabulary)")
+    use_bias_in_norms: bool = _key(True, "LayerNorm with a bias (RMSNorm never has one, as upstream)")
+    use_bias_in_attn_linear: bool = _key(True, "biases in the QKV and attention output projections")
+    use_bias_in_mlp: bool = _key(True, "biases in both MLP linears")
+    attention_config: list = _key(factory=list, doc="[[[type, ...], repeat], ...] per layer: flash or global "
+                                                    "(both exact attention); default flash everywhere")
+    moe_num_experts: int = _key(1, "only 1 (mixture of experts is not built)")
+    hidden_dropout: float = _key(0.0, "dropout on the embeddings and on each residual branch")
+    attention_dropout: float = _key(0.0, "dropout on attention probabilities")
 
     # --- initialisation ---
-    init_method: str = "normal"
-    output_layer_init_method: str = "scaled_normal"
-    init_method_std: float = 0.02
+    init_method: str = _key("normal", "initialiser of all weights but the residual outputs: normal, "
+                                      "scaled_normal, small_init, wang_init")
+    output_layer_init_method: str = _key("scaled_normal", "initialiser of the attention output and second MLP "
+                                                          "linear")
+    init_method_std: float = _key(0.02, "std of normal / scaled_normal")
 
     # --- optimisation ---
-    optimizer: dict = field(default_factory=lambda: {"type": "Adam", "params": {"lr": 1e-3}})
-    lr: float | None = None  # NeoX also accepts lr at top level; optimizer.params.lr wins otherwise
-    min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
-    lr_decay_iters: int | None = None
-    warmup: float = 0.01  # fraction of lr_decay_iters
-    warmup_iters: int | None = None  # a step count; overrides `warmup`
-    weight_decay: float = 0.01
-    gradient_clipping: float = 1.0
-    zero_optimization: dict = field(default_factory=lambda: {"stage": 1})
-    train_micro_batch_size_per_gpu: int = 1
-    gradient_accumulation_steps: int = 1
-    train_batch_size: int | None = None  # if given, must equal micro x accumulation x data-parallel
+    optimizer: dict = _key(factory=lambda: {"type": "Adam", "params": {"lr": 1e-3}},
+                           doc="{type: Adam|AdamW, params: {lr, betas, eps}}; always AdamW with decoupled decay "
+                               "(upstream: required)")
+    lr: float | None = _key(None, "learning rate if optimizer.params has none")
+    min_lr: float = _key(0.0, "floor of the decayed learning rate")
+    lr_decay_style: str = _key("linear", "linear, cosine or constant after warmup")
+    lr_decay_iters: int | None = _key(None, "steps over which the rate decays; null = train_iters")
+    warmup: float = _key(0.01, "warmup as a fraction of lr_decay_iters")
+    warmup_iters: int | None = _key(None, "not upstream: warmup as a step count; overrides warmup")
+    weight_decay: float = _key(0.1, "decoupled weight decay on matrices (not on norms and biases)")
+    gradient_clipping: float = _key(1.0, "clip the global gradient norm to this (0 disables)")
+    zero_optimization: dict = _key(factory=lambda: {"stage": 0}, doc="DeepSpeed ZeRO settings; stage 0, 1 or 2 "
+                                                                     "(default stage 0, as DeepSpeed's)")
+    train_micro_batch_size_per_gpu: int = _key(1, "sequences per rank per micro-step (upstream: required)")
+    gradient_accumulation_steps: int = _key(1, "micro-steps per optimizer step")
+    gas: int | None = _key(None, "upstream's other name for gradient_accumulation_steps")
+    train_batch_size: int | None = _key(None, "if given, must equal micro x accumulation x data-parallel size")
 
     # --- precision ---
-    precision: str = "fp32"
-    bf16: dict | None = None
-    fp16: dict | None = None
-    fp32_allreduce: bool = False
-    full_precision_lm_cross_entropy: bool = False
+    precision: str = _key("fp32", "fp32, bfloat16 or fp16 (upstream: derived from the fp16/bf16 sections)")
+    bf16: dict | None = _key(None, "DeepSpeed section; enabled: true means bfloat16")
+    fp16: dict | None = _key(None, "DeepSpeed section; enabled: true means fp16 with loss scaling")
+    fp32_allreduce: bool = _key(False, "all-reduce in fp32 (DeepSpeed reduces gradients in fp32 here anyway)",
+                                no_effect=True)
+    full_precision_lm_cross_entropy: bool = _key(False, "Stability's fork: the loss in fp32")
 
     # --- activation checkpointing and fused paths ---
-    checkpoint_activations: bool = False
-    checkpoint_num_layers: int = 1
-    recompute_granularity: str = "full"  # with checkpoint_activations: "full" layers or "selective" (attention core)
-    partition_activations: bool = False
-    synchronize_each_layer: bool = False
-    scaled_upper_triang_masked_softmax_fusion: bool = False
-    bias_gelu_fusion: bool = False
-    bias_dropout_fusion: bool = False
-    rope_fusion: bool = False
-    layernorm_fusion: bool = False
-    torch_compile: bool = False
-    fused_cross_entropy: bool = True  # chunked loss that never holds fp32 logits for the whole batch
+    checkpoint_activations: bool = _key(False, "recompute each group of layers in the backward pass")
+    checkpoint_num_layers: int = _key(1, "layers per checkpointed group")
+    recompute_granularity: str = _key("full", "with checkpoint_activations: full (each layer's forward) or "
+                                              "selective (only rotary and the attention core), as Megatron")
+    partition_activations: bool = _key(False, "upstream: DeepSpeed's partitioning of checkpointed activations over "
+                                              "the TP group; here it turns on sequence_parallel (the same split)")
+    synchronize_each_layer: bool = _key(False, "a device sync around each checkpointed layer", no_effect=True)
+    scaled_upper_triang_masked_softmax_fusion: bool = _key(False, "Megatron's fused softmax (attention is "
+                                                                  "flash/SDPA here)", no_effect=True)
+    bias_gelu_fusion: bool = _key(False, "upstream's fused bias + tanh-approximated GeLU (exact GeLU here)",
+                                  no_effect=True)
+    bias_dropout_fusion: bool = _key(False, "upstream's fused bias + dropout + add", no_effect=True)
+    rope_fusion: bool = _key(False, "upstream's fused rotary kernel (see neox_fork/fused.py for ours)",
+                             no_effect=True)
+    layernorm_fusion: bool = _key(False, "Apex fused LayerNorm (torch's LayerNorm is fused)", no_effect=True)
+    torch_compile: bool = _key(False, "not upstream: torch.compile each transformer layer")
+    fused_cross_entropy: bool = _key(True, "not upstream: chunked head + loss that never holds the fp32 logits of "
+                                           "the whole batch")
 
     # --- training loop ---
-    train_iters: int = 100
-    seed: int = 1234
-    eval_interval: int = 1000
-    eval_iters: int = 10
-    eval_batch_size: int | None = None
-    eval_tasks: list = field(default_factory=list)
-    log_interval: int = 10
-    steps_per_print: int = 10
-    wall_clock_breakdown: bool = False
-    max_nan_steps: int = 3
-    exit_interval: int | None = None  # save and stop once the iteration is a multiple of this (Megatron)
-    num_workers: int = 2
-    distributed_backend: str = "nccl"
+    train_iters: int = _key(100, "optimizer steps to train (upstream: required)")
+    seed: int = _key(1234, "seed of weights, data order and dropout")
+    eval_interval: int = _key(1000, "steps between validation runs")
+    eval_iters: int = _key(100, "batches per validation run")
+    eval_batch_size: int | None = _key(None, "Stability's fork: micro-batch for evaluation; null = training's")
+    eval_tasks: list = _key(factory=list, doc="lm-eval tasks to run at each eval_interval")
+    log_interval: int = _key(100, "steps between progress lines and metrics rows")
+    steps_per_print: int = _key(10, "DeepSpeed's own progress print (replaced by log_interval)", no_effect=True)
+    wall_clock_breakdown: bool = _key(False, "DeepSpeed's per-phase timers")
+    max_nan_steps: int = _key(3, "not upstream: stop after this many non-finite losses in a row")
+    exit_interval: int | None = _key(None, "save and stop once the step is a multiple of this")
+    num_workers: int = _key(2, "data-loader worker processes (at most 2 used)")
+    distributed_backend: str = _key("nccl", "nccl or gloo")
 
     # --- checkpoints ---
-    save: str | None = None
-    load: str | None = None
-    checkpoint_factor: int | None = None
-    save_interval: int | None = None  # Megatron's name for checkpoint_factor
-    extra_save_iters: list | None = None
-    keep_last_n_checkpoints: int | None = None
-    finetune: bool = False
-    # unpickle `load` without restriction (a checkpoint needing types beyond tensors and DeepSpeed's
-    # own can then run code): only for checkpoints from someone you trust; logged when on
-    trust_checkpoint: bool = False
-    # also save each parameter's fp32 master and Adam moments unsharded over DP (per TP rank), so a run
-    # can resume at another tensor-parallel size; costs about 12 bytes x parameters of extra disk
-    save_universal: bool = False
-    s3_path: str | None = None
-    s3_sync_interval: int | None = None
+    save: str | None = _key(None, "checkpoint folder to write")
+    load: str | None = _key(None, "checkpoint folder to resume from")
+    checkpoint_factor: int | None = _key(None, "save every this many steps")
+    save_interval: int | None = _key(None, "Megatron's name for checkpoint_factor")
+    extra_save_iters: list | None = _key(None, "further steps at which to save")
+    keep_last_n_checkpoints: int | None = _key(None, "delete older step folders beyond this many")
+    finetune: bool = _key(False, "load weights only: optimizer, schedule and data start fresh")
+    trust_checkpoint: bool = _key(False, "not upstream: unpickle `load` without restriction (a checkpoint needing "
+                                         "types beyond tensors and DeepSpeed's own can then run code): only for "
+                                         "checkpoints from someone you trust; logged when on")
+    save_universal: bool = _key(False, "not upstream: also save fp32 masters and Adam moments unsharded over DP, "
+                                       "so a run can resume at another tensor-parallel size (~12 B/param of disk)")
+    s3_path: str | None = _key(None, "upload checkpoints to S3 (not built)", no_effect=True)
+    s3_sync_interval: int | None = _key(None, "S3 upload interval (not built)", no_effect=True)
 
     # --- data ---
-    data_path: str | None = None
-    train_data_paths: list = field(default_factory=list)
-    train_data_weights: list = field(default_factory=list)
-    valid_data_paths: list = field(default_factory=list)
-    valid_data_weights: list = field(default_factory=list)
-    test_data_paths: list = field(default_factory=list)
-    test_data_weights: list = field(default_factory=list)
-    split: str = "969, 30, 1"
-    data_impl: str = "mmap"
-    data_cache_path: str | None = None
-    tokenizer_type: str = "HFTokenizer"
-    vocab_file: str | None = None
+    data_path: str | None = _key(None, "one mmap dataset prefix split by `split`")
+    train_data_paths: list = _key(factory=list, doc="training dataset prefixes (blended)")
+    train_data_weights: list = _key(factory=list, doc="blend weights, one per training path")
+    valid_data_paths: list = _key(factory=list, doc="validation dataset prefixes")
+    valid_data_weights: list = _key(factory=list, doc="blend weights, one per validation path")
+    test_data_paths: list = _key(factory=list, doc="test dataset prefixes")
+    test_data_weights: list = _key(factory=list, doc="blend weights, one per test path")
+    split: str = _key("969, 30, 1", "train/valid/test proportions of data_path")
+    data_impl: str = _key("mmap", "only mmap (upstream's default `infer` finds mmap for the files it writes)")
+    data_cache_path: str | None = _key(None, "folder for the sample index caches; null = beside the data")
+    tokenizer_type: str = _key("HFTokenizer", "only HFTokenizer (a tokenizer.json; upstream's default "
+                                              "GPT2BPETokenizer is not built)")
+    vocab_file: str | None = _key(None, "tokenizer.json")
 
     # --- logging ---
-    tensorboard_dir: str | None = None
-    log_dir: str | None = None
-    use_wandb: bool = False
-    wandb_host: str | None = None
-    wandb_team: str | None = None
-    wandb_project: str | None = None
-    wandb_group: str | None = None
-    wandb_name: str | None = None
+    tensorboard_dir: str | None = _key(None, "write TensorBoard scalars here")
+    log_dir: str | None = _key(None, "upstream's text-log folder (metrics go to SAVE/metrics.jsonl here)",
+                               no_effect=True)
+    use_wandb: bool = _key(False, "log metrics to Weights & Biases")
+    wandb_host: str | None = _key("https://api.wandb.ai", "W&B server")
+    wandb_team: str | None = _key(None, "W&B entity")
+    wandb_project: str | None = _key("neox", "W&B project")
+    wandb_group: str | None = _key(None, "W&B run group")
+    wandb_name: str | None = _key(None, "W&B run name")
 
     # --- launch ---
-    launcher: str = "pdsh"
-    deepspeed_slurm: bool = False
-    deepspeed_mpi: bool = False
-    hostfile: str | None = None
-    include: str | None = None
-    exclude: str | None = None
-    num_nodes: int = -1
-    num_gpus: int | None = None
-    master_addr: str | None = None
-    master_port: int = 29500
-    no_ssh_check: bool = False
-    comment: str | None = None
-    account: str | None = None
-    distributed_timeout_minutes: int = 10
-    # One-node runs: after SIGUSR1/SIGTERM/SIGINT, deepy gives the ranks this long to finish their step and
-    # save before it SIGKILLs them. 600 s covers StableLM-3B on one node: its checkpoint is 39 GB
-    # (`tools/model_summary.py`: 14 bytes per parameter), 390 s at 100 MB/s, plus one step (~90 s on 8 GPUs).
-    signal_grace_seconds: float = 600.0
+    launcher: str = _key("pdsh", "multi-node launcher: pdsh, openmpi, mvapich or slurm")
+    deepspeed_slurm: bool = _key(False, "start ranks with srun inside a Slurm allocation")
+    deepspeed_mpi: bool = _key(False, "ranks discover themselves from MPI variables")
+    hostfile: str | None = _key(None, "hosts and slots (`host slots=N`)")
+    include: str | None = _key(None, "hosts/slots to use, e.g. host1:0,1@host2")
+    exclude: str | None = _key(None, "hosts/slots to leave out")
+    num_nodes: int = _key(-1, "nodes to use; -1 = all")
+    num_gpus: int | None = _key(None, "GPUs per node; null = all")
+    master_addr: str | None = _key(None, "rendezvous host; null = the first host")
+    master_port: int = _key(29500, "rendezvous port")
+    no_ssh_check: bool = _key(False, "skip DeepSpeed's ssh check of the hosts")
+    comment: str | None = _key(None, "Slurm --comment")
+    account: str | None = _key(None, "Slurm --account")
+    distributed_timeout_minutes: int = _key(10, "collective timeout")
+    # 600 s covers StableLM-3B on one node: its checkpoint is 39 GB (`tools/model_summary.py`: 14 bytes per
+    # parameter), 390 s at 100 MB/s, plus one step (~90 s on 8 GPUs).
+    signal_grace_seconds: float = _key(600.0, "not upstream: one-node runs: after SIGUSR1/SIGTERM/SIGINT, deepy "
+                                              "gives the ranks this long to finish their step and save before it "
+                                              "SIGKILLs them")
 
     # Where each key came from (key -> file), for messages; not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -202,12 +243,41 @@ class NeoXConfig:
         return int(self.head_dim * self.rotary_pct) if self.pos_emb == "rotary" else 0
 
     @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def mlp_gated(self) -> bool:
+        """activation(gate) x up: Stability's `mlp_type: gated`, older upstream's `llama`, or a gated activation."""
+        return self.mlp_type in ("gated", "llama") or self.activation in GATED_ACTIVATIONS
+
+    @property
+    def mlp_activation(self) -> str:
+        """The elementwise function of the MLP (of the gate when gated): gelu, relu, silu, ..."""
+        name = GATED_ACTIVATIONS.get(self.activation, self.activation)
+        return "silu" if name == "swish" else name
+
+    @property
+    def mlp_widths(self) -> tuple[int, int]:
+        """(linear1 outputs, linear2 inputs), sized as the spelling that chose the MLP sizes it."""
+        h = self.hidden_size
+        base = self.intermediate_size or (int(self.expansion_factor * h) if self.expansion_factor else 4 * h)
+        if self.mlp_type in ("gated", "llama"):  # Stability's fork / older upstream: per-branch width
+            if self.intermediate_size is None:
+                multiple = 256 if self.mlp_type == "llama" else self.mlp_multiple_of
+                base = multiple * math.ceil(int(2 * base / 3) / multiple)
+            return 2 * base, base
+        out, into = base, base  # current upstream's ParallelMLP
+        if self.mlp_gated:
+            out = int(base * 2 / 3)
+            into = out // 2
+        m = self.mlp_multiple_of
+        return 2 * m * math.ceil(out / (2 * m)), m * math.ceil(into / m)
+
+    @property
     def ffn_hidden_size(self) -> int:
-        """Width of each SwiGLU branch: explicit, or GPT-NeoX's 2/3 x 4h rounded up to mlp_multiple_of."""
-        if self.intermediate_size is not None:
-            return self.intermediate_size
-        width = int(2 * 4 * self.hidden_size / 3)
-        return self.mlp_multiple_of * math.ceil(width / self.mlp_multiple_of)
+        """Width of the MLP's hidden layer (of each branch when gated): linear2's input."""
+        return self.mlp_widths[1]
 
     @property
     def max_positions(self) -> int:
@@ -321,31 +391,50 @@ class NeoXConfig:
 
 
 # ---------------------------------------------------------------------- allowed values
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "bilinear": "identity", "glu": "sigmoid"}
 _CHOICES = {
     "attention_head_type": ("multihead",),
-    "norm": ("layernorm",),
-    "pos_emb": ("rotary",),
-    "mlp_type": ("gated",),
-    "activation": ("silu", "swiglu"),
+    "norm": ("layernorm", "rmsnorm"),
+    "pos_emb": ("learned", "rotary", "none"),
+    "mlp_type": ("regular", "gated", "llama"),
+    "activation": ("gelu", "relu", "silu", "swish", "mish", "softsign", *GATED_ACTIVATIONS),
     "output_layer_parallelism": ("column",),
     "init_method": ("normal", "scaled_normal", "small_init", "wang_init"),
     "output_layer_init_method": ("normal", "scaled_normal", "small_init", "wang_init"),
     "lr_decay_style": ("cosine", "linear", "constant"),
     "precision": ("fp32", "float32", "bfloat16", "bf16", "fp16", "float16", "half"),
-    "data_impl": ("mmap",),
+    "data_impl": ("mmap", "infer"),
     "tokenizer_type": ("HFTokenizer",),
     "launcher": ("pdsh", "openmpi", "mvapich", "slurm"),
     "distributed_backend": ("nccl", "gloo"),
     "recompute_granularity": ("full", "selective"),
 }
+# Values upstream gpt-neox has and this project does not build: one line saying so, never a silent fallback.
+_NOT_BUILT = {
+    ("pos_emb", "alibi"): "ALiBi attention biases are not built",
+    ("pos_emb", "sinusoidal"): "sinusoidal position embeddings are not built",
+    ("pos_emb", "rpe"): "T5 relative position buckets are not built",
+    ("norm", "scalenorm"): "ScaleNorm is not built",
+    ("norm", "non_parametric_layernorm"): "a LayerNorm without parameters is not built",
+    ("norm", "crmsnorm"): "CRMSNorm is not built",
+    ("norm", "te_layernorm"): "Transformer Engine layers are not used here; use layernorm",
+    ("norm", "te_rmsnorm"): "Transformer Engine layers are not used here; use rmsnorm",
+    ("mlp_type", "moe"): "mixture of experts is not built",
+    ("output_layer_parallelism", "row"): "only the vocabulary-parallel output layer is built (upstream's row "
+                                         "variant is broken there too)",
+}
 _MUST_BE_FALSE = {
-    "rotary_interleaved": "StableLM uses rotate-half rotary",
-    "gpt_j_residual": "StableLmForCausalLM with two norms uses sequential residuals",
-    "gpt_j_tied": "StableLmForCausalLM has no tied GPT-J residual",
-    "use_bias_in_attn_linear": "StableLmForCausalLM has no attention output bias",
-    "use_bias_in_mlp": "StableLmForCausalLM has no MLP biases",
+    "rotary_interleaved": "rotary is rotate-half, as gpt-neox",
+    "gpt_j_tied": "one norm shared by attention and MLP (gpt_j_tied) is not built; two norms are (gpt_j_residual)",
 }
 _ATTENTION_TYPES = ("flash", "global")
+_ATTENTION_NOT_BUILT = {
+    "local": "local (sliding-window) attention is not built",
+    "sparse_fixed": "DeepSpeed sparse attention is not built", "sparse_variable": "DeepSpeed sparse attention is "
+    "not built", "bigbird": "DeepSpeed sparse attention is not built", "bslongformer": "DeepSpeed sparse attention "
+    "is not built", "gmlp": "gMLP blocks are not built", "amlp": "aMLP blocks are not built",
+    "mamba": "Mamba blocks are not built", "rwkv": "RWKV blocks are not built",
+}
 
 
 # ---------------------------------------------------------------------- loading
@@ -453,9 +542,34 @@ def from_dict(values: dict[str, Any], sources: dict[str, str] | None = None, sou
         key = normalize_key(key)
         checked[key] = _check_key(key, value, sources.get(key, source))
         sources.setdefault(key, source)
+    if checked.get("gas") is not None:  # upstream's alias: one value, whichever name carried it
+        steps = checked.setdefault("gradient_accumulation_steps", checked["gas"])
+        if steps != checked["gas"]:
+            raise UserError(f"{sources['gas']}: gas {checked['gas']} and gradient_accumulation_steps {steps} "
+                            "disagree; they are one setting, give one of them")
     config = NeoXConfig(**checked, sources=sources)
     validate(config)
     return config
+
+
+def no_effect_keys() -> list[str]:
+    """Keys accepted so GPT-NeoX configs load, that nothing here reads."""
+    return [f.name for f in dataclasses.fields(NeoXConfig) if f.metadata.get("no_effect")]
+
+
+def ignored_settings(c: NeoXConfig) -> dict[str, Any]:
+    """The no-effect keys this config sets to something other than their default (or an empty value)."""
+    defaults = NeoXConfig()
+    return {k: getattr(c, k) for k in no_effect_keys()
+            if getattr(c, k) not in (getattr(defaults, k), None, "", False)}
+
+
+def log_ignored_settings(c: NeoXConfig) -> None:
+    """One line at start naming the no-effect keys a config sets, so nobody believes they took effect."""
+    ignored = ignored_settings(c)
+    if ignored:
+        log.warning("config: accepted for GPT-NeoX compatibility but no effect here (see docs/config.md): %s",
+                    ", ".join(f"{k}={v!r}" for k, v in ignored.items()))
 
 
 def load_config(*paths: str | os.PathLike, overrides: dict[str, Any] | None = None) -> NeoXConfig:
@@ -474,11 +588,25 @@ def validate(c: NeoXConfig) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
     for key, choices in _CHOICES.items():
-        if getattr(c, key) not in choices:
-            fail(key, f"{key} {getattr(c, key)!r} is not supported; valid: {', '.join(choices)}")
+        value = getattr(c, key)
+        if (key, value) in _NOT_BUILT:
+            fail(key, f"{key} {value!r} is not supported: {_NOT_BUILT[key, value]}; valid: {', '.join(choices)}")
+        if value not in choices:
+            fail(key, f"{key} {value!r} is not supported; valid: {', '.join(choices)}")
     for key, why in _MUST_BE_FALSE.items():
         if getattr(c, key):
             fail(key, f"{key} true is not supported ({why}); set it to false")
+    if c.moe_num_experts != 1:
+        fail("moe_num_experts", f"moe_num_experts {c.moe_num_experts} is not supported: mixture of experts is not "
+             "built; use 1")
+    if c.intermediate_size is not None and c.expansion_factor is not None:
+        fail("expansion_factor", "give intermediate_size or expansion_factor, not both (as upstream)")
+    out, into = c.mlp_widths
+    if out != (2 * into if c.mlp_gated else into):
+        fail("intermediate_size", f"the MLP widths do not fit together: linear1 gives {out} outputs, linear2 takes "
+             f"{into} (upstream rounds them separately); choose intermediate_size / mlp_multiple_of so they agree")
+    if c.num_attention_heads % c.kv_heads:
+        fail("num_kv_heads", f"num_kv_heads {c.kv_heads} must divide num_attention_heads {c.num_attention_heads}")
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
                 "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "model_parallel_size",
                 "mlp_multiple_of", "make_vocab_size_divisible_by", "checkpoint_num_layers", "log_interval",
@@ -486,8 +614,8 @@ def validate(c: NeoXConfig) -> None:
         if getattr(c, key) < 1:
             fail(key, f"{key} must be at least 1, got {getattr(c, key)}")
     if c.pipe_parallel_size > 1:
-        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is not supported; use 0 or 1 "
-             "(tensor x data parallelism covers StableLM-3B)")
+        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is not supported: pipeline "
+             "parallelism is not built; use 0 or 1 (tensor x data parallelism)")
     if c.hidden_size % c.num_attention_heads:
         divisors = [d for d in range(1, c.hidden_size + 1) if c.hidden_size % d == 0 and d <= 128]
         fail("num_attention_heads", f"num_attention_heads {c.num_attention_heads} does not divide hidden_size "
@@ -502,8 +630,8 @@ def validate(c: NeoXConfig) -> None:
         fail("max_position_embeddings", f"max_position_embeddings {c.max_position_embeddings} is smaller than "
              f"seq_length {c.seq_length}")
     tp = c.model_parallel_size
-    for key, size in (("num_attention_heads", c.num_attention_heads), ("hidden_size", c.hidden_size),
-                      ("intermediate_size", c.ffn_hidden_size)):
+    for key, size in (("num_attention_heads", c.num_attention_heads), ("num_kv_heads", c.kv_heads),
+                      ("hidden_size", c.hidden_size), ("intermediate_size", c.ffn_hidden_size)):
         if size % tp:
             fail("model_parallel_size", f"model_parallel_size {tp} does not divide {key} {size}; "
                  f"use a tensor-parallel size that divides {size}")
@@ -522,7 +650,9 @@ def validate(c: NeoXConfig) -> None:
                  f"{c.num_layers}")
         bad = sorted(set(c.attention_types) - set(_ATTENTION_TYPES))
         if bad:
-            fail("attention_config", f"attention type {bad[0]!r} is not supported; valid: {', '.join(_ATTENTION_TYPES)}")
+            why = f": {_ATTENTION_NOT_BUILT[bad[0]]}" if bad[0] in _ATTENTION_NOT_BUILT else ""
+            fail("attention_config", f"attention type {bad[0]!r} is not supported{why}; valid: "
+                 f"{', '.join(_ATTENTION_TYPES)}")
     opt_type = str(c.optimizer.get("type", "")).lower()
     if opt_type not in ("adam", "adamw"):
         fail("optimizer", f"optimizer type {c.optimizer.get('type')!r} is not supported; valid: Adam, AdamW")

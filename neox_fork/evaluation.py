@@ -42,7 +42,7 @@ TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
 
 class NeoxLM(TemplateLM):
-    """Our StableLM and tokenizer as an lm-eval language model (greedy by default, batches of `batch_size`)."""
+    """Our model and tokenizer as an lm-eval language model (greedy by default, batches of `batch_size`)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
                  max_gen_toks: int = 256):

@@ -29,7 +29,7 @@ from megatron.core import parallel_state
 from neox_fork import checkpoint, parallel
 from neox_fork.errors import UserError
 from neox_fork.hf import torch_dtype
-from neox_fork.model import StableLM, build_model
+from neox_fork.model import NeoXModel, build_model
 
 
 @dataclass
@@ -132,7 +132,7 @@ def next_token(logits: torch.Tensor, previous: torch.Tensor, p: SamplingParams, 
 
 
 # ---------------------------------------------------------------------- masked forward with a cache
-def last_logits(model: StableLM, tokens, position_ids, key_valid, start: int, caches=None) -> torch.Tensor:
+def last_logits(model: NeoXModel, tokens, position_ids, key_valid, start: int, caches=None) -> torch.Tensor:
     """Logits [b, vocab] of the last position of `tokens` [b, s], which occupy slots start..start+s.
 
     key_valid [b, >= start+s]: False for padding slots. A query sees valid keys at or before its slot
@@ -169,7 +169,7 @@ StopFn = Callable[[int, list[int]], bool]
 
 
 @torch.no_grad()
-def generate(model: StableLM, prompts: list[list[int]], params: SamplingParams, eod: int | None = None,
+def generate(model: NeoXModel, prompts: list[list[int]], params: SamplingParams, eod: int | None = None,
              use_cache: bool = True, max_positions: int | None = None, batch_size: int = 8,
              stop: StopFn | None = None) -> tuple[list[list[int]], dict]:
     """Generated ids (prompt excluded, a final EOD included) for each prompt, and timing stats.

@@ -1,9 +1,16 @@
-"""Name and layout mapping between our (merged, TP=1) state dict and transformers' StableLmForCausalLM.
+"""Name and layout mapping between our (merged, TP=1) state dict and each family's Hugging Face class.
 
-The two layouts that need care:
-- our fused `query_key_value` is per head, [heads, 3, head_dim, hidden] (GPT-NeoX's layout): q, k, v are
-  taken per head, not as three contiguous blocks;
-- our `mlp.linear1` is [up; gate]: HF's `up_proj` is the first half and `gate_proj` the second.
+    GPTNeoXForCausalLM   LayerNorm with bias, plain (non-gated) MLP with biases, multi-head attention,
+                         sequential or parallel residual (gpt_j_residual), partial rotary: Pythia, GPT-NeoX
+    LlamaForCausalLM     RMSNorm, SwiGLU, full rotary, grouped-query attention, optional biases: Llama(-2)
+    StableLmForCausalLM  LayerNorm with bias, SwiGLU, no linear biases, partial rotary: StableLM-3B-4E1T
+
+`family(config)` picks the class from the architecture keys (or says in one line why none fits).
+The layouts that need care:
+- our fused `query_key_value` holds one [q heads of the group..., k, v] block of rows per key/value head;
+  GPTNeoX keeps that fused tensor (multi-head: per head [q, k, v]); Llama and StableLm split q, k, v;
+- our gated `mlp.linear1` is [up; gate]: HF's `up_proj` is the first half and `gate_proj` the second;
+- our RMSNorm weight is `scale` (as upstream gpt-neox), HF's is `weight`.
 Everything else is a rename. Tensor-parallel shards are merged before this mapping (see checkpoint.py).
 """
 
@@ -17,16 +24,59 @@ import torch
 from neox_fork.config import NeoXConfig
 from neox_fork.errors import UserError
 
-# (ours, HF) name templates; {layer} is a layer index, {param} weight or bias. Used in both directions.
-_RENAMES = [
-    ("word_embeddings.weight", "model.embed_tokens.weight"),
-    ("final_norm.{param}", "model.norm.{param}"),
-    ("output_layer.weight", "lm_head.weight"),
-    ("layers.{layer}.input_layernorm.{param}", "model.layers.{layer}.input_layernorm.{param}"),
-    ("layers.{layer}.post_attention_layernorm.{param}", "model.layers.{layer}.post_attention_layernorm.{param}"),
-    ("layers.{layer}.attention.dense.weight", "model.layers.{layer}.self_attn.o_proj.weight"),
-    ("layers.{layer}.mlp.linear2.weight", "model.layers.{layer}.mlp.down_proj.weight"),
+CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "stablelm": "StableLmForCausalLM"}
+
+# (ours, HF) name templates per family; {layer} is a layer index, {param} weight or bias. Both directions.
+_L = "layers.{layer}"
+_NEOX = [
+    ("word_embeddings.weight", "gpt_neox.embed_in.weight"),
+    ("final_norm.{param}", "gpt_neox.final_layer_norm.{param}"),
+    ("output_layer.weight", "embed_out.weight"),
+    (f"{_L}.input_layernorm.{{param}}", f"gpt_neox.{_L}.input_layernorm.{{param}}"),
+    (f"{_L}.post_attention_layernorm.{{param}}", f"gpt_neox.{_L}.post_attention_layernorm.{{param}}"),
+    (f"{_L}.attention.query_key_value.{{param}}", f"gpt_neox.{_L}.attention.query_key_value.{{param}}"),
+    (f"{_L}.attention.dense.{{param}}", f"gpt_neox.{_L}.attention.dense.{{param}}"),
+    (f"{_L}.mlp.linear1.{{param}}", f"gpt_neox.{_L}.mlp.dense_h_to_4h.{{param}}"),
+    (f"{_L}.mlp.linear2.{{param}}", f"gpt_neox.{_L}.mlp.dense_4h_to_h.{{param}}"),
 ]
+_MODEL = [
+    ("word_embeddings.weight", "model.embed_tokens.weight"),
+    ("output_layer.weight", "lm_head.weight"),
+    (f"{_L}.attention.dense.{{param}}", f"model.{_L}.self_attn.o_proj.{{param}}"),
+    (f"{_L}.mlp.linear2.{{param}}", f"model.{_L}.mlp.down_proj.{{param}}"),
+]
+_NORMS = [("final_norm.{param}", "model.norm.{param}"),
+          (f"{_L}.input_layernorm.{{param}}", f"model.{_L}.input_layernorm.{{param}}"),
+          (f"{_L}.post_attention_layernorm.{{param}}", f"model.{_L}.post_attention_layernorm.{{param}}")]
+_RMS_NORMS = [(ours.replace("{param}", "scale"), theirs.replace("{param}", "weight")) for ours, theirs in _NORMS]
+_RENAMES = {"gpt_neox": _NEOX, "llama": _MODEL + _RMS_NORMS, "stablelm": _MODEL + _NORMS}
+_SPLIT = {"gpt_neox": False, "llama": True, "stablelm": True}  # q/k/v and up/gate as separate HF tensors
+
+
+def family(c: NeoXConfig) -> str:
+    """The HF family that computes exactly what this config's model computes, or a UserError saying why none."""
+    def refuse(why: str):
+        raise UserError(f"{c.where('norm')}: no Hugging Face class computes this model ({why}); export supports "
+                        "GPTNeoXForCausalLM, LlamaForCausalLM and StableLmForCausalLM architectures")
+
+    if c.pos_emb != "rotary":
+        refuse(f"pos_emb {c.pos_emb!r}: GPTNeoX, Llama and StableLm all use rotary")
+    silu_gated = c.mlp_gated and c.mlp_activation == "silu"
+    if silu_gated and c.norm == "rmsnorm":
+        if c.gpt_j_residual or c.rotary_pct != 1:
+            refuse("Llama has a sequential residual and full rotary")
+        return "llama"
+    if silu_gated and c.norm == "layernorm":
+        if c.use_bias_in_attn_linear or c.use_bias_in_mlp or not c.use_bias_in_norms or c.gpt_j_residual:
+            refuse("StableLm has LayerNorms with bias, no linear biases and a sequential residual with two norms")
+        return "stablelm"
+    if not c.mlp_gated and c.norm == "layernorm":
+        if not (c.use_bias_in_mlp and c.use_bias_in_norms) or c.kv_heads != c.num_attention_heads:
+            refuse("GPTNeoX has biases in its norms and MLP and one key/value head per query head")
+        if c.mlp_activation not in ("gelu", "relu", "silu"):
+            refuse(f"activation {c.activation!r}")
+        return "gpt_neox"
+    refuse(f"norm {c.norm!r} with activation {c.activation!r} and mlp_type {c.mlp_type!r}")
 
 
 def _pattern(template: str) -> str:
@@ -34,118 +84,168 @@ def _pattern(template: str) -> str:
             .replace(r"\{param\}", r"(?P<param>weight|bias)"))
 
 
-def _rename(name: str, to_hf: bool) -> str | None:
-    for ours, theirs in _RENAMES:
+def _rename(name: str, fam: str, to_hf: bool) -> str | None:
+    for ours, theirs in _RENAMES[fam]:
         source, target = (ours, theirs) if to_hf else (theirs, ours)
         if m := re.fullmatch(_pattern(source), name):
             return target.format(**m.groupdict())
     return None
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
-    """Our merged model state -> HF tensor names and layouts (same dtypes, contiguous)."""
+def _split_qkv(t: torch.Tensor, c: NeoXConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our fused rows [kv groups, (q x group, k, v), head_dim] -> HF's q, k, v (weights or biases)."""
+    kv, g, d = c.kv_heads, c.num_attention_heads // c.kv_heads, c.head_dim
+    t = t.view(kv, g + 2, d, *t.shape[1:])
+    return (t[:, :g].reshape(kv * g * d, *t.shape[3:]), t[:, g].reshape(kv * d, *t.shape[3:]),
+            t[:, g + 1].reshape(kv * d, *t.shape[3:]))
+
+
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: NeoXConfig) -> torch.Tensor:
+    kv, g, d = c.kv_heads, c.num_attention_heads // c.kv_heads, c.head_dim
+    rest = q.shape[1:]
+    parts = (q.view(kv, g, d, *rest), k.view(kv, 1, d, *rest), v.view(kv, 1, d, *rest))
+    return torch.cat(parts, dim=1).reshape((g + 2) * kv * d, *rest)
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str, torch.Tensor]:
+    """Our merged model state -> the HF family's tensor names and layouts (same dtypes, contiguous)."""
+    fam = family(c)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name.endswith("_extra_state"):
             continue
-        if m := re.fullmatch(r"layers\.(\d+)\.attention\.query_key_value\.weight", name):
-            hidden = tensor.shape[1]
-            q, k, v = tensor.view(num_heads, 3, hidden // num_heads, hidden).unbind(1)
-            for part, w in zip("qkv", (q, k, v)):
-                out[f"model.layers.{m[1]}.self_attn.{part}_proj.weight"] = w.reshape(hidden, hidden).contiguous()
-        elif m := re.fullmatch(r"layers\.(\d+)\.mlp\.linear1\.weight", name):
-            up, gate = tensor.chunk(2, dim=0)
-            out[f"model.layers.{m[1]}.mlp.up_proj.weight"] = up.contiguous()
-            out[f"model.layers.{m[1]}.mlp.gate_proj.weight"] = gate.contiguous()
-        elif (target := _rename(name, to_hf=True)) is not None:
+        m = re.fullmatch(r"layers\.(\d+)\.(attention\.query_key_value|mlp\.linear1)\.(weight|bias)", name)
+        if m and _SPLIT[fam]:
+            i, kind, param = m.groups()
+            if kind == "mlp.linear1":
+                names, parts = ("up_proj", "gate_proj"), tensor.chunk(2, dim=0)
+                prefix = f"model.layers.{i}.mlp"
+            else:
+                names, parts = ("q_proj", "k_proj", "v_proj"), _split_qkv(tensor, c)
+                prefix = f"model.layers.{i}.self_attn"
+            for part, t in zip(names, parts):
+                out[f"{prefix}.{part}.{param}"] = t.contiguous()
+        elif (target := _rename(name, fam, to_hf=True)) is not None:
             out[target] = tensor.contiguous()
         else:
-            raise KeyError(f"no Hugging Face name for parameter {name}")
+            raise KeyError(f"no {CLASSES[fam]} name for parameter {name}")
     return out
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], num_heads: int, num_layers: int) -> dict[str, torch.Tensor]:
-    """HF StableLmForCausalLM tensors -> our merged model state (the inverse of to_hf_state_dict)."""
+def from_hf_state_dict(hf: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str, torch.Tensor]:
+    """HF tensors of the config's family -> our merged model state (the inverse of to_hf_state_dict)."""
+    fam = family(c)
     out: dict[str, torch.Tensor] = {}
+    pending: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     for name, tensor in hf.items():
-        if (target := _rename(name, to_hf=False)) is not None:
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|up|gate)_proj\.(weight|bias)", name)
+        if m and _SPLIT[fam]:
+            i, block, part, param = m.groups()
+            pending.setdefault((i, block, param), {})[part] = tensor
+        elif (target := _rename(name, fam, to_hf=False)) is not None:
             out[target] = tensor
-        elif not re.fullmatch(r"model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(up|gate)_proj)\.weight", name):
-            raise UserError(f"Hugging Face weight '{name}' has no place in a StableLM model "
-                            "(qkv biases and qk-layernorm are not supported)")
-    for i in range(num_layers):
-        p = f"model.layers.{i}"
-        q, k, v = (hf[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv")
-        hidden = q.shape[1]
-        per_head = [w.view(num_heads, hidden // num_heads, hidden) for w in (q, k, v)]
-        out[f"layers.{i}.attention.query_key_value.weight"] = torch.stack(per_head, dim=1).reshape(3 * hidden, hidden)
-        out[f"layers.{i}.mlp.linear1.weight"] = torch.cat((hf[f"{p}.mlp.up_proj.weight"], hf[f"{p}.mlp.gate_proj.weight"]))
+        elif not re.search(r"rotary_emb\.inv_freq|attention\.(masked_)?bias$", name):
+            raise UserError(f"Hugging Face weight '{name}' has no place in this {CLASSES[fam]} model "
+                            "(e.g. qk-layernorm is not supported)")
+    for (i, block, param), parts in pending.items():
+        if block == "mlp":
+            out[f"layers.{i}.mlp.linear1.{param}"] = torch.cat((parts["up"], parts["gate"]))
+        else:
+            out[f"layers.{i}.attention.query_key_value.{param}"] = _fuse_qkv(parts["q"], parts["k"], parts["v"], c)
     return out
+
+
+def _rope(c: NeoXConfig) -> dict:
+    return {"rope_type": "default", "rope_theta": float(c.rotary_emb_base), "partial_rotary_factor": c.rotary_pct}
 
 
 def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_id: int = 0,
                    bos_token_id: int = 0) -> dict:
-    """config.json for StableLmForCausalLM, from our config."""
-    return {
-        "architectures": ["StableLmForCausalLM"],
-        "model_type": "stablelm",
+    """config.json for the config's HF family."""
+    fam = family(c)
+    common = {
+        "architectures": [CLASSES[fam]],
+        "model_type": fam,
         "vocab_size": padded_vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.ffn_hidden_size,
         "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_attention_heads,
-        "hidden_act": "silu",
+        "hidden_act": c.mlp_activation,
         "max_position_embeddings": c.max_positions,
         "initializer_range": c.init_method_std,
-        "layer_norm_eps": c.layernorm_epsilon,
         "use_cache": True,
         "tie_word_embeddings": c.tie_word_embeddings,
         "rope_theta": float(c.rotary_emb_base),
-        "partial_rotary_factor": c.rotary_pct,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rotary_emb_base),
-                            "partial_rotary_factor": c.rotary_pct},
-        "use_qkv_bias": False,
-        "qk_layernorm": False,
-        "use_parallel_residual": False,
-        "hidden_dropout": c.hidden_dropout,
+        "rope_parameters": _rope(c),
         "attention_dropout": c.attention_dropout,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
     }
+    if fam == "gpt_neox":
+        return {**common, "layer_norm_eps": c.layernorm_epsilon, "rotary_pct": c.rotary_pct,
+                "rotary_emb_base": c.rotary_emb_base, "use_parallel_residual": c.gpt_j_residual,
+                "attention_bias": c.use_bias_in_attn_linear, "hidden_dropout": c.hidden_dropout}
+    if fam == "llama":
+        return {**common, "num_key_value_heads": c.kv_heads, "rms_norm_eps": c.rms_norm_epsilon,
+                "attention_bias": c.use_bias_in_attn_linear, "mlp_bias": c.use_bias_in_mlp,
+                "head_dim": c.head_dim}
+    return {**common, "num_key_value_heads": c.kv_heads, "layer_norm_eps": c.layernorm_epsilon,
+            "partial_rotary_factor": c.rotary_pct, "use_qkv_bias": False, "qk_layernorm": False,
+            "use_parallel_residual": False, "hidden_dropout": c.hidden_dropout}
 
 
 def config_from_hf(hf: dict) -> dict:
-    """Our config keys (NeoX names) for an HF StableLM config.json; the caller adds training keys."""
-    if hf.get("model_type") != "stablelm":
-        raise UserError(f"config.json model_type is {hf.get('model_type')!r}; only 'stablelm' can be imported")
-    for key, ok in (("use_qkv_bias", False), ("qk_layernorm", False), ("use_parallel_residual", False)):
-        if hf.get(key, False) != ok:
-            raise UserError(f"config.json {key}={hf.get(key)} is not supported; only {ok} is")
-    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
-        raise UserError("config.json num_key_value_heads differs from num_attention_heads; grouped-query "
-                        "attention is not supported")
-    rope = hf.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000))
-    pct = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))
-    return {
+    """Our config keys (NeoX names) for an HF GPTNeoX, Llama or StableLm config.json; the caller adds the rest."""
+    kind = hf.get("model_type")
+    if kind not in CLASSES:
+        raise UserError(f"config.json model_type is {kind!r}; importable: {', '.join(CLASSES)}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"config.json rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; only "
+                        "plain rotary is built")
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
+        raise UserError(f"config.json head_dim {hf['head_dim']} is not hidden_size / num_attention_heads; "
+                        "such models are not supported")
+    keys = {
         "num_layers": hf["num_hidden_layers"],
         "hidden_size": hf["hidden_size"],
-        "num_attention_heads": hf["num_attention_heads"],
+        "num_attention_heads": heads,
         "intermediate_size": hf["intermediate_size"],
         "seq_length": hf["max_position_embeddings"],
         "max_position_embeddings": hf["max_position_embeddings"],
         "vocab_size": hf["vocab_size"],
-        "layernorm_epsilon": hf.get("layer_norm_eps", 1e-5),
-        "rotary_pct": pct,
-        "rotary_emb_base": int(theta),
+        "pos_emb": "rotary",
+        "rotary_emb_base": int(rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000)))),
         "no_weight_tying": not hf.get("tie_word_embeddings", False),
         "init_method_std": hf.get("initializer_range", 0.02),
-        "use_bias_in_norms": True,
-        "mlp_type": "gated",
-        "activation": "silu",
+        "gpt_j_residual": False,
     }
+    kv = hf.get("num_key_value_heads") or heads
+    if kind == "gpt_neox":
+        if hf.get("hidden_act", "gelu") not in ("gelu", "relu", "silu"):
+            raise UserError(f"config.json hidden_act {hf.get('hidden_act')!r} is not supported; valid: gelu, relu, silu")
+        return {**keys, "norm": "layernorm", "layernorm_epsilon": hf.get("layer_norm_eps", 1e-5),
+                "use_bias_in_norms": True, "mlp_type": "regular", "activation": hf.get("hidden_act", "gelu"),
+                "use_bias_in_mlp": True, "use_bias_in_attn_linear": hf.get("attention_bias", True),
+                "gpt_j_residual": hf.get("use_parallel_residual", True),
+                "rotary_pct": rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))}
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"config.json hidden_act {hf.get('hidden_act')!r} is not supported for {kind}; only silu")
+    gated = {**keys, "mlp_type": "gated", "activation": "silu", "num_kv_heads": kv if kv != heads else None}
+    if kind == "llama":
+        return {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6),
+                "use_bias_in_norms": False, "use_bias_in_mlp": hf.get("mlp_bias", False),
+                "use_bias_in_attn_linear": hf.get("attention_bias", False),
+                "rotary_pct": rope.get("partial_rotary_factor", 1.0)}
+    for key, ok in (("use_qkv_bias", False), ("qk_layernorm", False), ("use_parallel_residual", False)):
+        if hf.get(key, False) != ok:
+            raise UserError(f"config.json {key}={hf.get(key)} is not supported; only {ok} is")
+    return {**gated, "norm": "layernorm", "layernorm_epsilon": hf.get("layer_norm_eps", 1e-5),
+            "use_bias_in_norms": True, "use_bias_in_mlp": False, "use_bias_in_attn_linear": False,
+            "rotary_pct": rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))}
 
 
 # ---------------------------------------------------------------------- folders
@@ -164,7 +264,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | None = None,
                   trust: bool = False) -> Path:
-    """A checkpoint (any TP size) -> a Hugging Face StableLmForCausalLM folder, written atomically."""
+    """A checkpoint (any TP size) -> a Hugging Face folder of its family's class, written atomically."""
     import json
 
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -173,11 +273,11 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
     from neox_fork import checkpoint
 
     state, config, folder = checkpoint.load_merged(ckpt_path, step, trust)
-    tensors = to_hf_state_dict(state, config.num_attention_heads)
+    tensors = to_hf_state_dict(state, config)
     if dtype is None:
-        dtype = dtype_name(tensors["model.embed_tokens.weight"].dtype)
+        dtype = dtype_name(state["word_embeddings.weight"].dtype)
     tensors = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in tensors.items()}
-    vocab = tensors["model.embed_tokens.weight"].shape[0]
+    vocab = state["word_embeddings.weight"].shape[0]
     tokenizer_file = checkpoint.tokenizer_of(folder, config)
     eos = _eos_id(tokenizer_file) if tokenizer_file else 0
 
@@ -237,7 +337,7 @@ def read_hf_folder(hf_dir) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = None) -> Path:
-    """A Hugging Face StableLM folder -> our checkpoint at step 0, split over `tp` ranks."""
+    """A Hugging Face GPTNeoX, Llama or StableLm folder -> our checkpoint at step 0, split over `tp` ranks."""
     from neox_fork import checkpoint
     from neox_fork.config import from_dict
 
@@ -245,14 +345,15 @@ def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = N
     keys = config_from_hf(hf_config)
     # keep the vocabulary exactly as released: pick the padding multiple that already divides it
     keys.update(checkpoint.vocab_keys_for(keys["vocab_size"], tp, f"{hf_dir}/config.json"))
-    dtype = dtype_name(tensors["model.embed_tokens.weight"].dtype)
+    embed = "gpt_neox.embed_in.weight" if hf_config.get("model_type") == "gpt_neox" else "model.embed_tokens.weight"
+    dtype = dtype_name(tensors[embed].dtype)
     keys["precision"] = {"bf16": "bfloat16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     tokenizer = Path(hf_dir) / "tokenizer.json"
     if tokenizer.is_file():
         keys["vocab_file"] = str(checkpoint.step_dir(Path(output_dir).resolve(), 0) / checkpoint.TOKENIZER_FILE)
     keys.update(extra_config or {})
     config = from_dict(keys, source=f"{hf_dir}/config.json")
-    state = from_hf_state_dict(tensors, config.num_attention_heads, config.num_layers)
+    state = from_hf_state_dict(tensors, config)
     if config.tie_word_embeddings:
         state.pop("output_layer.weight", None)
     return checkpoint.save_model_checkpoint(output_dir, 0, checkpoint.split_tp(state, tp), config,

@@ -1,14 +1,17 @@
-"""The StableLM-3B-4E1T architecture, built from megatron-core tensor-parallel layers.
+"""The GPT-NeoX model family (GPT-NeoX/Pythia, Llama, StableLM), built from megatron-core tensor-parallel layers.
 
-    tokens -> word embedding (vocab-parallel)
-           -> num_layers x [ x + attention(LN(x)) ; x + SwiGLU(LN(x)) ]   (pre-norm, sequential residual)
-           -> final LayerNorm -> output head (column-parallel over the vocabulary)
+    tokens -> word embedding (vocab-parallel) [+ learned positions]
+           -> num_layers x block -> final norm -> output head (column-parallel over the vocabulary)
+    block: x + attn(n1(x)) ; x + mlp(n2(x))      sequential residual (Llama, StableLM)
+           x + attn(n1(x)) + mlp(n2(x))           gpt_j_residual: parallel (Pythia, GPT-NeoX-20B)
 
-Attention: fused per-head QKV projection ([heads, 3, head_dim] rows, GPT-NeoX's layout), rotary on the
-first `rotary_pct` of each head's dims (rotate-half, not interleaved), causal. MLP: `linear1` holds
-[up; gate] for this rank's slice and computes silu(gate) * up; `linear2` projects back. Norms are
-LayerNorm with bias; no linear has a bias. The same code runs at any tensor-parallel size: each rank
-holds its heads and its slice of the MLP and vocabulary; the logits are never gathered for the loss.
+Attention: fused QKV projection, one [q heads of the group..., k, v] block of rows per key/value head (with
+as many key/value heads as query heads this is GPT-NeoX's per-head [q, k, v] layout), so grouped-query
+attention splits over tensor-parallel ranks by whole groups; rotary on the first `rotary_pct` of each head
+(rotate-half), causal. MLP: `linear1` then the activation then `linear2`; when gated, `linear1` holds
+[up; gate] for this rank's slice and computes act(gate) * up. Norms: LayerNorm (optional bias) or RMSNorm
+(`scale`). Which of these a config picks is decided in neox_fork/config.py; the same code runs at any
+tensor-parallel size: each rank holds its heads, its slice of the MLP and of the vocabulary.
 
 This module knows nothing of launch, data or checkpoints.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core import tensor_parallel as tp
 from torch import nn
@@ -36,7 +40,7 @@ class ModelShape:
     num_layers: int
     hidden_size: int
     num_heads: int
-    ffn_hidden_size: int
+    ffn_hidden_size: int  # linear2's input: the MLP width (of each branch when gated)
     vocab_size: int  # padded
     rotary_dim: int
     rotary_base: float
@@ -54,21 +58,34 @@ class ModelShape:
     checkpoint_num_layers: int
     full_precision_loss: bool
     loss_chunk_tokens: int  # 0: compute the loss for all tokens at once
-    torch_compile: bool = False  # compile each transformer layer for training (see StableLM.compile_layers)
+    torch_compile: bool = False  # compile each transformer layer for training (see NeoXModel.compile_layers)
     selective_recompute: bool = False  # recompute only rotary + the attention core (Attention.forward)
     sequence_parallel: bool = False  # split norm/dropout/residual regions over the sequence when training at TP>1
+    num_kv_heads: int | None = None  # None: one key/value head per query head
+    norm: str = "layernorm"  # or "rmsnorm"
+    mlp_gated: bool = True
+    activation: str = "silu"  # of the gate when gated
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    parallel_residual: bool = False
+    learned_positions: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
     @classmethod
     def from_config(cls, c: NeoXConfig, tokenizer_vocab_size: int | None = None) -> "ModelShape":
+        rms = c.norm == "rmsnorm"
         return cls(
             num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
             ffn_hidden_size=c.ffn_hidden_size, vocab_size=c.padded_vocab_size(tokenizer_vocab_size),
             rotary_dim=c.rotary_dim, rotary_base=float(c.rotary_emb_base), max_positions=c.max_positions,
-            norm_eps=c.layernorm_epsilon, norm_bias=c.use_bias_in_norms,
+            norm_eps=c.rms_norm_epsilon if rms else c.layernorm_epsilon, norm_bias=c.use_bias_in_norms and not rms,
             tie_word_embeddings=c.tie_word_embeddings, init_std=c.init_method_std,
             init_method=c.init_method, output_layer_init_method=c.output_layer_init_method,
             attention_types=c.attention_types, hidden_dropout=c.hidden_dropout,
@@ -78,6 +95,9 @@ class ModelShape:
             loss_chunk_tokens=4096 if c.fused_cross_entropy else 0, torch_compile=c.torch_compile,
             selective_recompute=c.recompute == "selective",
             sequence_parallel=c.sequence_parallel or c.partition_activations,
+            num_kv_heads=c.kv_heads, norm=c.norm, mlp_gated=c.mlp_gated, activation=c.mlp_activation,
+            attn_bias=c.use_bias_in_attn_linear, mlp_bias=c.use_bias_in_mlp, parallel_residual=c.gpt_j_residual,
+            learned_positions=c.pos_emb == "learned",
         )
 
 
@@ -128,13 +148,15 @@ class Attention(nn.Module):
         self.shape = s
         self.backend = s.attention_types[layer_number]
         tp_size = mp.tensor_model_parallel_size
-        self.heads_per_rank = s.num_heads // tp_size
+        self.kv_per_rank = s.kv_heads // tp_size
+        self.group = s.num_heads // s.kv_heads  # query heads per key/value head
         self.query_key_value = tp.ColumnParallelLinear(
-            s.hidden_size, 3 * s.hidden_size, **tp_args(mp), bias=False, gather_output=False,
-            init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+            s.hidden_size, (s.num_heads + 2 * s.kv_heads) * s.head_dim, **tp_args(mp), bias=s.attn_bias,
+            gather_output=False, init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.dense = tp.RowParallelLinear(
-            s.hidden_size, s.hidden_size, **tp_args(mp), bias=False, input_is_parallel=True, skip_bias_add=False,
+            s.hidden_size, s.hidden_size, **tp_args(mp), bias=s.attn_bias, input_is_parallel=True,
+            skip_bias_add=False,
             init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
         )
 
@@ -144,10 +166,10 @@ class Attention(nn.Module):
         sequence (megatron-core) and the output projection reduce-scatters it back."""
         sequence_first = self.query_key_value.sequence_parallel
         qkv, _ = self.query_key_value(x)
-        if sequence_first:  # [s, b, 3h/tp] -> [b, s, 3h/tp]
+        if sequence_first:  # [s, b, qkv/tp] -> [b, s, qkv/tp]
             qkv = qkv.transpose(0, 1)
         b, sq, _ = qkv.shape
-        qkv = qkv.view(b, sq, self.heads_per_rank, 3, self.shape.head_dim)
+        qkv = qkv.view(b, sq, self.kv_per_rank, self.group + 2, self.shape.head_dim)
         if self.shape.selective_recompute and self.training and kv_cache is None and mask is None:
             # Megatron's selective recompute: the backward re-runs rotary and the attention core from qkv,
             # so the rotated q, k and the kernel's output are not kept (4 L h s FLOPs per token extra)
@@ -159,39 +181,78 @@ class Attention(nn.Module):
         return out
 
     def core(self, qkv, rotary: Rotary, cos, sin, kv_cache=None, mask=None):
-        """Rotary and attention on [b, s, heads, 3, head_dim]; the output [b, s, heads, head_dim]."""
-        sq = qkv.shape[1]
-        if rotary.dim:  # q, k, v each [b, s, heads, head_dim]
+        """Rotary and attention on [b, s, kv heads, (q x group, k, v), head_dim]; the output [b, s, heads,
+        head_dim]."""
+        b, sq = qkv.shape[:2]
+        g, d = self.group, self.shape.head_dim
+        if g == 1 and rotary.dim:  # q, k, v each [b, s, heads, head_dim]
             q, k, v = fused.rotary_qkv(qkv, cos, sin, rotary.dim)
         else:
-            q, k, v = qkv.unbind(dim=3)
+            q, k, v = qkv[:, :, :, :g].reshape(b, sq, -1, d), qkv[:, :, :, g], qkv[:, :, :, g + 1]
+            if rotary.dim:
+                q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
         causal = mask is None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             causal = causal and sq > 1
             if causal and k.shape[1] > sq:  # several new tokens after a cached prefix: mask bottom-right
                 mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=qkv.device).tril(k.shape[1] - sq)
+        if g > 1:  # each key/value head serves the `g` query heads of its group
+            k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
         dropout = self.shape.attention_dropout if self.training else 0.0
         return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout, mask=mask)
 
 
-class SwiGLU(nn.Module):
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "mish": F.mish, "softsign": F.softsign,
+                "sigmoid": torch.sigmoid, "identity": lambda x: x}
+
+
+class MLP(nn.Module):
+    """linear1 -> activation -> linear2; gated: linear1 gives [up; gate] per rank and act(gate) * up."""
+
     def __init__(self, s: ModelShape, mp: ModelParallelConfig):
         super().__init__()
-        self.linear1 = tp.ColumnParallelLinear(  # [up; gate] per rank: stride 2 keeps halves paired
-            s.hidden_size, 2 * s.ffn_hidden_size, **tp_args(mp), bias=False, gather_output=False, stride=2,
-            init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+        self.gated, self.activation = s.mlp_gated, s.activation
+        branches = 2 if s.mlp_gated else 1
+        self.linear1 = tp.ColumnParallelLinear(  # stride 2 when gated keeps each rank's halves paired
+            s.hidden_size, branches * s.ffn_hidden_size, **tp_args(mp), bias=s.mlp_bias, gather_output=False,
+            stride=branches, init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.linear2 = tp.RowParallelLinear(
-            s.ffn_hidden_size, s.hidden_size, **tp_args(mp), bias=False, input_is_parallel=True, skip_bias_add=False,
+            s.ffn_hidden_size, s.hidden_size, **tp_args(mp), bias=s.mlp_bias, input_is_parallel=True,
+            skip_bias_add=False,
             init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
         )
 
     def forward(self, x):
         h, _ = self.linear1(x)
-        up, gate = h.chunk(2, dim=-1)
-        out, _ = self.linear2(fused.swiglu(up, gate))
+        if not self.gated:
+            h = _ACTIVATIONS[self.activation](h)
+        else:
+            up, gate = h.chunk(2, dim=-1)
+            h = fused.swiglu(up, gate) if self.activation == "silu" else _ACTIVATIONS[self.activation](gate) * up
+        out, _ = self.linear2(h)
         return out
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, in fp32 (Llama's; upstream gpt-neox names the weight `scale`)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.scale * y.to(x.dtype)
+
+
+def make_norm(s: ModelShape) -> nn.Module:
+    if s.norm == "rmsnorm":
+        return RMSNorm(s.hidden_size, s.norm_eps)
+    return nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
 
 
 class HiddenDropout(nn.Module):
@@ -228,15 +289,19 @@ class HiddenDropout(nn.Module):
 class TransformerLayer(nn.Module):
     def __init__(self, s: ModelShape, mp: ModelParallelConfig, layer_number: int):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
+        self.parallel_residual = s.parallel_residual
+        self.input_layernorm = make_norm(s)
         self.attention = Attention(s, mp, layer_number)
-        self.post_attention_layernorm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
-        self.mlp = SwiGLU(s, mp)
+        self.post_attention_layernorm = make_norm(s)
+        self.mlp = MLP(s, mp)
         self.dropout = HiddenDropout(s.hidden_dropout)
 
     def forward(self, x, rotary, cos, sin, kv_cache=None, mask=None):
         sp = self.attention.query_key_value.sequence_parallel
-        x = x + self.dropout(self.attention(self.input_layernorm(x), rotary, cos, sin, kv_cache, mask), sp)
+        attn = self.dropout(self.attention(self.input_layernorm(x), rotary, cos, sin, kv_cache, mask), sp)
+        if self.parallel_residual:
+            return x + attn + self.dropout(self.mlp(self.post_attention_layernorm(x)), sp)
+        x = x + attn
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)), sp)
 
 
@@ -265,7 +330,7 @@ class KVCache:
         return self.k[:, :end], self.v[:, :end]
 
 
-class StableLM(nn.Module):
+class NeoXModel(nn.Module):
     def __init__(self, shape: ModelShape, mp: ModelParallelConfig):
         super().__init__()
         s = self.shape = shape
@@ -273,9 +338,13 @@ class StableLM(nn.Module):
             s.vocab_size, s.hidden_size, **tp_args(mp),
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
+        if s.learned_positions:  # replicated on every TP rank, drawn from the same seed
+            self.position_embeddings = nn.Embedding(s.max_positions, s.hidden_size)
+            if mp.perform_initialization:
+                init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size)(self.position_embeddings.weight)
         self.embedding_dropout = HiddenDropout(s.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(s, mp, i) for i in range(s.num_layers))
-        self.final_norm = nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
+        self.final_norm = make_norm(s)
         self.output_layer = tp.ColumnParallelLinear(  # its input is gathered over the sequence first
             s.hidden_size, s.vocab_size, **tp_args(replace(mp, sequence_parallel=False)), bias=False,
             gather_output=False,
@@ -298,6 +367,8 @@ class StableLM(nn.Module):
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
         sp = self.use_sequence_parallel(tokens.shape[1], kv_cache is None and attention_mask is None)
         x = self.word_embeddings(tokens)
+        if self.shape.learned_positions:  # added to the whole sequence, before any split
+            x = x + self.position_embeddings(position_ids)
         if sp:  # [b, s, h] -> this rank's [s/tp, b, h] slice, in its own memory (megatron's split is a view)
             x = tp.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous()).clone()
         x = self.embedding_dropout(x, sp)
@@ -402,7 +473,7 @@ class StableLM(nn.Module):
         return (losses.float() * mask).sum()
 
 
-def mark_sequence_parallel_parameters(model: StableLM) -> None:
+def mark_sequence_parallel_parameters(model: NeoXModel) -> None:
     """Mark `sequence_parallel = True` on the parameters that every TP rank holds whole but that see only its
     sequence slice under sequence parallelism: those of the transformer layers and the final norm that
     megatron-core did not split (norms, row-parallel biases). Their gradients are partial sums that must be
@@ -435,20 +506,24 @@ def model_parallel_config(tensor_parallel_size: int, dtype: str = "fp32",
 
 
 def build_model(config: NeoXConfig, tokenizer_vocab_size: int | None = None, *,
-                perform_initialization: bool = True) -> StableLM:
+                perform_initialization: bool = True) -> NeoXModel:
     """The model for this rank (parallel groups must be initialised; see neox_fork.parallel)."""
     shape = ModelShape.from_config(config, tokenizer_vocab_size)
     mp = model_parallel_config(parallel_state.get_tensor_model_parallel_world_size(), config.dtype_name,
                                shape.sequence_parallel)
     mp.perform_initialization = perform_initialization
-    return StableLM(shape, mp)
+    return NeoXModel(shape, mp)
 
 
 def count_parameters(shape: ModelShape) -> int:
     """Parameters of the whole (unsharded) model, by formula; checked against a meta-device build."""
-    h, f, L, v = shape.hidden_size, shape.ffn_hidden_size, shape.num_layers, shape.vocab_size
-    norm = 2 * h if shape.norm_bias else h
-    per_layer = 4 * h * h + 3 * h * f + 2 * norm
-    heads = 1 if shape.tie_word_embeddings else 2
-    return L * per_layer + heads * v * h + norm
-
+    s = shape
+    h, f, L, v, d = s.hidden_size, s.ffn_hidden_size, s.num_layers, s.vocab_size, s.head_dim
+    norm = 2 * h if s.norm_bias else h
+    qkv = (s.num_heads + 2 * s.kv_heads) * d
+    attention = h * qkv + h * h + (qkv + h if s.attn_bias else 0)
+    linear1 = (2 if s.mlp_gated else 1) * f
+    mlp = h * linear1 + f * h + (linear1 + h if s.mlp_bias else 0)
+    heads = 1 if s.tie_word_embeddings else 2
+    positions = s.max_positions * h if s.learned_positions else 0
+    return L * (attention + mlp + 2 * norm) + heads * v * h + positions + norm

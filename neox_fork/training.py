@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from neox_fork import checkpoint, flops, parallel
-from neox_fork.config import NeoXConfig, deepspeed_config
+from neox_fork.config import NeoXConfig, deepspeed_config, log_ignored_settings
 from neox_fork.errors import UserError
 from neox_fork.launch import launcher_environment
 from neox_fork.metrics import MetricsWriter, progress_line
@@ -455,6 +455,8 @@ def pretrain(c: NeoXConfig) -> int:
                        dist.get_rank(), world, socket.gethostname(), os.environ.get("LOCAL_RANK", "0"), os.getpid(),
                        parallel.tp_rank(), parallel.dp_rank())
     c.check_world_size(world)
+    if _rank0():
+        log_ignored_settings(c)
     parallel.seed_everything(c.seed)
 
     from neox_fork.data.tokenizer import build_tokenizer

@@ -17,10 +17,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+STABLELM_ARCHITECTURE = dict(pos_emb="rotary", rotary_pct=0.25, norm="layernorm", use_bias_in_norms=True,
+                             mlp_type="gated", activation="silu", use_bias_in_attn_linear=False,
+                             use_bias_in_mlp=False, gpt_j_residual=False, no_weight_tying=True,
+                             zero_optimization={"stage": 1}, lr_decay_style="cosine")
+
+
 def tiny_keys(**overrides):
-    """The tests' model: StableLM's architecture at a width a CPU runs in milliseconds."""
-    keys = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=256, rotary_pct=0.25,
-                vocab_size=1000, no_weight_tying=True, mlp_multiple_of=32)
+    """The tests' model: StableLM's architecture (named key by key) at a width a CPU runs in milliseconds."""
+    keys = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=256, vocab_size=1000,
+                mlp_multiple_of=32, weight_decay=0.01, eval_iters=10, log_interval=10, **STABLELM_ARCHITECTURE)
     keys.update(overrides)
     return keys
 
