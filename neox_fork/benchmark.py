@@ -114,22 +114,22 @@ def build_ours(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch
 
 
 def build_hf(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.device):
-    from transformers import StableLmConfig, StableLmForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from neox_fork.hf import hf_config_dict
     from neox_fork.training import build_optimizer
 
     keys = hf_config_dict(config, config.padded_vocab_size(vocab), "fp32")
-    for key in ("architectures", "model_type", "torch_dtype"):
+    for key in ("architectures", "torch_dtype"):
         keys.pop(key)
     keys["use_cache"] = False
-    hf_config = StableLmConfig(**keys)
+    hf_config = AutoConfig.for_model(keys.pop("model_type"), **keys)  # the config's family (StableLm for tiny.yml)
     hf_config._attn_implementation = "sdpa"  # transformers' default where available; named for clarity
-    model = StableLmForCausalLM(hf_config).to(device=device, dtype=dtype).train()
+    model = AutoModelForCausalLM.from_config(hf_config).to(device=device, dtype=dtype).train()
     if config.recompute == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.torch_compile:  # as ours: each decoder layer compiled, the rest eager
-        for layer in model.model.layers:
+        for layer in model.base_model.layers:
             layer.compile()
     optimizer = build_optimizer(config, model)
 

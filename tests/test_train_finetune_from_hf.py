@@ -32,7 +32,7 @@ def test_finetune_starts_from_the_imported_weights(tmp_path, small_corpus):
     run = run_training(config_path)
     assert "fine-tuning from the weights of" in run.stdout
     start, _, _ = checkpoint.load_merged(tmp_path / "ckpt", step=0)
-    expected = from_hf_state_dict(hf.state_dict(), config.num_attention_heads, config.num_layers)
+    expected = from_hf_state_dict(hf.state_dict(), config)
     assert start.keys() == expected.keys()
     for name in start:
         assert torch.equal(start[name], expected[name]), name

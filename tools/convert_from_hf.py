@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Import a Hugging Face StableLM folder (e.g. stabilityai/stablelm-3b-4e1t) as a neox_fork checkpoint.
+"""Import a Hugging Face GPTNeoX (Pythia), Llama or StableLm folder (e.g. stabilityai/stablelm-3b-4e1t) as a
+neox_fork checkpoint.
 
 Train from it with `load: CKPT_DIR` and `finetune: true` in your config.
 """

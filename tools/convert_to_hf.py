@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Export a neox_fork checkpoint (any tensor-parallel size) as a Hugging Face StableLmForCausalLM folder."""
+"""Export a neox_fork checkpoint (any tensor-parallel size) as a Hugging Face folder: GPTNeoXForCausalLM,
+LlamaForCausalLM or StableLmForCausalLM, whichever computes the checkpoint's architecture."""
 
 import argparse
 
