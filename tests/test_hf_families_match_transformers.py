@@ -115,6 +115,7 @@ def _build_and_run(rank, tp, name, folder):
         return model.eval()(tokens)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("name", ["pythia", "llama-gqa"])
 def test_tp2_shards_merge_to_the_tp1_model_and_compute_the_same(tmp_path, name):
     (tmp_path / "a").mkdir()
@@ -131,6 +132,7 @@ def test_tp2_shards_merge_to_the_tp1_model_and_compute_the_same(tmp_path, name):
     assert torch.allclose(tp2[0], tp1[0], atol=1e-5) and torch.equal(tp2[0], tp2[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pythia", "llama-gqa"])
 def test_greedy_generate_py_equals_transformers(one_process, tmp_path, name):
     random_checkpoint(name, tmp_path / "ckpt", seed=4)
