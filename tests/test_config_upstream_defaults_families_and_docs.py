@@ -96,12 +96,12 @@ def test_gas_is_gradient_accumulation_steps():
 
 def test_no_effect_keys_set_by_a_config_are_named_in_one_line(caplog):
     c = load_config(UPSTREAM / "pythia/160M.yml")
-    assert ignored_settings(c) == {"partition_activations": True, "synchronize_each_layer": True,
-                                   "scaled_upper_triang_masked_softmax_fusion": True, "bias_gelu_fusion": True}
+    assert ignored_settings(c) == {"synchronize_each_layer": True, "scaled_upper_triang_masked_softmax_fusion": True,
+                                   "bias_gelu_fusion": True}
     with caplog.at_level("WARNING"):
         log_ignored_settings(c)
         log_ignored_settings(from_dict({"steps_per_print": 10, "s3_path": ""}))  # defaults / empty: silent
-    assert len(caplog.records) == 1 and "partition_activations=True" in caplog.text
+    assert len(caplog.records) == 1 and "synchronize_each_layer=True" in caplog.text
 
 
 def test_config_doc_is_generated_from_the_config_class():
