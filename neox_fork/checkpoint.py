@@ -71,7 +71,9 @@ def sharding(name: str, state: dict[str, torch.Tensor] | None = None) -> tuple[i
     merged state) resolves the MLP's stride."""
     for pattern, (dim, stride) in _SHARDING:
         if re.fullmatch(pattern, name):
-            return dim, (_mlp_stride(name, state) if stride == "mlp" else stride)
+            if stride == "mlp":  # without a state only "split or not" is known
+                stride = _mlp_stride(name, state) if state is not None else None
+            return dim, stride
     return None
 
 

@@ -67,7 +67,7 @@ def _sp_worker(rank, cases, sp=True):
     import torch.distributed as dist
 
     from neox_fork import checkpoint, parallel
-    from neox_fork.model import StableLM
+    from neox_fork.model import NeoXModel
 
     compile_backend = functools.partial(torch.compile, backend="aot_eager")  # Dynamo + AOT autograd, no codegen
     torch.compile = compile_backend
@@ -83,7 +83,7 @@ def _sp_worker(rank, cases, sp=True):
         replicated_differ = [k for k in state if checkpoint.sharding(k) is None
                              and not torch.equal(shards[0][k], shards[1][k])]
         out.append((ref_losses, losses, ref_state, merged, replicated_differ, ref_decoded, decoded))
-    assert StableLM  # imported for the spawn pickler's sake
+    assert NeoXModel  # imported for the spawn pickler's sake
     return out
 
 
