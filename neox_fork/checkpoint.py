@@ -411,7 +411,8 @@ def _load_shard(folder: Path, rank: int, trust: bool = False) -> dict[str, torch
     """TP rank `rank`'s weights in our names, from any of the three layouts (see module docstring)."""
     layer_files = _layer_files(folder).get(rank)
     if layer_files:
-        return neox_layout.from_neox({idx: _tensors(read_file(path, trust), path) for idx, path in layer_files.items()})
+        return neox_layout.from_neox({idx: _tensors(read_file(path, trust), path) for idx, path in layer_files.items()},
+                                     _qkv_of(folder))
     path = folder / MODEL_FILE.format(rank)
     states = read_file(path, trust)
     return weights_of_module(states.get("module") if isinstance(states, dict) else None, path)
@@ -423,7 +424,7 @@ def weights_of_module(module, path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint file '{path}' holds no model weights (no 'module' state dict, no layer_* "
                         f"files beside it); it is not a model states file{_loadable_note(*_context(path))}")
     layers = neox_layout.from_sequential(_tensors(module, path))
-    state = neox_layout.from_neox(layers) if layers is not None else module
+    state = neox_layout.from_neox(layers, _qkv_of(path.parent)) if layers is not None else module
     return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
 
 
@@ -584,12 +585,26 @@ def start_partial(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
-def neox_weights(state: dict[str, torch.Tensor], pipe_parallel_size: int) -> tuple[dict, dict[int, dict]]:
+def qkv_groups(config: NeoXConfig, tp: int) -> neox_layout.QKVGroups:
+    """One TP rank's fused-QKV geometry (GPT-NeoX orders those rows differently under grouped-query attention)."""
+    return neox_layout.QKVGroups(config.kv_heads // tp, config.num_attention_heads // config.kv_heads,
+                                 config.head_dim)
+
+
+def _qkv_of(folder: Path) -> neox_layout.QKVGroups | None:
+    """The QKV geometry of a step folder's ranks; None when it has no config (nothing to reorder without one)."""
+    try:
+        return qkv_groups(load_config_of(folder), tp_size_of(folder))
+    except UserError:
+        return None
+
+
+def neox_weights(state: dict[str, torch.Tensor], config: NeoXConfig, tp: int) -> tuple[dict, dict[int, dict]]:
     """A rank's weights as GPT-NeoX writes them: (the mp_rank file's `module`, {layer index: tensors} for
     layer files). pipe_parallel_size >= 1: layer files, and an empty module (DeepSpeed's zero_to_fp32
     expects a dict there); 0: `sequential.{idx}.*` keys in the module, no layer files."""
-    layers = neox_layout.to_neox(state)
-    if pipe_parallel_size >= 1:
+    layers = neox_layout.to_neox(state, qkv=qkv_groups(config, tp))
+    if config.pipe_parallel_size >= 1:
         return {}, layers
     return neox_layout.to_sequential(layers), {}
 
@@ -606,7 +621,7 @@ def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[d
     tmp = start_partial(ckpt_dir, step)
     try:
         for rank, shard in enumerate(shards):
-            module, layers = neox_weights(shard, config.pipe_parallel_size)
+            module, layers = neox_weights(shard, config, len(shards))
             torch.save({"module": module, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
                        tmp / MODEL_FILE.format(rank))
             save_layer_files(tmp, rank, layers)

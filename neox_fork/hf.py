@@ -23,6 +23,7 @@ import torch
 
 from neox_fork.config import NeoXConfig
 from neox_fork.errors import UserError
+from neox_fork.neox_layout import QKVGroups, fuse_qkv, split_qkv
 
 CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "stablelm": "StableLmForCausalLM"}
 
@@ -92,19 +93,8 @@ def _rename(name: str, fam: str, to_hf: bool) -> str | None:
     return None
 
 
-def _split_qkv(t: torch.Tensor, c: NeoXConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our fused rows [kv groups, (q x group, k, v), head_dim] -> HF's q, k, v (weights or biases)."""
-    kv, g, d = c.kv_heads, c.num_attention_heads // c.kv_heads, c.head_dim
-    t = t.view(kv, g + 2, d, *t.shape[1:])
-    return (t[:, :g].reshape(kv * g * d, *t.shape[3:]), t[:, g].reshape(kv * d, *t.shape[3:]),
-            t[:, g + 1].reshape(kv * d, *t.shape[3:]))
-
-
-def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: NeoXConfig) -> torch.Tensor:
-    kv, g, d = c.kv_heads, c.num_attention_heads // c.kv_heads, c.head_dim
-    rest = q.shape[1:]
-    parts = (q.view(kv, g, d, *rest), k.view(kv, 1, d, *rest), v.view(kv, 1, d, *rest))
-    return torch.cat(parts, dim=1).reshape((g + 2) * kv * d, *rest)
+def _qkv_groups(c: NeoXConfig) -> QKVGroups:
+    return QKVGroups(c.kv_heads, c.num_attention_heads // c.kv_heads, c.head_dim)
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str, torch.Tensor]:
@@ -121,7 +111,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str,
                 names, parts = ("up_proj", "gate_proj"), tensor.chunk(2, dim=0)
                 prefix = f"model.layers.{i}.mlp"
             else:
-                names, parts = ("q_proj", "k_proj", "v_proj"), _split_qkv(tensor, c)
+                names, parts = ("q_proj", "k_proj", "v_proj"), split_qkv(tensor, _qkv_groups(c))
                 prefix = f"model.layers.{i}.self_attn"
             for part, t in zip(names, parts):
                 out[f"{prefix}.{part}.{param}"] = t.contiguous()
@@ -151,7 +141,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str, 
         if block == "mlp":
             out[f"layers.{i}.mlp.linear1.{param}"] = torch.cat((parts["up"], parts["gate"]))
         else:
-            out[f"layers.{i}.attention.query_key_value.{param}"] = _fuse_qkv(parts["q"], parts["k"], parts["v"], c)
+            out[f"layers.{i}.attention.query_key_value.{param}"] = fuse_qkv(parts["q"], parts["k"], parts["v"], _qkv_groups(c))
     return out
 
 

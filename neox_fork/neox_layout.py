@@ -13,11 +13,17 @@ With `pipe_parallel_size >= 1` each index is its own file (names as above, no pr
 `sequential.{idx}.<name>` keys of the mp_rank files' `module`. Our names differ only in the prefixes:
 `layers.{i}.<name>`, `final_norm.<param>`, `output_layer.weight`. The mapping is by prefix, so any
 parameter a model variant adds inside a layer (biases, RMSNorm `scale`, ...) maps without a table here.
+
+One tensor differs in its row order under grouped-query attention: our fused QKV holds, per key/value head,
+[its query heads, k, v] (so it splits over TP ranks by whole groups), while GPT-NeoX's holds, per TP rank,
+[the rank's query heads; its keys; its values]. With one query head per key/value head both are GPT-NeoX's
+per-head [q, k, v]. `to_neox`/`from_neox` reorder those rows when given the rank's `QKVGroups`.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -28,12 +34,52 @@ OUTPUT = ("output_layer.", "final_linear.")
 _NOT_PARAMETERS = re.compile(r".*(rotary_emb\.inv_freq|_extra_state)$")
 
 
+class QKVGroups(NamedTuple):
+    """The fused QKV geometry of one TP rank: key/value heads on it, query heads per key/value head, head size."""
+
+    kv_heads: int
+    group: int
+    head_dim: int
+
+
+def split_qkv(t: torch.Tensor, g: QKVGroups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our fused rows [kv heads, (q x group, k, v), head_dim] -> q, k, v rows (weights or biases)."""
+    rest = t.shape[1:]
+    t = t.view(g.kv_heads, g.group + 2, g.head_dim, *rest)
+    return (t[:, :g.group].reshape(-1, *rest), t[:, g.group].reshape(-1, *rest),
+            t[:, g.group + 1].reshape(-1, *rest))
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: QKVGroups) -> torch.Tensor:
+    """q, k, v rows -> our fused rows (the inverse of split_qkv)."""
+    rest = q.shape[1:]
+    parts = (q.view(g.kv_heads, g.group, g.head_dim, *rest), k.view(g.kv_heads, 1, g.head_dim, *rest),
+             v.view(g.kv_heads, 1, g.head_dim, *rest))
+    return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+
+def _is_qkv(key: str) -> bool:
+    return re.fullmatch(r"attention\.query_key_value\.(weight|bias)", key) is not None
+
+
+def _qkv_to_neox(key: str, t: torch.Tensor, g: QKVGroups | None) -> torch.Tensor:
+    return torch.cat(split_qkv(t, g)) if g and g.group > 1 and _is_qkv(key) else t
+
+
+def _qkv_from_neox(key: str, t: torch.Tensor, g: QKVGroups | None) -> torch.Tensor:
+    if not (g and g.group > 1 and _is_qkv(key)):
+        return t
+    kv_rows = g.kv_heads * g.head_dim
+    return fuse_qkv(*t.split([kv_rows * g.group, kv_rows, kv_rows]), g)
+
+
 def num_layers_of(state: dict[str, torch.Tensor]) -> int:
     return 1 + max((int(m[1]) for k in state if (m := re.match(r"layers\.(\d+)\.", k))), default=-1)
 
 
-def to_neox(state: dict[str, torch.Tensor], num_layers: int | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """Our state -> {layer index: that layer's tensors under GPT-NeoX's names}."""
+def to_neox(state: dict[str, torch.Tensor], num_layers: int | None = None,
+            qkv: QKVGroups | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """One TP rank's state -> {layer index: that layer's tensors under GPT-NeoX's names and row order}."""
     n = num_layers_of(state) if num_layers is None else num_layers
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
@@ -41,6 +87,7 @@ def to_neox(state: dict[str, torch.Tensor], num_layers: int | None = None) -> di
             idx, key = 0, name
         elif m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
             idx, key = int(m[1]) + 2, m[2]
+            tensor = _qkv_to_neox(key, tensor, qkv)
         elif name.startswith(FINAL_NORM[0]):
             idx, key = n + 3, FINAL_NORM[1] + name.removeprefix(FINAL_NORM[0])
         elif name.startswith(OUTPUT[0]):
@@ -53,8 +100,9 @@ def to_neox(state: dict[str, torch.Tensor], num_layers: int | None = None) -> di
     return dict(sorted(layers.items()))
 
 
-def from_neox(layers: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """{layer index: tensors under GPT-NeoX's names} -> our state (tied copies and buffers dropped)."""
+def from_neox(layers: dict[int, dict[str, torch.Tensor]], qkv: QKVGroups | None = None) -> dict[str, torch.Tensor]:
+    """One TP rank's {layer index: tensors under GPT-NeoX's names} -> our state (tied copies and buffers
+    dropped)."""
     state: dict[str, torch.Tensor] = {}
     for idx, tensors in sorted(layers.items()):
         for key, tensor in tensors.items():
@@ -69,7 +117,7 @@ def from_neox(layers: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Ten
             elif key.startswith(FINAL_NORM[1]):
                 state[FINAL_NORM[0] + key.removeprefix(FINAL_NORM[1])] = tensor
             else:
-                state[f"layers.{idx - 2}.{key}"] = tensor
+                state[f"layers.{idx - 2}.{key}"] = _qkv_from_neox(key, tensor, qkv)
     return state
 
 

@@ -174,7 +174,7 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
         checkpoint.start_partial(ckpt_dir, state.iteration)
     dist.barrier()
     # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
-    module, layers = checkpoint.neox_weights(checkpoint.model_state(engine.module), c.pipe_parallel_size)
+    module, layers = checkpoint.neox_weights(checkpoint.model_state(engine.module), c, parallel.tp_size())
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module}
     engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
     if parallel.dp_rank() == 0:

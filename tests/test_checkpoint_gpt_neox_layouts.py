@@ -145,3 +145,35 @@ def test_gpt_neox_checkpoints_resume_exactly(trained_checkpoint, small_corpus, t
     assert resumed.keys() == expected.keys()
     for name in expected:
         assert torch.equal(resumed[name], expected[name]), name
+
+
+@pytest.mark.parametrize("pipe", [1, 0])
+def test_grouped_query_attention_rows_are_in_gpt_neox_order_per_rank(one_process, tmp_path, pipe):
+    """Under GQA, gpt-neox's fused QKV holds, per TP rank, [the rank's query heads; its key heads; its value
+    heads] (its gqa_project splits the rank's rows in that order). Expected rows are cut from the Hugging Face
+    q/k/v projections, whose correctness the family parity tests prove against transformers."""
+    from neox_fork.hf import to_hf_state_dict
+    from test_hf_families_match_transformers import family_config
+
+    # 2 key/value heads per TP rank: with one per rank both orders coincide
+    config = family_config("llama-gqa", pipe_parallel_size=pipe, num_attention_heads=8, num_kv_heads=4)
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) for k, v in checkpoint.model_state(build_model(config)).items()}
+    hf = to_hf_state_dict(state, config)
+    tp, d = 2, config.head_dim
+    q_rows, kv_rows = config.num_attention_heads * d // tp, config.kv_heads * d // tp
+    folder = checkpoint.save_model_checkpoint(tmp_path, 1, checkpoint.split_tp(state, tp), config)
+    for rank in range(tp):
+        if pipe:
+            written = checkpoint.read_file(folder / f"layer_02-model_{rank:02d}-model_states.pt")
+            qkv = written["attention.query_key_value.weight"]
+        else:
+            module = checkpoint.read_file(folder / f"mp_rank_{rank:02d}_model_states.pt")["module"]
+            qkv = module["sequential.2.attention.query_key_value.weight"]
+        attn = "model.layers.0.self_attn."
+        expected = torch.cat([hf[attn + "q_proj.weight"][rank * q_rows:(rank + 1) * q_rows],
+                              hf[attn + "k_proj.weight"][rank * kv_rows:(rank + 1) * kv_rows],
+                              hf[attn + "v_proj.weight"][rank * kv_rows:(rank + 1) * kv_rows]])
+        assert torch.equal(qkv, expected), rank
+    merged, _, _ = checkpoint.load_merged(folder)
+    assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
