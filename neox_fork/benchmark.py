@@ -1,6 +1,6 @@
 """Training-step throughput on random tokens, by two paths (tools/benchmark.py is the command line).
 
-- path "engine": the step users run. `training.build_engine` (DeepSpeed: ZeRO as configured, bf16 with fp32
+- path "engine": the step users run. `optim.build_engine` (DeepSpeed: ZeRO as configured, bf16 with fp32
   master weights and the fp32 gradient buffer, clipping, the LR schedule) and `training.train_step` (our
   loss, gradient accumulation, the non-finite check), the very functions `train.py` calls, one process.
 - path "model": like for like against transformers' StableLmForCausalLM: forward + loss + backward + torch
@@ -98,7 +98,7 @@ def _memory_peak_since(device: torch.device, mark: int | None) -> int | None:
 
 def build_ours(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.device):
     from neox_fork.model import build_model
-    from neox_fork.training import build_optimizer
+    from neox_fork.optim import build_optimizer
 
     model = build_model(config, vocab).to(device=device, dtype=dtype).train()
     optimizer = build_optimizer(config, model)
@@ -117,7 +117,7 @@ def build_hf(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from neox_fork.hf import hf_config_dict
-    from neox_fork.training import build_optimizer
+    from neox_fork.optim import build_optimizer
 
     keys = hf_config_dict(config, config.padded_vocab_size(vocab), "fp32")
     for key in ("architectures", "torch_dtype"):
@@ -147,7 +147,8 @@ def build_hf(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.d
 def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
     """The train.py step on `batch` (one micro-batch, reused for every accumulation step)."""
     from neox_fork.model import build_model
-    from neox_fork.training import build_engine, train_step
+    from neox_fork.optim import build_engine
+    from neox_fork.training import train_step
 
     model = build_model(config, vocab)
     engine = build_engine(config, model, world=1)

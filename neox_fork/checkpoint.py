@@ -648,7 +648,7 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
     """Write the weights of a checkpoint (any TP size) split for `tp` ranks, with a matching config.
 
     Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size; a full
-    training state moves to another TP size on load instead (`save_universal: true`, see training.py).
+    training state moves to another TP size on load instead (`save_universal: true`, see training_state.py).
     """
     state, config, folder = load_merged(path, step, trust)
     keys = config.to_dict()

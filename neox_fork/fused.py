@@ -13,7 +13,7 @@ What is fused where (docs/performance.md has the measurements):
 - LayerNorm: `torch.nn.LayerNorm` is already one fused kernel each way on CUDA (and CPU); Apex's
   FusedLayerNorm is not needed and Apex is not a dependency.
 - the loss: see `NeoXModel.loss` (chunked, never the fp32 logits of the whole batch at once).
-- AdamW: torch's `fused=True` kernel on CUDA (neox_fork.training.build_optimizer).
+- AdamW: torch's `fused=True` kernel on CUDA (neox_fork.optim.build_optimizer).
 
 All functions here are differentiable and take what the model holds: q, k, v as [batch, seq, heads, dim].
 """

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_keys
 from neox_fork.config import from_dict
 from neox_fork.model import build_model
-from neox_fork.training import lr_at, param_groups
+from neox_fork.optim import lr_at, param_groups
 
 
 def test_warmup_then_cosine_to_min_lr():
