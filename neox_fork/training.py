@@ -96,17 +96,9 @@ def setup_logging() -> None:
 
 # ---------------------------------------------------------------------- data
 def build_data(c: NeoXConfig, tokenizer, world_size: int):
-    from neox_fork.data.datasets import build_datasets
+    from neox_fork.data.datasets import DataSettings, build_datasets
 
-    gbs = c.global_batch_size(world_size)
-    train, valid, _ = build_datasets(
-        data_path=c.data_path, train_data_paths=c.train_data_paths, train_data_weights=c.train_data_weights,
-        valid_data_paths=c.valid_data_paths, valid_data_weights=c.valid_data_weights,
-        test_data_paths=c.test_data_paths, test_data_weights=c.test_data_weights, split=c.split,
-        seq_length=c.seq_length, seed=c.seed, train_samples=c.train_iters * gbs,
-        valid_samples=c.eval_iters * c.train_micro_batch_size_per_gpu * parallel.dp_size(),
-        cache_dir=c.data_cache_path, tokenizer=tokenizer,
-    )
+    train, valid, _ = build_datasets(DataSettings.from_config(c, world_size), tokenizer)
     return train, valid
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from neox_fork.data._megatron import indexed_dataset
-from neox_fork.data.datasets import build_batch_iterator, build_datasets, validate_data_paths
+from neox_fork.data.datasets import DataSettings, build_batch_iterator, build_datasets, validate_data_paths
 from neox_fork.errors import UserError
 
 SEQ = 32
@@ -45,11 +45,10 @@ def _source_of(tokens: torch.Tensor) -> int:
 
 
 def _build(paths, weights, tmp_path, samples=3000, seed=1234, **kw):
-    train, valid, test = build_datasets(
+    train, valid, test = build_datasets(DataSettings(
         train_data_paths=paths, train_data_weights=weights, seq_length=SEQ, seed=seed,
-        train_samples=samples, valid_samples=0, test_samples=0, cache_dir=str(tmp_path / "cache"),
-        tokenizer=TOKENIZER, **kw,
-    )
+        train_samples=samples, valid_samples=0, test_samples=0, cache_dir=str(tmp_path / "cache"), **kw,
+    ), TOKENIZER)
     assert valid is None and test is None
     return train
 
@@ -144,10 +143,10 @@ def test_consumed_samples_beyond_the_dataset_is_a_user_error(sources, tmp_path):
 
 
 def test_data_path_is_cut_into_train_valid_test_by_split(sources, tmp_path):
-    train, valid, test = build_datasets(
+    train, valid, test = build_datasets(DataSettings(
         data_path=sources[0], split="80,20,0", seq_length=SEQ, seed=1, train_samples=100, valid_samples=10,
-        test_samples=0, cache_dir=str(tmp_path / "cache"), tokenizer=TOKENIZER,
-    )
+        test_samples=0, cache_dir=str(tmp_path / "cache"),
+    ), TOKENIZER)
     assert len(train) >= 100 and len(valid) >= 10 and test is None
     # no document appears in both: valid holds the last 20% of documents.
     module = indexed_dataset()
@@ -163,7 +162,8 @@ def test_data_path_is_cut_into_train_valid_test_by_split(sources, tmp_path):
 def _validate(**kw):
     args = dict(seq_length=SEQ, train_samples=10, valid_samples=0, test_samples=0, tokenizer=TOKENIZER)
     args.update(kw)
-    return validate_data_paths(**args)
+    tokenizer = args.pop("tokenizer")
+    return validate_data_paths(DataSettings(**args), tokenizer)
 
 
 def test_missing_files_are_named(sources, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy
 
 from neox_fork.data._megatron import indexed_dataset
-from neox_fork.data.datasets import build_datasets
+from neox_fork.data.datasets import DataSettings, build_datasets
 from neox_fork.data.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +45,10 @@ def test_demo_corpus_is_built_deterministically_and_trains(tmp_path):
     text = json.loads((first / "train.jsonl").read_text().splitlines()[0])["text"]
     assert docs[0][:-1].tolist() == tokenizer.encode(text)
 
-    train, valid, _ = build_datasets(
+    train, valid, _ = build_datasets(DataSettings(
         train_data_paths=[str(first / "train_text_document")], valid_data_paths=[str(first / "valid_text_document")],
         seq_length=64, seed=1, train_samples=32, valid_samples=4, test_samples=0, cache_dir=str(tmp_path / "cache"),
-        tokenizer=tokenizer,
-    )
+    ), tokenizer)
     assert len(train) >= 32 and len(valid) >= 4
     assert int(numpy.max(train[0]["tokens"].numpy())) < tokenizer.vocab_size
 

@@ -20,11 +20,11 @@ SCRIPT = textwrap.dedent(
     import json, sys, types
     import torch.distributed as dist
     sys.path.insert(0, {repo!r})
-    from neox_fork.data.datasets import build_datasets
+    from neox_fork.data.datasets import DataSettings, build_datasets
     dist.init_process_group("gloo")
     tokenizer = types.SimpleNamespace(eod=0, vocab_size=1000)
-    train, _, _ = build_datasets(train_data_paths={paths!r}, train_data_weights=[1, 3], seq_length=16, seed=3,
-                                 train_samples=200, cache_dir={cache!r}, tokenizer=tokenizer)
+    train, _, _ = build_datasets(DataSettings(train_data_paths={paths!r}, train_data_weights=[1, 3], seq_length=16,
+                                              seed=3, train_samples=200, cache_dir={cache!r}), tokenizer)
     rows = [train[i]["tokens"].tolist() for i in range(50)]
     with open({out!r} + str(dist.get_rank()), "w") as f:
         json.dump(rows, f)

@@ -3,8 +3,9 @@
     build_tokenizer(tokenizer_type, vocab_file) -> tokenizer with encode/encode_batch/decode/eod/vocab_size
     padded_vocab_size(vocab_size, divisible_by, tensor_parallel_size) -> int
     neox_fork.data.preprocess.preprocess(inputs, output_prefix, vocab_file, ...) -> PreprocessResult
-    validate_data_paths(...) -> DataPlan          (raises UserError; call before training)
-    build_datasets(...) -> (train, valid, test)   (GPTSamples or None)
+    DataSettings.from_config(config, world_size) -> the data settings of a run, passed to:
+    validate_data_paths(settings, tokenizer) -> DataPlan          (raises UserError; call before training)
+    build_datasets(settings, tokenizer) -> (train, valid, test)   (GPTSamples or None)
     build_batch_iterator(dataset, consumed_samples=..., micro_batch_size=..., ...) -> batches
 
 Submodules import megatron-core lazily (it takes seconds), so importing this package is cheap.
@@ -15,7 +16,8 @@ from neox_fork.data.tokenizer import HFTokenizer, build_tokenizer, padded_vocab_
 
 def __getattr__(name):
     # Lazy re-exports: keep `import neox_fork.data` free of torch/megatron import time.
-    if name in ("build_datasets", "build_batch_iterator", "validate_data_paths", "GPTSamples", "PretrainingBatchSampler"):
+    if name in ("DataSettings", "build_datasets", "build_batch_iterator", "validate_data_paths", "GPTSamples",
+                "PretrainingBatchSampler"):
         from neox_fork.data import datasets
 
         return getattr(datasets, name)
@@ -26,6 +28,7 @@ __all__ = [
     "HFTokenizer",
     "build_tokenizer",
     "padded_vocab_size",
+    "DataSettings",
     "validate_data_paths",
     "build_datasets",
     "build_batch_iterator",

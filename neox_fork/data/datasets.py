@@ -43,9 +43,49 @@ from neox_fork.errors import UserError
 SPLIT_NAMES = ("train", "valid", "test")
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """What the data pipeline reads from a run's config: built once (`from_config`) and passed down.
+
+    Either `data_path` cut into train/valid/test by `split`, or per-split path lists with optional
+    weights; `*_samples` is how many samples each split must provide (0: none asked).
+    """
+
+    seq_length: int
+    train_samples: int
+    valid_samples: int = 0
+    test_samples: int = 0
+    data_path: str | None = None
+    train_data_paths: Sequence[str] = ()
+    train_data_weights: Sequence[float] | None = None
+    valid_data_paths: Sequence[str] = ()
+    valid_data_weights: Sequence[float] | None = None
+    test_data_paths: Sequence[str] = ()
+    test_data_weights: Sequence[float] | None = None
+    split: str | None = "969,30,1"
+    seed: int = 1234  # GPT-NeoX's default
+    cache_dir: str | None = None  # None: index_cache/ beside the first dataset
+    eod_mask_loss: bool = False
+
+    @classmethod
+    def from_config(cls, c, world_size: int) -> "DataSettings":
+        """The settings of a run of `c` (a NeoXConfig) on `world_size` ranks: train_iters global batches of
+        training samples, eval_iters micro-batches per data-parallel rank of validation samples."""
+        return cls(
+            seq_length=c.seq_length,
+            train_samples=c.train_iters * c.global_batch_size(world_size),
+            valid_samples=c.eval_iters * c.train_micro_batch_size_per_gpu * c.data_parallel_size(world_size),
+            data_path=c.data_path,
+            train_data_paths=c.train_data_paths, train_data_weights=c.train_data_weights,
+            valid_data_paths=c.valid_data_paths, valid_data_weights=c.valid_data_weights,
+            test_data_paths=c.test_data_paths, test_data_weights=c.test_data_weights,
+            split=c.split, seed=c.seed, cache_dir=c.data_cache_path,
+        )
+
+
 @dataclass
 class DataPlan:
-    """Validated data settings: either one prefix cut by `split`, or per-split blends."""
+    """Checked data settings: either one prefix cut by `split`, or per-split blends."""
 
     data_path: str | None
     split: str | None
@@ -58,33 +98,20 @@ class DataPlan:
         return [prefix for blend in self.blends if blend is not None for prefix in blend[0]]
 
 
-def validate_data_paths(
-    *,
-    data_path: str | None = None,
-    train_data_paths: Sequence[str] | None = None,
-    train_data_weights: Sequence[float] | None = None,
-    valid_data_paths: Sequence[str] | None = None,
-    valid_data_weights: Sequence[float] | None = None,
-    test_data_paths: Sequence[str] | None = None,
-    test_data_weights: Sequence[float] | None = None,
-    split: str | None = "969,30,1",
-    seq_length: int,
-    train_samples: int,
-    valid_samples: int = 0,
-    test_samples: int = 0,
-    tokenizer,
-) -> DataPlan:
+def validate_data_paths(settings: DataSettings, tokenizer) -> DataPlan:
     """Check every dataset a run will read, before building anything; returns the checked plan.
 
     Fails with a one-line `UserError` on: neither or both of data_path/train_data_paths, weights
     not matching paths, missing or truncated .bin/.idx, token ids >= the tokenizer's vocab_size, and
     any split that is asked for samples but holds fewer than seq_length + 1 tokens.
     """
-    samples = [int(train_samples), int(valid_samples), int(test_samples)]
+    s = settings
+    data_path, split, seq_length = s.data_path, s.split, s.seq_length
+    samples = [int(s.train_samples), int(s.valid_samples), int(s.test_samples)]
     if seq_length < 1 or any(n < 0 for n in samples):
         raise UserError(f"seq_length {seq_length} must be >= 1 and sample counts {samples} >= 0")
     need = seq_length + 1
-    per_split_paths = [list(train_data_paths or []), list(valid_data_paths or []), list(test_data_paths or [])]
+    per_split_paths = [list(s.train_data_paths or []), list(s.valid_data_paths or []), list(s.test_data_paths or [])]
     if data_path and per_split_paths[0]:
         raise UserError("set either data-path (cut by split) or train-data-paths, not both")
     if not data_path and not per_split_paths[0]:
@@ -114,7 +141,7 @@ def validate_data_paths(
                 )
         return DataPlan(data_path=data_path, split=split or "969,30,1", samples=samples)
 
-    weights_in = [train_data_weights, valid_data_weights, test_data_weights]
+    weights_in = [s.train_data_weights, s.valid_data_weights, s.test_data_weights]
     plan = DataPlan(data_path=None, split=None, samples=samples)
     for i, name in enumerate(SPLIT_NAMES):
         paths = per_split_paths[i]
@@ -205,55 +232,24 @@ def _builder_class():
 
 
 def build_datasets(
-    *,
-    data_path: str | None = None,
-    train_data_paths: Sequence[str] | None = None,
-    train_data_weights: Sequence[float] | None = None,
-    valid_data_paths: Sequence[str] | None = None,
-    valid_data_weights: Sequence[float] | None = None,
-    test_data_paths: Sequence[str] | None = None,
-    test_data_weights: Sequence[float] | None = None,
-    split: str | None = "969,30,1",
-    seq_length: int,
-    seed: int,
-    train_samples: int,
-    valid_samples: int = 0,
-    test_samples: int = 0,
-    cache_dir: str | None = None,
-    tokenizer,
-    eod_mask_loss: bool = False,
+    settings: DataSettings, tokenizer
 ) -> tuple[GPTSamples | None, GPTSamples | None, GPTSamples | None]:
     """Train/valid/test `GPTSamples` (None for a split with no data or no samples asked).
 
-    Each has at least the requested number of samples. `cache_dir` defaults to `index_cache/`
-    beside the first dataset. Call on every rank: rank 0 writes the caches first.
+    Each has at least the requested number of samples. Call on every rank: rank 0 writes the caches first.
     """
-    plan = validate_data_paths(
-        data_path=data_path,
-        train_data_paths=train_data_paths,
-        train_data_weights=train_data_weights,
-        valid_data_paths=valid_data_paths,
-        valid_data_weights=valid_data_weights,
-        test_data_paths=test_data_paths,
-        test_data_weights=test_data_weights,
-        split=split,
-        seq_length=seq_length,
-        train_samples=train_samples,
-        valid_samples=valid_samples,
-        test_samples=test_samples,
-        tokenizer=tokenizer,
-    )
+    plan = validate_data_paths(settings, tokenizer)
     if plan.data_path is None and all(blend is None for blend in plan.blends):
         return None, None, None
     _, _, GPTDataset, GPTDatasetConfig = _megatron_modules()
     common = dict(
-        random_seed=int(seed),
-        sequence_length=int(seq_length),
-        path_to_cache=cache_dir or _default_cache_dir(plan),
+        random_seed=int(settings.seed),
+        sequence_length=int(settings.seq_length),
+        path_to_cache=settings.cache_dir or _default_cache_dir(plan),
         tokenizer=_TokenizerForMegatron(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=bool(eod_mask_loss),
+        eod_mask_loss=bool(settings.eod_mask_loss),
         create_attention_mask=False,
     )
     if plan.data_path is not None:
