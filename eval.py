@@ -15,7 +15,7 @@ import argparse
 
 from neox_fork.config import load_config
 from neox_fork.errors import UserError, exit_on_user_error
-from neox_fork.evaluation import TASKS_DIR, evaluate_checkpoint, results_table
+from neox_fork.launch import hub_offline
 
 
 def parse_args(argv):
@@ -28,7 +28,7 @@ def parse_args(argv):
     p.add_argument("--tasks", "--eval_tasks", "--eval-tasks", dest="tasks",
                    help="comma-separated task names; default: eval_tasks of the configs")
     p.add_argument("--include-path", action="append",
-                   help=f"folder of task YAML files (repeatable; default: {TASKS_DIR})")
+                   help="folder of task YAML files (repeatable; default: the repository's tasks/)")
     p.add_argument("--include-defaults", action="store_true",
                    help="also index lm-eval's built-in tasks (their datasets must already be cached)")
     p.add_argument("--num-fewshot", type=int)
@@ -44,6 +44,9 @@ def parse_args(argv):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    hub_offline()  # before lm-eval is imported
+    from neox_fork.evaluation import evaluate_checkpoint, results_table
+
     config = load_config(*args.configs) if args.configs else None
     ckpt = args.checkpoint or (config.load if config else None)
     if not ckpt:

@@ -9,6 +9,7 @@ import argparse
 
 from neox_fork.config import load_config
 from neox_fork.errors import exit_on_user_error
+from neox_fork.launch import hub_offline
 from neox_fork.training import pretrain
 
 
@@ -18,6 +19,7 @@ def main(argv=None):
     parser.add_argument("configs", nargs="+", help="NeoX YAML files, merged in order")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by DeepSpeed's launcher")
     args = parser.parse_args(argv)
+    hub_offline()  # eval_tasks run lm-eval, which must not download
     pretrain(load_config(*args.configs))
 
 

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 import torch
 
 from neox_fork import flops
-from neox_fork.config import GPT_NEOX_20B_VOCAB_SIZE, NeoXConfig
+from neox_fork.config import NeoXConfig
+from neox_fork.data.tokenizer import tokenizer_file_vocab_size
+from neox_fork.dtypes import torch_dtype
 from neox_fork.errors import UserError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")  # the model path's dtypes (fp16 would need a loss scaler)
 PATHS = ("engine", "model")
 
 
@@ -46,17 +48,6 @@ class Measurement:
 
     def median(self) -> float:
         return statistics.median(self.step_seconds)
-
-
-def tokenizer_vocab_size(config: NeoXConfig) -> int:
-    """The vocabulary the run would have: config vocab_size, else the tokenizer file, else GPT-NeoX-20B's."""
-    if config.vocab_size:
-        return config.vocab_size
-    if config.vocab_file and os.path.isfile(config.vocab_file):
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(config.vocab_file).get_vocab_size(with_added_tokens=True)
-    return GPT_NEOX_20B_VOCAB_SIZE
 
 
 def _sync(device: torch.device) -> None:
@@ -192,7 +183,7 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo")
-    vocab = tokenizer_vocab_size(config)
+    vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file))
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
     generator = torch.Generator().manual_seed(seed)
     data = torch.randint(0, vocab, (b, s + 1), generator=generator)
@@ -204,7 +195,7 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
     else:
         batch = (tokens.to(device), labels.to(device))
         builders = [("ours", build_ours)] + ([("hf", build_hf)] if compare_hf else [])
-        builders = [(name, _bind(build, config, vocab, DTYPES[dtype], device, batch)) for name, build in builders]
+        builders = [(name, _bind(build, config, vocab, torch_dtype(dtype), device, batch)) for name, build in builders]
     runs = []
     for name, build in builders:
         torch.manual_seed(seed)

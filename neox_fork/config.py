@@ -33,6 +33,20 @@ log = logging.getLogger(__name__)
 GPT_NEOX_20B_VOCAB_SIZE = 50277
 
 
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Round the vocabulary up so the embedding splits evenly: multiple of divisible_by * tp.
+
+    GPT-NeoX-20B: 50277 ids, divisible_by 128, tp 1 -> 50304.
+    """
+    if vocab_size < 1 or divisible_by < 1 or tensor_parallel_size < 1:
+        raise UserError(
+            f"padded vocab size needs positive sizes, got vocab_size={vocab_size}, "
+            f"make_vocab_size_divisible_by={divisible_by}, model_parallel_size={tensor_parallel_size}"
+        )
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
 def _key(default=None, doc: str = "", *, factory=None, no_effect: bool = False):
     """A config key: its default (upstream NeoXArgs' unless the doc says otherwise) and what it does here.
     `no_effect`: accepted so GPT-NeoX configs load, but nothing here reads it (logged when set)."""
@@ -345,11 +359,14 @@ class NeoXConfig:
                 types_.extend(names)
         return types_
 
+    def unpadded_vocab_size(self, tokenizer_vocab_size: int | None = None) -> int:
+        """The ids the run uses: `vocab_size` when set, else the tokenizer's, else GPT-NeoX-20B's."""
+        return self.vocab_size or tokenizer_vocab_size or GPT_NEOX_20B_VOCAB_SIZE
+
     def padded_vocab_size(self, tokenizer_vocab_size: int | None = None) -> int:
         """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by x tensor-parallel size."""
-        size = self.vocab_size or tokenizer_vocab_size or GPT_NEOX_20B_VOCAB_SIZE
-        multiple = self.make_vocab_size_divisible_by * self.model_parallel_size
-        return multiple * math.ceil(size / multiple)
+        return padded_vocab_size(self.unpadded_vocab_size(tokenizer_vocab_size), self.make_vocab_size_divisible_by,
+                                 self.model_parallel_size)
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size

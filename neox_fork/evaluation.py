@@ -9,34 +9,29 @@ output head, so multiple-choice scoring never holds [batch, seq, vocab] logits.
 Tasks come from YAML folders (`--include-path`, default: the shipped `tasks/`). A YAML's relative
 `dataset_kwargs.data_files` are taken relative to the YAML's folder; lm-eval would resolve them against
 the working directory, so each YAML is wrapped (`include:` + absolute paths) in a temporary folder.
-Nothing is downloaded: HF_HUB_OFFLINE and HF_DATASETS_OFFLINE are set before lm-eval is imported.
+Nothing is downloaded: entry points call `launch.hub_offline()` before they import this module (and with
+it lm-eval), which the Hugging Face libraries read their offline switches from when first imported.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_name, "1")
+import torch
+import torch.nn.functional as F
+import yaml
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
-from lm_eval import utils as lm_utils  # noqa: E402
-from lm_eval.api.model import TemplateLM  # noqa: E402
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text  # noqa: E402
-
-from neox_fork import checkpoint  # noqa: E402
-from neox_fork.errors import UserError  # noqa: E402
-from neox_fork.generation import SamplingParams, generate, load_for_inference  # noqa: E402
+from neox_fork import checkpoint, parallel
+from neox_fork.errors import UserError
+from neox_fork.generation import SamplingParams, generate, load_for_inference
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
@@ -216,18 +211,6 @@ def check_tasks(manager, tasks: list[str], include_path) -> None:
                         " (lm-eval's built-in tasks need --include-defaults and their datasets cached)")
 
 
-@contextlib.contextmanager
-def _preserved_rng():
-    """lm-eval seeds python, numpy and torch; a training run must not see its RNG streams moved."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
 def evaluate_model(model, tokenizer, tasks: list[str], *, include_path=None, num_fewshot: int | None = None,
                    limit: int | float | None = None, batch_size: int = 8, max_length: int | None = None,
                    include_defaults: bool = False) -> dict:
@@ -244,7 +227,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], *, include_path=None, num
     was_training = model.training
     model.eval()
     try:
-        with tempfile.TemporaryDirectory(prefix="neox_tasks_") as tmp, _preserved_rng():
+        # lm-eval seeds python, numpy and torch; a training run must not see its RNG streams moved
+        with tempfile.TemporaryDirectory(prefix="neox_tasks_") as tmp, parallel.preserved_rng():
             manager = task_manager(include_path, include_defaults, Path(tmp))
             check_tasks(manager, list(tasks), include_path)
             out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,

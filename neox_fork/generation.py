@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -27,8 +27,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from neox_fork import checkpoint, parallel
+from neox_fork.dtypes import torch_dtype
 from neox_fork.errors import UserError
-from neox_fork.hf import torch_dtype
 from neox_fork.model import NeoXModel, build_model
 
 
@@ -82,9 +82,9 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
         state = checkpoint.merge_tp_shards(checkpoint.load_model_shards(folder, trust))
     tokenizer_file = checkpoint.tokenizer_of(folder, config)
     tokenizer = build_tokenizer(config.tokenizer_type, str(tokenizer_file)) if tokenizer_file else None
-    config.model_parallel_size = tp
-    config.vocab_size = state["word_embeddings.weight"].shape[0] * tp  # the padded size it was saved with
-    config.make_vocab_size_divisible_by = 1
+    # the run's config at this TP size, with the padded vocabulary the weights were saved with
+    config = replace(config, model_parallel_size=tp, make_vocab_size_divisible_by=1,
+                                 vocab_size=state["word_embeddings.weight"].shape[0] * tp)
     model = build_model(config, perform_initialization=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]

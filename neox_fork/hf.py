@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from neox_fork.config import NeoXConfig
+from neox_fork.dtypes import dtype_name, hf_dtype_name, neox_precision, torch_dtype
 from neox_fork.errors import UserError
 from neox_fork.neox_layout import QKVGroups, fuse_qkv, split_qkv
 
@@ -171,7 +172,7 @@ def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_
         "attention_dropout": c.attention_dropout,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
-        "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
+        "torch_dtype": hf_dtype_name(dtype),
     }
     if fam == "gpt_neox":
         return {**common, "layer_norm_eps": c.layernorm_epsilon, "rotary_pct": c.rotary_pct,
@@ -239,17 +240,7 @@ def config_from_hf(hf: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- folders
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_SHARD_SIZE = "5GB"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """'bf16' / 'fp16' / 'fp32' -> the torch dtype (the names checkpoints, converters and CLIs use)."""
-    return _DTYPES[name]
 
 
 def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | None = None,
@@ -336,8 +327,7 @@ def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = N
     # keep the vocabulary exactly as released: pick the padding multiple that already divides it
     keys.update(checkpoint.vocab_keys_for(keys["vocab_size"], tp, f"{hf_dir}/config.json"))
     embed = "gpt_neox.embed_in.weight" if hf_config.get("model_type") == "gpt_neox" else "model.embed_tokens.weight"
-    dtype = dtype_name(tensors[embed].dtype)
-    keys["precision"] = {"bf16": "bfloat16", "fp16": "fp16", "fp32": "fp32"}[dtype]
+    keys["precision"] = neox_precision(dtype_name(tensors[embed].dtype))
     tokenizer = Path(hf_dir) / "tokenizer.json"
     if tokenizer.is_file():
         keys["vocab_file"] = str(checkpoint.step_dir(Path(output_dir).resolve(), 0) / checkpoint.TOKENIZER_FILE)

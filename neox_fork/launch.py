@@ -178,6 +178,13 @@ def launcher_environment(use_slurm_env: bool, use_mpi_env: bool) -> None:
         os.environ.update(mpi_environment())
 
 
+def hub_offline() -> None:
+    """Nothing downloads at run time. The Hugging Face libraries lm-eval uses read these once, when first
+    imported, so an entry point calls this before anything imports them (neox_fork.evaluation does)."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+
 def expand_hostlist(nodelist: str) -> list[str]:
     """Slurm's compressed node list -> hosts, as `scontrol show hostnames` prints them.
 

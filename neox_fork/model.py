@@ -121,9 +121,6 @@ def init_method(name: str, std: float, num_layers: int, hidden_size: int):
     return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=sigma)
 
 
-rotate_half = fused.rotate_half
-
-
 class Rotary(nn.Module):
     """cos/sin tables for the first `dim` dims of each head (frequencies duplicated, rotate-half)."""
 
@@ -137,9 +134,6 @@ class Rotary(nn.Module):
         freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)  # [b, s, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [b, s, 1, dim]
         return emb.cos(), emb.sin()
-
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return fused.rotary_reference(x, cos, sin, self.dim)
 
 
 class Attention(nn.Module):
@@ -190,7 +184,7 @@ class Attention(nn.Module):
         else:
             q, k, v = qkv[:, :, :, :g].reshape(b, sq, -1, d), qkv[:, :, :, g], qkv[:, :, :, g + 1]
             if rotary.dim:
-                q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
+                q, k = (fused.rotary_reference(t, cos, sin, rotary.dim) for t in (q, k))
         causal = mask is None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
@@ -352,7 +346,6 @@ class NeoXModel(nn.Module):
             init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.rotary = Rotary(s.rotary_dim, s.rotary_base)
-        self.fused_linear_loss = True  # False: the checkpointed-chunk loss (what TP>1 uses), for tests
         if mp.sequence_parallel:
             mark_sequence_parallel_parameters(self)
 
@@ -446,19 +439,33 @@ class NeoXModel(nn.Module):
         At TP=1 when training, `fused.linear_cross_entropy` computes each chunk's gradients in the same pass
         (no recompute of the head); otherwise each chunk is checkpointed.
         """
+        hidden, labels, mask = self._flat_loss_inputs(tokens, labels, loss_mask)
+        if torch.is_grad_enabled() and hidden.requires_grad and parallel_state.get_tensor_model_parallel_world_size() == 1:
+            weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else self.output_layer.weight
+            return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0],
+                                              self.shape.loss_chunk_tokens or hidden.shape[1])
+        return self._chunked_loss(hidden, labels, mask)
+
+    def chunked_loss(self, tokens, labels, loss_mask=None):
+        """The loss as TP>1 computes it at any TP size: the head and vocab-parallel cross-entropy over
+        chunks of `loss_chunk_tokens`, each checkpointed when training."""
+        return self._chunked_loss(*self._flat_loss_inputs(tokens, labels, loss_mask))
+
+    def _flat_loss_inputs(self, tokens, labels, loss_mask):
+        """Final hidden states [1, b*s, h], labels [1, b*s] and the float loss mask [1, b*s] (ones if none)."""
         hidden = self.hidden_states(tokens)
         b, s, h = hidden.shape
-        hidden, labels = hidden.reshape(1, b * s, h), labels.reshape(1, b * s)
+        labels = labels.reshape(1, b * s)
         mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.reshape(1, b * s).float()
-        step = self.shape.loss_chunk_tokens or b * s
-        if self.fused_linear_loss and torch.is_grad_enabled() and hidden.requires_grad \
-                and parallel_state.get_tensor_model_parallel_world_size() == 1:
-            weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else self.output_layer.weight
-            return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0], step)
+        return hidden.reshape(1, b * s, h), labels, mask
+
+    def _chunked_loss(self, hidden, labels, mask):
+        n = hidden.shape[1]
+        step = self.shape.loss_chunk_tokens or n
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, b * s, step):
-            end = min(start + step, b * s)
-            if self.training and step < b * s:
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            if self.training and step < n:
                 total = total + checkpoint(self._chunk_loss, hidden[:, start:end], labels[:, start:end],
                                            mask[:, start:end], use_reentrant=False)
             else:

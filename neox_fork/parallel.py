@@ -187,7 +187,7 @@ class RNGTracker:
         self.states: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def add(self, name: str, seed: int) -> None:
-        with _preserved_rng():
+        with preserved_rng():
             torch.manual_seed(seed)
             self.states[name] = get_rng_state()
 
@@ -222,12 +222,20 @@ def set_rng_state(state) -> None:
 
 
 @contextlib.contextmanager
-def _preserved_rng():
-    saved = get_rng_state()
+def preserved_rng():
+    """Run a block that seeds or draws (a stream's creation, lm-eval's seeding) without moving the process's
+    RNG streams: python's, numpy's, torch's and CUDA's are put back afterwards."""
+    import random
+
+    import numpy as np
+
+    saved = random.getstate(), np.random.get_state(), get_rng_state()
     try:
         yield
     finally:
-        set_rng_state(saved)
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        set_rng_state(saved[2])
 
 
 RNG_TRACKER = RNGTracker()

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
 from neox_fork import flops, parallel
 from neox_fork.config import load_config
+from neox_fork.data.tokenizer import tokenizer_file_vocab_size
 from neox_fork.errors import UserError
 from neox_fork.model import ModelShape, build_model, count_parameters
 
 DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
-
-
-def tokenizer_vocab_size(config) -> int | None:
-    if config.vocab_file and Path(config.vocab_file).is_file():
-        from neox_fork.data.tokenizer import build_tokenizer
-
-        return build_tokenizer(config.tokenizer_type, config.vocab_file).vocab_size
-    return None
 
 
 def meta_model(config, vocab: int | None):
@@ -34,7 +26,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     config = load_config(*paths)
     world = world_size or (config.num_gpus or 1) * max(config.num_nodes, 1)
     config.check_world_size(world)
-    vocab = tokenizer_vocab_size(config)
+    vocab = tokenizer_file_vocab_size(config.vocab_file)
     shape = ModelShape.from_config(config, vocab)
     model = meta_model(config, vocab)
     n = sum(p.numel() for p in model.parameters())

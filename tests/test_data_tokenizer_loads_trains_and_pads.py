@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import conftest
-from neox_fork.data.tokenizer import build_tokenizer, padded_vocab_size
+from neox_fork.config import padded_vocab_size
+from neox_fork.data.tokenizer import build_tokenizer
 from neox_fork.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import yaml
 
 from neox_fork import parallel
 from neox_fork.config import load_config
+from neox_fork.dtypes import torch_dtype
 from neox_fork.generation import SamplingParams, generate
-from neox_fork.hf import torch_dtype
 from neox_fork.model import build_model
 
 

@@ -1,7 +1,7 @@
 """Data pipeline: tokenizers, preprocessing into Megatron .bin/.idx, training datasets and batches.
 
     build_tokenizer(tokenizer_type, vocab_file) -> tokenizer with encode/encode_batch/decode/eod/vocab_size
-    padded_vocab_size(vocab_size, divisible_by, tensor_parallel_size) -> int
+    tokenizer_file_vocab_size(vocab_file) -> int | None
     neox_fork.data.preprocess.preprocess(inputs, output_prefix, vocab_file, ...) -> PreprocessResult
     DataSettings.from_config(config, world_size) -> the data settings of a run, passed to:
     validate_data_paths(settings, tokenizer) -> DataPlan          (raises UserError; call before training)
@@ -11,7 +11,7 @@
 Submodules import megatron-core lazily (it takes seconds), so importing this package is cheap.
 """
 
-from neox_fork.data.tokenizer import HFTokenizer, build_tokenizer, padded_vocab_size
+from neox_fork.data.tokenizer import HFTokenizer, build_tokenizer, tokenizer_file_vocab_size
 
 
 def __getattr__(name):
@@ -27,7 +27,7 @@ def __getattr__(name):
 __all__ = [
     "HFTokenizer",
     "build_tokenizer",
-    "padded_vocab_size",
+    "tokenizer_file_vocab_size",
     "DataSettings",
     "validate_data_paths",
     "build_datasets",

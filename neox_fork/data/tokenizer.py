@@ -1,4 +1,4 @@
-"""Tokenizers named as in GPT-NeoX configs (`tokenizer_type`, `vocab_file`), and vocabulary padding.
+"""Tokenizers named as in GPT-NeoX configs (`tokenizer_type`, `vocab_file`).
 
 Only `HFTokenizer` (a Hugging Face `tokenizers` JSON file) is supported; it covers the GPT-NeoX-20B /
 StableLM tokenizer and the ones `tools/train_tokenizer.py` writes.
@@ -85,18 +85,12 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str) -> HFTokenizer:
     return HFTokenizer(vocab_file)
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
-    """Round the vocabulary up so the embedding splits evenly: multiple of divisible_by * tp.
-
-    GPT-NeoX-20B: 50277 ids, divisible_by 128, tp 1 -> 50304.
-    """
-    if vocab_size < 1 or divisible_by < 1 or tensor_parallel_size < 1:
-        raise UserError(
-            f"padded vocab size needs positive sizes, got vocab_size={vocab_size}, "
-            f"make_vocab_size_divisible_by={divisible_by}, model_parallel_size={tensor_parallel_size}"
-        )
-    multiple = divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
+def tokenizer_file_vocab_size(vocab_file: str | None) -> int | None:
+    """The ids of the tokenizer file a config names, None when it names no file that exists: sizing a
+    model (model summary, benchmarks) must work before the tokenizer is there."""
+    if vocab_file and os.path.isfile(vocab_file):
+        return HFTokenizer(vocab_file).vocab_size
+    return None
 
 
 EOD_TOKEN = "<|endoftext|>"
