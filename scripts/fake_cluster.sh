@@ -19,6 +19,9 @@
 # Root's ~/.ssh is not touched: `exec` puts DIR/bin/ssh (ssh -F DIR/ssh/config) first on PATH.
 set -euo pipefail
 
+# shellcheck source=scripts/slurm_conf.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_conf.sh"
+
 PACKAGES="openssh-server openssh-client pdsh openmpi-bin iproute2 util-linux slurmctld slurmd slurm-client munge"
 PREFIX=neoxfc  # namespace names: neoxfc-node1 ..., neoxfc-switch
 SUBNET=${FAKE_CLUSTER_SUBNET:-10.213.77.0/24}
@@ -206,31 +209,8 @@ ClusterName=fakecluster
 SlurmctldHost=node1($NET.1)
 SlurmctldPort=6817
 SlurmdPort=6818
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$S/munge/munge.socket
-StateSaveLocation=$S/state
-SlurmdSpoolDir=$S/spool/%n
-SlurmctldPidFile=$S/slurmctld.pid
-SlurmdPidFile=$S/slurmd-%n.pid
-SlurmctldLogFile=$S/log/slurmctld.log
-SlurmdLogFile=$S/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-ReturnToService=2
-MailProg=/bin/true
-KillWait=5
-MinJobAge=300
-SchedulerParameters=sched_interval=1
 EOF
+        slurm_conf_common "$S" root %n
         for i in $(seq "$NODES"); do
             echo "NodeName=node$i NodeAddr=$NET.$i CPUs=$cpus State=UNKNOWN"
         done

@@ -9,6 +9,9 @@
 # Ports: SLURMCTLD_PORT / SLURMD_PORT from the environment, else two free ones. CPUs: SLURM_CPUS or nproc.
 set -euo pipefail
 
+# shellcheck source=scripts/slurm_conf.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_conf.sh"
+
 PACKAGES="slurmctld slurmd slurm-client munge"
 
 install() {
@@ -56,38 +59,17 @@ start() {
     echo $! >"$B/munge/munged.bgpid"
     wait_for 10 munged test -S "$B/munge/munge.socket"
 
-    cat >"$B/etc/slurm.conf" <<EOF
+    {
+        cat <<EOF
 ClusterName=localhost
 SlurmctldHost=localhost
 SlurmctldPort=$ctld_port
 SlurmdPort=$d_port
-SlurmUser=$user
-SlurmdUser=$user
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$B/munge/munge.socket
-StateSaveLocation=$B/state
-SlurmdSpoolDir=$B/spool
-SlurmctldPidFile=$B/slurmctld.pid
-SlurmdPidFile=$B/slurmd.pid
-SlurmctldLogFile=$B/log/slurmctld.log
-SlurmdLogFile=$B/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-ReturnToService=2
-MailProg=/bin/true
-KillWait=5
-MinJobAge=300
-SchedulerParameters=sched_interval=1
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+        slurm_conf_common "$B" "$user"
+        echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN"
+        echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+    } >"$B/etc/slurm.conf"
     export SLURM_CONF="$B/etc/slurm.conf"
     slurmctld -D -i -f "$SLURM_CONF" >>"$B/log/slurmctld.out" 2>&1 &
     echo $! >"$B/slurmctld.bgpid"

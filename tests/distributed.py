@@ -3,6 +3,7 @@
 import os
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 from neox_fork.launch import free_port
@@ -20,6 +21,23 @@ def _worker(rank, world_size, port, fn, args, results):
         from neox_fork import parallel
 
         parallel.destroy()
+
+
+def build_save_and_run(rank, keys: dict, folder: str):
+    """Build the model of config `keys` from its seed at its model_parallel_size, save this rank's state as
+    folder/rank{rank}.pt and return its logits on fixed tokens: for TP merge tests (run_distributed)."""
+    from neox_fork import checkpoint, parallel
+    from neox_fork.config import from_dict
+    from neox_fork.model import build_model
+
+    config = from_dict(keys)
+    parallel.initialize(config.model_parallel_size, backend="gloo")
+    parallel.seed_everything(config.seed)
+    model = build_model(config)
+    torch.save(checkpoint.model_state(model), f"{folder}/rank{rank}.pt")
+    tokens = torch.arange(60).reshape(2, 30) * 7 % 1000
+    with torch.no_grad():
+        return model.eval()(tokens)
 
 
 def run_distributed(fn, world_size: int, *args):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import PYTHON, REPO
-from distributed import run_distributed
+from distributed import build_save_and_run, run_distributed
 from neox_fork import checkpoint
 from neox_fork.config import from_dict
 from neox_fork.hf import export_folder, import_folder
@@ -102,26 +102,14 @@ def test_import_logits_equal_transformers_and_round_trip_is_bit_exact_at_tp2(one
     assert config["architectures"] == [type(theirs).__name__]
 
 
-def _build_and_run(rank, tp, name, folder):
-    from neox_fork import parallel
-
-    parallel.initialize(tp, backend="gloo")
-    config = family_config(name, model_parallel_size=tp, seed=3)
-    parallel.seed_everything(config.seed)
-    model = build_model(config)
-    torch.save(checkpoint.model_state(model), f"{folder}/rank{rank}.pt")
-    tokens = torch.arange(60).reshape(2, 30) * 7 % 1000
-    with torch.no_grad():
-        return model.eval()(tokens)
-
-
 @pytest.mark.multiproc
 @pytest.mark.parametrize("name", ["pythia", "llama-gqa"])
 def test_tp2_shards_merge_to_the_tp1_model_and_compute_the_same(tmp_path, name):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    tp1 = run_distributed(_build_and_run, 1, 1, name, str(tmp_path / "a"))
-    tp2 = run_distributed(_build_and_run, 2, 2, name, str(tmp_path / "b"))
+    keys = {**BASE, **FAMILIES[name], "seed": 3}
+    tp1 = run_distributed(build_save_and_run, 1, {**keys, "model_parallel_size": 1}, str(tmp_path / "a"))
+    tp2 = run_distributed(build_save_and_run, 2, {**keys, "model_parallel_size": 2}, str(tmp_path / "b"))
     full = torch.load(tmp_path / "a" / "rank0.pt")
     shards = [torch.load(tmp_path / "b" / f"rank{r}.pt") for r in range(2)]
     merged = checkpoint.merge_tp_shards(shards)

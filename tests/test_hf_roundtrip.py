@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, StableLmConfig, StableLmForCausalLM
 
 from conftest import NEOX_TOKENIZER, tiny_keys
-from distributed import run_distributed
+from distributed import build_save_and_run, run_distributed
 from neox_fork import checkpoint
 from neox_fork.config import from_dict
 from neox_fork.hf import export_folder, hf_config_dict, import_folder
@@ -66,26 +66,14 @@ def test_export_casts_dtype_and_shards_large_models(tmp_path, monkeypatch):
         assert p.dtype == torch.float32 and torch.equal(p, q), n
 
 
-def _build_and_save_shard(rank, tp, folder):
-    from neox_fork import parallel
-    from neox_fork.model import build_model
-
-    parallel.initialize(tp, backend="gloo")
-    config = from_dict(tiny_keys(model_parallel_size=tp, vocab_size=1000))
-    parallel.seed_everything(config.seed)
-    model = build_model(config)
-    torch.save(checkpoint.model_state(model), f"{folder}/rank{rank}.pt")
-    tokens = torch.arange(60).reshape(2, 30) * 7 % 1000
-    with torch.no_grad():
-        return model.eval()(tokens)
-
-
 @pytest.mark.multiproc
 def test_tp2_model_merges_to_the_tp1_model_with_the_same_seed(tmp_path):
     (tmp_path / "a").mkdir()
-    tp1_logits = run_distributed(_build_and_save_shard, 1, 1, str(tmp_path / "a"))
+    tp1_logits = run_distributed(build_save_and_run, 1, tiny_keys(model_parallel_size=1, vocab_size=1000),
+                                 str(tmp_path / "a"))
     (tmp_path / "b").mkdir()
-    tp2_logits = run_distributed(_build_and_save_shard, 2, 2, str(tmp_path / "b"))
+    tp2_logits = run_distributed(build_save_and_run, 2, tiny_keys(model_parallel_size=2, vocab_size=1000),
+                                 str(tmp_path / "b"))
     full = torch.load(tmp_path / "a" / "rank0.pt")
     merged = checkpoint.merge_tp_shards([torch.load(tmp_path / "b" / f"rank{r}.pt") for r in range(2)])
     assert full.keys() == merged.keys()
