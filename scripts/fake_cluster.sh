@@ -19,8 +19,8 @@
 # Root's ~/.ssh is not touched: `exec` puts DIR/bin/ssh (ssh -F DIR/ssh/config) first on PATH.
 set -euo pipefail
 
-# shellcheck source=scripts/slurm_conf.sh
-source "$(dirname "${BASH_SOURCE[0]}")/slurm_conf.sh"
+# shellcheck source=scripts/local_slurm.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local_slurm.sh"
 
 PACKAGES="openssh-server openssh-client pdsh openmpi-bin iproute2 util-linux slurmctld slurmd slurm-client munge"
 PREFIX=neoxfc  # namespace names: neoxfc-node1 ..., neoxfc-switch
@@ -64,18 +64,6 @@ on() {  # on HOST CMD...: CMD in HOST's network namespace, under HOST's hostname
     # nsenter, not `ip netns exec`: that remounts /sys, which hides /sys/fs/cgroup from slurmd
     nsenter --net="/run/netns/$(ns "$host")" unshare --uts -- env PATH="$B/bin:$PATH" FAKE_CLUSTER_HOST="$host" \
         sh -c 'hostname "$FAKE_CLUSTER_HOST" && exec "$@"' sh "$@"
-}
-
-wait_for() {  # wait_for SECONDS WHAT COMMAND...
-    local limit=$1 what=$2
-    shift 2
-    for _ in $(seq $((limit * 10))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.1
-    done
-    echo "error: $what did not come up within ${limit}s; logs in $B/log" >&2
-    tail -n 20 "$B"/log/* "$B"/slurm/log/* >&2 2>/dev/null || true
-    return 1
 }
 
 check_free() {  # refuse a subnet, host name or namespace that is already in use on this machine

@@ -9,8 +9,8 @@
 # Ports: SLURMCTLD_PORT / SLURMD_PORT from the environment, else two free ones. CPUs: SLURM_CPUS or nproc.
 set -euo pipefail
 
-# shellcheck source=scripts/slurm_conf.sh
-source "$(dirname "${BASH_SOURCE[0]}")/slurm_conf.sh"
+# shellcheck source=scripts/local_slurm.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local_slurm.sh"
 
 PACKAGES="slurmctld slurmd slurm-client munge"
 
@@ -29,18 +29,6 @@ install() {
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_for() {  # wait_for SECONDS WHAT COMMAND...
-    local limit=$1 what=$2
-    shift 2
-    for _ in $(seq $((limit * 10))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.1
-    done
-    echo "error: $what did not come up within ${limit}s; logs in $B/log" >&2
-    tail -n 20 "$B"/log/*.log >&2 || true
-    return 1
 }
 
 start() {

@@ -1,7 +1,19 @@
-# slurm.conf's keys that scripts/slurm_localhost.sh (one node on localhost) and scripts/fake_cluster.sh (one
-# slurmd per namespaced host) share: munge auth, everything under one state folder, no accounting, quick
-# scheduling. Sourced by both; prints the lines.
-#
+# What scripts/slurm_localhost.sh (one node on localhost) and scripts/fake_cluster.sh (one slurmd per
+# namespaced host) share; sourced by both. Both keep everything under one folder, $B.
+
+wait_for() {  # wait_for SECONDS WHAT COMMAND...
+    local limit=$1 what=$2
+    shift 2
+    for _ in $(seq $((limit * 10))); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    echo "error: $what did not come up within ${limit}s; logs in $B/log" >&2
+    tail -n 20 "$B"/log/* "$B"/slurm/log/* >&2 2>/dev/null || true
+    return 1
+}
+
+# slurm.conf's common keys: munge auth, everything under one state folder, no accounting, quick scheduling.
 #   slurm_conf_common DIR USER [%n]   DIR: the state folder; USER: SlurmUser and SlurmdUser; %n: one spool
 #                                     folder, pid and log file per node (several slurmd share DIR)
 slurm_conf_common() {
