@@ -106,19 +106,3 @@ def report(config: NeoXConfig, results: list[list[dict]], as_json: bool) -> str:
     lines.append(f"loss without SP {results[0][0]['loss']:.6f}, with SP {results[0][1]['loss']:.6f}")
     return "\n".join(lines)
 
-
-def main(paths, overrides: dict, as_json: bool) -> int:
-    """tools/benchmark.py --activation-memory: TP = WORLD_SIZE (1 without torchrun), fp32 on the CPU."""
-    import os
-
-    from neox_fork.config import load_config
-    from neox_fork.data.tokenizer import tokenizer_file_vocab_size
-
-    tp = int(os.environ.get("WORLD_SIZE", "1"))
-    config = load_config(*paths, overrides={**overrides, "model_parallel_size": tp, "num_gpus": tp, "num_nodes": 1})
-    parallel.initialize(tp)
-    results = run(config, config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file)))
-    if dist.get_rank() == 0:
-        print(report(config, results, as_json), flush=True)
-    parallel.destroy()
-    return 0

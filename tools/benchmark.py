@@ -11,12 +11,13 @@ See neox_fork/benchmark.py for what each path times and docs/performance.md for 
 
 import argparse
 import json
+import os
 import sys
-
 from pathlib import Path
 
 from neox_fork.benchmark import DTYPES, PATHS, format_table, format_text, run
 from neox_fork.config import load_config
+from neox_fork.data.tokenizer import tokenizer_file_vocab_size
 from neox_fork.errors import UserError, exit_on_user_error
 
 
@@ -79,6 +80,23 @@ def read_result(path: str) -> dict:
         raise UserError(f"{path}: not the output of tools/benchmark.py --json ({err})") from None
 
 
+def measure_activation_memory(args: argparse.Namespace) -> int:
+    """--activation-memory: TP = WORLD_SIZE (1 without torchrun), fp32 on the CPU."""
+    import torch.distributed as dist
+
+    from neox_fork import activation_memory, parallel
+
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    config = load_config(*args.config,
+                         overrides={**overrides_from(args), "model_parallel_size": tp, "num_gpus": tp, "num_nodes": 1})
+    parallel.initialize(tp)
+    results = activation_memory.run(config, config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file)))
+    if dist.get_rank() == 0:
+        print(activation_memory.report(config, results, args.json), flush=True)
+    parallel.destroy()
+    return 0
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -86,9 +104,7 @@ def main(argv=None) -> int:
         print(format_table([(Path(f).stem, read_result(f)) for f in args.table]))
         return 0
     if args.activation_memory:
-        from neox_fork import activation_memory
-
-        return activation_memory.main(args.config, overrides_from(args), args.json)
+        return measure_activation_memory(args)
     config = load_config(*args.config, overrides=overrides_from(args))
     result = run(config, path=args.path, steps=args.steps, warmup=args.warmup, compare_hf=args.compare == "hf",
                  dtype=args.dtype)
