@@ -120,6 +120,8 @@ LATEST_FILE = "latest"
 PARTIAL_SUFFIX = ".partial"  # a step folder being written
 OLD_SUFFIX = ".old"  # the previous copy of a step folder while it is being replaced
 RNG_FILE = "rng_state_{:05d}.pt"
+LATEST_UNIVERSAL_FILE = "latest_universal"  # DeepSpeed's ds_to_universal writes and reads this name
+UNIVERSAL_SUFFIX = "_universal"  # global_stepN_universal: step N converted by tools/to_universal.py
 
 
 def step_name(step: int) -> str:
@@ -129,6 +131,10 @@ def step_name(step: int) -> str:
 
 def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / step_name(step)
+
+
+def universal_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / (step_name(step) + UNIVERSAL_SUFFIX)
 
 
 def partial_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
@@ -160,6 +166,18 @@ def read_latest(ckpt_dir: str | os.PathLike) -> int | None:
     step = step_of(tag)
     if step is None:
         raise UserError(f"{latest}: expected 'global_stepN', found {tag!r}{_loadable_note(Path(ckpt_dir))}")
+    return step
+
+
+def read_latest_universal(ckpt_dir: str | os.PathLike) -> int | None:
+    """The step of the universal checkpoint `latest_universal` names; None when there is none."""
+    latest = Path(ckpt_dir) / LATEST_UNIVERSAL_FILE
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    step = step_of(tag.removesuffix(UNIVERSAL_SUFFIX))
+    if step is None or not tag.endswith(UNIVERSAL_SUFFIX):
+        raise UserError(f"{latest}: expected 'global_stepN{UNIVERSAL_SUFFIX}', found {tag!r}")
     return step
 
 
@@ -238,6 +256,13 @@ def tp_size_of(folder: Path) -> int:
     return n
 
 
+def dp_size_of(folder: Path) -> int | None:
+    """The data-parallel size a step folder's ZeRO shards were saved at; None without ZeRO shards (stage 0)."""
+    shards = [p for p in folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")
+              if re.fullmatch(r"(?:bf16_)?zero_pp_rank_\d+_mp_rank_00_optim_states\.pt", p.name)]
+    return len(shards) or None
+
+
 def _layer_files(folder: Path) -> dict[int, dict[int, Path]]:
     """{tp rank: {layer index: file}} of GPT-NeoX's per-layer files in a step folder."""
     found: dict[int, dict[int, Path]] = {}
@@ -299,11 +324,12 @@ def _allowed(names) -> list:
     return pairs
 
 
-def read_file(path: str | os.PathLike, trust: bool = False):
+def read_file(path: str | os.PathLike, trust: bool = False, mmap: bool = False):
     """The one place a checkpoint file (ours, DeepSpeed's, GPT-NeoX's) is unpickled.
 
     Safe by default: torch.load(weights_only=True) allowing only SAFE_GLOBALS; a file that needs any
-    other type is refused by name. `trust` unpickles without restriction (logged per file).
+    other type is refused by name. `trust` unpickles without restriction (logged per file). `mmap`
+    maps the tensors' storage instead of reading it (a check of a file that another reader then loads).
     A missing, truncated or foreign file is one line naming it and the step folders that do load.
     """
     path = Path(path)
@@ -312,7 +338,7 @@ def read_file(path: str | os.PathLike, trust: bool = False):
     if trust:
         log.warning("trust_checkpoint: unpickling '%s' without restriction (it can run code)", path)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         except Exception as err:  # noqa: BLE001 - a truncated or foreign file
             raise UserError(_unreadable(path, err)) from None
     needed = _unsafe_globals(path)
@@ -321,7 +347,7 @@ def read_file(path: str | os.PathLike, trust: bool = False):
         raise UserError(_refusal(path, refused[0]))
     try:
         with torch.serialization.safe_globals(_allowed(needed if needed is not None else SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:  # a legacy-format file that needs a type we do not allow
         m = re.search(r"GLOBAL ([\w.]+)|but got <class '([^']+)'>", str(err))
         if m or "weights_only" in str(err).lower() or "Weights only" in str(err):
@@ -329,6 +355,11 @@ def read_file(path: str | os.PathLike, trust: bool = False):
         raise UserError(_unreadable(path, err)) from None
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
         raise UserError(_unreadable(path, err)) from None
+
+
+def allowed_globals() -> list:
+    """SAFE_GLOBALS as torch.serialization.safe_globals takes them."""
+    return _allowed(SAFE_GLOBALS)
 
 
 def _unsafe_globals(path: Path) -> list[str] | None:
@@ -648,7 +679,7 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
     """Write the weights of a checkpoint (any TP size) split for `tp` ranks, with a matching config.
 
     Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size; a full
-    training state moves to another TP size on load instead (`save_universal: true`, see training_state.py).
+    training state moves to another layout through DeepSpeed's Universal Checkpointing (universal.py).
     """
     state, config, folder = load_merged(path, step, trust)
     keys = config.to_dict()

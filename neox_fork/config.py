@@ -192,8 +192,10 @@ class NeoXConfig:
     trust_checkpoint: bool = _key(False, "not upstream: unpickle `load` without restriction (a checkpoint needing "
                                          "types beyond tensors and DeepSpeed's own can then run code): only for "
                                          "checkpoints from someone you trust; logged when on")
-    save_universal: bool = _key(False, "not upstream: also save fp32 masters and Adam moments unsharded over DP, "
-                                       "so a run can resume at another tensor-parallel size (~12 B/param of disk)")
+    load_universal: bool = _key(False, "not upstream: resume from the universal checkpoint that tools/to_universal.py "
+                                       "made of `load` (DeepSpeed's Universal Checkpointing), at any "
+                                       "model_parallel_size, GPU count and ZeRO stage 1 or 2; a newer regular "
+                                       "checkpoint in `load` (saved after the change) is loaded instead")
     s3_path: str | None = _key(None, "upload checkpoints to S3 (not built)", no_effect=True)
     s3_sync_interval: int | None = _key(None, "S3 upload interval (not built)", no_effect=True)
 
@@ -675,6 +677,12 @@ def validate(c: NeoXConfig) -> None:
         fail("optimizer", f"optimizer type {c.optimizer.get('type')!r} is not supported; valid: Adam, AdamW")
     if c.zero_stage not in (0, 1, 2):
         fail("zero_optimization", f"zero_optimization stage {c.zero_stage} is not supported; valid: 0, 1, 2")
+    if c.load_universal and c.zero_stage not in (1, 2):
+        fail("load_universal", f"load_universal needs zero_optimization stage 1 or 2 (DeepSpeed loads universal "
+             f"checkpoints into its ZeRO optimizers), got stage {c.zero_stage}")
+    if c.load_universal and c.finetune:
+        fail("load_universal", "load_universal resumes the full training state; finetune: true takes weights only "
+             "from any tensor-parallel size already: set one of them")
     if c.signal_grace_seconds <= 0:
         fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
     if c.learning_rate <= 0:
@@ -718,6 +726,8 @@ def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": c.wall_clock_breakdown,
         "zero_allow_untested_optimizer": True,
     }
+    if c.load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if c.dtype_name == "bf16":
         ds["bf16"] = {"enabled": True}
         ds["data_types"] = {"grad_accum_dtype": "fp32"}

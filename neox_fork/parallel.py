@@ -148,7 +148,8 @@ def dp_size() -> int:
 
 
 class MPU:
-    """The six methods DeepSpeed calls on `mpu=`; without them it would treat TP ranks as DP copies."""
+    """The methods DeepSpeed calls on `mpu=`; without them it would treat TP ranks as DP copies. Its universal
+    checkpoint loader asks for the tensor-parallel ones by their newer names."""
 
     @staticmethod
     def get_model_parallel_group():
@@ -161,6 +162,10 @@ class MPU:
     @staticmethod
     def get_model_parallel_world_size():
         return dist.get_world_size(group=parallel_state.get_tensor_model_parallel_group())
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
 
     @staticmethod
     def get_data_parallel_group():

@@ -5,7 +5,7 @@ One `pretrain(config)` call per rank. The flow:
     process groups -> seed -> tokenizer -> data checks -> model -> engine (optim.py)
     -> resume (training_state.py) -> loop: train_step, log, eval, save, react to SIGTERM/SIGUSR1
 
-The state on disk (save, resume, resharding) lives in training_state.py, the LR schedule, optimizer and
+The state on disk (save, resume, a change of layout) lives in training_state.py, the LR schedule, optimizer and
 DeepSpeed engine in optim.py.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from neox_fork import flops, parallel
+from neox_fork import flops, parallel, universal
 from neox_fork.config import NeoXConfig, log_ignored_settings
 from neox_fork.errors import UserError
 from neox_fork.launch import launcher_environment
@@ -199,6 +199,7 @@ class Run:
 
 def setup(c: NeoXConfig) -> Run:
     """Process groups, seed, tokenizer, data, model, engine, and the state resumed from `load`."""
+    c = universal.resolve_load(c)  # before the engine: DeepSpeed takes load_universal when it is built
     parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes)
     world = dist.get_world_size()
     placement_log.info("rank %d/%d on host %s: local rank %s, pid %d, tensor-parallel rank %d, data-parallel rank %d",

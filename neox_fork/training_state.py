@@ -1,9 +1,10 @@
-"""The training state on disk: save a step, resume it, and move it to another tensor-parallel size.
+"""The training state on disk: save a step, resume it, or resume it at another layout (TP, DP, ZeRO stage).
 
 A run is reproducible from (config, checkpoint): the checkpoint holds the model, ZeRO optimizer shards,
 the LR schedule, the iteration and consumed samples, and every rank's RNG state, so stopping at N and
-resuming gives the same losses as an uninterrupted run. checkpoint.py owns the layout (names, GPT-NeoX
-tensor layouts, atomic publish, safe reads); this module decides what a training run writes and reads.
+resuming gives the same losses as an uninterrupted run. At another layout the same state comes back through
+DeepSpeed's Universal Checkpointing (universal.py, `load_universal: true`). checkpoint.py owns the layout
+(names, GPT-NeoX tensor layouts, atomic publish, safe reads); this module decides what a run writes and reads.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neox_fork import checkpoint, parallel
+from neox_fork import checkpoint, parallel, universal
 from neox_fork.config import NeoXConfig
 from neox_fork.errors import UserError
-from neox_fork.optim import lr_at
 
 log = logging.getLogger("neox_fork")
 
@@ -51,14 +51,15 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
     dist.barrier()
     # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
     module, layers = checkpoint.neox_weights(checkpoint.model_state(engine.module), c, parallel.tp_size())
-    client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module}
+    # what DeepSpeed's ds_to_universal needs to merge each parameter's tensor-parallel slices
+    info = universal.checkpoint_info(dict(engine.module.named_parameters()), engine.module.shape.vocab_size)
+    client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module,
+                    universal.INFO_KEY: info}
     engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
     torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},
                partial / checkpoint.RNG_FILE.format(dist.get_rank()))
-    if c.save_universal:
-        save_universal(engine, engine.module, partial)
     if not _rank0() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         checkpoint.fsync_tree(partial)  # this node's writes reach the disk before rank 0 publishes
     dist.barrier()
@@ -104,6 +105,9 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     if c.trust_checkpoint:
         log.warning("trust_checkpoint is on: files of %s are unpickled without restriction and can run code",
                     c.load)
+    if c.load_universal:  # universal.resolve_load left it on: the universal checkpoint is the newest
+        resume_universal(engine, model, c, state)
+        return
     step = checkpoint.read_latest(c.load)
     if step is None:
         if Path(c.load) == Path(c.save or ""):  # first start of a run that saves and loads in one place
@@ -116,9 +120,12 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         load_weights_only(model, folder, c.trust_checkpoint)
         log.info("fine-tuning from the weights of %s", folder)
         return
-    if saved_tp != c.model_parallel_size:
-        resume_resharded(engine, model, c, state, folder, saved_tp)
-        return
+    saved_dp = checkpoint.dp_size_of(folder)
+    if saved_tp != parallel.tp_size() or saved_dp not in (None, parallel.dp_size()):
+        raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} x {saved_dp or 'any'} "
+                        f"data-parallel ranks but this run uses {parallel.tp_size()} x {parallel.dp_size()}; to "
+                        f"change parallelism run `python tools/to_universal.py --input-dir {c.load}` and resume "
+                        "with load_universal: true")
     if not isinstance(engine.checkpoint_engine, SafeLoads):
         engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine, c.trust_checkpoint)
 
@@ -141,80 +148,35 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
              state.consumed_samples)
 
 
-UNIVERSAL_FILE = "universal_mp_rank_{:02d}.pt"
-_ADAM_STATES = ("exp_avg", "exp_avg_sq")
+def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
+    """Continue from the universal checkpoint of `load` (tools/to_universal.py) at this run's TP, DP and ZeRO.
 
-
-def _link_optimizer_states(engine) -> None:
-    """Make every parameter's Adam moments reachable through DeepSpeed's safe_get/safe_set API.
-
-    DeepSpeed 0.19 links them after the first parameter group's step, before the second group has
-    any state, and never again, so the no-decay group stays unlinked; states missing before the first
-    step (a run about to be resumed) are created here as torch's AdamW would create them.
-    """
-    wrapper = engine.optimizer
-    base = wrapper.optimizer
-    for group in base.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            if not base.state[p]:
-                base.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32, device=p.device if on_device else "cpu"),
-                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    wrapper._hp_optimizer_states_linked = False
-    wrapper._lazy_init_hp_params_optimizer_state()
-
-
-def save_universal(engine, model, folder: Path) -> None:
-    """Per TP rank, each parameter's fp32 master weight and Adam moments, gathered over the DP group."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    _link_optimizer_states(engine)
-    out = {"fp32": {}, **{k: {} for k in _ADAM_STATES}}
-    for name, p in model.named_parameters():
-        out["fp32"][name] = safe_get_full_fp32_param(p).cpu()
-        for key in _ADAM_STATES:
-            out[key][name] = safe_get_full_optimizer_state(p, key).cpu()
-    base = engine.optimizer.optimizer
-    steps = [s["step"] for s in base.state.values() if "step" in s]
-    out["step"] = float(steps[0]) if steps else 0.0
-    if parallel.dp_rank() == 0:
-        torch.save(out, folder / UNIVERSAL_FILE.format(parallel.tp_rank()))
-
-
-def resume_resharded(engine, model, c: NeoXConfig, state: TrainState, folder: Path, saved_tp: int) -> None:
-    """Resume a checkpoint saved at another TP size from its universal optimizer files."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    files = [folder / UNIVERSAL_FILE.format(r) for r in range(saved_tp)]
-    if not all(f.is_file() for f in files):
-        raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} but this run uses "
-                        f"{c.model_parallel_size}; it has no universal optimizer states (save_universal: true "
-                        "when saving), so only `finetune: true` (weights only) can load it")
-    saved = [checkpoint.read_file(f, c.trust_checkpoint) for f in files]
-    tp, rank = parallel.tp_size(), parallel.tp_rank()
-    mine = {key: checkpoint.split_tp(checkpoint.merge_tp_shards([s[key] for s in saved]), tp)[rank]
-            for key in ("fp32", *_ADAM_STATES)}
-    load_weights_only(model, folder, c.trust_checkpoint)
-    _link_optimizer_states(engine)
-    for name, p in model.named_parameters():
-        safe_set_full_fp32_param(p, mine["fp32"][name].to(p.device))
-        for key in _ADAM_STATES:
-            safe_set_full_optimizer_state(p, mine[key][name].to(p.device), key)
-    base = engine.optimizer.optimizer
-    for opt_state in base.state.values():
-        if "step" in opt_state:
-            opt_state["step"].fill_(saved[0]["step"])
-    meta = checkpoint.read_file(folder / checkpoint.MODEL_FILE.format(0), c.trust_checkpoint)
-    engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    state.iteration, state.consumed_samples = meta["iteration"], meta["consumed_samples"]
-    for group in engine.optimizer.param_groups:  # the scheduler sets the LR only at its next step
-        group["lr"] = lr_at(c, state.iteration)
-    engine.global_steps = state.iteration
-    engine.global_samples = state.consumed_samples
+    DeepSpeed's loader cuts each parameter's fp32 weight and Adam moments for this rank and restores the LR
+    schedule; iteration and data position come from the copied model states, each rank's RNG state from the
+    saved rank universal.rng_source names."""
+    folder = checkpoint.universal_dir(c.load, checkpoint.read_latest_universal(c.load))
+    universal.check_folder(folder, dict(model.named_parameters()), parallel.tp_size(), c.trust_checkpoint)
+    if not isinstance(engine.checkpoint_engine, SafeLoads):
+        engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine, c.trust_checkpoint)
+    with universal.safe_unpickling(c.trust_checkpoint):
+        _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
-    rng = checkpoint.read_file(folder / checkpoint.RNG_FILE.format(0), c.trust_checkpoint)  # TP ranks share it
-    parallel.set_rng_state(rng["rng"])
-    log.info("resumed from %s (saved at TP=%d) at TP=%d, iteration %d", folder, saved_tp, tp, state.iteration)
+    saved_tp = checkpoint.tp_size_of(folder)
+    saved_ranks = len(list(folder.glob(checkpoint.RNG_FILE.replace("{:05d}", "*"))))
+    if saved_ranks:
+        source, same_tp_rank = universal.rng_source(parallel.tp_rank(), parallel.dp_rank(), saved_tp,
+                                                    saved_ranks // saved_tp)
+        saved = checkpoint.read_file(folder / checkpoint.RNG_FILE.format(source), c.trust_checkpoint)
+        parallel.set_rng_state(saved["rng"])
+        if same_tp_rank:
+            parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
+    else:
+        log.warning("%s holds no RNG states (not made by tools/to_universal.py?): dropout continues from fresh "
+                    "seeds", folder)
+    log.info("resumed from universal checkpoint %s (saved at TP=%d x DP=%d) at TP=%d x DP=%d, iteration %d "
+             "(%d samples consumed)", folder, saved_tp, max(saved_ranks // saved_tp, 1), parallel.tp_size(),
+             parallel.dp_size(), state.iteration, state.consumed_samples)
 
 
 def load_weights_only(model, folder: Path, trust: bool = False) -> None:
