@@ -1,6 +1,6 @@
 """Every program that reads a checkpoint, run the way a user runs it, for the safe-load and corrupt-file tests.
 
-The four tools run in this process through their own `main` (a refusal must come before any code from the
+The tools run in this process through their own `main` (a refusal must come before any code from the
 file could run, so a payload would fire here and be seen); fine-tuning and resuming start train.py.
 """
 
@@ -13,7 +13,7 @@ import subprocess
 from conftest import PYTHON, REPO, write_train_config
 
 TOOLS = {"convert": "tools/convert_to_hf.py", "reshard": "tools/reshard_checkpoint.py", "generate": "generate.py",
-         "eval": "eval.py"}
+         "eval": "eval.py", "to_universal": "tools/to_universal.py"}
 
 
 def tool_args(name, ckpt, out):
@@ -21,6 +21,7 @@ def tool_args(name, ckpt, out):
             "reshard": ["--input-dir", ckpt, "--output-dir", out / "tp2", "--tp", "2"],
             "generate": ["--checkpoint", ckpt, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"],
             "eval": ["--checkpoint", ckpt, "--tasks", "neox_arith", "--limit", "1", "--output", out / "eval.json"],
+            "to_universal": ["--input-dir", ckpt, "--workers", "1"],
             }[name]
 
 

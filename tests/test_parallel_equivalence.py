@@ -85,34 +85,3 @@ def test_tp2_by_dp2_on_four_processes_equals_one_process(tmp_path, small_corpus,
     assert checkpoint.tp_size_of(checkpoint.resolve(both)) == 2
     assert_same_losses(both, single)
     assert_same_weights(both, single)
-
-
-@pytest.mark.parametrize("saved_tp, resumed_tp", [(2, 1), (1, 2)])
-def test_save_at_one_tp_size_and_resume_at_another(tmp_path, small_corpus, single, saved_tp, resumed_tp):
-    import yaml
-
-    keys = dict(model_parallel_size=saved_tp, train_micro_batch_size_per_gpu=4, save_universal=True, exit_interval=5)
-    ckpt = train(tmp_path, small_corpus, "run", saved_tp, **keys)
-    assert checkpoint.read_latest(ckpt) == 5
-    config = tmp_path / "run" / "config.yml"
-    keys = yaml.safe_load(config.read_text())
-    keys.update(model_parallel_size=resumed_tp, make_vocab_size_divisible_by=256 // resumed_tp, exit_interval=None,
-                load=str(ckpt))
-    config.write_text(yaml.safe_dump(keys))
-    run = run_training(config, nproc=resumed_tp)
-    assert f"(saved at TP={saved_tp}) at TP={resumed_tp}, iteration 5" in run.stdout
-    assert_same_losses(ckpt, single)
-    assert checkpoint.tp_size_of(checkpoint.resolve(ckpt)) == resumed_tp
-
-
-def test_resume_at_another_tp_without_universal_states_is_a_clear_error(tmp_path, small_corpus):
-    import yaml
-
-    ckpt = train(tmp_path, small_corpus, "run", 1, train_micro_batch_size_per_gpu=4, exit_interval=5)
-    config = tmp_path / "run" / "config.yml"
-    keys = yaml.safe_load(config.read_text())
-    keys.update(model_parallel_size=2, make_vocab_size_divisible_by=128, load=str(ckpt))
-    config.write_text(yaml.safe_dump(keys))
-    run = run_training(config, nproc=2, check=False)
-    assert run.returncode != 0
-    assert "was saved at model_parallel_size 1 but this run uses 2" in run.stdout + run.stderr
