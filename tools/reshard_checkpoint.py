@@ -2,8 +2,8 @@
 """Split a checkpoint's weights for another tensor-parallel size (e.g. TP=4 training -> TP=1 serving).
 
 Writes model states and a matching config.yml; train from it with `load: OUT` and `finetune: true`.
-To continue a run's full training state at another TP size, save it with `save_universal: true` and
-load it directly: training reshards on load.
+To continue a run's full training state (optimizer, schedule, data position) at another TP size, GPU count
+or ZeRO stage, convert it with tools/to_universal.py and resume with `load_universal: true` instead.
 """
 
 import argparse
