@@ -56,6 +56,8 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module,
                     universal.INFO_KEY: info}
     engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    if layers:  # index 1 is a function, so GPT-NeoX writes no file for it; ds_to_universal refuses a folder without
+        layers = {**layers, 1: {}}  # a layer_01 file, so an empty one is written (every reader skips it)
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
     torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},

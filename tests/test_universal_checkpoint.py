@@ -6,7 +6,7 @@ Runs (train.py under torchrun on gloo; bf16 with fp32 masters; dropout off; grou
 biases, so every kind of parameter is merged and cut: replicated norms and row-parallel biases, the fused QKV
 in whole key/value groups and its bias, [up; gate], row-parallel weights, the padded vocabulary):
 
-    ref   TP=1 x DP=1, ZeRO-1, steps 1-10, saving step 5 too: the uninterrupted run
+    ref   TP=1 x DP=1, ZeRO-1, steps 1-10, saving step 5 too: the uninterrupted run (pipe_parallel_size 1)
     down  TP=2 + SP x DP=2, ZeRO-1, steps 1-5  -> universal -> TP=1 x DP=1, ZeRO-1, steps 6-10
     up    ref's step 5                         -> universal -> TP=2 x DP=2, ZeRO-2, steps 6-10
 
@@ -61,7 +61,8 @@ def _resume_universal(config, nproc, **changes):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_corpus):
     root = tmp_path_factory.mktemp("universal")
-    ref = _config(root / "ref", small_corpus, train_micro_batch_size_per_gpu=4, extra_save_iters=[STOP])
+    ref = _config(root / "ref", small_corpus, train_micro_batch_size_per_gpu=4, extra_save_iters=[STOP],
+                  pipe_parallel_size=1)  # GPT-NeoX's per-layer weight files (down: weights in mp_rank files)
     run_training(ref)
     down = _config(root / "down", small_corpus, tp=2, sequence_parallel=True, train_micro_batch_size_per_gpu=2,
                    exit_interval=STOP)
@@ -143,7 +144,8 @@ def test_universal_files_load_only_through_the_safe_reader(runs, tmp_path):
     universal.check_folder(folder, merged, tp=1)  # the intact folder fits a TP=1 model
     marker, target = tmp_path / "MARKER", folder / "zero" / "layers.1.attention.dense.bias" / "exp_avg.pt"
     plant(target, marker)
-    with pytest.raises(UserError, match=re.escape(f"refusing checkpoint file '{target}': it would load 'builtins.exec'")):
+    refused = f"refusing checkpoint file '{target}': it would load 'builtins.exec'"
+    with pytest.raises(UserError, match=re.escape(refused)):
         universal.check_folder(folder, merged, tp=1)
     with universal.safe_unpickling(), pytest.raises(Exception, match="Unsupported global: GLOBAL exec"):
         torch.load(target, weights_only=False)
@@ -168,7 +170,8 @@ def test_patterns_name_every_kind_of_parameter(one_process):
                 r"input_layernorm\.weight$", r"input_layernorm\.bias$", r"attention\.dense\.bias$",
                 r"post_attention_layernorm\.weight$", r"post_attention_layernorm\.bias$", r"mlp\.linear2\.bias$")),
             r"final_norm\.weight$", r"final_norm\.bias$"],
-        "parameter_with_row_parallelism_patterns": [layer + r"attention\.dense\.weight$", layer + r"mlp\.linear2\.weight$"],
+        "parameter_with_row_parallelism_patterns": [layer + r"attention\.dense\.weight$",
+                                                    layer + r"mlp\.linear2\.weight$"],
         "vocabulary_parameter_patterns": [r"word_embeddings\.weight$"],
     }  # query_key_value and plain linear1 (+ biases) are column-parallel: DeepSpeed's default, dim 0
 
