@@ -3,18 +3,16 @@
 A pickled `__reduce__` payload that would create a marker file is planted in a real training checkpoint;
 every reader (convert, reshard, generate, eval, fine-tune, resume through DeepSpeed) refuses it with one
 line naming the file and the type, and the marker never appears. Everything training writes (fp32 and
-bf16, TP=2, ZeRO-1 and ZeRO-2) loads through the same safe reader, and DeepSpeed's own zero_to_fp32 still
-reads our step folders (universal checkpoints: test_universal_checkpoint.py). `--trust-checkpoint` loads the file and says so.
+bf16, TP=2, ZeRO-1 and ZeRO-2, universal checkpoints; the bf16 ones in test_universal_checkpoint.py) loads
+through the same safe reader, and DeepSpeed's own zero_to_fp32 still reads our step folders. `--trust-checkpoint` loads the file and says so.
 """
 
 import shutil
 
 import pytest
 import torch
-import yaml
 
 from checkpoint_readers import TOOLS, run_tool, run_trainings, training_config, weights_file
-from conftest import run_training, write_train_config
 from neox_fork import checkpoint
 
 
@@ -55,28 +53,6 @@ def test_fp32_zero1_files_load_safely_and_deepspeed_still_reads_them(trained):
     ours, _, _ = checkpoint.load_merged(trained)
     assert fp32.keys() == ours.keys()
     assert all(torch.equal(fp32[k], ours[k]) for k in ours)
-
-
-def test_bf16_zero2_tp2_checkpoint_loads_safely_and_resumes(small_corpus, tmp_path):
-    keys = dict(precision="bfloat16", zero_optimization={"stage": 2}, model_parallel_size=2,
-                make_vocab_size_divisible_by=64, train_micro_batch_size_per_gpu=2)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    config = write_train_config(folder, small_corpus, train_iters=2, exit_interval=1, **keys)
-    run_training(config, nproc=2)
-    step = checkpoint.step_dir(folder / "ckpt", 1)
-    names = {f.name for f in step.glob("*.pt") if not f.name.startswith("layer_")}  # GPT-NeoX's layer files aside
-    assert names == {
-        *(f"mp_rank_0{r}_model_states.pt" for r in (0, 1)),
-        *(f"bf16_zero_pp_rank_0_mp_rank_0{r}_optim_states.pt" for r in (0, 1)),
-        *(f"rng_state_0000{r}.pt" for r in (0, 1))}
-    states = {f.name: checkpoint.read_file(f) for f in step.glob("*.pt")}  # the safe path
-    assert int(states["bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"]["optimizer_state_dict"]["zero_stage"]) == 2
-    resumed = yaml.safe_load(config.read_text())
-    resumed.update(exit_interval=None, load=str(folder / "ckpt"))
-    config.write_text(yaml.safe_dump(resumed))
-    run = run_training(config, nproc=2)
-    assert "resumed from" in run.stdout and "at iteration 1" in run.stdout
 
 
 def test_a_pickled_payload_is_refused_by_every_reader(trained, small_corpus, tmp_path):

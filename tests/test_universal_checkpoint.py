@@ -103,8 +103,8 @@ def test_tp1_zero1_to_tp2_dp2_zero2_continues_the_run(runs):
     assert_continues_ref(root, "up")
     final = checkpoint.resolve(root / "up" / "ckpt")  # what the resumed run saves is a ZeRO-2 TP=2 x DP=2 state
     assert checkpoint.tp_size_of(final) == 2 and checkpoint.dp_size_of(final) == 2
-    shard = checkpoint.read_file(final / "bf16_zero_pp_rank_1_mp_rank_01_optim_states.pt")  # the safe reader
-    assert int(shard["optimizer_state_dict"]["zero_stage"]) == 2
+    states = {f.name: checkpoint.read_file(f) for f in final.glob("*.pt")}  # every file, through the safe reader
+    assert int(states["bf16_zero_pp_rank_1_mp_rank_01_optim_states.pt"]["optimizer_state_dict"]["zero_stage"]) == 2
 
 
 def test_deepspeeds_converter_runs_unchanged_and_merges_as_our_layout(runs, tmp_path):
