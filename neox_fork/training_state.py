@@ -165,10 +165,9 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
     saved_tp = checkpoint.tp_size_of(folder)
-    saved_ranks = len(list(folder.glob(checkpoint.RNG_FILE.replace("{:05d}", "*"))))
-    if saved_ranks:
-        source, same_tp_rank = universal.rng_source(parallel.tp_rank(), parallel.dp_rank(), saved_tp,
-                                                    saved_ranks // saved_tp)
+    saved_dp = len(list(folder.glob(checkpoint.RNG_FILE.replace("{:05d}", "*")))) // saved_tp
+    if saved_dp:
+        source, same_tp_rank = universal.rng_source(parallel.tp_rank(), parallel.dp_rank(), saved_tp, saved_dp)
         saved = checkpoint.read_file(folder / checkpoint.RNG_FILE.format(source), c.trust_checkpoint)
         parallel.set_rng_state(saved["rng"])
         if same_tp_rank:
@@ -177,7 +176,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
         log.warning("%s holds no RNG states (not made by tools/to_universal.py?): dropout continues from fresh "
                     "seeds", folder)
     log.info("resumed from universal checkpoint %s (saved at TP=%d x DP=%d) at TP=%d x DP=%d, iteration %d "
-             "(%d samples consumed)", folder, saved_tp, max(saved_ranks // saved_tp, 1), parallel.tp_size(),
+             "(%d samples consumed)", folder, saved_tp, max(saved_dp, 1), parallel.tp_size(),
              parallel.dp_size(), state.iteration, state.consumed_samples)
 
 

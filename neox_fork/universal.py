@@ -106,12 +106,13 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
         raise UserError(f"checkpoint {folder} has no ZeRO optimizer shards (saved with zero_optimization stage 0?); "
                         "Universal Checkpointing converts checkpoints of ZeRO stage 1 or 2")
     models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp)]
-    for f in [*models, *sorted(folder.glob("*optim_states.pt"))]:
-        states = checkpoint.read_file(f, trust, mmap=True)
-        if f == models[0] and INFO_KEY not in states:
-            raise UserError(f"checkpoint file '{f}' carries no {INFO_KEY} (saved by an older neox_fork or by "
-                            "gpt-neox); resume it at its own layout and save again to convert it")
-    names = {name for group in states_of(models[0], trust).get("param_shapes", []) for name in group}
+    first = checkpoint.read_file(models[0], trust, mmap=True)
+    if not isinstance(first, dict) or INFO_KEY not in first:
+        raise UserError(f"checkpoint file '{models[0]}' carries no {INFO_KEY} (saved by an older neox_fork or by "
+                        "gpt-neox); resume it at its own layout and save again to convert it")
+    for f in [*models[1:], *sorted(folder.glob("*optim_states.pt"))]:
+        checkpoint.read_file(f, trust, mmap=True)
+    names = {name for group in first.get("param_shapes", []) for name in group}
     out = checkpoint.universal_dir(folder.parent, n)
     # written inside a private folder, where the converter's own `latest_universal` lands too
     work = Path(tempfile.mkdtemp(prefix=".to_universal.", dir=folder.parent))
@@ -141,11 +142,6 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
         shutil.rmtree(work, ignore_errors=True)
     checkpoint.write_atomic(folder.parent / checkpoint.LATEST_UNIVERSAL_FILE, out.name)
     return out
-
-
-def states_of(path: Path, trust: bool) -> dict:
-    states = checkpoint.read_file(path, trust)
-    return states if isinstance(states, dict) else {}
 
 
 # ---------------------------------------------------------------------- loading (load_universal: true)
