@@ -52,6 +52,7 @@ ROW_PARALLEL = "parameter_with_row_parallelism_patterns"
 TWO_SUB_PARAMS = "parameter_with_2_sub_params_cat_dim_0"
 VOCABULARY = "vocabulary_parameter_patterns"
 ORIGINAL_VOCAB_SIZE = "original_vocab_size"
+_VOCABULARY_PARAMS = ("word_embeddings.weight", "output_layer.weight")  # rows: the (padded) vocabulary
 
 
 def _pattern(name: str) -> str:
@@ -79,12 +80,9 @@ def checkpoint_info(params: dict[str, torch.Tensor], padded_vocab: int) -> dict:
         pattern = _pattern(name)
         if kind and pattern not in info[kind]:
             info[kind].append(pattern)
-        if name in ("word_embeddings.weight", "output_layer.weight") and pattern not in info[VOCABULARY]:
+        if name in _VOCABULARY_PARAMS and pattern not in info[VOCABULARY]:
             info[VOCABULARY].append(pattern)
     return {k: v for k, v in info.items() if v != []}  # the converter refuses a pattern that matches nothing
-
-
-_VOCABULARY_PARAMS = ("word_embeddings.weight", "output_layer.weight")
 
 
 # ---------------------------------------------------------------------- converting (tools/to_universal.py)
