@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,15 @@ def trained_checkpoint(tmp_path_factory, small_corpus):
     folder = tmp_path_factory.mktemp("trained")
     run_training(write_train_config(folder, small_corpus, train_iters=2, checkpoint_factor=1))
     return folder / "ckpt"
+
+
+def wait_until(predicate, timeout, what):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr)  # phase timings with -s
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

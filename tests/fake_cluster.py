@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from conftest import REPO
@@ -120,11 +119,3 @@ def fake_cluster(folder: Path, nodes: int = 2, slurm: bool = False):
         assert stopped.returncode == 0 and not left, (stopped.stderr, left)
 
 
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

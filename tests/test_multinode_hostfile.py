@@ -19,8 +19,8 @@ import time
 import pytest
 
 import test_parallel_equivalence as equivalence
-from conftest import PYTHON, REPO, write_train_config
-from fake_cluster import clean_env, command_line, fake_cluster, wait_until
+from conftest import PYTHON, REPO, wait_until, write_train_config
+from fake_cluster import clean_env, command_line, fake_cluster
 from neox_fork import checkpoint
 from neox_fork.launch import free_port
 

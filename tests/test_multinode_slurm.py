@@ -8,16 +8,17 @@ skips this tier. It shares nothing with tests/test_slurm_localhost.py: its daemo
 live in the hosts' own namespaces and folder.
 """
 
+import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO
-from fake_cluster import fake_cluster, wait_until
-from test_slurm_localhost import assert_dp2_checkpoint, iterations, latest_step
+from conftest import PYTHON, REPO, wait_until
+from fake_cluster import fake_cluster
+from slurm_jobs import (assert_resumed_to_the_end, finished, iterations, job_field, rerun_now_and_wait,
+                        usr1_saves_and_requeues)
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.multiproc]
 
@@ -36,55 +37,29 @@ def slurm(cluster, *cmd, check=True) -> str:
     return cluster.run("node1", *cmd, check=check, timeout=60).stdout.strip()
 
 
-def job_field(cluster, job, name):
-    out = slurm(cluster, "scontrol", "-o", "show", "job", job, check=False)
-    return dict(item.split("=", 1) for item in out.split() if "=" in item).get(name)
-
-
-def finished(cluster, job):
-    return job_field(cluster, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED")
-
-
 def test_multinode_slurm_two_node_sbatch_trains_across_hosts_and_requeues_on_usr1(cluster, tmp_path):
     save, total = tmp_path / "ckpt", 12
+    run = functools.partial(slurm, cluster)
     overlay = tmp_path / "fast.yml"
     overlay.write_text(json.dumps({
         "train_iters": total, "train_micro_batch_size_per_gpu": 2, "seq_length": 128, "log_interval": 1,
         "eval_interval": 1000, "eval_iters": 0, "checkpoint_factor": 1000, "keep_last_n_checkpoints": None}))
     venv = Path(sys.executable).parent.parent
-    job = slurm(cluster, "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
-                "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
-                f"--export=ALL,CONFIGS=configs/tiny.yml {overlay},SAVE={save},VENV={venv}",
-                "slurm/stablelm-3b-4e1t.sbatch")
+    job = run("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+              f"--output={tmp_path}/slurm-%j.out",
+              f"--export=ALL,CONFIGS=configs/tiny.yml {overlay},SAVE={save},VENV={venv}",
+              "slurm/stablelm-3b-4e1t.sbatch")
     output = tmp_path / f"slurm-{job}.out"
-    wait_until(lambda: len(iterations(save)) >= 3 or finished(cluster, job), 300, "3 training steps")
-    assert not finished(cluster, job), output.read_text()[-3000:]
-    assert job_field(cluster, job, "NodeList") == "node[1-2]"
-    slurm(cluster, "scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends before the time limit
-
-    # Both ranks save at the next step boundary and exit 0; the script requeues (train_iters not reached).
-    wait_until(lambda: job_field(cluster, job, "Restarts") == "1" and job_field(cluster, job, "JobState") == "PENDING",
-               90, "the job to requeue itself")
-    stopped = latest_step(save)
-    assert stopped is not None and 3 <= stopped < total
-    assert iterations(save) == list(range(1, stopped + 1))
-    assert_dp2_checkpoint(save, stopped)  # one ZeRO shard from the rank on each host
+    wait_until(lambda: len(iterations(save)) >= 3 or finished(run, job), 300, "3 training steps")
+    assert not finished(run, job), output.read_text()[-3000:]
+    assert job_field(run, job, "NodeList") == "node[1-2]"
+    stopped = usr1_saves_and_requeues(run, job, save, total, 90)  # one ZeRO shard from the rank on each host
     first = output.read_text()
     assert "srun --kill-on-bad-exit=1 --ntasks 2 --nodes 2 --ntasks-per-node 1" in first
     assert "rank 0/2 on host node1" in first and "rank 1/2 on host node2" in first
     assert "received SIGUSR1" in first and "requeueing job" in first
 
-    # Skip Slurm's 2-minute requeue delay once both nodes are idle (see tests/test_slurm_localhost.py).
-    wait_until(lambda: slurm(cluster, "sinfo", "-h", "-N", "-o", "%T").split() == ["idle", "idle"], 60,
-               "the nodes to be idle")
-    time.sleep(2)
-    slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")
-    wait_until(lambda: finished(cluster, job), 300, "the rerun")
-    out = output.read_text()
-    assert job_field(cluster, job, "JobState") == "COMPLETED", out[-3000:]
-    rerun = out[len(first):]
-    assert "restart 1:" in rerun and f"global_step{stopped} at iteration {stopped}" in rerun
+    rerun_now_and_wait(run, job, nodes=2, timeout=300)
+    rerun = output.read_text()[len(first):]
+    assert_resumed_to_the_end(run, job, rerun, save, stopped, total)
     assert "rank 0/2 on host node1" in rerun and "rank 1/2 on host node2" in rerun
-    assert iterations(save) == list(range(1, total + 1))
-    assert latest_step(save) == total
-    assert_dp2_checkpoint(save, total)

@@ -7,16 +7,18 @@ fails under srun takes the job down at once and srun names it. Needs root (CI ru
 harness apt-installs Slurm when it is missing (scripts/slurm_localhost.sh install).
 """
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, wait_until
+from slurm_jobs import (assert_dp2_checkpoint, assert_resumed_to_the_end, iterations, job_field, latest_step,
+                        rerun_now_and_wait, usr1_saves_and_requeues)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc, pytest.mark.slurm]
 
@@ -47,33 +49,9 @@ def sh(env, *cmd, check=True):
     return result.stdout.strip()
 
 
-def job_field(env, job, name):
-    out = sh(env, "scontrol", "-o", "show", "job", job, check=False)
-    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
-    return fields.get(name)
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr)  # phase timings with -s
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def iterations(save: Path) -> list[int]:
-    path = save / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line)["iteration"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def latest_step(save: Path) -> int | None:
-    latest = save / "latest"
-    return int(latest.read_text().strip().removeprefix("global_step")) if latest.is_file() else None
+def client(env):
+    """Slurm client commands against this module's Slurm."""
+    return functools.partial(sh, env)
 
 
 def submit_one_node(env, tmp_path, save, train_iters, **keys):
@@ -92,12 +70,6 @@ def job_output(tmp_path, job):
     return (tmp_path / f"slurm-{job}.out").read_text()
 
 
-def assert_dp2_checkpoint(save: Path, step: int):
-    folder = save / f"global_step{step}"
-    assert (folder / "mp_rank_00_model_states.pt").is_file()
-    assert len(list(folder.glob("*zero_pp_rank_*optim_states.pt"))) == 2  # one ZeRO shard per DP rank
-
-
 def test_slurm_rank_failure_cancels_the_job_and_srun_names_the_task(slurm, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import os, sys, time\n"
@@ -109,44 +81,25 @@ def test_slurm_rank_failure_cancels_the_job_and_srun_names_the_task(slurm, tmp_p
     start = time.monotonic()
     job = sh(slurm, "sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
              f"--wrap={wrap}")
-    wait_until(lambda: job_field(slurm, job, "JobState") in ("FAILED", "COMPLETED", "CANCELLED"), 60, "job end")
+    wait_until(lambda: job_field(client(slurm), job, "JobState") in ("FAILED", "COMPLETED", "CANCELLED"), 60, "job end")
     assert time.monotonic() - start < 45, "the surviving task (sleeping 120 s) was not killed"
-    assert job_field(slurm, job, "JobState") == "FAILED"
+    assert job_field(client(slurm), job, "JobState") == "FAILED"
     out = job_output(tmp_path, job)
     assert "srun --kill-on-bad-exit=1 --ntasks 2" in out
     assert "task 1: Exited with exit code 3" in out
 
 
 def test_slurm_one_node_sbatch_saves_on_usr1_requeues_and_resumes(slurm, tmp_path):
-    save, total = tmp_path / "ckpt", 12
+    save, total, run = tmp_path / "ckpt", 12, client(slurm)
     job = submit_one_node(slurm, tmp_path, save, total)
     wait_until(lambda: len(iterations(save)) >= 3, 120, "3 training steps")
-    sh(slurm, "scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends before the time limit
-
-    # The ranks save at the next step boundary and exit 0; the script sees train_iters not reached and requeues.
-    wait_until(lambda: job_field(slurm, job, "Restarts") == "1" and job_field(slurm, job, "JobState") == "PENDING",
-               60, "the job to requeue itself")
-    stopped = latest_step(save)
-    assert stopped is not None and 3 <= stopped < total
-    assert iterations(save) == list(range(1, stopped + 1))
-    assert_dp2_checkpoint(save, stopped)
+    stopped = usr1_saves_and_requeues(run, job, save, total, 60)
     assert "requeueing job" in job_output(tmp_path, job)
     overlay = (save / "slurm" / f"job-{job}.yml").read_text()
     assert f'"load": "{save}"' in overlay and f'"save": "{save}"' in overlay
 
-    # Skip Slurm's 2-minute requeue delay, once the node is idle and a second has passed: slurmd refuses
-    # ("credential revoked") a job restarted in the same second its previous run was killed.
-    wait_until(lambda: sh(slurm, "sinfo", "-h", "-o", "%T") == "idle", 30, "the node to be idle")
-    time.sleep(2)
-    sh(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now")
-    wait_until(lambda: job_field(slurm, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 150, "the rerun")
-    out = job_output(tmp_path, job)
-    assert job_field(slurm, job, "JobState") == "COMPLETED", out[-3000:]
-    assert "restart 1:" in out and f"global_step{stopped} at iteration {stopped}" in out
-    # the resumed run's first iteration is the one after the checkpoint, and training ran to the end
-    assert iterations(save) == list(range(1, total + 1))
-    assert latest_step(save) == total
-    assert_dp2_checkpoint(save, total)
+    rerun_now_and_wait(run, job, nodes=1, timeout=150)
+    assert_resumed_to_the_end(run, job, job_output(tmp_path, job), save, stopped, total)
 
 
 def test_slurm_scancel_leaves_a_checkpoint_a_resubmitted_job_resumes_from(slurm, tmp_path):
@@ -154,17 +107,17 @@ def test_slurm_scancel_leaves_a_checkpoint_a_resubmitted_job_resumes_from(slurm,
     first = submit_one_node(slurm, tmp_path, save, total)
     wait_until(lambda: len(iterations(save)) >= 2, 120, "2 training steps")
     sh(slurm, "scancel", first)  # TERM to every process of the job, KILL after KillWait
-    wait_until(lambda: job_field(slurm, first, "JobState") == "CANCELLED", 60, "the cancel")
+    wait_until(lambda: job_field(client(slurm), first, "JobState") == "CANCELLED", 60, "the cancel")
     stopped = latest_step(save)
     assert stopped is not None and 2 <= stopped < total, job_output(tmp_path, first)[-3000:]
     assert_dp2_checkpoint(save, stopped)
-    assert job_field(slurm, first, "Restarts") == "0"  # cancelled on purpose: not requeued
+    assert job_field(client(slurm), first, "Restarts") == "0"  # cancelled on purpose: not requeued
 
     second = submit_one_node(slurm, tmp_path, save, total)
-    wait_until(lambda: job_field(slurm, second, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 150,
+    wait_until(lambda: job_field(client(slurm), second, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 150,
                "the resubmitted job")
     out = job_output(tmp_path, second)
-    assert job_field(slurm, second, "JobState") == "COMPLETED", out[-3000:]
+    assert job_field(client(slurm), second, "JobState") == "COMPLETED", out[-3000:]
     assert f"global_step{stopped} at iteration {stopped}" in out
     assert iterations(save) == list(range(1, total + 1))
     assert latest_step(save) == total
