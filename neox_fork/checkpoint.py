@@ -133,6 +133,11 @@ def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / step_name(step)
 
 
+def rng_files(folder: Path) -> list[Path]:
+    """The per-rank RNG state files of a step folder (one per global rank that saved)."""
+    return sorted(folder.glob(RNG_FILE.replace("{:05d}", "*")))
+
+
 def universal_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / (step_name(step) + UNIVERSAL_SUFFIX)
 
@@ -159,25 +164,24 @@ def saved_steps(ckpt_dir: str | os.PathLike) -> list[int]:
 
 # ---------------------------------------------------------------------- locating checkpoints
 def read_latest(ckpt_dir: str | os.PathLike) -> int | None:
-    latest = Path(ckpt_dir) / LATEST_FILE
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    step = step_of(tag)
-    if step is None:
-        raise UserError(f"{latest}: expected 'global_stepN', found {tag!r}{_loadable_note(Path(ckpt_dir))}")
-    return step
+    return _pointed_step(Path(ckpt_dir) / LATEST_FILE)
 
 
 def read_latest_universal(ckpt_dir: str | os.PathLike) -> int | None:
     """The step of the universal checkpoint `latest_universal` names; None when there is none."""
-    latest = Path(ckpt_dir) / LATEST_UNIVERSAL_FILE
-    if not latest.is_file():
+    return _pointed_step(Path(ckpt_dir) / LATEST_UNIVERSAL_FILE, UNIVERSAL_SUFFIX)
+
+
+def _pointed_step(pointer: Path, suffix: str = "") -> int | None:
+    """The N of the 'global_stepN<suffix>' a pointer file (`latest`, `latest_universal`) names; None without
+    the file. A `latest` naming something else also lists the step folders that do load."""
+    if not pointer.is_file():
         return None
-    tag = latest.read_text().strip()
-    step = step_of(tag.removesuffix(UNIVERSAL_SUFFIX))
-    if step is None or not tag.endswith(UNIVERSAL_SUFFIX):
-        raise UserError(f"{latest}: expected 'global_stepN{UNIVERSAL_SUFFIX}', found {tag!r}")
+    tag = pointer.read_text().strip()
+    step = step_of(tag.removesuffix(suffix)) if tag.endswith(suffix) else None
+    if step is None:
+        note = "" if suffix else _loadable_note(pointer.parent)
+        raise UserError(f"{pointer}: expected 'global_stepN{suffix}', found {tag!r}{note}")
     return step
 
 

@@ -84,7 +84,7 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
     tokenizer = build_tokenizer(config.tokenizer_type, str(tokenizer_file)) if tokenizer_file else None
     # the run's config at this TP size, with the padded vocabulary the weights were saved with
     config = replace(config, model_parallel_size=tp, make_vocab_size_divisible_by=1,
-                                 vocab_size=state["word_embeddings.weight"].shape[0] * tp)
+                     vocab_size=state["word_embeddings.weight"].shape[0] * tp)
     model = build_model(config, perform_initialization=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]

@@ -37,7 +37,6 @@ class TrainState:
     last_saved: int | None = None
 
 
-
 def save(engine, c: NeoXConfig, state: TrainState) -> None:
     """Everything needed to resume, written under global_stepN.partial and published when complete.
 
@@ -61,7 +60,7 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
     torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},
-               partial / checkpoint.RNG_FILE.format(dist.get_rank()))
+               partial / checkpoint.RNG_FILE.format(dist.get_rank()))  # read back by restore_rng
     if not _rank0() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         checkpoint.fsync_tree(partial)  # this node's writes reach the disk before rank 0 publishes
     dist.barrier()
@@ -99,6 +98,20 @@ class SafeLoads:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    @classmethod
+    def install(cls, engine, trust: bool) -> None:
+        """Route `engine`'s checkpoint reads through the safe reader (once)."""
+        if not isinstance(engine.checkpoint_engine, cls):
+            engine.checkpoint_engine = cls(engine.checkpoint_engine, trust)
+
+
+def restore_rng(path: Path, trust: bool, tracker: bool = True) -> None:
+    """This rank's RNG streams from a file `save` wrote; the per-TP-rank tracker streams only if `tracker`."""
+    saved = checkpoint.read_file(path, trust)
+    parallel.set_rng_state(saved["rng"])
+    if tracker:
+        parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
+
 
 def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     """Continue from `load` (full state), or take weights only with `finetune: true`."""
@@ -128,8 +141,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
                         f"data-parallel ranks but this run uses {parallel.tp_size()} x {parallel.dp_size()}; to "
                         f"change parallelism run `python tools/to_universal.py --input-dir {c.load}` and resume "
                         "with load_universal: true")
-    if not isinstance(engine.checkpoint_engine, SafeLoads):
-        engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine, c.trust_checkpoint)
+    SafeLoads.install(engine, c.trust_checkpoint)
 
     def load_weights(src, dst):  # DeepSpeed's `module` (sequential or our names), else the layer files
         path = folder / checkpoint.MODEL_FILE.format(parallel.tp_rank())
@@ -143,9 +155,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     state.last_saved = state.iteration
     rng_file = folder / checkpoint.RNG_FILE.format(dist.get_rank())
     if rng_file.is_file():
-        saved = checkpoint.read_file(rng_file, c.trust_checkpoint)
-        parallel.set_rng_state(saved["rng"])
-        parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
+        restore_rng(rng_file, c.trust_checkpoint)
     log.info("resumed from %s at iteration %d (%d samples consumed)", folder, state.iteration,
              state.consumed_samples)
 
@@ -158,20 +168,16 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     saved rank universal.rng_source names."""
     folder = checkpoint.universal_dir(c.load, checkpoint.read_latest_universal(c.load))
     universal.check_folder(folder, dict(model.named_parameters()), parallel.tp_size(), c.trust_checkpoint)
-    if not isinstance(engine.checkpoint_engine, SafeLoads):
-        engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine, c.trust_checkpoint)
+    SafeLoads.install(engine, c.trust_checkpoint)
     with universal.safe_unpickling(c.trust_checkpoint):
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
     saved_tp = checkpoint.tp_size_of(folder)
-    saved_dp = len(list(folder.glob(checkpoint.RNG_FILE.replace("{:05d}", "*")))) // saved_tp
+    saved_dp = len(checkpoint.rng_files(folder)) // saved_tp
     if saved_dp:
         source, same_tp_rank = universal.rng_source(parallel.tp_rank(), parallel.dp_rank(), saved_tp, saved_dp)
-        saved = checkpoint.read_file(folder / checkpoint.RNG_FILE.format(source), c.trust_checkpoint)
-        parallel.set_rng_state(saved["rng"])
-        if same_tp_rank:
-            parallel.RNG_TRACKER.load_state_dict(saved["tracker"])
+        restore_rng(folder / checkpoint.RNG_FILE.format(source), c.trust_checkpoint, tracker=same_tp_rank)
     else:
         log.warning("%s holds no RNG states (not made by tools/to_universal.py?): dropout continues from fresh "
                     "seeds", folder)

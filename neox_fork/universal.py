@@ -129,7 +129,7 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
         for entry in (tmp / "zero").iterdir():
             if entry.is_dir() and entry.name not in names:
                 shutil.rmtree(entry)
-        for f in [*folder.glob(checkpoint.RNG_FILE.replace("{:05d}", "*")), folder / checkpoint.CONFIG_FILE,
+        for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE,
                   folder / checkpoint.TOKENIZER_FILE]:
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)

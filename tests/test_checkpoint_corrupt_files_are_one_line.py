@@ -7,6 +7,7 @@ import pytest
 
 from checkpoint_readers import TOOLS, run_tool, run_trainings, training_config, weights_file
 from neox_fork import checkpoint
+from neox_fork.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +68,14 @@ def test_fine_tune_and_resume_name_the_broken_file_and_the_steps_that_load(train
         assert status == 2, (name, out[-2000:], err[-2000:])
         assert "Traceback" not in err, (name, err[-3000:])
         assert err.strip().splitlines()[-1] == expected[name], name
+
+
+@pytest.mark.parametrize("name, read, expected", [
+    ("latest", checkpoint.read_latest, "expected 'global_stepN', found 'global_step1x'"),
+    ("latest_universal", checkpoint.read_latest_universal, "expected 'global_stepN_universal', found 'global_step1x'"),
+])
+def test_a_pointer_file_naming_no_step_is_one_line(tmp_path, name, read, expected):
+    (tmp_path / name).write_text("global_step1x\n")
+    with pytest.raises(UserError) as err:
+        read(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / name}: {expected}") and "\n" not in str(err.value)
