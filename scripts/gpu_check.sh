@@ -3,7 +3,7 @@
 # in under 8 minutes, from a bare machine that has a CUDA build of torch and reaches no package registry.
 #
 #   bash scripts/gpu_wheels.sh                                   # before, where PyPI is reachable
-#   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--wheels DIR]
+#   bash scripts/gpu_check.sh [--dry-run | --rehearse] [--out DIR] [--wheels DIR]
 #
 # Steps: (1) the device and torch; (2) install what is missing from the carried wheels (no index, into a
 # private folder on PYTHONPATH); (3) the GPU tier, pytest -m gpu; (4) StableLM-3B as published (seq 4096,
@@ -11,12 +11,16 @@
 # --path model --compare hf, both eager; (6) while the time budget lasts: engine without recompute at
 # micro-batch 1, with selective recompute, compiled; (7) one table: tokens/s, MFU, HFU, peak memory, ratio.
 # Every result is also kept as JSON in the output folder (default /tmp/gpu_check, or GPU_CHECK_OUT).
-# --dry-run prints every step and runs none. Exit status: non-zero if any step failed. Each step has a time
-# limit; the optional ones start only if they would end inside GPU_CHECK_BUDGET_S (470 s).
+# --dry-run prints every step and runs none. --rehearse runs every step on this machine's CPU with
+# configs/tiny.yml at a small shape and no CUDA check: with PYTHON set to a copy of the GPU image's Python
+# packages (docs/performance.md says how to make one) it tries the wheels and every command before device
+# minutes are spent. Exit status: non-zero if any step failed. Each step has a time limit; the optional ones
+# start only if they would end inside GPU_CHECK_BUDGET_S (470 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
+REHEARSE=0
 OUT_DIR=${GPU_CHECK_OUT:-/tmp/gpu_check}
 WHEELS=wheels/gpu
 BUDGET=${GPU_CHECK_BUDGET_S:-470}  # an optional run starts only if its time limit ends within this
@@ -24,10 +28,11 @@ PY=${PYTHON:-python3}
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY=1 ;;
+        --rehearse) REHEARSE=1 ;;
         --out) OUT_DIR=$2; shift ;;
         --wheels) WHEELS=$2; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-        *) echo "error: unknown argument '$1'; valid: --dry-run, --out DIR, --wheels DIR" >&2; exit 2 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "error: unknown argument '$1'; valid: --dry-run, --rehearse, --out DIR, --wheels DIR" >&2; exit 2 ;;
     esac
     shift
 done
@@ -50,10 +55,18 @@ optional() {  # optional NAME LIMIT_S COMMAND: a step, if it would end within th
 
 SITE=$OUT_DIR/site
 BENCH="$PY tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --steps 6 --warmup 2 --json"
+CUDA_CHECK="assert torch.cuda.is_available(), 'no CUDA device'; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(), 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+DEVICE="nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "
+if [ "$REHEARSE" = 1 ]; then
+    echo "== rehearsal: every step on the CPU, configs/tiny.yml at micro-batch 2 x seq 64"
+    BENCH="$PY tools/benchmark.py --config configs/tiny.yml --micro-batch 2 --seq-length 64 --steps 2 --warmup 1 --json"
+    CUDA_CHECK="print(sys.version.split()[0], torch.__version__, 'CUDA' if torch.cuda.is_available() else 'no CUDA (rehearsal)')"
+    DEVICE=""
+fi
 [ "$DRY" = 1 ] || mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-step "1. device" "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c \"import torch, sys; assert torch.cuda.is_available(), 'no CUDA device'; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(), 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())\"; git log -1 --format='commit %h %s' 2>/dev/null || true"
+step "1. device" "$DEVICE$PY -c \"import torch, sys; $CUDA_CHECK\"; git log -1 --format='commit %h %s' 2>/dev/null || true"
 step "2. install from $WHEELS" "ls $WHEELS/*.whl >/dev/null && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $WHEELS/*.whl && $PY -c \"import deepspeed, megatron.core, transformers; print('deepspeed', deepspeed.__version__, 'megatron-core', megatron.core.__version__, 'transformers', transformers.__version__)\""
 step "3. GPU tier" "timeout 240 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_kernels_match_references.py 2>&1 | tee $OUT_DIR/gpu_tier.log"
 step "4. 3B engine, published config" "timeout 150 $BENCH --path engine > $OUT_DIR/engine_full_mb4.json"

@@ -75,9 +75,9 @@ def test_benchmark_tiny_against_transformers_json():
            "--micro-batch", "2", "--seq-length", "64", "--vocab-size", "1000", "--compare", "hf", "--json"]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert re.fullmatch(r"ratio_vs_hf: \d+\.\d{3}", lines[-1]), lines[-1]
-    result = json.loads(lines[-2])
+    lines = run.stdout.splitlines()  # the JSON object, then the ratio line; nothing else
+    assert len(lines) == 2 and re.fullmatch(r"ratio_vs_hf: \d+\.\d{3}", lines[1]), run.stdout[:2000]
+    result = json.loads(lines[0])
     assert result["micro_batch"] == 2 and result["seq_length"] == 64 and result["vocab_size"] == 1024
     assert result["dtype"] == "fp32" and result["steps"] == 2 and result["threads"] >= 1
     assert result["path"] == "model" and result["recompute"] == "none"
@@ -96,7 +96,9 @@ def test_benchmark_tiny_against_transformers_json():
 
 
 def test_benchmark_engine_path_runs_the_training_step(tmp_path):
-    """--path engine: DeepSpeed engine with ZeRO-1 and clipping, two micro-batches per step (accumulation)."""
+    """--path engine: DeepSpeed engine with ZeRO-1 and clipping, two micro-batches per step (accumulation).
+    Its --json stdout is the JSON alone (DeepSpeed logs to stdout; those lines go to stderr), so the file
+    scripts/gpu_check.sh redirects it into is what --table reads."""
     overlay = tmp_path / "accumulate.yml"
     overlay.write_text("gradient_accumulation_steps: 2\n")
     cmd = [PYTHON, "tools/benchmark.py", "--config", "configs/tiny.yml", str(overlay), "--path", "engine", "--steps", "2",
@@ -104,7 +106,8 @@ def test_benchmark_engine_path_runs_the_training_step(tmp_path):
            "--checkpoint-activations", "selective", "--json"]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(run.stdout.splitlines()) == 1, run.stdout[:2000]
+    result = json.loads(run.stdout)
     assert result["path"] == "engine" and result["zero_stage"] == 1 and "hf" not in result
     assert result["recompute"] == "selective"
     assert result["hardware_flops_per_token"] - result["model_flops_per_token"] == 4 * 4 * 256 * 64
@@ -112,6 +115,14 @@ def test_benchmark_engine_path_runs_the_training_step(tmp_path):
     assert len(r["step_seconds"]) == 2 and 0 < r["loss"] < 20
     assert result["gradient_accumulation_steps"] == 2
     assert r["tokens_per_sec"] == pytest.approx(2 * 2 * 64 / r["step_seconds_median"])
+
+    saved = tmp_path / "engine_selective.json"
+    saved.write_text(run.stdout)
+    table = subprocess.run([PYTHON, "tools/benchmark.py", "--table", str(saved)], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert table.returncode == 0, table.stderr[-2000:]
+    row = f"| engine_selective | engine | selective | 2 | False | ours | {r['tokens_per_sec']:,.0f} |"
+    assert row in table.stdout, table.stdout
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,5 +1,6 @@
-"""scripts/gpu_check.sh as far as a CPU goes: --dry-run prints every step in order and runs none, a wrong
-argument is one line; the table it ends with (tools/benchmark.py --table) from --json results."""
+"""scripts/gpu_check.sh as far as a CPU goes: --dry-run prints every step in order and runs none,
+--rehearse swaps the 3B shape for the tiny one and drops the CUDA check, a wrong argument is one line; the
+table it ends with (tools/benchmark.py --table) from --json results."""
 
 import json
 import subprocess
@@ -27,11 +28,27 @@ def test_dry_run_prints_every_step_and_runs_nothing(tmp_path):
     assert not out.exists()  # nothing ran
 
 
+def test_rehearsal_runs_the_same_steps_on_the_tiny_config_without_cuda(tmp_path):
+    out = tmp_path / "results"
+    run = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--rehearse", "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHON": "py3"})
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    steps = [line.split("] ", 1)[1] for line in text.splitlines() if line.startswith("== [")]
+    assert len(steps) == 10 and steps[3] == "4. 3B engine, published config"  # the same steps, in order
+    bench = "py3 tools/benchmark.py --config configs/tiny.yml --micro-batch 2 --seq-length 64 --steps 2 --warmup 1 --json"
+    assert f"{bench} --path engine > {out}/engine_full_mb4.json" in text
+    assert f"{bench} --path model --compare hf > {out}/model_vs_hf.json" in text
+    assert "stablelm-3b" not in text and "nvidia-smi" not in text and "assert torch.cuda" not in text
+    assert "wheels/gpu/*.whl" in text and "py3 -m pytest -m gpu" in text
+    assert not out.exists()
+
+
 def test_wrong_argument_is_one_line():
     run = subprocess.run(["bash", "scripts/gpu_check.sh", "--steps", "3"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.strip() == \
-        "error: unknown argument '--steps'; valid: --dry-run, --out DIR, --wheels DIR"
+        "error: unknown argument '--steps'; valid: --dry-run, --rehearse, --out DIR, --wheels DIR"
 
 
 def _result(path, **extra):

@@ -10,6 +10,7 @@ See neox_fork/benchmark.py for what each path times and docs/performance.md for 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -80,8 +81,27 @@ def read_result(path: str) -> dict:
         raise UserError(f"{path}: not the output of tools/benchmark.py --json ({err})") from None
 
 
-def measure_activation_memory(args: argparse.Namespace) -> int:
-    """--activation-memory: TP = WORLD_SIZE (1 without torchrun), fp32 on the CPU."""
+@contextlib.contextmanager
+def stdout_to_stderr(enabled: bool):
+    """While enabled, file descriptor 1 points at stderr, so that what libraries print (DeepSpeed logs to
+    stdout, its op builders print there) cannot end up in the JSON a `--json` run writes; the results are
+    printed after the block, onto the real stdout."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def measure_activation_memory(args: argparse.Namespace) -> str | None:
+    """--activation-memory: TP = WORLD_SIZE (1 without torchrun), fp32 on the CPU; rank 0's report."""
     import torch.distributed as dist
 
     from neox_fork import activation_memory, parallel
@@ -91,10 +111,9 @@ def measure_activation_memory(args: argparse.Namespace) -> int:
                          overrides={**overrides_from(args), "model_parallel_size": tp, "num_gpus": tp, "num_nodes": 1})
     parallel.initialize(tp)
     results = activation_memory.run(config, config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file)))
-    if dist.get_rank() == 0:
-        print(activation_memory.report(config, results, args.json), flush=True)
+    report = activation_memory.report(config, results, args.json) if dist.get_rank() == 0 else None
     parallel.destroy()
-    return 0
+    return report
 
 
 @exit_on_user_error
@@ -104,10 +123,15 @@ def main(argv=None) -> int:
         print(format_table([(Path(f).stem, read_result(f)) for f in args.table]))
         return 0
     if args.activation_memory:
-        return measure_activation_memory(args)
+        with stdout_to_stderr(args.json):
+            report = measure_activation_memory(args)
+        if report is not None:
+            print(report, flush=True)
+        return 0
     config = load_config(*args.config, overrides=overrides_from(args))
-    result = run(config, path=args.path, steps=args.steps, warmup=args.warmup, compare_hf=args.compare == "hf",
-                 dtype=args.dtype)
+    with stdout_to_stderr(args.json):
+        result = run(config, path=args.path, steps=args.steps, warmup=args.warmup, compare_hf=args.compare == "hf",
+                     dtype=args.dtype)
     if args.json:
         print(json.dumps(result))
         if "ratio_vs_hf" in result:  # the documented last line, also in JSON mode
