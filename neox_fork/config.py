@@ -2,8 +2,9 @@
 
 Any number of files are merged in order (a later file overrides an earlier one, and the override is
 logged). Keys may be written with `-` or `_`. Every key is checked against the dataclass below: an
-unknown key, a wrong type or a value we cannot build is a `UserError` naming the file and key. Nothing
-downstream reads the raw YAML again.
+unknown key, a wrong type or a value we cannot build is a `UserError` naming the file and key (the
+allowed values and the whole-config checks are in `config_rules.py`). Nothing downstream reads the raw
+YAML again.
 
 Sizes that follow from others (head size, SwiGLU width, rotary dims, padded vocabulary, batch sizes)
 are properties, so they can never disagree with the keys they come from.
@@ -25,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from neox_fork.config_rules import GATED_ACTIVATIONS, validate
 from neox_fork.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -409,53 +411,6 @@ class NeoXConfig:
             )
 
 
-# ---------------------------------------------------------------------- allowed values
-GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "bilinear": "identity", "glu": "sigmoid"}
-_CHOICES = {
-    "attention_head_type": ("multihead",),
-    "norm": ("layernorm", "rmsnorm"),
-    "pos_emb": ("learned", "rotary", "none"),
-    "mlp_type": ("regular", "gated", "llama"),
-    "activation": ("gelu", "relu", "silu", "swish", "mish", "softsign", *GATED_ACTIVATIONS),
-    "output_layer_parallelism": ("column",),
-    "init_method": ("normal", "scaled_normal", "small_init", "wang_init"),
-    "output_layer_init_method": ("normal", "scaled_normal", "small_init", "wang_init"),
-    "lr_decay_style": ("cosine", "linear", "constant"),
-    "precision": ("fp32", "float32", "bfloat16", "bf16", "fp16", "float16", "half"),
-    "data_impl": ("mmap", "infer"),
-    "tokenizer_type": ("HFTokenizer",),
-    "launcher": ("pdsh", "openmpi", "mvapich", "slurm"),
-    "distributed_backend": ("nccl", "gloo"),
-    "recompute_granularity": ("full", "selective"),
-}
-# Values upstream gpt-neox has and this project does not build: one line saying so, never a silent fallback.
-_NOT_BUILT = {
-    ("pos_emb", "alibi"): "ALiBi attention biases are not built",
-    ("pos_emb", "sinusoidal"): "sinusoidal position embeddings are not built",
-    ("pos_emb", "rpe"): "T5 relative position buckets are not built",
-    ("norm", "scalenorm"): "ScaleNorm is not built",
-    ("norm", "non_parametric_layernorm"): "a LayerNorm without parameters is not built",
-    ("norm", "crmsnorm"): "CRMSNorm is not built",
-    ("norm", "te_layernorm"): "Transformer Engine layers are not used here; use layernorm",
-    ("norm", "te_rmsnorm"): "Transformer Engine layers are not used here; use rmsnorm",
-    ("mlp_type", "moe"): "mixture of experts is not built",
-    ("output_layer_parallelism", "row"): "only the vocabulary-parallel output layer is built (upstream's row "
-                                         "variant is broken there too)",
-}
-_MUST_BE_FALSE = {
-    "rotary_interleaved": "rotary is rotate-half, as gpt-neox",
-    "gpt_j_tied": "one norm shared by attention and MLP (gpt_j_tied) is not built; two norms are (gpt_j_residual)",
-}
-_ATTENTION_TYPES = ("flash", "global")
-_ATTENTION_NOT_BUILT = {
-    "local": "local (sliding-window) attention is not built",
-    "sparse_fixed": "DeepSpeed sparse attention is not built", "sparse_variable": "DeepSpeed sparse attention is "
-    "not built", "bigbird": "DeepSpeed sparse attention is not built", "bslongformer": "DeepSpeed sparse attention "
-    "is not built", "gmlp": "gMLP blocks are not built", "amlp": "aMLP blocks are not built",
-    "mamba": "Mamba blocks are not built", "rwkv": "RWKV blocks are not built",
-}
-
-
 # ---------------------------------------------------------------------- loading
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-5` (no dot) as a float, as Python and JSON do."""
@@ -598,111 +553,6 @@ def load_config(*paths: str | os.PathLike, overrides: dict[str, Any] | None = No
         values[normalize_key(key)] = value
         sources[normalize_key(key)] = "overrides"
     return from_dict(values, sources)
-
-
-def validate(c: NeoXConfig) -> None:
-    """Checks that need only the config itself. Each failure names the file and the key."""
-
-    def fail(key: str, message: str) -> None:
-        raise UserError(f"{c.where(key)}: {message}")
-
-    for key, choices in _CHOICES.items():
-        value = getattr(c, key)
-        if (key, value) in _NOT_BUILT:
-            fail(key, f"{key} {value!r} is not supported: {_NOT_BUILT[key, value]}; valid: {', '.join(choices)}")
-        if value not in choices:
-            fail(key, f"{key} {value!r} is not supported; valid: {', '.join(choices)}")
-    for key, why in _MUST_BE_FALSE.items():
-        if getattr(c, key):
-            fail(key, f"{key} true is not supported ({why}); set it to false")
-    if c.moe_num_experts != 1:
-        fail("moe_num_experts", f"moe_num_experts {c.moe_num_experts} is not supported: mixture of experts is not "
-             "built; use 1")
-    if c.intermediate_size is not None and c.expansion_factor is not None:
-        fail("expansion_factor", "give intermediate_size or expansion_factor, not both (as upstream)")
-    out, into = c.mlp_widths
-    if out != (2 * into if c.mlp_gated else into):
-        fail("intermediate_size", f"the MLP widths do not fit together: linear1 gives {out} outputs, linear2 takes "
-             f"{into} (upstream rounds them separately); choose intermediate_size / mlp_multiple_of so they agree")
-    if c.num_attention_heads % c.kv_heads:
-        fail("num_kv_heads", f"num_kv_heads {c.kv_heads} must divide num_attention_heads {c.num_attention_heads}")
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
-                "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "model_parallel_size",
-                "mlp_multiple_of", "make_vocab_size_divisible_by", "checkpoint_num_layers", "log_interval",
-                "eval_interval"):
-        if getattr(c, key) < 1:
-            fail(key, f"{key} must be at least 1, got {getattr(c, key)}")
-    if c.pipe_parallel_size > 1:
-        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is not supported: pipeline "
-             "parallelism is not built; use 0 or 1 (tensor x data parallelism)")
-    if c.hidden_size % c.num_attention_heads:
-        divisors = [d for d in range(1, c.hidden_size + 1) if c.hidden_size % d == 0 and d <= 128]
-        fail("num_attention_heads", f"num_attention_heads {c.num_attention_heads} does not divide hidden_size "
-             f"{c.hidden_size}; valid head counts include {', '.join(map(str, divisors[-6:]))}")
-    if c.pos_emb == "rotary":
-        if not 0 < c.rotary_pct <= 1:
-            fail("rotary_pct", f"rotary_pct must be in (0, 1], got {c.rotary_pct}")
-        if c.rotary_dim % 2:
-            fail("rotary_pct", f"rotary_pct {c.rotary_pct} x head size {c.head_dim} gives {c.rotary_dim} rotary "
-                 "dims; it must be even")
-    if c.max_positions < c.seq_length:
-        fail("max_position_embeddings", f"max_position_embeddings {c.max_position_embeddings} is smaller than "
-             f"seq_length {c.seq_length}")
-    tp = c.model_parallel_size
-    for key, size in (("num_attention_heads", c.num_attention_heads), ("num_kv_heads", c.kv_heads),
-                      ("hidden_size", c.hidden_size), ("intermediate_size", c.ffn_hidden_size)):
-        if size % tp:
-            fail("model_parallel_size", f"model_parallel_size {tp} does not divide {key} {size}; "
-                 f"use a tensor-parallel size that divides {size}")
-    if (c.sequence_parallel or c.partition_activations) and c.seq_length % tp:
-        key = "sequence_parallel" if c.sequence_parallel else "partition_activations"
-        fail(key, f"{key} splits the sequence over model_parallel_size {tp}, which does not divide "
-             f"seq_length {c.seq_length}")
-    attn = c.attention_config
-    if attn:
-        ok = all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], list) and isinstance(e[1], int)
-                 for e in attn)
-        if not ok:
-            fail("attention_config", f"attention_config must look like [[[\"flash\"], {c.num_layers}]], got {attn}")
-        if len(c.attention_types) != c.num_layers:
-            fail("attention_config", f"attention_config covers {len(c.attention_types)} layers but num_layers is "
-                 f"{c.num_layers}")
-        bad = sorted(set(c.attention_types) - set(_ATTENTION_TYPES))
-        if bad:
-            why = f": {_ATTENTION_NOT_BUILT[bad[0]]}" if bad[0] in _ATTENTION_NOT_BUILT else ""
-            fail("attention_config", f"attention type {bad[0]!r} is not supported{why}; valid: "
-                 f"{', '.join(_ATTENTION_TYPES)}")
-    opt_type = str(c.optimizer.get("type", "")).lower()
-    if opt_type not in ("adam", "adamw"):
-        fail("optimizer", f"optimizer type {c.optimizer.get('type')!r} is not supported; valid: Adam, AdamW")
-    if c.zero_stage not in (0, 1, 2):
-        fail("zero_optimization", f"zero_optimization stage {c.zero_stage} is not supported; valid: 0, 1, 2")
-    if c.load_universal and c.zero_stage not in (1, 2):
-        fail("load_universal", f"load_universal needs zero_optimization stage 1 or 2 (DeepSpeed loads universal "
-             f"checkpoints into its ZeRO optimizers), got stage {c.zero_stage}")
-    if c.load_universal and c.finetune:
-        fail("load_universal", "load_universal resumes the full training state; finetune: true takes weights only "
-             "from any tensor-parallel size already: set one of them")
-    if c.signal_grace_seconds <= 0:
-        fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
-    if c.learning_rate <= 0:
-        fail("optimizer", f"learning rate must be positive, got {c.learning_rate}")
-    if not 0 <= c.warmup <= 1:
-        fail("warmup", f"warmup is a fraction of lr_decay_iters in [0, 1], got {c.warmup}; "
-             "use warmup_iters for a step count")
-    try:
-        parts = [float(p) for p in c.split.split(",")]
-        if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
-            raise ValueError
-    except ValueError:
-        fail("split", f"split must be three non-negative numbers like '969, 30, 1', got {c.split!r}")
-    for prefix in ("train", "valid", "test"):
-        paths, weights = getattr(c, f"{prefix}_data_paths"), getattr(c, f"{prefix}_data_weights")
-        if weights and len(weights) != len(paths):
-            fail(f"{prefix}_data_weights", f"{prefix}_data_weights has {len(weights)} entries but "
-                 f"{prefix}_data_paths has {len(paths)}; give one weight per path")
-    if c.num_gpus is not None:
-        c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
 
 
 def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from neox_fork.config import _CHOICES, _NOT_BUILT, NeoXConfig, no_effect_keys
+from neox_fork.config import NeoXConfig, no_effect_keys
+from neox_fork.config_rules import CHOICES, NOT_BUILT
 
 HEADER = """# Config keys
 
@@ -33,9 +34,9 @@ def render() -> str:
         if f.name == "sources" or f.metadata.get("no_effect"):
             continue
         doc = f.metadata["doc"]
-        if f.name in _CHOICES:
-            doc += f" (accepted: {', '.join(_CHOICES[f.name])})"
-        refused = [v for (k, v) in _NOT_BUILT if k == f.name]
+        if f.name in CHOICES:
+            doc += f" (accepted: {', '.join(CHOICES[f.name])})"
+        refused = [v for (k, v) in NOT_BUILT if k == f.name]
         if refused:
             doc += f"; refused: {', '.join(refused)}"
         lines.append(f"| `{f.name}` | {_value(getattr(defaults, f.name))} | {doc.replace('|', '/')} |")
