@@ -23,7 +23,6 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import zipfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from neox_fork import neox_layout
+from neox_fork import neox_layout, safe_unpickle
 from neox_fork.config import NeoXConfig, from_dict
 from neox_fork.errors import UserError
 
@@ -287,122 +286,14 @@ def _saved_tp(folder: Path) -> int | None:
 
 
 # ---------------------------------------------------------------------- reading without running code
-# The exact non-tensor types that checkpoints written by us, DeepSpeed and GPT-NeoX hold. torch.load
-# with weights_only=True rebuilds tensors, containers and primitives itself and refuses any other global,
-# so a file can only construct these; each is data, none runs code on construction.
-SAFE_GLOBALS = {
-    # DeepSpeed ZeRO-1/2 optimizer shards: `loss_scaler` is pickled as the scaler object (static for
-    # fp32/bf16, dynamic for fp16); plain attributes (scale, counters).
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler": ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": ("deepspeed.runtime.fp16.loss_scaler",
-                                                             "DynamicLossScaler"),
-    # DeepSpeed ZeRO-1/2 optimizer shards: `zero_stage` is this IntEnum.
-    "deepspeed.runtime.zero.config.ZeroStageEnum": ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-    # DeepSpeed ZeRO and bf16 optimizer shards: `param_slice_mappings` values, a dataclass (numel, start).
-    "deepspeed.utils.tensor_fragment.fragment_address": ("deepspeed.utils.tensor_fragment", "fragment_address"),
-    # GPT-NeoX's mp_rank files: `np_rng_state` is numpy.random.get_state(), a tuple holding a uint32
-    # array; numpy pickles an array as _reconstruct(ndarray, ...) + its dtype (module numpy.core before
-    # numpy 2, numpy._core since).
-    "numpy.core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct"),
-    "numpy._core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct"),
-    "numpy.ndarray": ("numpy", "ndarray"),
-    "numpy.dtype": ("numpy", "dtype"),
-    "numpy.dtypes.UInt32DType": ("numpy.dtypes", "UInt32DType"),  # the class a uint32 dtype is rebuilt as
-}
-_BUILT_WITH = {"numpy.dtype": ["numpy.dtypes.UInt32DType"]}  # allowed with it; pickles name no GLOBAL for it
-_TRUST_HINT = ("if you trust whoever wrote it, pass --trust-checkpoint (trust_checkpoint: true in a config) "
-               "to load it with full unpickling, which can run code")
-
-
-def _allowed(names) -> list:
-    """(object, pickled name) pairs for torch.serialization.safe_globals, imported only when needed."""
-    import importlib
-
-    pairs = []
-    for name in [*names, *(extra for n in names for extra in _BUILT_WITH.get(n, []))]:
-        module, attr = SAFE_GLOBALS[name]
-        try:
-            pairs.append((getattr(importlib.import_module(module), attr), name))
-        except (ImportError, AttributeError):  # e.g. numpy 1 has no numpy._core: that spelling cannot occur
-            continue
-    return pairs
-
-
 def read_file(path: str | os.PathLike, trust: bool = False, mmap: bool = False):
-    """The one place a checkpoint file (ours, DeepSpeed's, GPT-NeoX's) is unpickled.
-
-    Safe by default: torch.load(weights_only=True) allowing only SAFE_GLOBALS; a file that needs any
-    other type is refused by name. `trust` unpickles without restriction (logged per file). `mmap`
-    maps the tensors' storage instead of reading it (a check of a file that another reader then loads).
-    A missing, truncated or foreign file is one line naming it and the step folders that do load.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint file '{path}' is missing{_loadable_note(*_context(path))}")
-    if trust:
-        log.warning("trust_checkpoint: unpickling '%s' without restriction (it can run code)", path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-        except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-            raise UserError(_unreadable(path, err)) from None
-    needed = _unsafe_globals(path)
-    refused = [n for n in needed or [] if n not in SAFE_GLOBALS]
-    if refused:
-        raise UserError(_refusal(path, refused[0]))
+    """The one place a checkpoint file (ours, DeepSpeed's, GPT-NeoX's) is unpickled: safe_unpickle.read_file,
+    whose refusals and one-line errors this keeps, with the step folders that do load named when the file
+    is missing, truncated or foreign."""
     try:
-        with torch.serialization.safe_globals(_allowed(needed if needed is not None else SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:  # a legacy-format file that needs a type we do not allow
-        m = re.search(r"GLOBAL ([\w.]+)|but got <class '([^']+)'>", str(err))
-        if m or "weights_only" in str(err).lower() or "Weights only" in str(err):
-            raise UserError(_refusal(path, (m[1] or m[2]) if m else "a type outside the allowlist")) from None
-        raise UserError(_unreadable(path, err)) from None
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise UserError(_unreadable(path, err)) from None
-
-
-def allowed_globals() -> list:
-    """SAFE_GLOBALS as torch.serialization.safe_globals takes them."""
-    return _allowed(SAFE_GLOBALS)
-
-
-def _unsafe_globals(path: Path) -> list[str] | None:
-    """The globals a zip-format torch file would load beyond torch's own safe set (None: not a zip file,
-    e.g. torch's legacy format, which torch.load then checks as it reads)."""
-    if not zipfile.is_zipfile(path):
-        if _looks_like_legacy_torch(path):
-            return None
-        raise UserError(_unreadable(path, None))
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as err:  # noqa: BLE001 - a zip that is not a torch file, or a damaged one
-        raise UserError(_unreadable(path, err)) from None
-
-
-def _looks_like_legacy_torch(path: Path) -> bool:
-    """torch's pre-1.6 format starts with a pickled magic number (protocol 2: 0x80 0x02)."""
-    with path.open("rb") as f:
-        return f.read(2) == b"\x80\x02"
-
-
-def _refusal(path: Path, name: str) -> str:
-    return (f"refusing checkpoint file '{path}': it would load '{name}', which is not a type a checkpoint "
-            f"holds (loading it could run code); {_TRUST_HINT}")
-
-
-def _unreadable(path: Path, err: Exception | None) -> str:
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(4)
-    if size == 0:
-        what = "is empty (its save was interrupted?)"
-    elif head.startswith(b"PK"):
-        what = f"is truncated or damaged ({size} bytes; its zip archive is incomplete)"
-    elif head[:2] == b"\x80\x02":
-        what = f"is truncated or damaged ({size} bytes; {type(err).__name__ if err else 'unreadable'})"
-    else:
-        what = f"is not a PyTorch checkpoint file (it starts with {head!r})"
-    return f"checkpoint file '{path}' {what}{_loadable_note(*_context(path))}"
+        return safe_unpickle.read_file(path, trust, mmap)
+    except safe_unpickle.UnreadableFile as err:
+        raise UserError(f"{err}{_loadable_note(*_context(Path(path)))}") from None
 
 
 def _context(path: Path) -> tuple[Path, Path | None]:
@@ -421,7 +312,7 @@ def step_is_intact(folder: Path) -> bool:
     except UserError:
         return False
     files = list(folder.glob("*.pt"))
-    if not files or not all(zipfile.is_zipfile(f) or _looks_like_legacy_torch(f) for f in files):
+    if not files or not all(zipfile.is_zipfile(f) or safe_unpickle.looks_like_legacy_torch(f) for f in files):
         return False
     shards: dict[int, set[int]] = {}  # ZeRO shards: every TP rank has DP ranks 0..D-1
     for f in files:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from neox_fork import checkpoint
+from neox_fork import checkpoint, safe_unpickle
 from neox_fork.config import NeoXConfig
 from neox_fork.errors import UserError
 
@@ -145,7 +145,7 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
 # ---------------------------------------------------------------------- loading (load_universal: true)
 @contextlib.contextmanager
 def safe_unpickling(trust: bool = False):
-    """Every torch.load in the block uses the weights-only unpickler allowing checkpoint.SAFE_GLOBALS.
+    """Every torch.load in the block uses the weights-only unpickler allowing safe_unpickle.SAFE_GLOBALS.
 
     DeepSpeed's universal loader and converter read files with torch.load(weights_only=False), calls that
     its checkpoint engine does not route (so checkpoint.read_file cannot take them over). torch's documented
@@ -158,7 +158,7 @@ def safe_unpickling(trust: bool = False):
     key, old = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ[key] = "1"
     try:
-        with torch.serialization.safe_globals(checkpoint.allowed_globals()):
+        with torch.serialization.safe_globals(safe_unpickle.allowed_globals()):
             yield
     finally:
         if old is None:
