@@ -66,8 +66,8 @@ def test_multinode_pdsh_two_hosts_train_like_one_process(cluster, tmp_path, smal
     assert run.returncode == 0, out[-4000:]
     assert "pdsh -S -f 1024 -w node1,node2" in out  # DeepSpeed's runner went through pdsh and ssh
     # every rank says where it runs (pdsh prefixes a remote line with its host, the log line names it too)
-    assert f"rank 0/2 on host node1: local rank 0, pid" in out
-    assert f"node2: [" in out and f"rank 1/2 on host node2: local rank 0, pid" in out
+    assert "rank 0/2 on host node1: local rank 0, pid" in out
+    assert "node2: [" in out and "rank 1/2 on host node2: local rank 0, pid" in out
     ckpt = tmp_path / "run" / "ckpt"
     if tp == 2:
         assert checkpoint.tp_size_of(checkpoint.resolve(ckpt)) == 2
