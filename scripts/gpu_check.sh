@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
         --rehearse) REHEARSE=1 ;;
         --out) OUT_DIR=$2; shift ;;
         --wheels) WHEELS=$2; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;  # the comment block above
         *) echo "error: unknown argument '$1'; valid: --dry-run, --rehearse, --out DIR, --wheels DIR" >&2; exit 2 ;;
     esac
     shift
