@@ -38,6 +38,7 @@ from neox_fork.errors import UserError
 MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
 LAYER_FILE = "layer_{:02d}-model_{:02d}-model_states.pt"  # GPT-NeoX with pipe_parallel_size >= 1
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
+_ZERO_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")  # DeepSpeed's ZeRO shards
 CONFIG_FILE = "config.yml"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -261,9 +262,16 @@ def tp_size_of(folder: Path) -> int:
 
 def dp_size_of(folder: Path) -> int | None:
     """The data-parallel size a step folder's ZeRO shards were saved at; None without ZeRO shards (stage 0)."""
-    shards = [p for p in folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")
-              if re.fullmatch(r"(?:bf16_)?zero_pp_rank_\d+_mp_rank_00_optim_states\.pt", p.name)]
-    return len(shards) or None
+    return len(_zero_shards(folder).get(0, ())) or None
+
+
+def _zero_shards(folder: Path) -> dict[int, set[int]]:
+    """{tp rank: {dp ranks}} of the ZeRO optimizer shards in a step folder."""
+    shards: dict[int, set[int]] = {}
+    for f in folder.glob("*optim_states.pt"):
+        if m := _ZERO_FILE.fullmatch(f.name):
+            shards.setdefault(int(m[2]), set()).add(int(m[1]))
+    return shards
 
 
 def _layer_files(folder: Path) -> dict[int, dict[int, Path]]:
@@ -314,10 +322,7 @@ def step_is_intact(folder: Path) -> bool:
     files = list(folder.glob("*.pt"))
     if not files or not all(zipfile.is_zipfile(f) or safe_unpickle.looks_like_legacy_torch(f) for f in files):
         return False
-    shards: dict[int, set[int]] = {}  # ZeRO shards: every TP rank has DP ranks 0..D-1
-    for f in files:
-        if m := re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt", f.name):
-            shards.setdefault(int(m[2]), set()).add(int(m[1]))
+    shards = _zero_shards(folder)  # every TP rank has DP ranks 0..D-1
     return all(dp == set(range(len(dp))) for dp in shards.values()) and len({len(d) for d in shards.values()}) <= 1
 
 
