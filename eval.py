@@ -16,6 +16,7 @@ import argparse
 from neox_fork.config import load_config
 from neox_fork.errors import UserError, exit_on_user_error
 from neox_fork.launch import hub_offline
+from neox_fork.safe_unpickle import add_trust_argument
 
 
 def parse_args(argv):
@@ -23,8 +24,7 @@ def parse_args(argv):
     p.add_argument("configs", nargs="*", help="NeoX YAML configs (optional; later files win)")
     p.add_argument("--checkpoint", help="checkpoint folder (with 'latest') or a global_stepN folder; default: load")
     p.add_argument("--step", type=int, help="evaluate global_stepN instead of 'latest'")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle without restriction (can run code): only for checkpoints you trust")
+    add_trust_argument(p)
     p.add_argument("--tasks", "--eval_tasks", "--eval-tasks", dest="tasks",
                    help="comma-separated task names; default: eval_tasks of the configs")
     p.add_argument("--include-path", action="append",

@@ -21,14 +21,14 @@ import torch.distributed as dist
 from neox_fork.errors import UserError, exit_on_user_error
 from neox_fork.generation import (SamplingParams, generate, interactive_prompts, load_for_inference,
                                   read_prompt_file, result_record, write_jsonl)
+from neox_fork.safe_unpickle import add_trust_argument
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (with 'latest') or a global_stepN folder")
     p.add_argument("--step", type=int, help="read global_stepN instead of 'latest'")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle without restriction (can run code): only for checkpoints you trust")
+    add_trust_argument(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; needs the checkpoint's tokenizer)")
     src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")

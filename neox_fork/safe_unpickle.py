@@ -102,6 +102,12 @@ def read_file(path: str | os.PathLike, trust: bool = False, mmap: bool = False):
         raise UnreadableFile(_unreadable(path, err)) from None
 
 
+def add_trust_argument(parser) -> None:
+    """--trust-checkpoint, the same in every program that reads a checkpoint (the `trust` of read_file)."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle without restriction (can run code): only for checkpoints you trust")
+
+
 def allowed_globals() -> list:
     """SAFE_GLOBALS as torch.serialization.safe_globals takes them."""
     return _allowed(SAFE_GLOBALS)

@@ -6,6 +6,7 @@ import argparse
 
 from neox_fork.errors import exit_on_user_error
 from neox_fork.hf import export_folder
+from neox_fork.safe_unpickle import add_trust_argument
 
 
 @exit_on_user_error
@@ -16,8 +17,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="weight dtype (default: as stored in the checkpoint)")
     parser.add_argument("--step", type=int, default=None, help="global step to export (default: latest)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle without restriction (can run code): only for checkpoints you trust")
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
     out = export_folder(args.input_dir, args.output_dir, args.dtype, args.step,
                         trust=args.trust_checkpoint)

@@ -10,6 +10,7 @@ import argparse
 
 from neox_fork.checkpoint import reshard
 from neox_fork.errors import exit_on_user_error
+from neox_fork.safe_unpickle import add_trust_argument
 
 
 @exit_on_user_error
@@ -19,8 +20,7 @@ def main(argv=None):
     p.add_argument("--output-dir", required=True)
     p.add_argument("--tp", type=int, required=True, help="the new tensor-parallel size")
     p.add_argument("--step", type=int, default=None, help="global step to take (default: latest)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle without restriction (can run code): only for checkpoints you trust")
+    add_trust_argument(p)
     args = p.parse_args(argv)
     print(f"wrote {reshard(args.input_dir, args.output_dir, args.tp, args.step, args.trust_checkpoint)}")
 

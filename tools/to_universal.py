@@ -11,6 +11,7 @@ checking every file it will read with the project's safe reader; see neox_fork/u
 import argparse
 
 from neox_fork.errors import exit_on_user_error
+from neox_fork.safe_unpickle import add_trust_argument
 from neox_fork.universal import convert
 
 
@@ -20,8 +21,7 @@ def main(argv=None):
     p.add_argument("--input-dir", required=True, help="checkpoint folder (with 'latest') or a global_stepN folder")
     p.add_argument("--step", type=int, default=None, help="global step to convert (default: latest)")
     p.add_argument("--workers", type=int, default=4, help="processes extracting ZeRO shards (half as many merge)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle without restriction (can run code): only for checkpoints you trust")
+    add_trust_argument(p)
     args = p.parse_args(argv)
     print(f"wrote {convert(args.input_dir, args.step, args.workers, args.trust_checkpoint)}")
 
