@@ -148,3 +148,25 @@ def test_benchmark_text_output_ends_with_ratio(tmp_path):
                         "ratio_vs_hf": 1.0})
     assert "MFU 41.0%" in text and "HFU 55.0%" in text
     assert text.splitlines()[-1] == "ratio_vs_hf: 1.000"
+
+
+def test_timed_pairs_alternate_which_model_goes_first(one_process, monkeypatch):
+    """After each model's warm-up, pair i runs ours then transformers for even i and the reverse for odd i,
+    so drift and what one step leaves in the caches hit both alike (the real builders, recorded)."""
+    from neox_fork import benchmark
+
+    order = []
+
+    def recorded(name, build):
+        def built(*args):
+            model, step = build(*args)
+            return model, lambda *batch: (order.append(name), step(*batch))[1]
+        return built
+
+    monkeypatch.setattr(benchmark, "build_ours", recorded("ours", benchmark.build_ours))
+    monkeypatch.setattr(benchmark, "build_hf", recorded("hf", benchmark.build_hf))
+    config = load_config(REPO / "configs" / "tiny.yml", overrides={
+        "train_micro_batch_size_per_gpu": 1, "seq_length": 32, "max_position_embeddings": 32, "vocab_size": 1000})
+    result = benchmark.run(config, steps=4, warmup=1, compare_hf=True)
+    assert order == ["ours", "hf"] + ["ours", "hf", "hf", "ours", "ours", "hf", "hf", "ours"]
+    assert len(result["ours"]["step_seconds"]) == len(result["hf"]["step_seconds"]) == 4
