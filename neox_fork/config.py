@@ -397,11 +397,12 @@ class NeoXConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The keys as NeoX writes them (underscores), without bookkeeping: saved beside checkpoints. A null
-        whose default is null too is left out (upstream's tools read a present key as set)."""
+        whose default is null too is left out (upstream's tools read a present key as set), and
+        max_position_embeddings is written out (upstream requires it)."""
         out = dataclasses.asdict(self)
         for name in ("sources", "given_files"):
             out.pop(name)
-        out.update(out.pop("upstream_keys"))
+        out.update(out.pop("upstream_keys"), max_position_embeddings=self.max_positions)
         return {k: v for k, v in out.items() if v is not None or k in _FIELDS and _FIELDS[k].default is not None}
 
     # ------------------------------------------------------------------ validation

@@ -247,8 +247,8 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
                                        "warmup and min_lr"),
     "prescale_gradients": (DEEPSPEED, False, bool, "scale gradients before the all-reduce"),
     "gradient_predivide_factor": (DEEPSPEED, 1.0, float, "divide gradients by this before the all-reduce"),
-    "sparse_gradients": (DEEPSPEED, False, bool, "sparse all-reduce of nn.Embedding gradients (the embeddings "
-                                                 "here are dense, so nothing changes)"),
+    "sparse_gradients": (NO_EFFECT, False, bool, "sparse all-reduce of embedding gradients (removed from DeepSpeed "
+                                                 "0.19, which refuses the key; the gradients here are dense)"),
     "amp": (REFUSED, None, dict, "Apex AMP is not used: mixed precision is precision / bf16 / fp16"),
     "curriculum_learning": (REFUSED, None, dict, "curriculum learning (sequence-length warmup) is not built"),
     "curriculum_seqlen": (REFUSED, 0, int, "curriculum learning (sequence-length warmup) is not built"),
@@ -264,7 +264,7 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     "tensorboard": (DEEPSPEED, None, dict, "DeepSpeed's own TensorBoard monitor (ours: tensorboard_dir)"),
     "wandb": (DEEPSPEED, None, dict, "DeepSpeed's own W&B monitor (ours: use_wandb)"),
     "csv_monitor": (DEEPSPEED, None, dict, "DeepSpeed's CSV monitor"),
-    "elasticity": (DEEPSPEED, None, dict, "DeepSpeed elasticity settings"),
+    "elasticity": (REFUSED, None, dict, "DeepSpeed's elastic training is not built (DeepSpeed 0.19 removed it)"),
     "comms_logger": (DEEPSPEED, None, dict, "DeepSpeed's communication logger"),
     "compression_training": (REFUSED, None, dict, "DeepSpeed compression training is not built"),
     "checkpoint": (DEEPSPEED, None, dict, "DeepSpeed checkpoint options (merged with load_universal's)"),
@@ -324,7 +324,8 @@ def ignored(c: NeoXConfig) -> dict[str, Any]:
 
 def _refuse(c: NeoXConfig, key: str, value: Any, where: str | None = None) -> None:
     kind, default, _, why = KEYS[key]
-    if kind == REFUSED and is_set(key, value):
+    off = isinstance(value, dict) and value.get("enabled") is False  # a DeepSpeed section switched off
+    if kind == REFUSED and is_set(key, value) and not off:
         raise UserError(f"{where or c.where(key)}: {key} {value!r} is not supported: {why}; remove it "
                         f"(upstream's default: {default!r})")
 
