@@ -130,8 +130,7 @@ class NeoXConfig:
     min_lr: float = _key(0.0, "floor of the decayed learning rate")
     lr_decay_style: str = _key("linear", "linear, cosine or constant after warmup")
     lr_decay_iters: int | None = _key(None, "steps over which the rate decays; null = train_iters")
-    lr_decay_fraction: float | None = _key(None, "lr_decay_iters as a fraction of train_iters (if lr_decay_iters "
-                                                 "is null)")
+    lr_decay_fraction: float | None = _key(None, "lr_decay_iters as a fraction of train_iters, if that is null")
     warmup: float = _key(0.01, "warmup as a fraction of lr_decay_iters")
     warmup_iters: int | None = _key(None, "not upstream: warmup as a step count; overrides warmup")
     weight_decay: float = _key(0.1, "decoupled weight decay on matrices (not on norms and biases)")
@@ -253,10 +252,8 @@ class NeoXConfig:
 
     # Where each key came from (key -> file), for messages; not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
-    # Upstream keys that are no field here (config_upstream.KEYS) that the config gives, as given.
-    upstream_keys: dict = field(default_factory=dict, repr=False)
-    # The config files as given (file name -> bytes), copied into each checkpoint's configs/ folder.
-    given_files: dict = field(default_factory=dict, repr=False, compare=False)
+    upstream_keys: dict = field(default_factory=dict, repr=False)  # those given of config_upstream.KEYS
+    given_files: dict = field(default_factory=dict, repr=False, compare=False)  # name -> bytes: ckpt configs/
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -396,12 +393,9 @@ class NeoXConfig:
         return self.sources.get(key, "defaults")
 
     def to_dict(self) -> dict[str, Any]:
-        """The keys as NeoX writes them (underscores), without bookkeeping: saved beside checkpoints. A null
-        whose default is null too is left out (upstream's tools read a present key as set), and
-        max_position_embeddings is written out (upstream requires it)."""
-        out = dataclasses.asdict(self)
-        for name in ("sources", "given_files"):
-            out.pop(name)
+        """The keys as NeoX writes them (underscores), without bookkeeping: saved beside checkpoints. Nulls that
+        are defaults are left out (upstream's tools read a present key as set); upstream requires max_positions."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("sources", "given_files")}
         out.update(out.pop("upstream_keys"), max_position_embeddings=self.max_positions)
         return {k: v for k, v in out.items() if v is not None or k in _FIELDS and _FIELDS[k].default is not None}
 
@@ -436,8 +430,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-_BOOKKEEPING = ("sources", "upstream_keys", "given_files")
-_FIELDS = {f.name: f for f in dataclasses.fields(NeoXConfig) if f.name not in _BOOKKEEPING}
+_FIELDS = {f.name: f for f in dataclasses.fields(NeoXConfig) if "doc" in f.metadata}  # not the bookkeeping
 _HINTS = typing.get_type_hints(NeoXConfig)
 
 
@@ -538,7 +531,7 @@ def from_dict(values: dict[str, Any], sources: dict[str, str] | None = None, sou
         if steps != checked["gas"]:
             raise UserError(f"{sources['gas']}: gas {checked['gas']} and gradient_accumulation_steps {steps} "
                             "disagree; they are one setting, give one of them")
-    upstream = config_upstream.split(checked, _FIELDS, sources)
+    upstream = config_upstream.split(checked, sources)  # before **checked: it takes the table's keys out
     config = NeoXConfig(**checked, sources=sources, upstream_keys=upstream)
     validate(config)
     config_upstream.validate(config)
@@ -572,9 +565,7 @@ def load_config(*paths: str | os.PathLike, overrides: dict[str, Any] | None = No
         values[normalize_key(key)] = value
         sources[normalize_key(key)] = "overrides"
     config = from_dict(values, sources)
-    for path in map(Path, paths):  # as given, for checkpoints' configs/ (a repeated file name gets a number)
-        name = path.name if path.name not in config.given_files else f"{len(config.given_files)}-{path.name}"
-        config.given_files[name] = path.read_bytes()
+    config.given_files = config_upstream.config_files(paths)
     return config
 
 

@@ -18,6 +18,7 @@ When a key becomes a real `NeoXConfig` field, delete its line here (a test check
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Any
 
 from neox_fork.errors import UserError
@@ -302,7 +303,7 @@ def check_type(key: str, value: Any, source: str) -> Any:
     return float(value) if hint is float and value is not None else value
 
 
-def split(values: dict[str, Any], fields: dict, sources: dict[str, str]) -> dict[str, Any]:
+def split(values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
     """Move the table's keys out of `values` (aliases onto their field); returns them."""
     table = {k: values.pop(k) for k in list(values) if k in KEYS}
     for key in keys_of(ALIAS):
@@ -315,6 +316,15 @@ def split(values: dict[str, Any], fields: dict, sources: dict[str, str]) -> dict
         values[target] = table.pop(key)
         sources.setdefault(target, sources.get(key, "config"))
     return {k: v for k, v in table.items() if v is not None}
+
+
+def config_files(paths) -> dict[str, bytes]:
+    """Each config file as given (upstream's `config_files`), by file name: what a checkpoint keeps under
+    configs/. A file name given twice gets a number in front."""
+    files: dict[str, bytes] = {}
+    for path in map(Path, paths):
+        files[path.name if path.name not in files else f"{len(files)}-{path.name}"] = path.read_bytes()
+    return files
 
 
 def ignored(c: NeoXConfig) -> dict[str, Any]:
@@ -385,8 +395,6 @@ def _padded_vocab(c: NeoXConfig) -> Any:
 def _start_iteration(c: NeoXConfig) -> Any:
     if not c.load or c.finetune:
         return 0
-    from pathlib import Path
-
     from neox_fork.checkpoint import read_latest
 
     return (read_latest(Path(c.load)) or 0) if Path(c.load).is_dir() else 0

@@ -350,10 +350,8 @@ def use_srun(c: NeoXConfig) -> bool:
 
 def plan_launch(c: NeoXConfig, user_script: str, config_paths: list[str], hostfile: str | None = None,
                 environ: dict[str, str] | None = None, python: str | None = None) -> LaunchPlan:
-    """Everything deepy will do, computed without side effects. Validates the world size too.
-
-    A `hostfile` given here (deepy -H) must exist; the config's `hostfile` key that names no file means what
-    it means to DeepSpeed's runner: one logged line, then this machine's devices."""
+    """Everything deepy will do, computed without side effects. Validates the world size too. `hostfile`
+    (deepy -H) must exist; the config's, when missing, is one logged line and this machine (DeepSpeed's runner)."""
     environ = dict(os.environ if environ is None else environ)
     python = python or sys.executable
     if hostfile is None and c.hostfile and not Path(c.hostfile).is_file():
