@@ -142,3 +142,15 @@ def test_the_table_keys_round_trip_through_the_saved_config():
     assert c.to_dict()["merge_file"] == "m.txt" and from_dict(c.to_dict()).to_dict() == c.to_dict()
     assert from_dict(c.to_dict()).upstream_keys == c.upstream_keys
     assert from_dict(c.to_dict()) != from_dict({**c.to_dict(), "merge_file": "other.txt"})
+
+
+def test_lr_decay_fraction_decays_over_that_share_of_train_iters():
+    """Upstream: lr_decay_iters = floor(train_iters x lr_decay_fraction) when lr_decay_iters is null. Linear
+    decay from 1e-3 to 0 over floor(1000 x 0.25) = 250 steps, warmup 0: half way at step 125, done at 250."""
+    from neox_fork.optim import lr_at
+
+    keys = {"train_iters": 1000, "lr_decay_fraction": 0.25, "warmup": 0.0, "lr_decay_style": "linear",
+            "min_lr": 0.0, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+    c = from_dict(keys)
+    assert lr_at(c, 125) == pytest.approx(0.5e-3) and lr_at(c, 250) == 0.0 and lr_at(c, 600) == 0.0
+    assert from_dict({**keys, "lr_decay_iters": 500}).decay_iters == 500  # an explicit step count wins
