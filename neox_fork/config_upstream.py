@@ -345,10 +345,14 @@ def validate(c: NeoXConfig) -> None:
     for key, value in c.upstream_keys.items():
         _refuse(c, key, value)
     extra = c.upstream_keys.get("deepspeed_extra_args") or {}
+    fields = [name for name, f in type(c).__dataclass_fields__.items() if "doc" in f.metadata]
     for key, value in extra.items():
-        if key in c.sources and key != "deepspeed_extra_args":
+        if key in c.sources:
             raise UserError(f"{c.where('deepspeed_extra_args')}: deepspeed_extra_args sets {key!r}, which the "
                             f"config also sets ({c.where(key)}); give it in one place")
+        if key in fields:  # e.g. bf16: the model is built from it, so it must be where the config reads it
+            raise UserError(f"{c.where('deepspeed_extra_args')}: deepspeed_extra_args sets {key!r}, a key of its "
+                            "own here; give it at the top level of the config instead")
         if key in KEYS:
             _refuse(c, key, value, c.where("deepspeed_extra_args"))
     check_derived(c)

@@ -45,6 +45,8 @@ def test_config_sections_win_over_ours_and_extra_args_may_not_repeat_a_key():
     assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and ds["bf16"] == {"enabled": True}
     with pytest.raises(UserError, match="deepspeed_extra_args sets 'gradient_clipping', which the config also"):
         from_dict(tiny_keys(gradient_clipping=0.5, deepspeed_extra_args={"gradient_clipping": 2.0}))
+    with pytest.raises(UserError, match="deepspeed_extra_args sets 'bf16', a key of its own here; give it at the"):
+        from_dict(tiny_keys(deepspeed_extra_args={"bf16": {"enabled": True}}))  # the model would stay fp32
     with pytest.raises(UserError, match="scheduler .* is not supported: DeepSpeed's LR schedulers are not used"):
         from_dict(tiny_keys(deepspeed_extra_args={"scheduler": {"type": "WarmupLR"}}))
 
