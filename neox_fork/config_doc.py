@@ -59,7 +59,8 @@ _SECTIONS = [
     (up.DEEPSPEED, "DeepSpeed sections passed through",
      "Set to anything but the default, these go into the DeepSpeed config as given, as upstream passes them\n"
      "(`deepy.py --dry-run` prints it); a section we also fill is merged key by key, the config's values\n"
-     "winning. `deepspeed_extra_args` is merged last and may not repeat a key the config sets."),
+     "winning. `deepspeed_extra_args` is merged last; it may not repeat a key the config sets, nor carry a key\n"
+     "of the first table above (e.g. `bf16`: give it at the top level, where the model is built from it)."),
     (up.REFUSED, "Refused unless left at upstream's default",
      "These ask for something not built here: any value but the default stops the run with one line."),
     (up.DERIVED, "Computed by upstream",
