@@ -85,7 +85,8 @@ def attention(q, k, v, *, backend: str = "flash", causal: bool = True, dropout_p
     sq, sk = q.shape[1], k.shape[1]
     if window is not None and sk > window + 1:  # shorter: the band hides nothing the causal mask does not
         if backend == "flash" and mask is None and flash_available(q):
-            return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal, window_size=(window, 0 if causal else -1))
+            return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal,
+                                   window_size=(window, 0 if causal else -1))
         banded = band(sq, sk, window, q.device, causal=causal)
         mask = banded if mask is None else mask & banded
     if backend == "reference":

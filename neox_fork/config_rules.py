@@ -53,7 +53,7 @@ MUST_BE_FALSE = {
 }
 ATTENTION_TYPES = ("flash", "global")
 ATTENTION_NOT_BUILT = {
-    "local": "local (sliding-window) attention is not built",
+    "local": "local attention layers are not built (Mistral's sliding window is sliding_window_width)",
     "sparse_fixed": "DeepSpeed sparse attention is not built", "sparse_variable": "DeepSpeed sparse attention is "
     "not built", "bigbird": "DeepSpeed sparse attention is not built", "bslongformer": "DeepSpeed sparse attention "
     "is not built", "gmlp": "gMLP blocks are not built", "amlp": "aMLP blocks are not built",
@@ -84,8 +84,8 @@ def validate(c: NeoXConfig) -> None:
     if c.sliding_window_width is not None and c.sliding_window_width < 0:
         fail("sliding_window_width", f"sliding_window_width must be 0 or more (or null), got {c.sliding_window_width}")
     if c.use_qk_layernorm and c.kv_heads != c.num_attention_heads:
-        fail("use_qk_layernorm", "use_qk_layernorm with grouped-query attention (num_kv_heads) is not built: upstream's "
-             "one norm over [heads, head_dim] does not fit the fewer key heads")
+        fail("use_qk_layernorm", "use_qk_layernorm with grouped-query attention (num_kv_heads) is not built: "
+             "upstream's one norm over [heads, head_dim] does not fit the fewer key heads")
     if c.use_qk_layernorm and c.norm == "layernorm" and c.model_parallel_size > 1:
         fail("use_qk_layernorm", "use_qk_layernorm with norm layernorm at model_parallel_size > 1 is not built: "
              "upstream's LayerNorm then averages over each rank's heads, so the model would change with the TP "
@@ -175,7 +175,7 @@ def check_runnable(c: NeoXConfig) -> None:
     """What a model must satisfy to run a forward (sizing tools may still build it, as upstream does)."""
     out, into = c.mlp_widths
     if out != (2 * into if c.mlp_gated else into):
-        hint = "mlp_multiple_of 256, or intermediate_size 3 x the per-branch width" if c.mlp_gated else "mlp_multiple_of"
+        hint = "mlp_multiple_of 256 or intermediate_size 3 x the branch width" if c.mlp_gated else "mlp_multiple_of"
         raise UserError(f"{c.where('intermediate_size')}: the MLP widths do not fit together: linear1 gives {out} "
                         f"outputs, linear2 takes {into} (upstream rounds them separately and its forward fails the "
                         f"same way); choose intermediate_size / mlp_multiple_of so they agree, e.g. {hint}")

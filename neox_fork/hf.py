@@ -54,8 +54,9 @@ _NORMS = [("final_norm.{param}", "model.norm.{param}"),
           (f"{_L}.input_layernorm.{{param}}", f"model.{_L}.input_layernorm.{{param}}"),
           (f"{_L}.post_attention_layernorm.{{param}}", f"model.{_L}.post_attention_layernorm.{{param}}")]
 _RMS_NORMS = [(ours.replace("{param}", "scale"), theirs.replace("{param}", "weight")) for ours, theirs in _NORMS]
-_RENAMES = {"gpt_neox": _NEOX, "llama": _MODEL + _RMS_NORMS, "mistral": _MODEL + _RMS_NORMS, "stablelm": _MODEL + _NORMS}
-_SPLIT = {"gpt_neox": False, "llama": True, "mistral": True, "stablelm": True}  # q/k/v and up/gate as separate HF tensors
+_RENAMES = {"gpt_neox": _NEOX, "llama": _MODEL + _RMS_NORMS, "mistral": _MODEL + _RMS_NORMS,
+            "stablelm": _MODEL + _NORMS}
+_SPLIT = {"gpt_neox": False, "llama": True, "mistral": True, "stablelm": True}  # q/k/v, up/gate: separate HF tensors
 
 
 def family(c: NeoXConfig) -> str:
@@ -244,9 +245,9 @@ def config_from_hf(hf: dict) -> dict:
     gated = {**keys, "mlp_type": "gated", "activation": "silu", "num_kv_heads": kv if kv != heads else None}
     if kind == "mistral":
         window = hf.get("sliding_window")
-        return {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6), "use_bias_in_norms": False,
-                "use_bias_in_mlp": False, "use_bias_in_attn_linear": False, "rotary_pct": 1.0,
-                "sliding_window_width": None if window is None else window - 1}
+        return {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6),
+                "use_bias_in_norms": False, "use_bias_in_mlp": False, "use_bias_in_attn_linear": False,
+                "rotary_pct": 1.0, "sliding_window_width": None if window is None else window - 1}
     if kind == "llama":
         return {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6),
                 "use_bias_in_norms": False, "use_bias_in_mlp": hf.get("mlp_bias", False),

@@ -223,7 +223,8 @@ class MLP(nn.Module):
         self.gated, self.activation = s.mlp_gated, s.activation
         branches = 2 if s.mlp_gated else 1
         self.linear1 = tp.ColumnParallelLinear(  # stride 2 when gated keeps each rank's halves paired
-            s.hidden_size, s.mlp_out or branches * s.ffn_hidden_size, **tp_args(mp), bias=s.mlp_bias, gather_output=False,
+            s.hidden_size, s.mlp_out or branches * s.ffn_hidden_size, **tp_args(mp), bias=s.mlp_bias,
+            gather_output=False,
             stride=branches, init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.linear2 = tp.RowParallelLinear(
