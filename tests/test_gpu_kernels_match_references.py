@@ -112,6 +112,23 @@ def test_model_attention_dispatch_matches_reference(dtype):
     _check_attention(functools.partial(attention, backend="flash", causal=True), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_attention_with_a_sliding_window_matches_reference(dtype):
+    """sliding_window_width on CUDA: flash-attn's window_size=(W, 0) when installed (bf16), else SDPA with the
+    banded mask, against the fp32 reference with the same band (a query sees itself and W keys before it)."""
+    from neox_fork.attention import attention, band, reference
+
+    window = 100  # < S, so the band hides keys
+    q, k, v = _qkv(dtype)
+    out, grads = _fwd_bwd(functools.partial(attention, backend="flash", causal=True, window=window), [q, k, v])
+    mask = band(S, S, window, "cuda")
+    ref_out, ref_grads = _fwd_bwd(lambda q, k, v: reference(q.float(), k.float(), v.float(), causal=True,
+                                                            mask=mask), [q, k, v])
+    assert_close_rel(out, ref_out, bound(dtype, 2, window + HEAD_DIM), "output")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_norm_close(g, r, bound(dtype, 4, window), f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_flash_attn_package_matches_reference(dtype):
     flash_attn = pytest.importorskip("flash_attn", reason="flash-attn is not installed (optional GPU extra)")
