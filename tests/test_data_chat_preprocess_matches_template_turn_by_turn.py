@@ -247,6 +247,21 @@ def test_cli_flags_and_unusable_tokenizer_folders(tmp_path, tokenizer_folder, ca
                "--dataset-impl", "mmap", "--no-progress"])
     assert "2 conversations" in capsys.readouterr().out
     assert len(_read(tmp_path / "sft_messages_label_document")[0]) == 2
+    # compressed inputs give the same files
+    import gzip
+
+    import zstandard
+
+    rows = b.read_bytes()
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(rows))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(rows))
+    for name in ("b.jsonl", "b.jsonl.gz", "b.jsonl.zst"):
+        tool.main(["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / name.replace(".", "-")),
+                   "--tokenizer-path", tokenizer_folder, "--jsonl-keys", "messages", "--no-progress"])
+    for kind in ("document", "label_document"):
+        files = [(tmp_path / f"{name.replace('.', '-')}_messages_{kind}.bin").read_bytes()
+                 for name in ("b.jsonl", "b.jsonl.gz", "b.jsonl.zst")]
+        assert files[0] == files[1] == files[2]
     no_template = tmp_path / "plain"
     from transformers import AutoTokenizer
 

@@ -165,10 +165,13 @@ def parse_reward(obj: dict, options: ChatOptions) -> float:
     return float(value)
 
 
+def _files_per_key(options: ChatOptions) -> int:
+    return 3 if options.reward_key is not None else 2  # tokens, labels (, rewards)
+
+
 def output_dtypes(num_ids: int, num_keys: int, options: ChatOptions) -> list[type[numpy.number]]:
     """Element types of the outputs, in `chat_outputs`' order."""
-    per_key = [token_dtype(num_ids), LABEL_DTYPE, REWARD_DTYPE]
-    return per_key[: 3 if options.reward_key is not None else 2] * num_keys
+    return [token_dtype(num_ids), LABEL_DTYPE, REWARD_DTYPE][: _files_per_key(options)] * num_keys
 
 
 class ChatChunkEncoder:
@@ -225,7 +228,7 @@ class ChatChunkEncoder:
 def chat_outputs(output_prefix: str, keys: Sequence[str], options: ChatOptions) -> list[str]:
     """Path prefixes written, per key: PREFIX_{key}_document, PREFIX_{key}_label_document and, with a
     reward key, PREFIX_{key}_reward_document."""
-    suffixes = ["", "_label", "_reward"][: 3 if options.reward_key is not None else 2]
+    suffixes = ["", "_label", "_reward"][: _files_per_key(options)]
     return [document_prefix(output_prefix, key + suffix) for key in keys for suffix in suffixes]
 
 
@@ -272,7 +275,7 @@ def preprocess_chat(
     if options.for_rm and not options.no_mask and tokenizer.eos_token_id is None:
         raise UserError(f"--tokenizer-path {tokenizer_path}: --for-rm needs a tokenizer with an eos_token")
     make_output_folder(output_prefix)
-    per_key = 3 if options.reward_key is not None else 2
+    per_key = _files_per_key(options)
     return run(
         files,
         chat_outputs(output_prefix, keys, options),
