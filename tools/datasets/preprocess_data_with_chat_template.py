@@ -14,6 +14,7 @@ See docs/post-training.md.
 """
 
 import argparse
+import os
 
 from neox_fork.data.chat import DEFAULT_KEY, ChatOptions, preprocess_chat
 from neox_fork.data.pipeline import print_report
@@ -56,7 +57,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.dataset_impl != "mmap":
         raise UserError(f"--dataset-impl {args.dataset_impl}: not supported; valid: mmap")
-    inputs = [part for value in args.input for part in value.split(",") if part]
+    # upstream's comma-separated list; an argument naming an existing file is kept whole
+    inputs = [part for value in args.input for part in ([value] if os.path.exists(value) else value.split(",")) if part]
     options = ChatOptions(
         generation_role=args.generation_role,
         only_last=args.only_last,
