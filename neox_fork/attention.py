@@ -26,8 +26,14 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     flash_attn_func = None
 
 
+def on_cuda(t: torch.Tensor) -> bool:
+    """Whether `t` is where the CUDA kernels run: the one device check of the kernel dispatch (here and in
+    fused.py), a function so that the CPU tests can stand in a GPU and exercise the other conditions."""
+    return t.is_cuda
+
+
 def flash_available(q: torch.Tensor) -> bool:
-    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return flash_attn_func is not None and on_cuda(q) and q.dtype in (torch.float16, torch.bfloat16)
 
 
 HOPPER_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
