@@ -20,6 +20,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
+        "bnb": ["bitsandbytes"],
         "eval": ["lm-eval[hf]>=0.4.9,<0.5"],
         "logging": ["tensorboard", "wandb"],
         "test": ["pytest", "pytest-timeout"],

@@ -55,6 +55,7 @@ _SHARDING = [
     (r"output_layer\.weight", (0, 1)),
     (r"layers\.\d+\.attention\.query_key_value\.(weight|bias)", (0, 1)),
     (r"layers\.\d+\.mlp\.linear1\.(weight|bias)", (0, "mlp")),
+    (r"layers\.\d+\.attention\.qk_layernorm\.(weight|bias|scale)", (0, 1)),  # [heads, head_dim] by heads
     (r"layers\.\d+\.attention\.dense\.weight", (1, 1)),
     (r"layers\.\d+\.mlp\.linear2\.weight", (1, 1)),
 ]

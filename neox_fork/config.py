@@ -109,6 +109,12 @@ class NeoXConfig:
     use_bias_in_norms: bool = _key(True, "LayerNorm with a bias (RMSNorm never has one, as upstream)")
     use_bias_in_attn_linear: bool = _key(True, "biases in the QKV and attention output projections")
     use_bias_in_mlp: bool = _key(True, "biases in both MLP linears")
+    use_qk_layernorm: bool = _key(False, "one `norm` over [heads, head_dim] for queries and keys, before rotary, as "
+                                         "upstream (LayerNorm: over both dims; RMSNorm: per head); not with "
+                                         "num_kv_heads, LayerNorm only at TP 1; no HF class computes it")
+    sliding_window_width: int | None = _key(None, "Mistral's banded attention in every path and the cached decode: "
+                                                  "a query sees itself and the W keys before it (upstream's mask; "
+                                                  "HF Mistral's sliding_window is W + 1)")
     attention_config: list = _key(factory=list, doc="[[[type, ...], repeat], ...] per layer: flash or global "
                                                     "(both exact attention); default flash everywhere")
     moe_num_experts: int = _key(1, "only 1 (mixture of experts is not built)")
@@ -126,6 +132,8 @@ class NeoXConfig:
     optimizer: dict = _key(factory=lambda: {"type": "Adam", "params": {"lr": 1e-3}},
                            doc="{type: Adam|AdamW, params: {lr, betas, eps}}; always AdamW with decoupled decay "
                                "(upstream: required)")
+    use_bnb_optimizer: bool = _key(False, "bitsandbytes' Adam8bit (8-bit moments, decoupled decay) instead of torch's "
+                                          "AdamW; one line if bitsandbytes is not installed")
     lr: float | None = _key(None, "learning rate if optimizer.params has none")
     min_lr: float = _key(0.0, "floor of the decayed learning rate")
     lr_decay_style: str = _key("linear", "linear, cosine or constant after warmup")

@@ -53,7 +53,7 @@ MUST_BE_FALSE = {
 }
 ATTENTION_TYPES = ("flash", "global")
 ATTENTION_NOT_BUILT = {
-    "local": "local (sliding-window) attention is not built",
+    "local": "local attention layers are not built (Mistral's sliding window is sliding_window_width)",
     "sparse_fixed": "DeepSpeed sparse attention is not built", "sparse_variable": "DeepSpeed sparse attention is "
     "not built", "bigbird": "DeepSpeed sparse attention is not built", "bslongformer": "DeepSpeed sparse attention "
     "is not built", "gmlp": "gMLP blocks are not built", "amlp": "aMLP blocks are not built",
@@ -81,10 +81,15 @@ def validate(c: NeoXConfig) -> None:
              "built; use 1")
     if c.intermediate_size is not None and c.expansion_factor is not None:
         fail("expansion_factor", "give intermediate_size or expansion_factor, not both (as upstream)")
-    out, into = c.mlp_widths
-    if out != (2 * into if c.mlp_gated else into):
-        fail("intermediate_size", f"the MLP widths do not fit together: linear1 gives {out} outputs, linear2 takes "
-             f"{into} (upstream rounds them separately); choose intermediate_size / mlp_multiple_of so they agree")
+    if c.sliding_window_width is not None and c.sliding_window_width < 0:
+        fail("sliding_window_width", f"sliding_window_width must be 0 or more (or null), got {c.sliding_window_width}")
+    if c.use_qk_layernorm and c.kv_heads != c.num_attention_heads:
+        fail("use_qk_layernorm", "use_qk_layernorm with grouped-query attention (num_kv_heads) is not built: "
+             "upstream's one norm over [heads, head_dim] does not fit the fewer key heads")
+    if c.use_qk_layernorm and c.norm == "layernorm" and c.model_parallel_size > 1:
+        fail("use_qk_layernorm", "use_qk_layernorm with norm layernorm at model_parallel_size > 1 is not built: "
+             "upstream's LayerNorm then averages over each rank's heads, so the model would change with the TP "
+             "size; use model_parallel_size 1 or norm rmsnorm (per head)")
     if c.num_attention_heads % c.kv_heads:
         fail("num_kv_heads", f"num_kv_heads {c.kv_heads} must divide num_attention_heads {c.num_attention_heads}")
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
@@ -164,3 +169,13 @@ def validate(c: NeoXConfig) -> None:
                  f"{prefix}_data_paths has {len(paths)}; give one weight per path")
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
+
+
+def check_runnable(c: NeoXConfig) -> None:
+    """What a model must satisfy to run a forward (sizing tools may still build it, as upstream does)."""
+    out, into = c.mlp_widths
+    if out != (2 * into if c.mlp_gated else into):
+        hint = "mlp_multiple_of 256 or intermediate_size 3 x the branch width" if c.mlp_gated else "mlp_multiple_of"
+        raise UserError(f"{c.where('intermediate_size')}: the MLP widths do not fit together: linear1 gives {out} "
+                        f"outputs, linear2 takes {into} (upstream rounds them separately and its forward fails the "
+                        f"same way); choose intermediate_size / mlp_multiple_of so they agree, e.g. {hint}")

@@ -15,6 +15,7 @@ import torch
 
 from neox_fork import parallel
 from neox_fork.config import NeoXConfig, deepspeed_config
+from neox_fork.errors import UserError
 
 log = logging.getLogger("neox_fork")
 
@@ -39,17 +40,28 @@ def lr_at(c: NeoXConfig, iteration: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms (weight and bias) and any bias get none."""
+    """Weight decay on matrices only: norms (weight and bias, the [heads, head_dim] qk norm included) and any
+    bias get none."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.dim() < 2 or name.endswith(".bias") or ".qk_layernorm." in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(c: NeoXConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay); torch's fused kernel on CUDA, the foreach one on CPU."""
+    """AdamW (decoupled weight decay); torch's fused kernel on CUDA, the foreach one on CPU. With
+    `use_bnb_optimizer`, bitsandbytes' Adam8bit as upstream (its decay is decoupled too; moments of tensors
+    of 4096+ elements kept in 8 bits, blockwise quantised)."""
+    if c.use_bnb_optimizer:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError(f"{c.where('use_bnb_optimizer')}: use_bnb_optimizer needs bitsandbytes, which is not "
+                            "installed; `pip install bitsandbytes` or set use_bnb_optimizer: false") from None
+        return bitsandbytes.optim.Adam8bit(param_groups(model, c.weight_decay), lr=c.learning_rate,
+                                           betas=c.adam_betas, eps=c.adam_eps)
     fused = torch.cuda.is_available()
     return torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.learning_rate, betas=c.adam_betas,
                              eps=c.adam_eps, fused=fused, foreach=None if fused else True)

@@ -19,7 +19,8 @@ def meta_model(config, vocab: int | None):
     """The whole model (TP=1) built on the meta device: shapes and parameter counts, no memory."""
     parallel.initialize(1)
     with torch.device("meta"):
-        return build_model(dataclasses.replace(config, model_parallel_size=1), vocab, perform_initialization=False)
+        return build_model(dataclasses.replace(config, model_parallel_size=1), vocab, perform_initialization=False,
+                           sizing_only=True)
 
 
 def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assumed_mfu=0.40) -> dict:

@@ -133,6 +133,12 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     saved_tp = checkpoint.tp_size_of(folder)
     if c.finetune:
         load_weights_only(model, folder, c.trust_checkpoint)
+        # ZeRO (and bf16) optimizers keep fp32 masters copied from the weights when the engine was built; the
+        # first step would write those (the fresh initialisation) back. DeepSpeed does the same when it loads
+        # a module without its optimizer state.
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
         log.info("fine-tuning from the weights of %s", folder)
         return
     saved_dp = checkpoint.dp_size_of(folder)

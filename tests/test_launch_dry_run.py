@@ -310,11 +310,17 @@ def test_launch_slurm_rank_env_matches_what_each_rank_maps_from_slurm_vars(tmp_p
 
     overlay = {"deepspeed_slurm": True, "num_gpus": None}
     command, env, ranks = ok(deepy(tmp_path, env=SLURM_ENV, overlay=overlay))
+    # What each task sees: srun passes on what deepy sets for it (env, whatever it holds), and Slurm adds its
+    # own per-task variables; RANK/WORLD_SIZE of SLURM_ENV are unset by deepy.
+    propagated = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     for r in ranks:
-        task = {"SLURM_PROCID": r["RANK"], "SLURM_LOCALID": r["LOCAL_RANK"], "SLURM_NTASKS": "8",
-                "SLURM_JOB_NODELIST": SLURM_ENV["SLURM_JOB_NODELIST"], "MASTER_PORT": env["MASTER_PORT"]}
+        task = {**propagated, "SLURM_PROCID": r["RANK"], "SLURM_LOCALID": r["LOCAL_RANK"], "SLURM_NTASKS": "8",
+                "SLURM_JOB_NODELIST": SLURM_ENV["SLURM_JOB_NODELIST"]}
         mapped = slurm_environment(task)
         assert {k: mapped.get(k, task.get(k)) for k in launch.RANK_KEYS} == {k: r[k] for k in launch.RANK_KEYS}
+    # and the rendezvous itself, known by hand: the first host of gpu[007-008] and the default master_port
+    # (29500, as upstream's), the same on every rank
+    assert {(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in ranks} == {("gpu007", "29500")}
 
 
 def test_launch_slurm_uneven_tasks_per_node_and_subset_selection(tmp_path):
