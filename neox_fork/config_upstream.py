@@ -40,9 +40,6 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     "world_size": (DERIVED, None, int, "the number of ranks"),
     "is_pipe_parallel": (DERIVED, False, bool, "pipe_parallel_size >= 1"),
     # --- model ---
-    "sliding_window_width": (NO_EFFECT, None, int, "Mistral's banded attention window (not built: attention "
-                                                   "is over the whole sequence)"),
-    "use_qk_layernorm": (NO_EFFECT, False, bool, "LayerNorm on queries and keys (not built)"),
     "rmsnorm_fusion": (NO_EFFECT, False, bool, "Apex fused RMSNorm kernel (same result as ours)"),
     "scalenorm_epsilon": (NO_EFFECT, 1e-8, float, "only used by norm: scalenorm (not built)"),
     "rpe_num_buckets": (NO_EFFECT, 32, int, "only used by pos_emb: rpe (not built)"),
@@ -91,7 +88,6 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     "ffn_dim": (NO_EFFECT, None, int, RWKV),
     # --- optimizer and LR ---
     "optimizer_type": (DERIVED, "adam", str, "optimizer.type"),
-    "use_bnb_optimizer": (NO_EFFECT, False, bool, "bitsandbytes 8-bit Adam (not built: AdamW in fp32)"),
     "zero_stage": (DERIVED, None, int, "zero_optimization.stage"),
     "zero_reduce_scatter": (DERIVED, None, bool, "zero_optimization.reduce_scatter (default true)"),
     "zero_contiguous_gradients": (DERIVED, None, bool, "zero_optimization.contiguous_gradients (default false)"),

@@ -115,7 +115,7 @@ def test_upstream_style_setup_file_loads_with_one_line_for_what_has_no_effect(tm
         "data_path": "data/enwik8/enwik8_text_document", "vocab_file": "data/gpt2-vocab.json",
         "merge_file": "data/gpt2-merges.txt", "save": "checkpoints", "load": "checkpoints",
         "checkpoint_validation_with_forward_pass": False, "tensorboard_dir": "tensorboard", "log_dir": "logs",
-        "use_comet": False, "log_grad_norm": True, "sliding_window_width": 4096, "rmsnorm_fusion": True,
+        "use_comet": False, "log_grad_norm": True, "use_flashattn_swiglu": True, "rmsnorm_fusion": True,
         "profile": False, "memory_profiling": False, "wandb_run_name": "quickstart",
         "data_types": {"grad_accum_dtype": "fp32"}, "deepspeed_extra_args": {"comms_logger": {"enabled": False}},
     }))
@@ -124,7 +124,7 @@ def test_upstream_style_setup_file_loads_with_one_line_for_what_has_no_effect(tm
     with caplog.at_level(logging.WARNING):
         log_ignored_settings(c)
     assert len(caplog.records) == 1
-    for named in ("merge_file='data/gpt2-merges.txt'", "log_grad_norm=True", "sliding_window_width=4096",
+    for named in ("merge_file='data/gpt2-merges.txt'", "log_grad_norm=True", "use_flashattn_swiglu=True",
                   "rmsnorm_fusion=True", "log_dir='logs'"):
         assert named in caplog.text
     assert "use_comet" not in caplog.text and "profile" not in caplog.text  # at upstream's default
