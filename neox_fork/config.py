@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from neox_fork import config_upstream
 from neox_fork.config_rules import GATED_ACTIVATIONS, validate
 from neox_fork.errors import UserError
 
@@ -137,6 +138,7 @@ class NeoXConfig:
     min_lr: float = _key(0.0, "floor of the decayed learning rate")
     lr_decay_style: str = _key("linear", "linear, cosine or constant after warmup")
     lr_decay_iters: int | None = _key(None, "steps over which the rate decays; null = train_iters")
+    lr_decay_fraction: float | None = _key(None, "lr_decay_iters as a fraction of train_iters, if that is null")
     warmup: float = _key(0.01, "warmup as a fraction of lr_decay_iters")
     warmup_iters: int | None = _key(None, "not upstream: warmup as a step count; overrides warmup")
     weight_decay: float = _key(0.1, "decoupled weight decay on matrices (not on norms and biases)")
@@ -258,6 +260,8 @@ class NeoXConfig:
 
     # Where each key came from (key -> file), for messages; not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
+    upstream_keys: dict = field(default_factory=dict, repr=False)  # those given of config_upstream.KEYS
+    given_files: dict = field(default_factory=dict, repr=False, compare=False)  # name -> bytes: ckpt configs/
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -352,6 +356,8 @@ class NeoXConfig:
 
     @property
     def decay_iters(self) -> int:
+        if self.lr_decay_iters is None and self.lr_decay_fraction is not None:
+            return math.floor(self.train_iters * self.lr_decay_fraction)  # as upstream
         return self.lr_decay_iters or self.train_iters
 
     @property
@@ -395,10 +401,11 @@ class NeoXConfig:
         return self.sources.get(key, "defaults")
 
     def to_dict(self) -> dict[str, Any]:
-        """The keys as NeoX writes them (underscores), without bookkeeping: saved beside checkpoints."""
-        out = dataclasses.asdict(self)
-        out.pop("sources")
-        return out
+        """The keys as NeoX writes them (underscores), without bookkeeping: saved beside checkpoints. Nulls that
+        are defaults are left out (upstream's tools read a present key as set); upstream requires max_positions."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("sources", "given_files")}
+        out.update(out.pop("upstream_keys"), max_position_embeddings=self.max_positions)
+        return {k: v for k, v in out.items() if v is not None or k in _FIELDS and _FIELDS[k].default is not None}
 
     # ------------------------------------------------------------------ validation
     def check_world_size(self, world_size: int) -> None:
@@ -417,6 +424,7 @@ class NeoXConfig:
                 f"gradient_accumulation_steps {self.gradient_accumulation_steps} x data-parallel size {dp} "
                 f"(= {self.global_batch_size(world_size)}); fix one of them or drop train_batch_size"
             )
+        config_upstream.check_derived(self, world_size)
 
 
 # ---------------------------------------------------------------------- loading
@@ -430,7 +438,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-_FIELDS = {f.name: f for f in dataclasses.fields(NeoXConfig) if f.name != "sources"}
+_FIELDS = {f.name: f for f in dataclasses.fields(NeoXConfig) if "doc" in f.metadata}  # not the bookkeeping
 _HINTS = typing.get_type_hints(NeoXConfig)
 
 
@@ -486,8 +494,10 @@ def _type_name(hint: Any) -> str:
 
 
 def _check_key(key: str, value: Any, source: str) -> Any:
+    if key in config_upstream.KEYS and key not in _FIELDS:
+        return config_upstream.check_type(key, value, source)
     if key not in _FIELDS:
-        close = difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, [*_FIELDS, *config_upstream.KEYS], n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else "; see neox_fork/config.py for the known keys"
         raise UserError(f"{source}: unknown key '{key}'{hint}")
     hint = _HINTS[key]
@@ -529,8 +539,10 @@ def from_dict(values: dict[str, Any], sources: dict[str, str] | None = None, sou
         if steps != checked["gas"]:
             raise UserError(f"{sources['gas']}: gas {checked['gas']} and gradient_accumulation_steps {steps} "
                             "disagree; they are one setting, give one of them")
-    config = NeoXConfig(**checked, sources=sources)
+    upstream = config_upstream.split(checked, sources)  # before **checked: it takes the table's keys out
+    config = NeoXConfig(**checked, sources=sources, upstream_keys=upstream)
     validate(config)
+    config_upstream.validate(config)
     return config
 
 
@@ -542,8 +554,8 @@ def no_effect_keys() -> list[str]:
 def ignored_settings(c: NeoXConfig) -> dict[str, Any]:
     """The no-effect keys this config sets to something other than their default (or an empty value)."""
     defaults = NeoXConfig()
-    return {k: getattr(c, k) for k in no_effect_keys()
-            if getattr(c, k) not in (getattr(defaults, k), None, "", False)}
+    return {**{k: getattr(c, k) for k in no_effect_keys()
+               if getattr(c, k) not in (getattr(defaults, k), None, "", False)}, **config_upstream.ignored(c)}
 
 
 def log_ignored_settings(c: NeoXConfig) -> None:
@@ -560,11 +572,14 @@ def load_config(*paths: str | os.PathLike, overrides: dict[str, Any] | None = No
     for key, value in (overrides or {}).items():
         values[normalize_key(key)] = value
         sources[normalize_key(key)] = "overrides"
-    return from_dict(values, sources)
+    config = from_dict(values, sources)
+    config.given_files = config_upstream.config_files(paths)
+    return config
 
 
 def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config derived from ours: batch sizes, ZeRO, precision, clipping.
+    """The DeepSpeed config derived from ours: batch sizes, ZeRO, precision, clipping, and the DeepSpeed
+    sections upstream passes through (config_upstream.DEEPSPEED keys, then deepspeed_extra_args).
 
     The optimizer and LR schedule are built by neox_fork.training (AdamW with no decay on norms and
     biases, warmup + cosine), so they are not in this dict. `torch_adam` keeps optimizer steps
@@ -591,4 +606,4 @@ def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif c.dtype_name == "fp16":
         ds["fp16"] = {"enabled": True, **{k: v for k, v in (c.fp16 or {}).items() if k != "enabled"}}
-    return ds
+    return config_upstream.deepspeed_sections(c, ds)

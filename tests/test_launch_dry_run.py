@@ -198,6 +198,18 @@ def test_launch_missing_hostfile_is_one_line_error(tmp_path):
     assert_user_error(deepy(tmp_path, "-H", str(tmp_path / "nope")), "hostfile", "not found")
 
 
+def test_launch_missing_hostfile_named_in_a_config_runs_locally_as_deepspeeds_runner(tmp_path):
+    """Upstream's configs name `hostfile: /mock_path`; DeepSpeed's runner warns and uses the local devices."""
+    missing = str(tmp_path / "mock_path")
+    result = deepy(tmp_path, overlay={"hostfile": missing, "num_gpus": 2})
+    command, _, ranks = ok(result)
+    assert command[2:4] == ["-m", "neox_fork.launch"] and "--hostfile" not in command  # deepy's own local start
+    assert world(ranks) == [0, 1] and {r["host"] for r in ranks} == {"localhost"}
+    logged = [line for line in result.stderr.splitlines() if "mock_path" in line]
+    assert len(logged) == 1 and f"hostfile '{missing}' not found: using this machine's devices" in logged[0]
+    assert "overlay.yml" in logged[0]  # names the file that set it
+
+
 @pytest.mark.parametrize("overlay, fragments", [
     ({"include": "worker-z"}, ["host 'worker-z' is not in the hostfile"]),
     ({"include": "worker-a:7"}, ["slot 7 does not exist on 'worker-a'"]),
