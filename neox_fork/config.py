@@ -188,6 +188,9 @@ class NeoXConfig:
     log_interval: int = _key(100, "steps between progress lines and metrics rows")
     steps_per_print: int = _key(10, "DeepSpeed's own progress print (replaced by log_interval)", no_effect=True)
     wall_clock_breakdown: bool = _key(False, "DeepSpeed's per-phase timers")
+    train_epochs: int | None = _key(None, "passes over the training data: sets train_iters to epochs x one epoch's "
+                                          "samples // global batch (give it instead of train_iters)")
+    eod_mask_loss: bool = _key(False, "no loss where the input token is the end-of-document id")
     max_nan_steps: int = _key(3, "not upstream: stop after this many non-finite losses in a row")
     exit_interval: int | None = _key(None, "save and stop once the step is a multiple of this")
     num_workers: int = _key(2, "data-loader worker processes (at most 2 used)")
@@ -208,6 +211,16 @@ class NeoXConfig:
                                        "made of `load` (DeepSpeed's Universal Checkpointing), at any "
                                        "model_parallel_size, GPU count and ZeRO stage 1 or 2; a newer regular "
                                        "checkpoint in `load` (saved after the change) is loaded instead")
+    no_save_optim: bool = _key(False, "leave the optimizer states out of saves (upstream: ignored with DeepSpeed); "
+                                      "such a checkpoint resumes only with no_load_optim")
+    no_save_rng: bool = _key(False, "leave the RNG states out of saves")
+    no_load_optim: bool = _key(False, "resume weights, iteration and RNG but fresh optimizer states and LR schedule")
+    no_load_rng: bool = _key(False, "resume without restoring the saved RNG states")
+    override_lr_scheduler: bool = _key(False, "on resume, the schedule (lr, min_lr, warmup, decay iters and style) "
+                                              "comes from this config; neither this nor the next: they must match")
+    use_checkpoint_lr_scheduler: bool = _key(False, "on resume, the schedule comes from the checkpoint")
+    checkpoint_validation_with_forward_pass: bool = _key(False, "save the logits of a fixed input with each "
+                                                                "checkpoint; on resume recompute and stop if they differ")
     s3_path: str | None = _key(None, "upload checkpoints to S3 (not built)", no_effect=True)
     s3_sync_interval: int | None = _key(None, "S3 upload interval (not built)", no_effect=True)
 
@@ -221,6 +234,9 @@ class NeoXConfig:
     test_data_weights: list = _key(factory=list, doc="blend weights, one per test path")
     split: str = _key("969, 30, 1", "train/valid/test proportions of data_path")
     data_impl: str = _key("mmap", "only mmap (upstream's default `infer` finds mmap for the files it writes)")
+    weight_by_num_documents: bool = _key(False, "blend weights from each path's document count (replaces "
+                                                "*_data_weights): p_i ~ (n_i/N)^alpha x (1 - n_i/N), normalised")
+    weighted_sampler_alpha: float = _key(1.0, "alpha of weight_by_num_documents (0: equal, 1: by documents)")
     data_cache_path: str | None = _key(None, "folder for the sample index caches; null = beside the data")
     tokenizer_type: str = _key("HFTokenizer", "only HFTokenizer (a tokenizer.json; upstream's default "
                                               "GPT2BPETokenizer is not built)")
@@ -236,6 +252,29 @@ class NeoXConfig:
     wandb_project: str | None = _key("neox", "W&B project")
     wandb_group: str | None = _key(None, "W&B run group")
     wandb_name: str | None = _key(None, "W&B run name")
+    use_comet: bool | None = _key(None, "log metrics to Comet (comet_ml; COMET_* variables choose online/offline)")
+    comet_workspace: str | None = _key(None, "Comet workspace")
+    comet_project: str | None = _key(None, "Comet project")
+    comet_experiment_name: str | None = _key(None, "Comet experiment name")
+    comet_tags: list | None = _key(None, "Comet experiment tags")
+    comet_others: dict | None = _key(None, "extra metadata logged to the Comet experiment")
+    log_grad_norm: bool = _key(False, "log each parameter's gradient norm (before clipping) every step: "
+                                      "gradient_norms/NAME")
+    log_param_norm: bool = _key(False, "log each parameter's norm after the update every step: parameter_norms/NAME")
+    log_optimizer_states: bool = _key(False, "log the norm of each Adam moment every step: "
+                                             "optimizer_state_norms/INDEX_exp_avg(_sq)")
+    log_grad_pct_zeros: bool = _key(False, "log the percentage of zero gradient entries: pct_grad_zeros/NAME")
+    log_gradient_noise_scale: bool = _key(False, "log the gradient noise scale B_simple (arXiv:1812.06162) as "
+                                                 "noise_scale (upstream: train/noise_scale)")
+    gradient_noise_scale_n_batches: int = _key(5, "steps whose gradients make the large batch of the noise scale")
+    gradient_noise_scale_cpu_offload: bool = _key(False, "keep the noise scale's gradient buffer in CPU memory")
+    profile: bool = _key(False, "torch profiler trace of steps profile_step_start..stop, one file per rank in "
+                                "tensorboard_dir (else save)")
+    profile_step_start: int = _key(10, "first profiled step")
+    profile_step_stop: int = _key(12, "last profiled step")
+    memory_profiling: bool = _key(False, "CUDA memory snapshot (mem_snapshot.pickle) in memory_profiling_path at "
+                                         "the profiled steps; one warning line on a device without CUDA")
+    memory_profiling_path: str | None = _key(None, "folder of the memory snapshot")
 
     # --- launch ---
     launcher: str = _key("pdsh", "multi-node launcher: pdsh, openmpi, mvapich or slurm")

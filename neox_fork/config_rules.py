@@ -167,6 +167,7 @@ def validate(c: NeoXConfig) -> None:
         if weights and len(weights) != len(paths):
             fail(f"{prefix}_data_weights", f"{prefix}_data_weights has {len(weights)} entries but "
                  f"{prefix}_data_paths has {len(paths)}; give one weight per path")
+    _training_and_logging(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
 
@@ -179,3 +180,33 @@ def check_runnable(c: NeoXConfig) -> None:
         raise UserError(f"{c.where('intermediate_size')}: the MLP widths do not fit together: linear1 gives {out} "
                         f"outputs, linear2 takes {into} (upstream rounds them separately and its forward fails the "
                         f"same way); choose intermediate_size / mlp_multiple_of so they agree, e.g. {hint}")
+
+
+def _training_and_logging(c: NeoXConfig, fail) -> None:
+    """train_epochs, the LR-schedule resume switches, profiling and the noise scale (upstream's limits)."""
+    if c.train_epochs is not None:
+        if c.train_epochs < 1:
+            fail("train_epochs", f"train_epochs must be at least 1, got {c.train_epochs}")
+        if "train_iters" in c.sources:
+            fail("train_epochs", "give train_epochs or train_iters, not both (as upstream)")
+        if len(c.train_data_paths) > 1:
+            fail("train_epochs", "train_epochs needs one training dataset (data_path or one train_data_paths "
+                 "entry): an epoch of a blend is undefined (upstream refuses weights too)")
+        for key in ("train_data_weights", "weight_by_num_documents"):
+            if getattr(c, key):
+                fail(key, f"{key} does not work with train_epochs (as upstream): an epoch of a blend is undefined")
+    if c.override_lr_scheduler and c.use_checkpoint_lr_scheduler:
+        fail("override_lr_scheduler", "override_lr_scheduler and use_checkpoint_lr_scheduler are both true; the "
+             "schedule comes from the config or from the checkpoint: set one")
+    if c.memory_profiling and not c.memory_profiling_path:
+        fail("memory_profiling", "memory_profiling needs memory_profiling_path (the folder for the snapshot)")
+    if c.profile and not (c.tensorboard_dir or c.save):
+        fail("profile", "profile writes its trace to tensorboard_dir (else save): set one of them")
+    if (c.profile or c.memory_profiling) and not 0 <= c.profile_step_start < c.profile_step_stop:
+        fail("profile_step_stop", f"profile steps must satisfy 0 <= profile_step_start < profile_step_stop, got "
+             f"{c.profile_step_start}..{c.profile_step_stop}")
+    if c.log_gradient_noise_scale and c.gradient_noise_scale_n_batches < 2:
+        fail("gradient_noise_scale_n_batches", "gradient_noise_scale_n_batches must be at least 2 (the large batch "
+             f"is that many steps), got {c.gradient_noise_scale_n_batches}")
+    if c.weighted_sampler_alpha < 0:
+        fail("weighted_sampler_alpha", f"weighted_sampler_alpha must be >= 0, got {c.weighted_sampler_alpha}")
