@@ -1,4 +1,4 @@
-"""tools/reshard_checkpoint.py splits weights for another TP size and back without changing a bit."""
+"""tools/ckpts/reshard_checkpoint.py splits weights for another TP size and back without changing a bit."""
 
 import subprocess
 
@@ -11,7 +11,7 @@ from neox_fork.model import build_model
 
 
 def reshard(src, dst, tp):
-    return subprocess.run([PYTHON, "tools/reshard_checkpoint.py", "--input-dir", str(src), "--output-dir", str(dst),
+    return subprocess.run([PYTHON, "tools/ckpts/reshard_checkpoint.py", "--input-dir", str(src), "--output-dir", str(dst),
                            "--tp", str(tp)], cwd=REPO, capture_output=True, text=True)
 
 

@@ -69,10 +69,12 @@ class _EncodedChunk:
 
 
 class _ChunkEncoder:
-    def __init__(self, tokenizer_type: str, vocab_file: str, keys: Sequence[str], append_eod: bool):
-        self.tokenizer = build_tokenizer(tokenizer_type, vocab_file)
+    def __init__(self, tokenizer_type: str, vocab_file: str | None, merge_file: str | None, keys: Sequence[str],
+                 append_eod: bool, fix_text: bool = False):
+        self.tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
         self.keys = list(keys)
         self.append_eod = append_eod
+        self.fix_text = _ftfy() if fix_text else None
         self.dtype = token_dtype(self.tokenizer.vocab_size)
 
     def __call__(self, chunk: Sequence[Record]) -> _EncodedChunk:
@@ -85,7 +87,7 @@ class _ChunkEncoder:
                 bad.append((record.source, record.line, str(err)))
                 continue
             for texts, value in zip(texts_per_key, values):
-                texts.append(value)
+                texts.append(self.fix_text(value) if self.fix_text else value)
         tokens, lengths, empty = [], [], 0
         for texts in texts_per_key:
             ids = [doc for doc in self.tokenizer.encode_batch(texts) if doc]
@@ -112,14 +114,23 @@ class _ChunkEncoder:
 _worker_encoder: _ChunkEncoder | None = None
 
 
-def _init_worker(tokenizer_type: str, vocab_file: str, keys: Sequence[str], append_eod: bool) -> None:
+def _ftfy():
+    """ftfy.fix_text (upstream's --ftfy), or one line saying the package is missing."""
+    try:
+        import ftfy
+    except ImportError:
+        raise UserError("--ftfy needs the ftfy package, which is not installed (pip install ftfy)") from None
+    return ftfy.fix_text
+
+
+def _init_worker(*encoder_args) -> None:
     # Ctrl-C reaches the whole process group: let the parent alone decide, and let SIGTERM from
     # Pool.terminate() kill the worker instead of running the parent's handler inherited by fork.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker_encoder
-    _worker_encoder = _ChunkEncoder(tokenizer_type, vocab_file, keys, append_eod)
+    _worker_encoder = _ChunkEncoder(*encoder_args)
 
 
 def _encode_chunk(chunk: Sequence[Record]) -> _EncodedChunk:
@@ -222,21 +233,39 @@ def _encoded_chunks(
     pool.join()
 
 
+def split_input_list(inputs: Sequence[str]) -> list[str]:
+    """Upstream's --input is one comma-separated list; ours takes several arguments. A comma splits an argument
+    unless the whole argument is an existing file."""
+    return [part for item in inputs for part in ([item] if os.path.exists(item) else str(item).split(",")) if part]
+
+
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
-    vocab_file: str,
+    vocab_file: str | None,
     *,
     tokenizer_type: str = "HFTokenizer",
+    merge_file: str | None = None,
     jsonl_keys: Sequence[str] = ("text",),
     append_eod: bool = False,
+    ftfy: bool = False,
     workers: int = 1,
     max_bad_fraction: float = 0.01,
     progress: bool = False,
+    num_docs: int | None = None,
+    log_interval: int = 1,
+    dataset_impl: str = "mmap",
     chunk_bytes: int = 1 << 20,
     chunk_records: int = 4096,
 ) -> PreprocessResult:
-    """Tokenize `inputs` (paths or globs) into `PREFIX_{key}_document.bin/.idx`, one pair per key."""
+    """Tokenize `inputs` (paths, globs, or upstream's comma-separated lists) into `PREFIX_{key}_document.bin/.idx`,
+    one pair per key. `ftfy` fixes each text with ftfy first (as upstream); `num_docs` is the progress bar's total
+    and `log_interval` the documents between its updates."""
+    if dataset_impl != "mmap":
+        raise UserError(f"--dataset-impl {dataset_impl}: only mmap is written here (upstream's lazy and cached "
+                        "formats are not built)")
+    if ftfy:
+        _ftfy()
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction {max_bad_fraction}: must be between 0 and 1")
     if workers < 1:
@@ -244,10 +273,10 @@ def preprocess(
     keys = list(jsonl_keys)
     if not keys or len(set(keys)) != len(keys):
         raise UserError(f"--jsonl-keys {' '.join(keys)}: give one or more distinct keys")
-    files = expand_inputs(inputs)
+    files = expand_inputs(split_input_list(inputs))
     if len(keys) > 1 and any(path.endswith(".txt") for path in files):
         raise UserError(f"--jsonl-keys {' '.join(keys)}: .txt inputs hold one text each, so give a single key")
-    tokenizer = build_tokenizer(tokenizer_type, vocab_file)
+    tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -257,14 +286,15 @@ def preprocess(
     from tqdm import tqdm
 
     result = PreprocessResult(outputs=[document_prefix(output_prefix, key) for key in keys])
-    init_args = (tokenizer_type, vocab_file, keys, append_eod)
+    init_args = (tokenizer_type, vocab_file, merge_file, keys, append_eod, ftfy)
     pool_holder: list = []
     outputs = None
     with _sigterm_raises_systemexit():
         try:
             outputs = _Outputs(output_prefix, keys, token_dtype(tokenizer.vocab_size))
             started = time.perf_counter()
-            bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr, mininterval=0.5)
+            bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr, mininterval=0.5,
+                       total=num_docs, miniters=max(1, log_interval))
             chunks = _chunks(iter_records(files), chunk_bytes, chunk_records)
             for encoded in _encoded_chunks(chunks, workers, init_args, pool_holder):
                 for key_index, (tokens, lengths) in enumerate(zip(encoded.tokens, encoded.lengths)):

@@ -22,18 +22,37 @@ from pathlib import Path
 from neox_fork.data.tokenizer import EOD_TOKEN, TokenizerSource
 
 
-def save_hf_tokenizer(source, output_dir, model_max_length: int) -> None:
-    """Write the transformers tokenizer files of `source` (a TokenizerSource, or a tokenizer.json path)."""
+def save_hf_tokenizer(source, output_dir, model_max_length: int, *, pad_token_id: int | None = None,
+                      from_hf_folder: bool = False) -> None:
+    """Write the transformers tokenizer files of `source` (a TokenizerSource, or a tokenizer.json path).
+
+    `from_hf_folder` (upstream's --vocab-is-hf-tokenizer): the vocab file's folder is a transformers tokenizer
+    folder, saved as AutoTokenizer reads it. `pad_token_id` names the pad token (upstream's --pad-token-id)."""
     if not isinstance(source, TokenizerSource):
         source = TokenizerSource("HFTokenizer", str(source))
     output_dir = Path(output_dir)
     writer = {"HFTokenizer": _hf, "GPT2BPETokenizer": _gpt2_bpe, "HFGPT2Tokenizer": _hf_gpt2,
               "SPMTokenizer": _spm, "TiktokenTokenizer": _tiktoken, "CharLevelTokenizer": _char_level}
-    tok = writer[source.tokenizer_type](source)
+    tok = _hf_folder(source) if from_hf_folder else writer[source.tokenizer_type](source)
     tok.model_max_length = model_max_length
+    if pad_token_id is not None:
+        tok.pad_token = tok.convert_ids_to_tokens(pad_token_id)
     tok.save_pretrained(str(output_dir))
     if source.tokenizer_type == "SPMTokenizer":
         shutil.copyfile(source.vocab_file, output_dir / "tokenizer.model")
+
+
+def _hf_folder(source: TokenizerSource):
+    from transformers import AutoTokenizer
+
+    from neox_fork.errors import UserError
+
+    folder = source.vocab_file if Path(source.vocab_file).is_dir() else str(Path(source.vocab_file).parent)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
+        raise UserError(f"--vocab-is-hf-tokenizer: {folder} is not a transformers tokenizer folder "
+                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def _fast(tokenizer_object, **special):
