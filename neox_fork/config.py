@@ -194,8 +194,9 @@ class NeoXConfig:
     trust_checkpoint: bool = _key(False, "not upstream: unpickle `load` without restriction (a checkpoint needing "
                                          "types beyond tensors and DeepSpeed's own can then run code): only for "
                                          "checkpoints from someone you trust; logged when on")
-    load_universal: bool = _key(False, "not upstream: resume from the universal checkpoint that tools/ckpts/to_universal.py "
-                                       "made of `load` (DeepSpeed's Universal Checkpointing), at any "
+    load_universal: bool = _key(False, "not upstream: resume from the universal checkpoint that "
+                                       "tools/ckpts/to_universal.py made of `load` (DeepSpeed's Universal "
+                                       "Checkpointing), at any "
                                        "model_parallel_size, GPU count and ZeRO stage 1 or 2; a newer regular "
                                        "checkpoint in `load` (saved after the change) is loaded instead")
     s3_path: str | None = _key(None, "upload checkpoints to S3 (not built)", no_effect=True)

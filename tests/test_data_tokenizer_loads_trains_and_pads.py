@@ -56,8 +56,8 @@ def test_train_tokenizer_cli_writes_a_tokenizer_both_loaders_read_identically(tm
     (tmp_path / "extra.txt").write_text("A whole text file is one document.\n\nWith two paragraphs.\n")
     out = tmp_path / "tok"
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "datasets" / "train_tokenizer.py"), "--input", str(corpus), str(tmp_path / "*.txt"),
-         "--output-dir", str(out), "--vocab-size", "400"],
+        [sys.executable, str(REPO / "tools" / "datasets" / "train_tokenizer.py"), "--input", str(corpus),
+         str(tmp_path / "*.txt"), "--output-dir", str(out), "--vocab-size", "400"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr

@@ -74,7 +74,8 @@ def files(tmp_path_factory):
 
 def source_of(kind, files) -> TokenizerSource:
     return {
-        "GPT2BPETokenizer": TokenizerSource(kind, str(files / "gpt2" / "vocab.json"), str(files / "gpt2" / "merges.txt")),
+        "GPT2BPETokenizer": TokenizerSource(kind, str(files / "gpt2" / "vocab.json"),
+                                            str(files / "gpt2" / "merges.txt")),
         "HFGPT2Tokenizer": TokenizerSource(kind, str(files / "gpt2")),
         "SPMTokenizer": TokenizerSource(kind, str(files / "spm.model")),
         "CharLevelTokenizer": TokenizerSource(kind),
@@ -116,7 +117,8 @@ def reference(kind, files):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(files / "tokenizer.json"))
-    return (lambda t: tok.encode(t, add_special_tokens=False).ids), tok.token_to_id("<|endoftext|>"), tok.get_vocab_size()
+    encode = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+    return encode, tok.token_to_id("<|endoftext|>"), tok.get_vocab_size()
 
 
 @pytest.mark.parametrize("kind", TYPES)

@@ -3,6 +3,7 @@ tools/ckpts/convert_neox_to_hf.py and tools/ckpts/convert_hf_llama_to_neox.py (t
 program as the export). Tokenizer files and a tiny Pythia-shaped checkpoint are made here; the reference ids come
 from transformers' GPT2Tokenizer, the reference weights from the model that was saved."""
 
+import importlib.util
 import json
 import runpy
 import sys
@@ -81,9 +82,7 @@ def test_preprocess_ftfy_fixes_text_or_says_it_is_missing(gpt2_files, tmp_path, 
     status = run_tool("tools/datasets/preprocess_data.py", "--input", tmp_path / "in.jsonl", "--tokenizer-type",
                       "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges, "--ftfy", "--output-prefix",
                       tmp_path / "out", "--workers", "1", "--no-progress")
-    try:
-        import ftfy  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ftfy") is None:
         assert status == 2
         assert capsys.readouterr().err.strip() == ("error: --ftfy needs the ftfy package, which is not installed "
                                                    "(pip install ftfy)")
