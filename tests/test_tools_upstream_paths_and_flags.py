@@ -6,6 +6,7 @@ from transformers' GPT2Tokenizer, the reference weights from the model that was 
 import importlib.util
 import json
 import runpy
+import shutil
 import sys
 
 import pytest
@@ -170,3 +171,23 @@ def test_convert_hf_llama_to_neox_takes_upstreams_flags(pythia_checkpoint, tmp_p
     original = checkpoint.model_state(model)
     assert state.keys() == original.keys()
     assert all(torch.equal(state[k], original[k]) for k in original)
+
+
+def test_inspect_checkpoints_takes_upstreams_flags(pythia_checkpoint, tmp_path, capsys):
+    ckpt, model = pythia_checkpoint
+    step = ckpt / "global_step1"
+    name = "module/sequential.2.attention.dense.weight"  # layer 0's attention output, GPT-NeoX's name
+    assert run_tool("tools/ckpts/inspect_checkpoints.py", step, "--attributes", "iteration", name) == 0
+    shape = tuple(model.state_dict()["layers.0.attention.dense.weight"].shape)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "== mp_rank_00_model_states.pt"
+    assert sorted(lines[1:]) == sorted(["iteration: 1", f"{name}: tensor {shape} float32"])
+    # a copy with one tensor changed: --compare --diff names exactly that tensor
+    other = tmp_path / "other"
+    shutil.copytree(step, other)
+    states = torch.load(other / "mp_rank_00_model_states.pt", weights_only=True)
+    states["module"]["sequential.2.attention.dense.weight"] += 1
+    torch.save(states, other / "mp_rank_00_model_states.pt")
+    assert run_tool("tools/ckpts/inspect_checkpoints.py", f"{step},{other}", "--compare", "--diff") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "== mp_rank_00_model_states.pt", f"{name}: differs (tensor {shape} float32 / tensor {shape} float32)"]

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from neox_fork.config_rules import CHOICES
 from neox_fork.errors import UserError
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer",
-                   "TiktokenTokenizer", "HFTokenizer")
-SUPPORTED_TOKENIZER_TYPES = TOKENIZER_TYPES
+TOKENIZER_TYPES = CHOICES["tokenizer_type"]  # upstream's six, listed once with the other config values
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"  # what upstream's HFGPT2Tokenizer adds
 CHAR_VOCAB_SIZE = 512  # upstream's CharLevelTokenizer

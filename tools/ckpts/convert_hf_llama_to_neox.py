@@ -5,7 +5,7 @@ gpt-neox's flags (--model --model_path --tp --pp) and ours (--hf-dir --output-di
 Train from it with `load: CKPT_DIR` and `finetune: true` in your config.
 """
 
-from neox_fork.hf_cli import import_main
+from neox_fork.hf_cli import import_main as main
 
 if __name__ == "__main__":
-    import_main()
+    main()
