@@ -13,6 +13,8 @@ setup(
         "transformers>=5,<6",
         "safetensors",
         "tokenizers",
+        "sentencepiece",
+        "tiktoken",
         "pyyaml",
         "numpy",
         "tqdm",

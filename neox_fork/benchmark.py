@@ -183,7 +183,8 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo")
-    vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file))
+    vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type,
+                                                                 config.merge_file))
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
     generator = torch.Generator().manual_seed(seed)
     data = torch.randint(0, vocab, (b, s + 1), generator=generator)

@@ -9,7 +9,9 @@
                                                        pipe_parallel_size >= 1; see neox_layout.py)
     CKPT_DIR/global_step{N}/*optim_states.pt           ZeRO optimizer shards (written by training)
     CKPT_DIR/global_step{N}/config.yml                 the merged config the run used
-    CKPT_DIR/global_step{N}/tokenizer.json             a copy of the tokenizer, when the config names one
+    CKPT_DIR/global_step{N}/tokenizer.json             a copy of the tokenizer's files, when the config names
+                                                       them (tokenizer.json, vocab.json + merges.txt,
+                                                       tokenizer.model, *.tiktoken: TokenizerSource.saved_names)
 
 We write GPT-NeoX's layout for the configured pipe_parallel_size and read both of its layouts and the
 one this project wrote before (`layers.N.*` names in `module`). A step folder is written under a
@@ -123,7 +125,7 @@ PARTIAL_SUFFIX = ".partial"  # a step folder being written
 OLD_SUFFIX = ".old"  # the previous copy of a step folder while it is being replaced
 RNG_FILE = "rng_state_{:05d}.pt"
 LATEST_UNIVERSAL_FILE = "latest_universal"  # DeepSpeed's ds_to_universal writes and reads this name
-UNIVERSAL_SUFFIX = "_universal"  # global_stepN_universal: step N converted by tools/to_universal.py
+UNIVERSAL_SUFFIX = "_universal"  # global_stepN_universal: step N converted by tools/ckpts/to_universal.py
 
 
 def step_name(step: int) -> str:
@@ -233,12 +235,15 @@ def load_config_of(folder: Path) -> NeoXConfig:
     return from_dict(keys, source=str(path))
 
 
-def tokenizer_of(folder: Path, config: NeoXConfig) -> Path | None:
-    """The tokenizer saved with the checkpoint, else the config's vocab_file if it exists."""
-    if (folder / TOKENIZER_FILE).is_file():
-        return folder / TOKENIZER_FILE
-    if config.vocab_file and Path(config.vocab_file).is_file():
-        return Path(config.vocab_file)
+def tokenizer_of(folder: Path, config: NeoXConfig):
+    """The config's tokenizer (a data.tokenizer.TokenizerSource) read from the copies saved with the checkpoint,
+    else from the files the config names; None when neither is there."""
+    from neox_fork.data.tokenizer import TokenizerSource
+
+    named = TokenizerSource.of_config(config)
+    for source in (named.in_folder(folder), named):
+        if source.exists():
+            return source
     return None
 
 
@@ -466,9 +471,22 @@ def save_config(folder: Path, config: NeoXConfig) -> None:
             (folder / CONFIGS_DIR / name).write_bytes(data)
 
 
-def copy_tokenizer(folder: Path, tokenizer_file: str | os.PathLike | None) -> None:
-    if tokenizer_file and Path(tokenizer_file).is_file():
-        shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
+def copy_tokenizer(folder: Path, tokenizer) -> None:
+    """Copy a tokenizer's files into a step folder: `tokenizer` is a data.tokenizer.TokenizerSource or the path
+    of a tokenizer.json (HFTokenizer); nothing when its files are not there."""
+    from neox_fork.data.tokenizer import TokenizerSource
+
+    if not tokenizer:
+        return
+    source = tokenizer if isinstance(tokenizer, TokenizerSource) else TokenizerSource("HFTokenizer", str(tokenizer))
+    if not source.exists():
+        return
+    for key, name in source.saved_names().items():
+        path = Path(getattr(source, key))
+        if path.is_dir():
+            shutil.copytree(path, folder / name, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(path, folder / name)
 
 
 def _no_fault(stage: str) -> None:
@@ -553,7 +571,7 @@ def save_layer_files(folder: Path, rank: int, layers: dict[int, dict[str, torch.
 
 
 def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[dict[str, torch.Tensor]],
-                          config: NeoXConfig, tokenizer_file: str | os.PathLike | None = None) -> Path:
+                          config: NeoXConfig, tokenizer_file=None) -> Path:
     """Write model states only (no optimizer), e.g. for a converted Hugging Face model."""
     ckpt_dir = Path(ckpt_dir)
     tmp = start_partial(ckpt_dir, step)

@@ -207,8 +207,9 @@ class NeoXConfig:
     trust_checkpoint: bool = _key(False, "not upstream: unpickle `load` without restriction (a checkpoint needing "
                                          "types beyond tensors and DeepSpeed's own can then run code): only for "
                                          "checkpoints from someone you trust; logged when on")
-    load_universal: bool = _key(False, "not upstream: resume from the universal checkpoint that tools/to_universal.py "
-                                       "made of `load` (DeepSpeed's Universal Checkpointing), at any "
+    load_universal: bool = _key(False, "not upstream: resume from the universal checkpoint that "
+                                       "tools/ckpts/to_universal.py made of `load` (DeepSpeed's Universal "
+                                       "Checkpointing), at any "
                                        "model_parallel_size, GPU count and ZeRO stage 1 or 2; a newer regular "
                                        "checkpoint in `load` (saved after the change) is loaded instead")
     no_save_optim: bool = _key(False, "leave the optimizer states out of saves (upstream: ignored with DeepSpeed); "
@@ -238,9 +239,12 @@ class NeoXConfig:
                                                 "*_data_weights): p_i ~ (n_i/N)^alpha x (1 - n_i/N), normalised")
     weighted_sampler_alpha: float = _key(1.0, "alpha of weight_by_num_documents (0: equal, 1: by documents)")
     data_cache_path: str | None = _key(None, "folder for the sample index caches; null = beside the data")
-    tokenizer_type: str = _key("HFTokenizer", "only HFTokenizer (a tokenizer.json; upstream's default "
-                                              "GPT2BPETokenizer is not built)")
-    vocab_file: str | None = _key(None, "tokenizer.json")
+    tokenizer_type: str = _key("GPT2BPETokenizer", "GPT2BPETokenizer (vocab_file + merge_file), HFGPT2Tokenizer, "
+                               "SPMTokenizer, CharLevelTokenizer, TiktokenTokenizer or HFTokenizer, as upstream; "
+                               "TiktokenTokenizer reads a local .tiktoken file where upstream downloads an encoding")
+    vocab_file: str | None = _key(None, "the tokenizer's file: GPT-2 vocab.json, tokenizer.json, sentencepiece .model, "
+                                  ".tiktoken, or HFGPT2Tokenizer's folder")
+    merge_file: str | None = _key(None, "GPT-2 merges.txt (GPT2BPETokenizer)")
 
     # --- logging ---
     tensorboard_dir: str | None = _key(None, "write TensorBoard scalars here")

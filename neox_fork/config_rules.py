@@ -28,11 +28,13 @@ CHOICES = {
     "lr_decay_style": ("cosine", "linear", "constant"),
     "precision": ("fp32", "float32", "bfloat16", "bf16", "fp16", "float16", "half"),
     "data_impl": ("mmap", "infer"),
-    "tokenizer_type": ("HFTokenizer",),
+    "tokenizer_type": ("GPT2BPETokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer", "TiktokenTokenizer",
+                       "HFTokenizer"),
     "launcher": ("pdsh", "openmpi", "mvapich", "slurm"),
     "distributed_backend": ("nccl", "gloo"),
     "recompute_granularity": ("full", "selective"),
 }
+CASE_INSENSITIVE = {"tokenizer_type"}  # upstream compares it lower-cased
 # Values upstream gpt-neox has and this project does not build: one line saying so, never a silent fallback.
 NOT_BUILT = {
     ("pos_emb", "alibi"): "ALiBi attention biases are not built",
@@ -71,7 +73,7 @@ def validate(c: NeoXConfig) -> None:
         value = getattr(c, key)
         if (key, value) in NOT_BUILT:
             fail(key, f"{key} {value!r} is not supported: {NOT_BUILT[key, value]}; valid: {', '.join(choices)}")
-        if value not in choices:
+        if value not in choices and not (key in CASE_INSENSITIVE and str(value).lower() in map(str.lower, choices)):
             fail(key, f"{key} {value!r} is not supported; valid: {', '.join(choices)}")
     for key, why in MUST_BE_FALSE.items():
         if getattr(c, key):

@@ -121,8 +121,6 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     # --- tokenizer ---
     "padded_vocab_size": (DERIVED, None, int, "the tokenizer's size rounded up to make_vocab_size_divisible_by x "
                                               "model_parallel_size"),
-    "merge_file": (NO_EFFECT, None, str, "GPT-2 BPE merges of GPT2BPETokenizer (not built: a tokenizer.json "
-                                         "holds its merges)"),
     # --- training ---
     "use_shared_fs": (NO_EFFECT, True, bool, "index caches are written once under a lock, shared or not"),
     "train_label_data_paths": (NO_EFFECT, None, list, POST),

@@ -65,8 +65,6 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
     each rank loads its own `mp_rank_XX` shard, re-split from the merged state only when the checkpoint
     was saved at another TP size.
     """
-    from neox_fork.data.tokenizer import build_tokenizer
-
     if tp_cooperate is None:
         tp_cooperate = int(os.environ.get("WORLD_SIZE", "1")) > 1
     folder = checkpoint.resolve(ckpt_path, step)
@@ -80,8 +78,8 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
         tp = 1
         parallel.initialize(1)
         state = checkpoint.merge_tp_shards(checkpoint.load_model_shards(folder, trust))
-    tokenizer_file = checkpoint.tokenizer_of(folder, config)
-    tokenizer = build_tokenizer(config.tokenizer_type, str(tokenizer_file)) if tokenizer_file else None
+    source = checkpoint.tokenizer_of(folder, config)
+    tokenizer = source.build() if source else None
     # the run's config at this TP size, with the padded vocabulary the weights were saved with
     config = replace(config, model_parallel_size=tp, make_vocab_size_divisible_by=1,
                      vocab_size=state["word_embeddings.weight"].shape[0] * tp)

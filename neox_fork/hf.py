@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from neox_fork.config import NeoXConfig
+from neox_fork.data.tokenizer_export import save_hf_tokenizer
 from neox_fork.dtypes import dtype_name, hf_dtype_name, neox_precision, torch_dtype
 from neox_fork.errors import UserError
 from neox_fork.neox_layout import QKVGroups, fuse_qkv, split_qkv
@@ -92,6 +93,24 @@ def family(c: NeoXConfig) -> str:
             refuse(f"activation {c.activation!r}")
         return "gpt_neox"
     refuse(f"norm {c.norm!r} with activation {c.activation!r} and mlp_type {c.mlp_type!r}")
+
+
+# upstream convert_neox_to_hf.py's --architecture values -> our family names
+ARCHITECTURES = {"neox": "gpt_neox", "llama": "llama", "mistral": "mistral"}
+
+
+def check_architecture(c: NeoXConfig, architecture: str | None) -> None:
+    """One line when upstream's --architecture names another family than the config exports as."""
+    if architecture is None:
+        return
+    if architecture not in ARCHITECTURES:
+        raise UserError(f"--architecture {architecture!r}: valid: {', '.join(ARCHITECTURES)}")
+    fam = family(c)
+    if ARCHITECTURES[architecture] != fam:
+        named = {v: k for k, v in ARCHITECTURES.items()}.get(fam)
+        hint = f"--architecture {named}" if named else "leave --architecture out"
+        raise UserError(f"--architecture {architecture}: this checkpoint's model exports as {CLASSES[fam]} "
+                        f"({hint}); the architecture comes from its config")
 
 
 def _pattern(template: str) -> str:
@@ -266,8 +285,13 @@ MAX_SHARD_SIZE = "5GB"
 
 
 def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | None = None,
-                  trust: bool = False) -> Path:
-    """A checkpoint (any TP size) -> a Hugging Face folder of its family's class, written atomically."""
+                  trust: bool = False, *, config_file=None, architecture: str | None = None,
+                  save_tokenizer: bool = True, tokenizer_is_hf_folder: bool = False,
+                  pad_token_id: int | None = None) -> Path:
+    """A checkpoint (any TP size) -> a Hugging Face folder of its family's class, written atomically.
+
+    `config_file` replaces the step folder's config; `architecture` (upstream's neox/llama/mistral) must be the
+    family the config exports as; the other keywords are upstream's converter flags (see hf_cli.py)."""
     import json
 
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -276,13 +300,18 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
     from neox_fork import checkpoint
 
     state, config, folder = checkpoint.load_merged(ckpt_path, step, trust)
+    if config_file:
+        from neox_fork.config import load_config
+
+        config = load_config(config_file)
+    check_architecture(config, architecture)
     tensors = to_hf_state_dict(state, config)
     if dtype is None:
         dtype = dtype_name(state["word_embeddings.weight"].dtype)
     tensors = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in tensors.items()}
     vocab = state["word_embeddings.weight"].shape[0]
-    tokenizer_file = checkpoint.tokenizer_of(folder, config)
-    eos = _eos_id(tokenizer_file) if tokenizer_file else 0
+    tokenizer = checkpoint.tokenizer_of(folder, config)
+    eos = tokenizer.build().eod if tokenizer else 0
 
     with checkpoint.atomic_folder(output_dir) as tmp:
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD_SIZE)
@@ -293,32 +322,16 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         hf_config = hf_config_dict(config, vocab, dtype, eos_token_id=eos, bos_token_id=eos)
+        if pad_token_id is not None:
+            hf_config["pad_token_id"] = pad_token_id
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         generation = {"bos_token_id": eos, "eos_token_id": eos, "do_sample": True, "temperature": 0.75,
                       "top_p": 0.95}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        if tokenizer_file:
-            save_hf_tokenizer(tokenizer_file, tmp, config.max_positions)
+        if tokenizer and save_tokenizer:
+            save_hf_tokenizer(tokenizer, tmp, config.max_positions, pad_token_id=pad_token_id,
+                              from_hf_folder=tokenizer_is_hf_folder)
     return Path(output_dir)
-
-
-def _eos_id(tokenizer_file) -> int:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_file))
-    eos = tok.token_to_id("<|endoftext|>")
-    return 0 if eos is None else eos
-
-
-def save_hf_tokenizer(tokenizer_file, output_dir, model_max_length: int) -> None:
-    """tokenizer.json plus the config files transformers' AutoTokenizer reads."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_max_length=model_max_length)
-    special = "<|endoftext|>" if tok.convert_tokens_to_ids("<|endoftext|>") is not None else None
-    if special:
-        tok.add_special_tokens({"eos_token": special, "bos_token": special, "unk_token": special})
-    tok.save_pretrained(str(output_dir))
 
 
 def read_hf_folder(hf_dir) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -352,6 +365,7 @@ def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = N
     keys["precision"] = neox_precision(dtype_name(tensors[embed].dtype))
     tokenizer = Path(hf_dir) / "tokenizer.json"
     if tokenizer.is_file():
+        keys["tokenizer_type"] = "HFTokenizer"
         keys["vocab_file"] = str(checkpoint.step_dir(Path(output_dir).resolve(), 0) / checkpoint.TOKENIZER_FILE)
     keys.update(extra_config or {})
     config = from_dict(keys, source=f"{hf_dir}/config.json")

@@ -27,7 +27,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     config = load_config(*paths)
     world, how = sizing_world(config, world_size)
     config.check_world_size(world)
-    vocab = tokenizer_file_vocab_size(config.vocab_file)
+    vocab = tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type, config.merge_file)
     shape = ModelShape.from_config(config, vocab)
     model = meta_model(config, vocab)
     n = sum(p.numel() for p in model.parameters())

@@ -215,11 +215,12 @@ def setup(c: NeoXConfig) -> Run:
         log_ignored_settings(c)
     parallel.seed_everything(c.seed)
 
-    from neox_fork.data.tokenizer import build_tokenizer
+    from neox_fork.data.tokenizer import TokenizerSource
 
-    if not c.vocab_file:
-        raise UserError(f"{c.where('vocab_file')}: vocab_file is not set; point it at a tokenizer.json")
-    tokenizer = build_tokenizer(c.tokenizer_type, c.vocab_file)
+    if not c.vocab_file and c.tokenizer_type.lower() != "charleveltokenizer":
+        raise UserError(f"{c.where('vocab_file')}: vocab_file is not set; point it at the {c.tokenizer_type} "
+                        "tokenizer's file")
+    tokenizer = TokenizerSource.of_config(c).build()
     if c.train_epochs is not None:
         from neox_fork.data.datasets import train_iters_for_epochs
 

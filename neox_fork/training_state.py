@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from neox_fork import checkpoint, parallel, universal
 from neox_fork.config import NeoXConfig
+from neox_fork.data.tokenizer import TokenizerSource
 from neox_fork.errors import UserError
 
 log = logging.getLogger("neox_fork")
@@ -72,7 +73,7 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
         if c.no_save_optim:
             (partial / NO_OPTIMIZER_FILE).write_text("saved with no_save_optim: no optimizer states\n")
         checkpoint.save_config(partial, c)
-        checkpoint.copy_tokenizer(partial, c.vocab_file)
+        checkpoint.copy_tokenizer(partial, TokenizerSource.of_config(c))
         checkpoint.publish(partial, ckpt_dir, state.iteration)
         prune_checkpoints(ckpt_dir, c.keep_last_n_checkpoints)
         log.info("saved checkpoint %s", checkpoint.step_dir(ckpt_dir, state.iteration))
@@ -199,7 +200,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     if saved_tp != parallel.tp_size() or saved_dp not in (None, parallel.dp_size()):
         raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} x {saved_dp or 'any'} "
                         f"data-parallel ranks but this run uses {parallel.tp_size()} x {parallel.dp_size()}; to "
-                        f"change parallelism run `python tools/to_universal.py --input-dir {c.load}` and resume "
+                        f"change parallelism run `python tools/ckpts/to_universal.py --input-dir {c.load}` and resume "
                         "with load_universal: true")
     SafeLoads.install(engine, c.trust_checkpoint)
 
@@ -233,7 +234,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
 
 
 def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
-    """Continue from the universal checkpoint of `load` (tools/to_universal.py) at this run's TP, DP and ZeRO.
+    """Continue from the universal checkpoint of `load` (tools/ckpts/to_universal.py) at this run's TP, DP and ZeRO.
 
     DeepSpeed's loader cuts each parameter's fp32 weight and Adam moments for this rank and restores the LR
     schedule; iteration and data position come from the copied model states, each rank's RNG state from the
@@ -251,7 +252,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
         source, same_tp_rank = universal.rng_source(parallel.tp_rank(), parallel.dp_rank(), saved_tp, saved_dp)
         restore_rng(folder / checkpoint.RNG_FILE.format(source), c.trust_checkpoint, tracker=same_tp_rank)
     else:
-        log.warning("%s holds no RNG states (not made by tools/to_universal.py?): dropout continues from fresh "
+        log.warning("%s holds no RNG states (not made by tools/ckpts/to_universal.py?): dropout continues from fresh "
                     "seeds", folder)
     log.info("resumed from universal checkpoint %s (saved at TP=%d x DP=%d) at TP=%d x DP=%d, iteration %d "
              "(%d samples consumed)", folder, saved_tp, max(saved_dp, 1), parallel.tp_size(),

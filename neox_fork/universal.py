@@ -2,7 +2,7 @@
 
 Two commands (README, "Changing parallelism mid-run"):
 
-    python tools/to_universal.py --input-dir CKPT        # runs deepspeed.checkpoint.ds_to_universal
+    python tools/ckpts/to_universal.py --input-dir CKPT        # runs deepspeed.checkpoint.ds_to_universal
     ... train with `load_universal: true` and the new model_parallel_size / GPUs / zero stage
 
 DeepSpeed's converter merges each parameter's ZeRO fragments (over data-parallel ranks) and slices (over
@@ -85,7 +85,7 @@ def checkpoint_info(params: dict[str, torch.Tensor], padded_vocab: int) -> dict:
     return {k: v for k, v in info.items() if v != []}  # the converter refuses a pattern that matches nothing
 
 
-# ---------------------------------------------------------------------- converting (tools/to_universal.py)
+# ---------------------------------------------------------------------- converting (tools/ckpts/to_universal.py)
 def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, trust: bool = False) -> Path:
     """CKPT (or one of its step folders) -> CKPT/global_stepN_universal by DeepSpeed's ds_to_universal, unchanged.
 
@@ -129,10 +129,11 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
         for entry in (tmp / "zero").iterdir():
             if entry.is_dir() and entry.name not in names:
                 shutil.rmtree(entry)
-        for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE,
-                  folder / checkpoint.TOKENIZER_FILE]:
+        for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE]:
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)
+        if (folder / checkpoint.CONFIG_FILE).is_file():
+            checkpoint.copy_tokenizer(tmp, checkpoint.tokenizer_of(folder, checkpoint.load_config_of(folder)))
         checkpoint.fsync_tree(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -173,7 +174,7 @@ def check_folder(folder: Path, params: dict[str, torch.Tensor], tp: int, trust: 
     zero = folder / "zero"
     if not zero.is_dir():
         raise UserError(f"'{folder}' is not a universal checkpoint (no zero/ folder); make one with "
-                        f"python tools/to_universal.py --input-dir {folder.parent}")
+                        f"python tools/ckpts/to_universal.py --input-dir {folder.parent}")
     checkpoint.read_file(zero / "optimizer_state.pt", trust, mmap=True)
     for name, p in params.items():
         need = list(p.shape)
@@ -219,7 +220,7 @@ def resolve_load(c: NeoXConfig) -> NeoXConfig:
     universal_step = checkpoint.read_latest_universal(c.load)
     if universal_step is None:
         raise UserError(f"{c.where('load_universal')}: load_universal is on but '{c.load}' has no "
-                        f"{checkpoint.LATEST_UNIVERSAL_FILE} file; make one with python tools/to_universal.py "
+                        f"{checkpoint.LATEST_UNIVERSAL_FILE} file; make one with python tools/ckpts/to_universal.py "
                         f"--input-dir {c.load}")
     step = checkpoint.read_latest(c.load)
     if step is not None and step > universal_step:

@@ -12,8 +12,8 @@ import subprocess
 
 from conftest import PYTHON, REPO, write_train_config
 
-TOOLS = {"convert": "tools/convert_to_hf.py", "reshard": "tools/reshard_checkpoint.py", "generate": "generate.py",
-         "eval": "eval.py", "to_universal": "tools/to_universal.py"}
+TOOLS = {"convert": "tools/convert_to_hf.py", "reshard": "tools/ckpts/reshard_checkpoint.py", "generate": "generate.py",
+         "eval": "eval.py", "to_universal": "tools/ckpts/to_universal.py"}
 
 
 def tool_args(name, ckpt, out):

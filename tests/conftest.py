@@ -27,7 +27,8 @@ STABLELM_ARCHITECTURE = dict(pos_emb="rotary", rotary_pct=0.25, norm="layernorm"
 def tiny_keys(**overrides):
     """The tests' model: StableLM's architecture (named key by key) at a width a CPU runs in milliseconds."""
     keys = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=256, vocab_size=1000,
-                mlp_multiple_of=32, weight_decay=0.01, eval_iters=10, log_interval=10, **STABLELM_ARCHITECTURE)
+                tokenizer_type="HFTokenizer", mlp_multiple_of=32, weight_decay=0.01, eval_iters=10, log_interval=10,
+                **STABLELM_ARCHITECTURE)
     keys.update(overrides)
     return keys
 

@@ -124,7 +124,7 @@ def test_upstream_style_setup_file_loads_with_one_line_for_what_has_no_effect(tm
     with caplog.at_level(logging.WARNING):
         log_ignored_settings(c)
     assert len(caplog.records) == 1
-    for named in ("merge_file='data/gpt2-merges.txt'", "use_flashattn_swiglu=True",
+    for named in ("use_flashattn_swiglu=True",
                   "rmsnorm_fusion=True", "log_dir='logs'"):
         assert named in caplog.text
     assert "use_comet" not in caplog.text and "profile" not in caplog.text  # at upstream's default

@@ -1,4 +1,4 @@
-"""tools/prepare_demo_data.py builds a small corpus offline, deterministically, and skips a finished build."""
+"""tools/datasets/prepare_demo_data.py builds a small corpus offline, deterministically, and skips a finished build."""
 
 import json
 import subprocess
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _prepare(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "prepare_demo_data.py"), "--output-dir", str(out),
+        [sys.executable, str(REPO / "tools" / "datasets" / "prepare_demo_data.py"), "--output-dir", str(out),
          "--max-bytes", "300000", "--vocab-size", "600", "--workers", "2", *extra],
         capture_output=True, text=True, timeout=300,
     )

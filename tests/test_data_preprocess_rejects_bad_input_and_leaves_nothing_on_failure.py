@@ -106,8 +106,8 @@ def test_sigterm_during_preprocessing_leaves_no_output_or_temp_files(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(src), "--output-prefix",
-         str(out / "big"), "--vocab-file", NEOX_TOKENIZER, "--workers", "2", "--no-progress"],
+        [sys.executable, str(REPO / "tools" / "datasets" / "preprocess_data.py"), "--input", str(src),
+         "--output-prefix", str(out / "big"), "--vocab-file", NEOX_TOKENIZER, "--workers", "2", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     deadline = time.time() + 60
@@ -124,8 +124,8 @@ def test_sigterm_during_preprocessing_leaves_no_output_or_temp_files(tmp_path):
 
 def test_cli_prints_error_line_and_exits_2(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "none.jsonl"),
-         "--output-prefix", str(tmp_path / "x"), "--vocab-file", NEOX_TOKENIZER],
+        [sys.executable, str(REPO / "tools" / "datasets" / "preprocess_data.py"),
+         "--input", str(tmp_path / "none.jsonl"), "--output-prefix", str(tmp_path / "x"), "--vocab-file", NEOX_TOKENIZER],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2

@@ -42,8 +42,11 @@ def test_missing_and_invalid_vocab_files_name_the_path(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(UserError, match=f"vocab-file {broken}: not a valid Hugging Face tokenizer.json"):
         build_tokenizer("HFTokenizer", str(broken))
-    with pytest.raises(UserError, match="tokenizer-type 'GPT2BPETokenizer' is not supported; valid: HFTokenizer"):
+    with pytest.raises(UserError, match="merge-file must be set for tokenizer-type GPT2BPETokenizer .* set "
+                                        "tokenizer-type HFTokenizer"):
         build_tokenizer("GPT2BPETokenizer", str(NEOX_TOKENIZER))
+    with pytest.raises(UserError, match="tokenizer-type 'BertTokenizer' is not supported; valid: GPT2BPETokenizer"):
+        build_tokenizer("BertTokenizer", str(NEOX_TOKENIZER))
 
 
 def test_train_tokenizer_cli_writes_a_tokenizer_both_loaders_read_identically(tmp_path):
@@ -53,8 +56,8 @@ def test_train_tokenizer_cli_writes_a_tokenizer_both_loaders_read_identically(tm
     (tmp_path / "extra.txt").write_text("A whole text file is one document.\n\nWith two paragraphs.\n")
     out = tmp_path / "tok"
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input", str(corpus), str(tmp_path / "*.txt"),
-         "--output-dir", str(out), "--vocab-size", "400"],
+        [sys.executable, str(REPO / "tools" / "datasets" / "train_tokenizer.py"), "--input", str(corpus),
+         str(tmp_path / "*.txt"), "--output-dir", str(out), "--vocab-size", "400"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
@@ -77,7 +80,7 @@ def test_train_tokenizer_rejects_a_vocab_too_small_for_the_bytes(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"text": "hello"}) + "\n")
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input", str(corpus),
+        [sys.executable, str(REPO / "tools" / "datasets" / "train_tokenizer.py"), "--input", str(corpus),
          "--output-dir", str(tmp_path / "tok"), "--vocab-size", "100"],
         capture_output=True, text=True, timeout=120,
     )

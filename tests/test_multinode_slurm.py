@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.multiproc]
 def cluster(tmp_path_factory):
     import subprocess
 
-    subprocess.run([PYTHON, "tools/prepare_demo_data.py"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([PYTHON, "tools/datasets/prepare_demo_data.py"], cwd=REPO, check=True, capture_output=True)
     with fake_cluster(tmp_path_factory.mktemp("cluster"), slurm=True) as hosts:
         yield hosts
 

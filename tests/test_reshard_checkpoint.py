@@ -1,4 +1,4 @@
-"""tools/reshard_checkpoint.py splits weights for another TP size and back without changing a bit."""
+"""tools/ckpts/reshard_checkpoint.py splits weights for another TP size and back without changing a bit."""
 
 import subprocess
 
@@ -11,8 +11,8 @@ from neox_fork.model import build_model
 
 
 def reshard(src, dst, tp):
-    return subprocess.run([PYTHON, "tools/reshard_checkpoint.py", "--input-dir", str(src), "--output-dir", str(dst),
-                           "--tp", str(tp)], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([PYTHON, "tools/ckpts/reshard_checkpoint.py", "--input-dir", str(src),
+                           "--output-dir", str(dst), "--tp", str(tp)], cwd=REPO, capture_output=True, text=True)
 
 
 def test_reshard_to_tp2_and_back_is_bit_exact(one_process, tmp_path):

@@ -37,7 +37,7 @@ def _config(folder, corpus, **keys):
 
 def _resume(config, nproc, **changes):
     """Continue the run of `config` from its last checkpoint to STEPS with some keys changed (with
-    load_universal: true, from that checkpoint converted by tools/to_universal.py)."""
+    load_universal: true, from that checkpoint converted by tools/ckpts/to_universal.py)."""
     keys = yaml.safe_load(config.read_text())
     if changes.get("load_universal"):
         universal.convert(keys["save"], workers=1)

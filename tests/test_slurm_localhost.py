@@ -31,7 +31,7 @@ def slurm(tmp_path_factory):
     multi-node tests start theirs."""
     folder = tmp_path_factory.mktemp("slurm")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    subprocess.run([sys.executable, "tools/prepare_demo_data.py"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "tools/datasets/prepare_demo_data.py"], cwd=REPO, check=True, capture_output=True)
     started = subprocess.run(["bash", str(HARNESS), "start", str(folder)], env=env, capture_output=True, text=True,
                              timeout=600)
     assert started.returncode == 0, started.stderr

@@ -23,8 +23,8 @@ def test_finetune_starts_from_the_imported_weights(tmp_path, small_corpus):
     torch.manual_seed(0)
     hf = StableLmForCausalLM(StableLmConfig(**keys))
     hf.save_pretrained(tmp_path / "hf")
-    done = subprocess.run([PYTHON, "tools/convert_from_hf.py", "--hf-dir", str(tmp_path / "hf"), "--output-dir",
-                           str(tmp_path / "imported")], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([PYTHON, "tools/ckpts/convert_hf_llama_to_neox.py", "--hf-dir", str(tmp_path / "hf"),
+                           "--output-dir", str(tmp_path / "imported")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
     text = config_path.read_text() + f"load: {tmp_path / 'imported'}\nfinetune: true\n"

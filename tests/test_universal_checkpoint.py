@@ -1,5 +1,5 @@
 """A run changes tensor-parallel size, data-parallel size and ZeRO stage mid-run through DeepSpeed's Universal
-Checkpointing (tools/to_universal.py, then `load_universal: true`) and takes the steps the uninterrupted run
+Checkpointing (tools/ckpts/to_universal.py, then `load_universal: true`) and takes the steps the uninterrupted run
 takes, data position and LR schedule included.
 
 Runs (train.py under torchrun on gloo; bf16 with fp32 masters; dropout off; grouped-query attention with
@@ -171,7 +171,7 @@ def test_another_layout_without_load_universal_is_one_line(runs, small_corpus):
     assert run.returncode != 0
     assert (
         f"error: checkpoint {checkpoint.step_dir(root / 'ref' / 'ckpt', STEPS)} was saved at model_parallel_size 1 x 1 "
-        "data-parallel ranks but this run uses 2 x 1; to change parallelism run `python tools/to_universal.py "
+        "data-parallel ranks but this run uses 2 x 1; to change parallelism run `python tools/ckpts/to_universal.py "
         f"--input-dir {root / 'ref' / 'ckpt'}` and resume with load_universal: true") in run.stderr.splitlines()
 
 
@@ -232,7 +232,7 @@ def test_load_universal_needs_a_converted_checkpoint_and_zero(tmp_path):
     from neox_fork.config import from_dict
 
     with pytest.raises(UserError, match="load_universal is on but .* has no latest_universal file; make one with "
-                                        "python tools/to_universal.py"):
+                                        "python tools/ckpts/to_universal.py"):
         universal.resolve_load(from_dict(tiny_keys(load=str(tmp_path), load_universal=True)))
     with pytest.raises(UserError, match="load_universal needs zero_optimization stage 1 or 2"):
         from_dict(tiny_keys(load_universal=True, zero_optimization={"stage": 0}))

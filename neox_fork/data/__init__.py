@@ -1,7 +1,8 @@
 """Data pipeline: tokenizers, preprocessing into Megatron .bin/.idx, training datasets and batches.
 
-    build_tokenizer(tokenizer_type, vocab_file) -> tokenizer with encode/encode_batch/decode/eod/vocab_size
-    tokenizer_file_vocab_size(vocab_file) -> int | None
+    build_tokenizer(tokenizer_type, vocab_file, merge_file) -> tokenizer with encode/encode_batch/decode/eod/vocab_size
+    TokenizerSource.of_config(config).build() -> the same, from a config (a checkpoint carries its files)
+    tokenizer_file_vocab_size(vocab_file, tokenizer_type, merge_file) -> int | None
     neox_fork.data.preprocess.preprocess(inputs, output_prefix, vocab_file, ...) -> PreprocessResult
     neox_fork.data.chat.preprocess_chat(inputs, output_prefix, tokenizer_path, ...) -> PreprocessResult
     DataSettings.from_config(config, world_size) -> the data settings of a run, passed to:
@@ -12,7 +13,7 @@
 Submodules import megatron-core lazily (it takes seconds), so importing this package is cheap.
 """
 
-from neox_fork.data.tokenizer import HFTokenizer, build_tokenizer, tokenizer_file_vocab_size
+from neox_fork.data.tokenizer import HFTokenizer, TokenizerSource, build_tokenizer, tokenizer_file_vocab_size
 
 
 def __getattr__(name):
@@ -27,6 +28,7 @@ def __getattr__(name):
 
 __all__ = [
     "HFTokenizer",
+    "TokenizerSource",
     "build_tokenizer",
     "tokenizer_file_vocab_size",
     "DataSettings",

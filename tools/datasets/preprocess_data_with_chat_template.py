@@ -14,10 +14,10 @@ See docs/post-training.md.
 """
 
 import argparse
-import os
 
 from neox_fork.data.chat import DEFAULT_KEY, ChatOptions, preprocess_chat
 from neox_fork.data.pipeline import print_report
+from neox_fork.data.preprocess import split_input_list
 from neox_fork.errors import UserError, exit_on_user_error
 
 
@@ -57,8 +57,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.dataset_impl != "mmap":
         raise UserError(f"--dataset-impl {args.dataset_impl}: not supported; valid: mmap")
-    # upstream's comma-separated list; an argument naming an existing file is kept whole
-    inputs = [part for value in args.input for part in ([value] if os.path.exists(value) else value.split(",")) if part]
     options = ChatOptions(
         generation_role=args.generation_role,
         only_last=args.only_last,
@@ -68,7 +66,7 @@ def main(argv=None):
         binary_reward=args.binary_reward,
     )
     result = preprocess_chat(
-        inputs,
+        split_input_list(args.input),
         args.output_prefix,
         args.tokenizer_path,
         jsonl_keys=args.jsonl_keys,

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Preprocessing throughput against the `tokenizers` library's own batch encoding of the same texts.
 
-    python tools/benchmark_preprocess.py --input data/demo/train.jsonl --vocab-file data/demo/tokenizer.json
+    python tools/datasets/benchmark_preprocess.py --input data/demo/train.jsonl --vocab-file data/demo/tokenizer.json
 
 Baseline: all texts read into memory, then one `Tokenizer.encode_batch` call (Rust, all cores).
-Ours: tools/preprocess_data.py's pipeline end to end (read, parse JSON, tokenize, write .bin/.idx),
+Ours: tools/datasets/preprocess_data.py's pipeline end to end (read, parse JSON, tokenize, write .bin/.idx),
 timed from the first record, i.e. without interpreter and megatron-core import time.
 Prints MB/s for both and the ratio ours / baseline.
 """

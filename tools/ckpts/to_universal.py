@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a training checkpoint for DeepSpeed's Universal Checkpointing, to continue it at another layout.
 
-    python tools/to_universal.py --input-dir checkpoints/run        # -> checkpoints/run/global_stepN_universal
+    python tools/ckpts/to_universal.py --input-dir checkpoints/run        # -> checkpoints/run/global_stepN_universal
     # then resume with `load_universal: true` and any model_parallel_size, GPU count and ZeRO stage (1 or 2)
 
 Runs DeepSpeed's converter (deepspeed.checkpoint.ds_to_universal) on the step folder unchanged, after

@@ -2,8 +2,8 @@
 """Train a byte-level BPE tokenizer (GPT-NeoX style, <|endoftext|> = id 0) and write DIR/tokenizer.json.
 
 Example:
-    python tools/train_tokenizer.py --input 'corpus/*.jsonl' --output-dir data/tok --vocab-size 8192
-Inputs are read like tools/preprocess_data.py reads them (.jsonl[.gz|.zst] under --jsonl-key, or
+    python tools/datasets/train_tokenizer.py --input 'corpus/*.jsonl' --output-dir data/tok --vocab-size 8192
+Inputs are read like tools/datasets/preprocess_data.py reads them (.jsonl[.gz|.zst] under --jsonl-key, or
 whole .txt files); malformed records are skipped and counted.
 """
 

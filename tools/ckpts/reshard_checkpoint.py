@@ -3,7 +3,7 @@
 
 Writes model states and a matching config.yml; train from it with `load: OUT` and `finetune: true`.
 To continue a run's full training state (optimizer, schedule, data position) at another TP size, GPU count
-or ZeRO stage, convert it with tools/to_universal.py and resume with `load_universal: true` instead.
+or ZeRO stage, convert it with tools/ckpts/to_universal.py and resume with `load_universal: true` instead.
 """
 
 import argparse
