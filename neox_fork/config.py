@@ -224,7 +224,7 @@ class NeoXConfig:
     temperature: float = _key(0.0, "sampling temperature; with top_k 0 and top_p 0 too, 0 is greedy")
     top_p: float = _key(0.0, "nucleus sampling threshold; 0 disables it")
     top_k: int = _key(0, "sample among the k most likely tokens; 0 disables it")
-    prompt_end: str = _key("\n", "what separates prompts in sample_input_file (and ends an interactive prompt)")
+    prompt_end: str = _key("\n", "what separates prompts in sample_input_file (interactive: one prompt per line)")
     sample_input_file: str | None = _key(None, "text_gen_type input-file: the prompts")
     sample_output_file: str | None = _key("samples.txt", "generate.py writes one JSON record per sample here "
                                                          "(context, text, length, finished, message, "
