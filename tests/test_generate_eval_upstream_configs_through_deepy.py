@@ -131,15 +131,20 @@ def test_tp2_ranks_through_deepy_give_the_tp1_greedy_samples(run):
     assert [(r["text"], r["length"], r["finished"]) for r in records] == hf_greedy(run, PROMPTS, MAX_TOKENS)
 
 
-def test_eval_tasks_flag_writes_results_named_by_prefix(run):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_eval_tasks_flag_writes_results_named_by_prefix(run, tp):
     from neox_fork import parallel
     from neox_fork.generation import load_for_inference
     from test_eval_in_memory_configs_and_errors import facts_accuracy_by_hand
 
     family, conf, configs, _ = run
-    prefix = conf / f"{family}_run"
+    if tp == 2:
+        if family != "llama":
+            pytest.skip("one family is enough for the TP=2 launch")
+        configs = [*configs, write(conf / "tp2.yml", dict(model_parallel_size=2, num_gpus=2))]
+    prefix = conf / f"{family}_tp{tp}"
     deepy("eval.py", "-d", conf, *configs, "--eval_tasks", "neox_facts", "--eval_results_prefix", prefix)
-    written = sorted(conf.glob(f"{family}_run_eval_results_*.json"))
+    written = sorted(conf.glob(f"{family}_tp{tp}_eval_results_*.json"))
     assert len(written) == 1
     results = json.loads(written[0].read_text())
     model, _, tokenizer = load_for_inference(conf / "checkpoints")
