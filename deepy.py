@@ -2,6 +2,8 @@
 """Launch training on every rank, as GPT-NeoX's deepy.py does:
 
     python deepy.py train.py configs/tiny.yml [MORE.yml ...] [-H HOSTFILE] [--dry-run]
+    python deepy.py generate.py -d configs 125M.yml local_setup.yml text_generation.yml [-i IN] [-o OUT]
+    python deepy.py eval.py -d configs 125M.yml local_setup.yml --eval_tasks lambada piqa [--iteration N]
 
 The config files are merged and validated here, the world size is worked out from the hostfile,
 include/exclude, num_nodes/num_gpus or the Slurm allocation and checked against the config, and then
@@ -33,10 +35,21 @@ def main(argv=None):
     p.add_argument("-H", "--hostfile", default=None, help="MPI-style hostfile ('host slots=N'); overrides the key")
     p.add_argument("--dry-run", "--dry_run", action="store_true",
                    help="print the launch command and every rank's environment, start nothing")
+    # upstream's overrides for generate.py / eval.py, passed on to every rank as the same flags
+    p.add_argument("--eval_tasks", nargs="+", help="eval.py: tasks instead of the configs' eval_tasks")
+    p.add_argument("--eval_results_prefix", help="eval.py: results file PREFIX_eval_results_DATE.json")
+    p.add_argument("--iteration", type=int, help="generate.py / eval.py: read global_stepN instead of 'latest'")
+    p.add_argument("-i", "--sample_input_file", help="generate.py: instead of the sample_input_file key")
+    p.add_argument("-o", "--sample_output_file", help="generate.py: instead of the sample_output_file key")
     args = p.parse_args(argv)
     paths = [os.path.join(args.conf_dir, c) if args.conf_dir else c for c in args.configs]
     config = load_config(*paths)
-    plan = plan_launch(config, args.user_script, paths, hostfile=args.hostfile)
+    passed = []
+    for key in ("eval_tasks", "eval_results_prefix", "iteration", "sample_input_file", "sample_output_file"):
+        value = getattr(args, key)
+        if value is not None:
+            passed += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    plan = plan_launch(config, args.user_script, paths + passed, hostfile=args.hostfile)
     ds = deepspeed_config(config, plan.world_size)
     if args.dry_run:
         print(plan.describe())

@@ -1,5 +1,13 @@
 #!/usr/bin/env python
-"""Sample from a neox_fork checkpoint.
+"""Sample from a neox_fork checkpoint, as GPT-NeoX's generate.py does or with flags.
+
+    python deepy.py generate.py -d configs 125M.yml local_setup.yml text_generation.yml   # upstream's way
+    python generate.py CONFIG.yml [MORE.yml ...] [-i PROMPTS.txt] [-o OUT.jsonl] [--iteration N]
+
+With config files, the checkpoint is `load` and the text-generation keys say what to do: text_gen_type
+unconditional (num_samples), input-file (sample_input_file, prompts split at prompt_end) or interactive;
+maximum_tokens, temperature, top_k, top_p, recompute. One JSON record per sample (context, text, length,
+finished, message, duration_seconds) goes to sample_output_file. Without config files:
 
     python generate.py --checkpoint CKPT --prompt "The meaning of life" --max-new-tokens 32
     python generate.py --checkpoint CKPT --prompt "One" --prompt "Two words" --temperature 0.7 --seed 1
@@ -18,18 +26,23 @@ import sys
 
 import torch.distributed as dist
 
+from neox_fork.config import load_config
 from neox_fork.errors import UserError, exit_on_user_error
-from neox_fork.generation import (SamplingParams, generate, interactive_prompts, load_for_inference,
-                                  read_prompt_file, result_record, write_jsonl)
+from neox_fork.generation import (SamplingParams, generate, generate_from_config, interactive_prompts,
+                                  load_for_inference, read_prompt_file, result_record, write_jsonl)
 from neox_fork.safe_unpickle import add_trust_argument
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (with 'latest') or a global_stepN folder")
-    p.add_argument("--step", type=int, help="read global_stepN instead of 'latest'")
+    p.add_argument("configs", nargs="*", help="NeoX YAML configs with text-generation keys (upstream's way)")
+    p.add_argument("--checkpoint", help="checkpoint folder (with 'latest') or a global_stepN folder; "
+                                        "with configs: instead of load")
+    p.add_argument("--step", "--iteration", dest="step", type=int, help="read global_stepN instead of 'latest'")
+    p.add_argument("-i", "--sample_input_file", help="with configs: instead of the sample_input_file key")
+    p.add_argument("-o", "--sample_output_file", help="with configs: instead of the sample_output_file key")
     add_trust_argument(p)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; needs the checkpoint's tokenizer)")
     src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
     src.add_argument("--input-file", help=".jsonl with a 'prompt' field per line, or a text file of one prompt per line")
@@ -86,6 +99,21 @@ def show(records, as_json: bool) -> None:
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    prompted = args.prompt or args.prompt_ids or args.input_file or args.interactive
+    if args.configs and prompted:
+        raise UserError("give prompts either through the configs' text_gen_type or with --prompt/--prompt-ids/"
+                        "--input-file/--interactive, not both")
+    if args.configs:
+        overrides = {k: getattr(args, k) for k in ("sample_input_file", "sample_output_file") if getattr(args, k)}
+        if args.checkpoint:
+            overrides["load"] = args.checkpoint
+        config = load_config(*args.configs, overrides=overrides)
+        generate_from_config(config, args.step, trust=args.trust_checkpoint or config.trust_checkpoint,
+                             batch_size=args.batch_size)
+        return
+    if not args.checkpoint or not prompted:
+        raise UserError("pass config files (upstream's way), or --checkpoint DIR with one of --prompt, --prompt-ids, "
+                        "--input-file, --interactive")
     model, config, tokenizer = load_for_inference(args.checkpoint, args.step, args.dtype,
                                                   tp_cooperate=args.tp_cooperate or None,
                                                   trust=args.trust_checkpoint)

@@ -94,7 +94,7 @@ def report(config: NeoXConfig, results: list[list[dict]], as_json: bool) -> str:
     mib = 2**20
     lines = [f"activation memory per rank, TP={len(results)}, seq {config.seq_length} x micro-batch "
              f"{config.train_micro_batch_size_per_gpu} x hidden {config.hidden_size}, {config.num_layers} layers, "
-             f"recompute {config.recompute}"]
+             f"recompute {config.activation_recompute}"]
     for rank, (off, on) in enumerate(results):
         ratio = off["saved_bytes"] / max(on["saved_bytes"], 1)
         line = (f"rank {rank}: saved for backward {off['saved_bytes'] / mib:.1f} MiB without SP, "

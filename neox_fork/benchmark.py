@@ -117,7 +117,7 @@ def build_hf(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.d
     hf_config = AutoConfig.for_model(keys.pop("model_type"), **keys)  # the config's family (StableLm for tiny.yml)
     hf_config._attn_implementation = "sdpa"  # transformers' default where available; named for clarity
     model = AutoModelForCausalLM.from_config(hf_config).to(device=device, dtype=dtype).train()
-    if config.recompute == "full":
+    if config.activation_recompute == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.torch_compile:  # as ours: each decoder layer compiled, the rest eager
         for layer in model.base_model.layers:
@@ -164,7 +164,7 @@ def check_comparable(config: NeoXConfig, path: str, compare_hf: bool) -> None:
     if compare_hf and path != "model":
         raise UserError("--compare hf needs --path model: transformers has no DeepSpeed training step here, "
                         "so only the model paths compare like for like")
-    if compare_hf and config.recompute == "selective":
+    if compare_hf and config.activation_recompute == "selective":
         raise UserError("--compare hf with recompute_granularity selective: transformers has no selective "
                         "recompute; compare with checkpoint_activations true (full) or false")
 
@@ -213,7 +213,7 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
             m.step_seconds.append(seconds)
 
     ours = runs[0][2]
-    fpt = flops.training_flops_per_token(ours, s, config.recompute)
+    fpt = flops.training_flops_per_token(ours, s, config.activation_recompute)
     params = sum(p.numel() for p in ours.parameters())
     peak = flops.device_peak_flops(device) if device.type == "cuda" else None
     results = {}
@@ -242,7 +242,7 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
         "parameters": params,
         "non_embedding_parameters": fpt.non_embedding_params,
         "checkpoint_activations": config.checkpoint_activations,
-        "recompute": config.recompute,
+        "recompute": config.activation_recompute,
         "torch_compile": config.torch_compile,
         "attention": sorted(set(ours.shape.attention_types)),
         "steps": steps,

@@ -184,7 +184,7 @@ class NeoXConfig:
     eval_interval: int = _key(1000, "steps between validation runs")
     eval_iters: int = _key(100, "batches per validation run")
     eval_batch_size: int | None = _key(None, "Stability's fork: micro-batch for evaluation; null = training's")
-    eval_tasks: list = _key(factory=list, doc="lm-eval tasks to run at each eval_interval")
+    eval_tasks: list = _key(factory=list, doc="lm-eval tasks to run at each eval_interval, and eval.py's tasks")
     log_interval: int = _key(100, "steps between progress lines and metrics rows")
     steps_per_print: int = _key(10, "DeepSpeed's own progress print (replaced by log_interval)", no_effect=True)
     wall_clock_breakdown: bool = _key(False, "DeepSpeed's per-phase timers")
@@ -245,6 +245,24 @@ class NeoXConfig:
     vocab_file: str | None = _key(None, "the tokenizer's file: GPT-2 vocab.json, tokenizer.json, sentencepiece .model, "
                                   ".tiktoken, or HFGPT2Tokenizer's folder")
     merge_file: str | None = _key(None, "GPT-2 merges.txt (GPT2BPETokenizer)")
+
+    # --- text generation (generate.py / eval.py with configs; neox_fork/generation.py) ---
+    text_gen_type: str | None = _key(None, "generate.py: unconditional (num_samples from an empty context), "
+                                           "input-file (sample_input_file) or interactive (stdin); upstream's "
+                                           "precompute is not built")
+    maximum_tokens: int = _key(64, "tokens to generate per sample (fewer when the context nears seq_length)")
+    temperature: float = _key(0.0, "sampling temperature; with top_k 0 and top_p 0 too, 0 is greedy")
+    top_p: float = _key(0.0, "nucleus sampling threshold; 0 disables it")
+    top_k: int = _key(0, "sample among the k most likely tokens; 0 disables it")
+    prompt_end: str = _key("\n", "what separates prompts in sample_input_file (interactive: one prompt per line)")
+    sample_input_file: str | None = _key(None, "text_gen_type input-file: the prompts")
+    sample_output_file: str | None = _key("samples.txt", "generate.py writes one JSON record per sample here "
+                                                         "(context, text, length, finished, message, "
+                                                         "duration_seconds)")
+    num_samples: int = _key(1, "text_gen_type unconditional: samples to draw")
+    recompute: bool = _key(False, "generate.py: recompute every position each step instead of a KV cache")
+    eval_results_prefix: str = _key("", "eval.py with configs: results go to PREFIX_eval_results_DATE.json "
+                                        "(empty: CHECKPOINT/eval/results_stepN.json)")
 
     # --- logging ---
     tensorboard_dir: str | None = _key(None, "write TensorBoard scalars here")
@@ -388,7 +406,7 @@ class NeoXConfig:
         return "fp32"
 
     @property
-    def recompute(self) -> str:
+    def activation_recompute(self) -> str:
         """What the backward recomputes: 'none', 'full' (each layer's forward, Megatron's `full`) or
         'selective' (only rotary and the attention core, Megatron's `selective`)."""
         return self.recompute_granularity if self.checkpoint_activations else "none"

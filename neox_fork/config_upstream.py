@@ -185,19 +185,8 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     "mup_embedding_mult": (NO_EFFECT, 1.0, float, MUP),
     "mup_rp_embedding_mult": (NO_EFFECT, 1.0, float, MUP),
     "mup_width_scale": (NO_EFFECT, 2, int, MUP),
-    # --- text generation (generate.py takes these as flags here) ---
-    "text_gen_type": (NO_EFFECT, None, str, "unconditional / input-file / interactive (generate.py's flags here)"),
-    "temperature": (NO_EFFECT, 0.0, float, "sampling temperature (generate.py --temperature here)"),
-    "top_p": (NO_EFFECT, 0.0, float, "nucleus sampling (generate.py --top-p here)"),
-    "top_k": (NO_EFFECT, 0, int, "top-k sampling (generate.py --top-k here)"),
+    # --- text generation ---
     "return_logits": (NO_EFFECT, False, bool, "return logits with the samples"),
-    "maximum_tokens": (NO_EFFECT, 64, int, "tokens to generate (generate.py's flags here)"),
-    "prompt_end": (NO_EFFECT, "\n", str, "what ends a prompt in sample_input_file"),
-    "sample_input_file": (NO_EFFECT, None, str, "prompts file (generate.py's flags here)"),
-    "sample_output_file": (NO_EFFECT, "samples.txt", str, "output file (generate.py's flags here)"),
-    "num_samples": (NO_EFFECT, 1, int, "unconditional samples (generate.py's flags here)"),
-    "recompute": (NO_EFFECT, False, bool, "generate without the KV cache"),
-    "eval_results_prefix": (NO_EFFECT, "", str, "where eval.py writes its results (eval.py's flags here)"),
     # --- mixture of experts (moe_num_experts > 1 is refused) ---
     "moe_expert_interval": (NO_EFFECT, 1, int, "only used by mixture of experts (not built)"),
     "moe_top_k": (NO_EFFECT, 1, int, "only used by mixture of experts (not built)"),

@@ -245,17 +245,28 @@ def evaluate_model(model, tokenizer, tasks: list[str], *, include_path=None, num
 def evaluate_checkpoint(ckpt, tasks: list[str], *, step: int | None = None, include_path=None,
                         num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
                         max_length: int | None = None, output: str | os.PathLike | None = None,
-                        dtype: str = "fp32", include_defaults: bool = False, trust: bool = False) -> tuple[dict, Path]:
+                        dtype: str = "fp32", include_defaults: bool = False, trust: bool = False,
+                        tp: int | None = None) -> tuple[dict, Path | None]:
     """Evaluate a checkpoint (any TP size, merged into one process); results go to `output` or to
-    CKPT/eval/results_stepN.json. Returns (results, path written)."""
+    CKPT/eval/results_stepN.json. Returns (results, path written).
+
+    With `tp` (every launched rank calls it), the ranks form tensor-parallel groups of `tp` and the group of
+    global rank 0 evaluates; other ranks return ({}, None)."""
     folder = checkpoint.resolve(ckpt, step)
-    model, config, tokenizer = load_for_inference(folder, dtype=dtype, tp_cooperate=False, trust=trust)
+    model, config, tokenizer = load_for_inference(folder, dtype=dtype, tp_cooperate=tp is not None, trust=trust,
+                                                  tp=tp)
     if tokenizer is None:
         raise UserError(f"checkpoint {folder} has no tokenizer.json and its config names no vocab-file that "
                         "exists; evaluation needs the tokenizer the model was trained with")
-    results = evaluate_model(model, tokenizer, tasks, include_path=include_path, num_fewshot=num_fewshot,
-                             limit=limit, batch_size=batch_size, max_length=max_length,
-                             include_defaults=include_defaults)
+    results = {}
+    if tp is None or parallel.dp_rank() == 0:
+        results = evaluate_model(model, tokenizer, tasks, include_path=include_path, num_fewshot=num_fewshot,
+                                 limit=limit, batch_size=batch_size, max_length=max_length,
+                                 include_defaults=include_defaults)
+    if tp is not None:
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() != 0:
+            return {}, None
     step = checkpoint.folder_step(folder)
     results["checkpoint"] = {"path": str(folder), "step": step}
     if output is None:

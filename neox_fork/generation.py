@@ -57,11 +57,12 @@ class SamplingParams:
 
 # ---------------------------------------------------------------------- loading
 def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", tp_cooperate: bool | None = None,
-                       trust: bool = False):
+                       trust: bool = False, tp: int | None = None):
     """(model, config, tokenizer or None) for this process.
 
     One process (the default): the checkpoint's TP shards are merged into a TP=1 model. With
-    `tp_cooperate` (default: when launched with WORLD_SIZE > 1) the world is one tensor-parallel group:
+    `tp_cooperate` (default: when launched with WORLD_SIZE > 1) the ranks form tensor-parallel groups of
+    `tp` (default: the whole world; further groups are data-parallel replicas that compute the same):
     each rank loads its own `mp_rank_XX` shard, re-split from the merged state only when the checkpoint
     was saved at another TP size.
     """
@@ -71,7 +72,7 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
     config = checkpoint.load_config_of(folder)
     if tp_cooperate:
         parallel.init_distributed()
-        tp = dist.get_world_size()
+        tp = tp or dist.get_world_size()
         parallel.initialize(tp)
         state = checkpoint.load_rank_shard(folder, tp, parallel.tp_rank(), trust)
     else:
@@ -300,3 +301,119 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     with checkpoint.atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------- upstream's config-driven sampling
+TEXT_GEN_TYPES = ("unconditional", "input-file", "interactive")
+NO_TEXT = "no text generated: the first token sampled was the end-of-document token"
+
+
+def config_sampling(c) -> SamplingParams:
+    """SamplingParams from a config's text-generation keys, with upstream's meanings: greedy only when
+    temperature, top_k and top_p are all 0; temperature 0 with top_k or top_p set samples unscaled; top_p 0
+    is no nucleus filter. Prompt i samples with seed `c.seed + i`."""
+    checks = {"maximum_tokens": c.maximum_tokens >= 1, "temperature": c.temperature >= 0,
+              "top_p": 0 <= c.top_p <= 1, "top_k": c.top_k >= 0, "num_samples": c.num_samples >= 1}
+    valid = {"maximum_tokens": "at least 1", "temperature": ">= 0", "top_p": "in [0, 1] (0 disables it)",
+             "top_k": ">= 0 (0 disables it)", "num_samples": "at least 1"}
+    for key, ok in checks.items():
+        if not ok:
+            raise UserError(f"{c.where(key)}: {key} {getattr(c, key)!r} must be {valid[key]}")
+    greedy = c.temperature == 0 and c.top_k == 0 and c.top_p == 0
+    return SamplingParams(max_new_tokens=c.maximum_tokens, temperature=0.0 if greedy else (c.temperature or 1.0),
+                          top_p=c.top_p or 1.0, top_k=c.top_k, seed=c.seed)
+
+
+def config_prompts(c) -> list[str]:
+    """The contexts `text_gen_type` asks for: num_samples empty ones (unconditional), or sample_input_file
+    split at prompt_end, each stripped, empty ones dropped (input-file)."""
+    if c.text_gen_type == "unconditional":
+        return [""] * c.num_samples
+    if not c.sample_input_file:
+        raise UserError(f"{c.where('text_gen_type')}: text_gen_type input-file needs sample_input_file "
+                        "(a config key, or -i FILE)")
+    path = Path(c.sample_input_file)
+    if not path.is_file():
+        raise UserError(f"{c.where('sample_input_file')}: sample_input_file {path}: no such file")
+    if not c.prompt_end:
+        raise UserError(f"{c.where('prompt_end')}: prompt_end must not be empty")
+    prompts = [p.strip() for p in path.read_text(encoding="utf-8").split(c.prompt_end)]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise UserError(f"{c.where('sample_input_file')}: sample_input_file {path} holds no prompts")
+    return prompts
+
+
+def sample_record(context: str, ids: list[int], tokenizer, eod: int | None, seconds: float) -> dict:
+    """Upstream's record of one sample: the context, the completion's text and token count (a final EOD
+    not counted), whether it ended on EOD, a message (null, or why there is no text) and the seconds
+    its batch took."""
+    finished = bool(ids) and eod is not None and ids[-1] == eod
+    completion = ids[:-1] if finished else ids
+    return {"context": context, "text": tokenizer.decode(completion) if completion else None,
+            "length": len(completion), "finished": finished, "message": None if completion else NO_TEXT,
+            "duration_seconds": float(seconds)}
+
+
+def generate_from_config(c, step: int | None = None, trust: bool = False, batch_size: int = 8, out=None) -> list[dict]:
+    """What upstream's generate.py does with a config: sample as `text_gen_type` says from the checkpoint in
+    `load` and write the records (jsonl) to sample_output_file on global rank 0 (input-file without one:
+    SAMPLE_INPUT_FILE.output.jsonl; interactive prints each completion and writes nothing). Under a launcher
+    (WORLD_SIZE > 1) the ranks form tensor-parallel groups of model_parallel_size. Returns the records."""
+    if c.text_gen_type not in TEXT_GEN_TYPES:
+        hint = " (upstream's precompute is not built)" if c.text_gen_type == "precompute" else ""
+        raise UserError(f"{c.where('text_gen_type')}: text_gen_type {c.text_gen_type!r} is not supported{hint}; "
+                        f"valid: {', '.join(TEXT_GEN_TYPES)}")
+    if not c.load:
+        raise UserError("no checkpoint: set `load` in a config (the folder training saved to)")
+    params = config_sampling(c)
+    prompts = [] if c.text_gen_type == "interactive" else config_prompts(c)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    model, mconfig, tokenizer = load_for_inference(c.load, step, tp_cooperate=launched, trust=trust,
+                                                   tp=c.model_parallel_size if launched else None)
+    if tokenizer is None:
+        raise UserError(f"checkpoint {c.load} has no tokenizer.json and its config names no vocab-file that exists; "
+                        "generation from a config needs the tokenizer the model was trained with")
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+    out = out or sys.stdout
+
+    def run(texts: list[str]) -> list[dict]:
+        records = []
+        for first in range(0, len(texts), batch_size):
+            chunk = texts[first : first + batch_size]
+            encoded = [tokenizer.encode(t) if t else [tokenizer.eod] for t in chunk]
+            # as upstream, a long context gets fewer new tokens rather than an error
+            room = [min(params.max_new_tokens, mconfig.max_positions - len(ids)) for ids in encoded]
+            if min(room) < 1:
+                i = room.index(min(room))
+                raise UserError(f"prompt {first + i + 1} has {len(encoded[i])} tokens: no room to generate within "
+                                f"seq_length {mconfig.max_positions}; shorten it")
+            # one batch when every context has room for maximum_tokens, else one call per context (each keeps
+            # its seed, c.seed + its index)
+            calls = [range(len(chunk))] if len(set(room)) == 1 else [range(i, i + 1) for i in range(len(chunk))]
+            outputs: list = [None] * len(chunk)
+            for rows in calls:
+                got, stats = generate(model, [encoded[i] for i in rows],
+                                      replace(params, max_new_tokens=room[rows[0]], seed=params.seed + first + rows[0]),
+                                      eod=tokenizer.eod, use_cache=not c.recompute, max_positions=mconfig.max_positions,
+                                      batch_size=batch_size)
+                for i, ids in zip(rows, got):
+                    outputs[i] = (ids, stats["seconds"])
+            records += [sample_record(t, ids, tokenizer, tokenizer.eod, s) for t, (ids, s) in zip(chunk, outputs)]
+        return records
+
+    if c.text_gen_type == "interactive":
+        records = []
+        for text in interactive_prompts():
+            records += run([text])
+            if lead:
+                print(records[-1]["text"] or "", file=out, flush=True)
+        return records
+    records = run(prompts)
+    target = c.sample_output_file or (f"{c.sample_input_file}.output.jsonl" if c.text_gen_type == "input-file" else None)
+    if lead and target:
+        write_jsonl(target, records)
+    if lead:
+        print(f"[{len(records)} samples ({c.text_gen_type}) from {c.load}"
+              + (f" written to {target}]" if target else "]"), file=sys.stderr, flush=True)
+    return records

@@ -35,7 +35,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         raise AssertionError(f"meta build has {n} parameters, formula says {count_parameters(shape)}")
     tp, dp = config.model_parallel_size, config.data_parallel_size(world)
     seq = config.seq_length
-    fpt = flops.training_flops_per_token(model, seq, config.recompute)
+    fpt = flops.training_flops_per_token(model, seq, config.activation_recompute)
     model_fpt = fpt.model
 
     def memory_at(micro_batch: int, checkpoint_activations: bool) -> dict[str, float]:
@@ -45,10 +45,10 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
             checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size,
             sequence_parallel=shape.sequence_parallel and tp > 1)
 
-    mem = memory_at(config.train_micro_batch_size_per_gpu, config.recompute == "full")
+    mem = memory_at(config.train_micro_batch_size_per_gpu, config.activation_recompute == "full")
     act = {sp: flops.activation_memory_bytes(
         num_layers=config.num_layers, hidden_size=config.hidden_size, seq_length=seq, tp=tp, sequence_parallel=sp,
-        micro_batch=config.train_micro_batch_size_per_gpu, checkpoint_activations=config.recompute == "full")
+        micro_batch=config.train_micro_batch_size_per_gpu, checkpoint_activations=config.activation_recompute == "full")
         for sp in (False, True)}
     gbs = config.global_batch_size(world)
     peak = flops.PEAK_FLOPS.get(gpu)

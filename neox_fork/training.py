@@ -239,7 +239,7 @@ class Progress:
     def __init__(self, run: Run, metrics: MetricsWriter):
         c, model = run.c, run.model
         self.run, self.metrics = run, metrics
-        self.flops_per_token = flops.training_flops_per_token(model, c.seq_length, c.recompute, parallel.tp_size())
+        self.flops_per_token = flops.training_flops_per_token(model, c.seq_length, c.activation_recompute, parallel.tp_size())
         self.peak = flops.device_peak_flops()
         self.tokens_per_step = c.global_batch_size(run.world) * c.seq_length
         self.started = self.window_start = time.time()
@@ -250,7 +250,7 @@ class Progress:
             log.info("model: %d parameters; world %d = tensor %d x data %d; global batch %d x %d tokens; %s; "
                      "FLOPs per token %d (hardware %d, recompute %s)", count_parameters(model.shape), run.world,
                      c.model_parallel_size, parallel.dp_size(), c.global_batch_size(run.world), c.seq_length,
-                     c.dtype_name, self.flops_per_token.model, self.flops_per_token.hardware, c.recompute)
+                     c.dtype_name, self.flops_per_token.model, self.flops_per_token.hardware, c.activation_recompute)
 
     def add(self, step_loss: float | None) -> None:
         """One step done; its loss (None for a skipped step) joins the average."""
