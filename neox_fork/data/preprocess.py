@@ -26,7 +26,7 @@ from neox_fork.checkpoint import commit_temp, temp_path_for
 from neox_fork.data import _megatron
 from neox_fork.data.readers import BadRecord, Record, expand_inputs, iter_records, parse_record
 from neox_fork.data.tokenizer import build_tokenizer
-from neox_fork.errors import UserError
+from neox_fork.errors import UserError, full_disk_is_one_line
 
 MAX_BAD_EXAMPLES = 5
 
@@ -260,37 +260,37 @@ def preprocess(
     init_args = (tokenizer_type, vocab_file, keys, append_eod)
     pool_holder: list = []
     outputs = None
-    with _sigterm_raises_systemexit():
-        try:
-            outputs = _Outputs(output_prefix, keys, token_dtype(tokenizer.vocab_size))
-            started = time.perf_counter()
-            bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr, mininterval=0.5)
-            chunks = _chunks(iter_records(files), chunk_bytes, chunk_records)
-            for encoded in _encoded_chunks(chunks, workers, init_args, pool_holder):
-                for key_index, (tokens, lengths) in enumerate(zip(encoded.tokens, encoded.lengths)):
-                    outputs.add(key_index, tokens, lengths)
-                    result.tokens += int(tokens.size)
-                    if key_index == 0:
-                        result.documents += int(lengths.size)
-                result.records += encoded.records
-                result.empty += encoded.empty
-                result.input_bytes += encoded.input_bytes
-                result.bad += len(encoded.bad)
-                for source, line, reason in encoded.bad:
-                    if len(result.bad_examples) < MAX_BAD_EXAMPLES:
-                        result.bad_examples.append(f"{files[source]}:{line}: {reason}")
-                bar.update(encoded.records)
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{result.input_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
-            bar.close()
-            _check_counts(result, files, max_bad_fraction)
-            outputs.commit()
-        except BaseException:
-            for pool in pool_holder:
-                pool.terminate()
-            if outputs is not None:
-                outputs.discard()
-            raise
+
+    def discard() -> None:
+        for pool in pool_holder:
+            pool.terminate()
+        if outputs is not None:
+            outputs.discard()
+
+    with _sigterm_raises_systemexit(), full_disk_is_one_line(output_prefix, cleanup=discard):
+        outputs = _Outputs(output_prefix, keys, token_dtype(tokenizer.vocab_size))
+        started = time.perf_counter()
+        bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr, mininterval=0.5)
+        chunks = _chunks(iter_records(files), chunk_bytes, chunk_records)
+        for encoded in _encoded_chunks(chunks, workers, init_args, pool_holder):
+            for key_index, (tokens, lengths) in enumerate(zip(encoded.tokens, encoded.lengths)):
+                outputs.add(key_index, tokens, lengths)
+                result.tokens += int(tokens.size)
+                if key_index == 0:
+                    result.documents += int(lengths.size)
+            result.records += encoded.records
+            result.empty += encoded.empty
+            result.input_bytes += encoded.input_bytes
+            result.bad += len(encoded.bad)
+            for source, line, reason in encoded.bad:
+                if len(result.bad_examples) < MAX_BAD_EXAMPLES:
+                    result.bad_examples.append(f"{files[source]}:{line}: {reason}")
+            bar.update(encoded.records)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{result.input_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+        bar.close()
+        _check_counts(result, files, max_bad_fraction)
+        outputs.commit()
     result.seconds = time.perf_counter() - started
     return result
 
