@@ -546,7 +546,7 @@ def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[d
     """Write model states only (no optimizer), e.g. for a converted Hugging Face model."""
     ckpt_dir = Path(ckpt_dir)
     tmp = start_partial(ckpt_dir, step)
-    needed = sum(t.numel() * t.element_size() for shard in shards for t in shard.values()), "the weights"
+    needed = sum(t.numel() * t.element_size() for shard in shards for t in shard.values()), "the converted model"
     with full_disk_is_one_line(ckpt_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), needed=needed):
         for rank, shard in enumerate(shards):
             module, layers = neox_weights(shard, config, len(shards))

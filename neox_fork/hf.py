@@ -262,7 +262,7 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
     tokenizer_file = checkpoint.tokenizer_of(folder, config)
     eos = _eos_id(tokenizer_file) if tokenizer_file else 0
 
-    weights = sum(t.numel() * t.element_size() for t in tensors.values()), "the weights"
+    weights = sum(t.numel() * t.element_size() for t in tensors.values()), "the converted model"
     with checkpoint.atomic_folder(output_dir, needed=weights) as tmp:
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD_SIZE)
         for filename, names in split.filename_to_tensors.items():

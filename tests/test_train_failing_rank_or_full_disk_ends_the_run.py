@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 END_SECONDS = 20  # deepy's own SIGKILL of the other ranks comes at 10 s (supervisor.FAILURE_GRACE_SECONDS)
 
 
-def run_deepy(config, marker, extra_env=None, timeout=500):
+def run_deepy(config, marker, extra_env=None, timeout=300):
     """deepy on `config`; returns (exit status, output, seconds from the first line holding `marker` to the
     output's end)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(extra_env or {}))
