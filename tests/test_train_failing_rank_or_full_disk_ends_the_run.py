@@ -87,12 +87,19 @@ def test_a_full_disk_during_a_save_is_one_line_ends_the_run_and_latest_resumes_e
     assert checkpoint.read_latest(roomy) == 4
 
 
-def test_an_exception_on_one_rank_of_two_ends_both_ranks_and_deepy_which_names_it(tmp_path, small_corpus):
+@pytest.mark.parametrize("rank, where, cause", [
+    (1, "step", "RuntimeError: injected failure in step at step 3 on rank 1 (NEOX_FORK_TEST_FAIL, for tests)"),
+    # in a data-loader worker: the batch of step 3 starts at sample 2 steps x 2 ranks x 2 sequences
+    (0, "data", "RuntimeError: injected failure in data at sample 8 (for tests) (in a data-loader worker)"),
+])
+def test_an_exception_on_one_rank_of_two_ends_both_ranks_and_deepy_which_names_it(tmp_path, small_corpus, rank,
+                                                                                   where, cause):
     config = write_train_config(tmp_path, small_corpus, train_iters=8, num_workers=2, num_gpus=2)
-    status, out, seconds = run_deepy(config, "injected failure", {"NEOX_FORK_TEST_FAIL": "1:3:step"})
-    assert status == 1, out[-4000:]  # rank 1's: a Python exception
-    assert seconds < END_SECONDS, f"the run took {seconds:.0f} s to end after rank 1 failed:\n{out[-4000:]}"
-    assert ("deepy: rank 1 failed with status 1: RuntimeError: injected failure in step at step 3 on rank 1 "
-            "(NEOX_FORK_TEST_FAIL, for tests)") in out, out[-4000:]
-    assert "step 4/8" not in out
+    status, out, seconds = run_deepy(config, "injected failure", {"NEOX_FORK_TEST_FAIL": f"{rank}:3:{where}"})
+    assert status == 1, out[-4000:]  # the failing rank's: a Python exception
+    assert seconds < END_SECONDS, f"the run took {seconds:.0f} s to end after rank {rank} failed:\n{out[-4000:]}"
+    # the other rank may have ended already (its collective with the failed rank broke): deepy still names
+    # the rank that failed first
+    assert f"deepy: rank {rank} failed with status 1: {cause}" in out, out[-4000:]
+    assert "step 4/8" not in out  # rank 0 may finish step 3 with rank 1 before its next collective breaks
     assert not _run_processes(config)
