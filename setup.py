@@ -20,8 +20,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
+        "bnb": ["bitsandbytes"],
         "eval": ["lm-eval[hf]>=0.4.9,<0.5"],
-        "logging": ["tensorboard", "wandb"],
+        "logging": ["tensorboard", "wandb", "comet_ml"],
         "test": ["pytest", "pytest-timeout"],
     },
 )

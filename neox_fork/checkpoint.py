@@ -41,6 +41,7 @@ LAYER_FILE = "layer_{:02d}-model_{:02d}-model_states.pt"  # GPT-NeoX with pipe_p
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 _ZERO_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")  # DeepSpeed's ZeRO shards
 CONFIG_FILE = "config.yml"
+CONFIGS_DIR = "configs"  # the run's config files as given, as GPT-NeoX keeps them
 TOKENIZER_FILE = "tokenizer.json"
 
 log = logging.getLogger("neox_fork")
@@ -55,6 +56,7 @@ _SHARDING = [
     (r"output_layer\.weight", (0, 1)),
     (r"layers\.\d+\.attention\.query_key_value\.(weight|bias)", (0, 1)),
     (r"layers\.\d+\.mlp\.linear1\.(weight|bias)", (0, "mlp")),
+    (r"layers\.\d+\.attention\.qk_layernorm\.(weight|bias|scale)", (0, 1)),  # [heads, head_dim] by heads
     (r"layers\.\d+\.attention\.dense\.weight", (1, 1)),
     (r"layers\.\d+\.mlp\.linear2\.weight", (1, 1)),
 ]
@@ -215,7 +217,7 @@ def load_config_of(folder: Path) -> NeoXConfig:
     """The step folder's config.yml; for a GPT-NeoX checkpoint, the files it keeps under configs/."""
     path = folder / CONFIG_FILE
     if not path.is_file():
-        upstream = sorted(p for p in (folder / "configs").glob("*") if p.suffix in (".yml", ".yaml", ".json"))
+        upstream = sorted(p for p in (folder / CONFIGS_DIR).glob("*") if p.suffix in (".yml", ".yaml", ".json"))
         if upstream:
             from neox_fork.config import load_config
 
@@ -452,7 +454,12 @@ def atomic_folder(path: str | os.PathLike, needed: tuple[int, str] | None = None
 
 
 def save_config(folder: Path, config: NeoXConfig) -> None:
+    """The merged config (no nulls, so upstream's tools read it) and, under configs/, each file as given."""
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    if config.given_files:
+        (folder / CONFIGS_DIR).mkdir(exist_ok=True)
+        for name, data in config.given_files.items():
+            (folder / CONFIGS_DIR / name).write_bytes(data)
 
 
 def copy_tokenizer(folder: Path, tokenizer_file: str | os.PathLike | None) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from neox_fork import config_upstream
 from neox_fork.config_rules import GATED_ACTIVATIONS, validate
 from neox_fork.errors import UserError
 
@@ -108,6 +109,12 @@ class NeoXConfig:
     use_bias_in_norms: bool = _key(True, "LayerNorm with a bias (RMSNorm never has one, as upstream)")
     use_bias_in_attn_linear: bool = _key(True, "biases in the QKV and attention output projections")
     use_bias_in_mlp: bool = _key(True, "biases in both MLP linears")
+    use_qk_layernorm: bool = _key(False, "one `norm` over [heads, head_dim] for queries and keys, before rotary, as "
+                                         "upstream (LayerNorm: over both dims; RMSNorm: per head); not with "
+                                         "num_kv_heads, LayerNorm only at TP 1; no HF class computes it")
+    sliding_window_width: int | None = _key(None, "Mistral's banded attention in every path and the cached decode: "
+                                                  "a query sees itself and the W keys before it (upstream's mask; "
+                                                  "HF Mistral's sliding_window is W + 1)")
     attention_config: list = _key(factory=list, doc="[[[type, ...], repeat], ...] per layer: flash or global "
                                                     "(both exact attention); default flash everywhere")
     moe_num_experts: int = _key(1, "only 1 (mixture of experts is not built)")
@@ -125,10 +132,13 @@ class NeoXConfig:
     optimizer: dict = _key(factory=lambda: {"type": "Adam", "params": {"lr": 1e-3}},
                            doc="{type: Adam|AdamW, params: {lr, betas, eps}}; always AdamW with decoupled decay "
                                "(upstream: required)")
+    use_bnb_optimizer: bool = _key(False, "bitsandbytes' Adam8bit (8-bit moments, decoupled decay) instead of torch's "
+                                          "AdamW; one line if bitsandbytes is not installed")
     lr: float | None = _key(None, "learning rate if optimizer.params has none")
     min_lr: float = _key(0.0, "floor of the decayed learning rate")
     lr_decay_style: str = _key("linear", "linear, cosine or constant after warmup")
     lr_decay_iters: int | None = _key(None, "steps over which the rate decays; null = train_iters")
+    lr_decay_fraction: float | None = _key(None, "lr_decay_iters as a fraction of train_iters, if that is null")
     warmup: float = _key(0.01, "warmup as a fraction of lr_decay_iters")
     warmup_iters: int | None = _key(None, "not upstream: warmup as a step count; overrides warmup")
     weight_decay: float = _key(0.1, "decoupled weight decay on matrices (not on norms and biases)")
@@ -178,6 +188,9 @@ class NeoXConfig:
     log_interval: int = _key(100, "steps between progress lines and metrics rows")
     steps_per_print: int = _key(10, "DeepSpeed's own progress print (replaced by log_interval)", no_effect=True)
     wall_clock_breakdown: bool = _key(False, "DeepSpeed's per-phase timers")
+    train_epochs: int | None = _key(None, "passes over the training data: sets train_iters to epochs x one epoch's "
+                                          "samples // global batch (give it instead of train_iters)")
+    eod_mask_loss: bool = _key(False, "no loss where the input token is the end-of-document id")
     max_nan_steps: int = _key(3, "not upstream: stop after this many non-finite losses in a row")
     exit_interval: int | None = _key(None, "save and stop once the step is a multiple of this")
     num_workers: int = _key(2, "data-loader worker processes (at most 2 used)")
@@ -198,6 +211,16 @@ class NeoXConfig:
                                        "made of `load` (DeepSpeed's Universal Checkpointing), at any "
                                        "model_parallel_size, GPU count and ZeRO stage 1 or 2; a newer regular "
                                        "checkpoint in `load` (saved after the change) is loaded instead")
+    no_save_optim: bool = _key(False, "leave the optimizer states out of saves (upstream: ignored with DeepSpeed); "
+                                      "such a checkpoint resumes only with no_load_optim")
+    no_save_rng: bool = _key(False, "leave the RNG states out of saves")
+    no_load_optim: bool = _key(False, "resume weights, iteration and RNG but fresh optimizer states and LR schedule")
+    no_load_rng: bool = _key(False, "resume without restoring the saved RNG states")
+    override_lr_scheduler: bool = _key(False, "on resume, the schedule (lr, min_lr, warmup, decay iters and style) "
+                                              "comes from this config; neither this nor the next: they must match")
+    use_checkpoint_lr_scheduler: bool = _key(False, "on resume, the schedule comes from the checkpoint")
+    checkpoint_validation_with_forward_pass: bool = _key(False, "save the logits of a fixed input with each "
+                                                                "checkpoint; on resume recompute and stop if they differ")
     s3_path: str | None = _key(None, "upload checkpoints to S3 (not built)", no_effect=True)
     s3_sync_interval: int | None = _key(None, "S3 upload interval (not built)", no_effect=True)
 
@@ -211,6 +234,9 @@ class NeoXConfig:
     test_data_weights: list = _key(factory=list, doc="blend weights, one per test path")
     split: str = _key("969, 30, 1", "train/valid/test proportions of data_path")
     data_impl: str = _key("mmap", "only mmap (upstream's default `infer` finds mmap for the files it writes)")
+    weight_by_num_documents: bool = _key(False, "blend weights from each path's document count (replaces "
+                                                "*_data_weights): p_i ~ (n_i/N)^alpha x (1 - n_i/N), normalised")
+    weighted_sampler_alpha: float = _key(1.0, "alpha of weight_by_num_documents (0: equal, 1: by documents)")
     data_cache_path: str | None = _key(None, "folder for the sample index caches; null = beside the data")
     tokenizer_type: str = _key("HFTokenizer", "only HFTokenizer (a tokenizer.json; upstream's default "
                                               "GPT2BPETokenizer is not built)")
@@ -226,6 +252,29 @@ class NeoXConfig:
     wandb_project: str | None = _key("neox", "W&B project")
     wandb_group: str | None = _key(None, "W&B run group")
     wandb_name: str | None = _key(None, "W&B run name")
+    use_comet: bool | None = _key(None, "log metrics to Comet (comet_ml; COMET_* variables choose online/offline)")
+    comet_workspace: str | None = _key(None, "Comet workspace")
+    comet_project: str | None = _key(None, "Comet project")
+    comet_experiment_name: str | None = _key(None, "Comet experiment name")
+    comet_tags: list | None = _key(None, "Comet experiment tags")
+    comet_others: dict | None = _key(None, "extra metadata logged to the Comet experiment")
+    log_grad_norm: bool = _key(False, "log each parameter's gradient norm (before clipping) every step: "
+                                      "gradient_norms/NAME")
+    log_param_norm: bool = _key(False, "log each parameter's norm after the update every step: parameter_norms/NAME")
+    log_optimizer_states: bool = _key(False, "log the norm of each Adam moment every step: "
+                                             "optimizer_state_norms/INDEX_exp_avg(_sq)")
+    log_grad_pct_zeros: bool = _key(False, "log the percentage of zero gradient entries: pct_grad_zeros/NAME")
+    log_gradient_noise_scale: bool = _key(False, "log the gradient noise scale B_simple (arXiv:1812.06162) as "
+                                                 "noise_scale (upstream: train/noise_scale)")
+    gradient_noise_scale_n_batches: int = _key(5, "steps whose gradients make the large batch of the noise scale")
+    gradient_noise_scale_cpu_offload: bool = _key(False, "keep the noise scale's gradient buffer in CPU memory")
+    profile: bool = _key(False, "torch profiler trace of steps profile_step_start..stop, one file per rank in "
+                                "tensorboard_dir (else save)")
+    profile_step_start: int = _key(10, "first profiled step")
+    profile_step_stop: int = _key(12, "last profiled step")
+    memory_profiling: bool = _key(False, "CUDA memory snapshot (mem_snapshot.pickle) in memory_profiling_path at "
+                                         "the profiled steps; one warning line on a device without CUDA")
+    memory_profiling_path: str | None = _key(None, "folder of the memory snapshot")
 
     # --- launch ---
     launcher: str = _key("pdsh", "multi-node launcher: pdsh, openmpi, mvapich or slurm")
@@ -250,6 +299,8 @@ class NeoXConfig:
 
     # Where each key came from (key -> file), for messages; not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
+    upstream_keys: dict = field(default_factory=dict, repr=False)  # those given of config_upstream.KEYS
+    given_files: dict = field(default_factory=dict, repr=False, compare=False)  # name -> bytes: ckpt configs/
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -344,6 +395,8 @@ class NeoXConfig:
 
     @property
     def decay_iters(self) -> int:
+        if self.lr_decay_iters is None and self.lr_decay_fraction is not None:
+            return math.floor(self.train_iters * self.lr_decay_fraction)  # as upstream
         return self.lr_decay_iters or self.train_iters
 
     @property
@@ -387,10 +440,11 @@ class NeoXConfig:
         return self.sources.get(key, "defaults")
 
     def to_dict(self) -> dict[str, Any]:
-        """The keys as NeoX writes them (underscores), without bookkeeping: saved beside checkpoints."""
-        out = dataclasses.asdict(self)
-        out.pop("sources")
-        return out
+        """The keys as NeoX writes them (underscores), without bookkeeping: saved beside checkpoints. Nulls that
+        are defaults are left out (upstream's tools read a present key as set); upstream requires max_positions."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("sources", "given_files")}
+        out.update(out.pop("upstream_keys"), max_position_embeddings=self.max_positions)
+        return {k: v for k, v in out.items() if v is not None or k in _FIELDS and _FIELDS[k].default is not None}
 
     # ------------------------------------------------------------------ validation
     def check_world_size(self, world_size: int) -> None:
@@ -409,6 +463,7 @@ class NeoXConfig:
                 f"gradient_accumulation_steps {self.gradient_accumulation_steps} x data-parallel size {dp} "
                 f"(= {self.global_batch_size(world_size)}); fix one of them or drop train_batch_size"
             )
+        config_upstream.check_derived(self, world_size)
 
 
 # ---------------------------------------------------------------------- loading
@@ -422,7 +477,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-_FIELDS = {f.name: f for f in dataclasses.fields(NeoXConfig) if f.name != "sources"}
+_FIELDS = {f.name: f for f in dataclasses.fields(NeoXConfig) if "doc" in f.metadata}  # not the bookkeeping
 _HINTS = typing.get_type_hints(NeoXConfig)
 
 
@@ -478,8 +533,10 @@ def _type_name(hint: Any) -> str:
 
 
 def _check_key(key: str, value: Any, source: str) -> Any:
+    if key in config_upstream.KEYS and key not in _FIELDS:
+        return config_upstream.check_type(key, value, source)
     if key not in _FIELDS:
-        close = difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, [*_FIELDS, *config_upstream.KEYS], n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else "; see neox_fork/config.py for the known keys"
         raise UserError(f"{source}: unknown key '{key}'{hint}")
     hint = _HINTS[key]
@@ -521,8 +578,10 @@ def from_dict(values: dict[str, Any], sources: dict[str, str] | None = None, sou
         if steps != checked["gas"]:
             raise UserError(f"{sources['gas']}: gas {checked['gas']} and gradient_accumulation_steps {steps} "
                             "disagree; they are one setting, give one of them")
-    config = NeoXConfig(**checked, sources=sources)
+    upstream = config_upstream.split(checked, sources)  # before **checked: it takes the table's keys out
+    config = NeoXConfig(**checked, sources=sources, upstream_keys=upstream)
     validate(config)
+    config_upstream.validate(config)
     return config
 
 
@@ -534,8 +593,8 @@ def no_effect_keys() -> list[str]:
 def ignored_settings(c: NeoXConfig) -> dict[str, Any]:
     """The no-effect keys this config sets to something other than their default (or an empty value)."""
     defaults = NeoXConfig()
-    return {k: getattr(c, k) for k in no_effect_keys()
-            if getattr(c, k) not in (getattr(defaults, k), None, "", False)}
+    return {**{k: getattr(c, k) for k in no_effect_keys()
+               if getattr(c, k) not in (getattr(defaults, k), None, "", False)}, **config_upstream.ignored(c)}
 
 
 def log_ignored_settings(c: NeoXConfig) -> None:
@@ -552,11 +611,14 @@ def load_config(*paths: str | os.PathLike, overrides: dict[str, Any] | None = No
     for key, value in (overrides or {}).items():
         values[normalize_key(key)] = value
         sources[normalize_key(key)] = "overrides"
-    return from_dict(values, sources)
+    config = from_dict(values, sources)
+    config.given_files = config_upstream.config_files(paths)
+    return config
 
 
 def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config derived from ours: batch sizes, ZeRO, precision, clipping.
+    """The DeepSpeed config derived from ours: batch sizes, ZeRO, precision, clipping, and the DeepSpeed
+    sections upstream passes through (config_upstream.DEEPSPEED keys, then deepspeed_extra_args).
 
     The optimizer and LR schedule are built by neox_fork.training (AdamW with no decay on norms and
     biases, warmup + cosine), so they are not in this dict. `torch_adam` keeps optimizer steps
@@ -583,4 +645,4 @@ def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif c.dtype_name == "fp16":
         ds["fp16"] = {"enabled": True, **{k: v for k, v in (c.fp16 or {}).items() if k != "enabled"}}
-    return ds
+    return config_upstream.deepspeed_sections(c, ds)

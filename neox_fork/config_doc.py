@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from neox_fork import config_upstream as up
 from neox_fork.config import NeoXConfig, no_effect_keys
 from neox_fork.config_rules import CHOICES, NOT_BUILT
 
@@ -31,7 +32,7 @@ def render() -> str:
     defaults = NeoXConfig()
     lines = [HEADER, "| key | default | what it does here |", "|---|---|---|"]
     for f in dataclasses.fields(NeoXConfig):
-        if f.name == "sources" or f.metadata.get("no_effect"):
+        if "doc" not in f.metadata or f.metadata.get("no_effect"):
             continue
         doc = f.metadata["doc"]
         if f.name in CHOICES:
@@ -47,4 +48,28 @@ def render() -> str:
     fields = {f.name: f for f in dataclasses.fields(NeoXConfig)}
     for name in no_effect_keys():
         lines.append(f"| `{name}` | {_value(getattr(defaults, name))} | {fields[name].metadata['doc']} |")
+    lines += _table_rows(up.NO_EFFECT)
+    for kind, title, text in _SECTIONS:
+        lines += ["", f"## {title}", "", text, "", "| key | upstream default | here |", "|---|---|---|",
+                  *_table_rows(kind)]
     return "\n".join(lines) + "\n"
+
+
+_SECTIONS = [
+    (up.DEEPSPEED, "DeepSpeed sections passed through",
+     "Set to anything but the default, these go into the DeepSpeed config as given, as upstream passes them\n"
+     "(`deepy.py --dry-run` prints it); a section we also fill is merged key by key, the config's values\n"
+     "winning. `deepspeed_extra_args` is merged last; it may not repeat a key the config sets, nor carry a key\n"
+     "of the first table above (e.g. `bf16`: give it at the top level, where the model is built from it)."),
+    (up.REFUSED, "Refused unless left at upstream's default",
+     "These ask for something not built here: any value but the default stops the run with one line."),
+    (up.DERIVED, "Computed by upstream",
+     "Upstream derives these itself. A config may give one when it agrees with what the run derives;\n"
+     "a contradicting value is refused with one line once the run can tell (the world size at launch)."),
+    (up.ALIAS, "Other names", "Upstream's name of a key listed above under another name."),
+]
+
+
+def _table_rows(kind: str) -> list[str]:
+    return [f"| `{k}` | {_value(default)} | {'same as `' + why + '`' if kind == up.ALIAS else why} |"
+            for k, (kind_, default, _, why) in up.KEYS.items() if kind_ == kind]

@@ -53,7 +53,7 @@ MUST_BE_FALSE = {
 }
 ATTENTION_TYPES = ("flash", "global")
 ATTENTION_NOT_BUILT = {
-    "local": "local (sliding-window) attention is not built",
+    "local": "local attention layers are not built (Mistral's sliding window is sliding_window_width)",
     "sparse_fixed": "DeepSpeed sparse attention is not built", "sparse_variable": "DeepSpeed sparse attention is "
     "not built", "bigbird": "DeepSpeed sparse attention is not built", "bslongformer": "DeepSpeed sparse attention "
     "is not built", "gmlp": "gMLP blocks are not built", "amlp": "aMLP blocks are not built",
@@ -81,10 +81,15 @@ def validate(c: NeoXConfig) -> None:
              "built; use 1")
     if c.intermediate_size is not None and c.expansion_factor is not None:
         fail("expansion_factor", "give intermediate_size or expansion_factor, not both (as upstream)")
-    out, into = c.mlp_widths
-    if out != (2 * into if c.mlp_gated else into):
-        fail("intermediate_size", f"the MLP widths do not fit together: linear1 gives {out} outputs, linear2 takes "
-             f"{into} (upstream rounds them separately); choose intermediate_size / mlp_multiple_of so they agree")
+    if c.sliding_window_width is not None and c.sliding_window_width < 0:
+        fail("sliding_window_width", f"sliding_window_width must be 0 or more (or null), got {c.sliding_window_width}")
+    if c.use_qk_layernorm and c.kv_heads != c.num_attention_heads:
+        fail("use_qk_layernorm", "use_qk_layernorm with grouped-query attention (num_kv_heads) is not built: "
+             "upstream's one norm over [heads, head_dim] does not fit the fewer key heads")
+    if c.use_qk_layernorm and c.norm == "layernorm" and c.model_parallel_size > 1:
+        fail("use_qk_layernorm", "use_qk_layernorm with norm layernorm at model_parallel_size > 1 is not built: "
+             "upstream's LayerNorm then averages over each rank's heads, so the model would change with the TP "
+             "size; use model_parallel_size 1 or norm rmsnorm (per head)")
     if c.num_attention_heads % c.kv_heads:
         fail("num_kv_heads", f"num_kv_heads {c.kv_heads} must divide num_attention_heads {c.num_attention_heads}")
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
@@ -162,5 +167,46 @@ def validate(c: NeoXConfig) -> None:
         if weights and len(weights) != len(paths):
             fail(f"{prefix}_data_weights", f"{prefix}_data_weights has {len(weights)} entries but "
                  f"{prefix}_data_paths has {len(paths)}; give one weight per path")
+    _training_and_logging(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
+
+
+def check_runnable(c: NeoXConfig) -> None:
+    """What a model must satisfy to run a forward (sizing tools may still build it, as upstream does)."""
+    out, into = c.mlp_widths
+    if out != (2 * into if c.mlp_gated else into):
+        hint = "mlp_multiple_of 256 or intermediate_size 3 x the branch width" if c.mlp_gated else "mlp_multiple_of"
+        raise UserError(f"{c.where('intermediate_size')}: the MLP widths do not fit together: linear1 gives {out} "
+                        f"outputs, linear2 takes {into} (upstream rounds them separately and its forward fails the "
+                        f"same way); choose intermediate_size / mlp_multiple_of so they agree, e.g. {hint}")
+
+
+def _training_and_logging(c: NeoXConfig, fail) -> None:
+    """train_epochs, the LR-schedule resume switches, profiling and the noise scale (upstream's limits)."""
+    if c.train_epochs is not None:
+        if c.train_epochs < 1:
+            fail("train_epochs", f"train_epochs must be at least 1, got {c.train_epochs}")
+        if "train_iters" in c.sources:
+            fail("train_epochs", "give train_epochs or train_iters, not both (as upstream)")
+        if len(c.train_data_paths) > 1:
+            fail("train_epochs", "train_epochs needs one training dataset (data_path or one train_data_paths "
+                 "entry): an epoch of a blend is undefined (upstream refuses weights too)")
+        for key in ("train_data_weights", "weight_by_num_documents"):
+            if getattr(c, key):
+                fail(key, f"{key} does not work with train_epochs (as upstream): an epoch of a blend is undefined")
+    if c.override_lr_scheduler and c.use_checkpoint_lr_scheduler:
+        fail("override_lr_scheduler", "override_lr_scheduler and use_checkpoint_lr_scheduler are both true; the "
+             "schedule comes from the config or from the checkpoint: set one")
+    if c.memory_profiling and not c.memory_profiling_path:
+        fail("memory_profiling", "memory_profiling needs memory_profiling_path (the folder for the snapshot)")
+    if c.profile and not (c.tensorboard_dir or c.save):
+        fail("profile", "profile writes its trace to tensorboard_dir (else save): set one of them")
+    if (c.profile or c.memory_profiling) and not 0 <= c.profile_step_start < c.profile_step_stop:
+        fail("profile_step_stop", f"profile steps must satisfy 0 <= profile_step_start < profile_step_stop, got "
+             f"{c.profile_step_start}..{c.profile_step_stop}")
+    if c.log_gradient_noise_scale and c.gradient_noise_scale_n_batches < 2:
+        fail("gradient_noise_scale_n_batches", "gradient_noise_scale_n_batches must be at least 2 (the large batch "
+             f"is that many steps), got {c.gradient_noise_scale_n_batches}")
+    if c.weighted_sampler_alpha < 0:
+        fail("weighted_sampler_alpha", f"weighted_sampler_alpha must be >= 0, got {c.weighted_sampler_alpha}")

@@ -25,6 +25,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from neox_fork.attention import on_cuda
+
 log = logging.getLogger(__name__)
 
 try:  # optional GPU extra
@@ -50,7 +52,7 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rota
 
 def flash_rotary_usable(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """flash-attn's kernel takes one [seq, rotary_dim / 2] table for the whole batch, on CUDA."""
-    return flash_rotary is not None and x.is_cuda and cos.shape[0] == 1 and x.shape[-1] <= 256
+    return flash_rotary is not None and on_cuda(x) and cos.shape[0] == 1 and x.shape[-1] <= 256
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -3,6 +3,8 @@
     GPTNeoXForCausalLM   LayerNorm with bias, plain (non-gated) MLP with biases, multi-head attention,
                          sequential or parallel residual (gpt_j_residual), partial rotary: Pythia, GPT-NeoX
     LlamaForCausalLM     RMSNorm, SwiGLU, full rotary, grouped-query attention, optional biases: Llama(-2)
+    MistralForCausalLM   Llama's layout with no linear biases and a sliding window (sliding_window_width W: a
+                         query sees itself and W keys before it, so HF's `sliding_window` is W + 1)
     StableLmForCausalLM  LayerNorm with bias, SwiGLU, no linear biases, partial rotary: StableLM-3B-4E1T
 
 `family(config)` picks the class from the architecture keys (or says in one line why none fits).
@@ -26,7 +28,8 @@ from neox_fork.dtypes import dtype_name, hf_dtype_name, neox_precision, torch_dt
 from neox_fork.errors import UserError
 from neox_fork.neox_layout import QKVGroups, fuse_qkv, split_qkv
 
-CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "stablelm": "StableLmForCausalLM"}
+CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+           "stablelm": "StableLmForCausalLM"}
 
 # (ours, HF) name templates per family; {layer} is a layer index, {param} weight or bias. Both directions.
 _L = "layers.{layer}"
@@ -51,23 +54,33 @@ _NORMS = [("final_norm.{param}", "model.norm.{param}"),
           (f"{_L}.input_layernorm.{{param}}", f"model.{_L}.input_layernorm.{{param}}"),
           (f"{_L}.post_attention_layernorm.{{param}}", f"model.{_L}.post_attention_layernorm.{{param}}")]
 _RMS_NORMS = [(ours.replace("{param}", "scale"), theirs.replace("{param}", "weight")) for ours, theirs in _NORMS]
-_RENAMES = {"gpt_neox": _NEOX, "llama": _MODEL + _RMS_NORMS, "stablelm": _MODEL + _NORMS}
-_SPLIT = {"gpt_neox": False, "llama": True, "stablelm": True}  # q/k/v and up/gate as separate HF tensors
+_RENAMES = {"gpt_neox": _NEOX, "llama": _MODEL + _RMS_NORMS, "mistral": _MODEL + _RMS_NORMS,
+            "stablelm": _MODEL + _NORMS}
+_SPLIT = {"gpt_neox": False, "llama": True, "mistral": True, "stablelm": True}  # q/k/v, up/gate: separate HF tensors
 
 
 def family(c: NeoXConfig) -> str:
     """The HF family that computes exactly what this config's model computes, or a UserError saying why none."""
     def refuse(why: str):
         raise UserError(f"{c.where('norm')}: no Hugging Face class computes this model ({why}); export supports "
-                        "GPTNeoXForCausalLM, LlamaForCausalLM and StableLmForCausalLM architectures")
+                        "GPTNeoXForCausalLM, LlamaForCausalLM, MistralForCausalLM and StableLmForCausalLM "
+                        "architectures")
 
+    if c.use_qk_layernorm:  # StableLm's qk_layernorm is a separate bias-free LayerNorm per head for q and k
+        refuse("use_qk_layernorm: upstream's one norm over [heads, head_dim] shared by q and k is in no HF class")
     if c.pos_emb != "rotary":
         refuse(f"pos_emb {c.pos_emb!r}: GPTNeoX, Llama and StableLm all use rotary")
     silu_gated = c.mlp_gated and c.mlp_activation == "silu"
     if silu_gated and c.norm == "rmsnorm":
         if c.gpt_j_residual or c.rotary_pct != 1:
             refuse("Llama has a sequential residual and full rotary")
-        return "llama"
+        if c.sliding_window_width is None:
+            return "llama"
+        if c.use_bias_in_attn_linear or c.use_bias_in_mlp:
+            refuse("sliding_window_width: Mistral has no linear biases")
+        return "mistral"
+    if c.sliding_window_width is not None:
+        refuse("sliding_window_width: only Mistral (RMSNorm, SwiGLU) has a sliding window")
     if silu_gated and c.norm == "layernorm":
         if c.use_bias_in_attn_linear or c.use_bias_in_mlp or not c.use_bias_in_norms or c.gpt_j_residual:
             refuse("StableLm has LayerNorms with bias, no linear biases and a sequential residual with two norms")
@@ -182,13 +195,17 @@ def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_
         return {**common, "num_key_value_heads": c.kv_heads, "rms_norm_eps": c.rms_norm_epsilon,
                 "attention_bias": c.use_bias_in_attn_linear, "mlp_bias": c.use_bias_in_mlp,
                 "head_dim": c.head_dim}
+    if fam == "mistral":
+        return {**common, "num_key_value_heads": c.kv_heads, "rms_norm_eps": c.rms_norm_epsilon,
+                "head_dim": c.head_dim, "sliding_window": c.sliding_window_width + 1}
     return {**common, "num_key_value_heads": c.kv_heads, "layer_norm_eps": c.layernorm_epsilon,
             "partial_rotary_factor": c.rotary_pct, "use_qkv_bias": False, "qk_layernorm": False,
             "use_parallel_residual": False, "hidden_dropout": c.hidden_dropout}
 
 
 def config_from_hf(hf: dict) -> dict:
-    """Our config keys (NeoX names) for an HF GPTNeoX, Llama or StableLm config.json; the caller adds the rest."""
+    """Our config keys (NeoX names) for an HF GPTNeoX, Llama, Mistral or StableLm config.json; the caller adds
+    the rest."""
     kind = hf.get("model_type")
     if kind not in CLASSES:
         raise UserError(f"config.json model_type is {kind!r}; importable: {', '.join(CLASSES)}")
@@ -226,6 +243,11 @@ def config_from_hf(hf: dict) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"config.json hidden_act {hf.get('hidden_act')!r} is not supported for {kind}; only silu")
     gated = {**keys, "mlp_type": "gated", "activation": "silu", "num_kv_heads": kv if kv != heads else None}
+    if kind == "mistral":
+        window = hf.get("sliding_window")
+        return {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6),
+                "use_bias_in_norms": False, "use_bias_in_mlp": False, "use_bias_in_attn_linear": False,
+                "rotary_pct": 1.0, "sliding_window_width": None if window is None else window - 1}
     if kind == "llama":
         return {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6),
                 "use_bias_in_norms": False, "use_bias_in_mlp": hf.get("mlp_bias", False),
@@ -319,7 +341,7 @@ def read_hf_folder(hf_dir) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = None) -> Path:
-    """A Hugging Face GPTNeoX, Llama or StableLm folder -> our checkpoint at step 0, split over `tp` ranks."""
+    """A Hugging Face GPTNeoX, Llama, Mistral or StableLm folder -> our checkpoint at step 0, split over `tp` ranks."""
     from neox_fork import checkpoint
     from neox_fork.config import from_dict
 

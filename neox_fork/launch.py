@@ -20,6 +20,7 @@ num_nodes/num_gpus), with each mistake reported as a one-line `UserError`.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import re
 import shlex
@@ -34,6 +35,7 @@ from neox_fork.config import NeoXConfig
 from neox_fork.errors import UserError
 
 Resources = "collections.OrderedDict[str, list[int]]"
+log = logging.getLogger(__name__)
 
 # Set for the ranks unless the user already set them: a dead peer then raises instead of hanging in
 # NCCL forever (the collective timeout itself is `distributed_timeout_minutes`, read by train.py).
@@ -348,10 +350,15 @@ def use_srun(c: NeoXConfig) -> bool:
 
 def plan_launch(c: NeoXConfig, user_script: str, config_paths: list[str], hostfile: str | None = None,
                 environ: dict[str, str] | None = None, python: str | None = None) -> LaunchPlan:
-    """Everything deepy will do, computed without side effects. Validates the world size too."""
+    """Everything deepy will do, computed without side effects. Validates the world size too. `hostfile`
+    (deepy -H) must exist; the config's, when missing, is one logged line and this machine (DeepSpeed's runner)."""
     environ = dict(os.environ if environ is None else environ)
     python = python or sys.executable
-    hostfile = hostfile or c.hostfile
+    if hostfile is None and c.hostfile and not Path(c.hostfile).is_file():
+        log.warning("%s: hostfile '%s' not found: using this machine's devices (as DeepSpeed's runner does)",
+                    c.where("hostfile"), c.hostfile)
+    elif hostfile is None:
+        hostfile = c.hostfile
     if not Path(user_script).is_file():
         raise UserError(f"user script '{user_script}' not found; run from the repository root, e.g. "
                         "python deepy.py train.py configs/tiny.yml")

@@ -1,4 +1,4 @@
-"""Where training reports go: a progress line, SAVE_DIR/metrics.jsonl, TensorBoard and W&B.
+"""Where training reports go: a progress line, SAVE_DIR/metrics.jsonl, TensorBoard, W&B and Comet.
 
 Only global rank 0 writes. metrics.jsonl always exists (when `save` is set): one JSON object per
 logged step, so a run can be plotted or compared without any extra package.
@@ -43,6 +43,7 @@ class MetricsWriter:
         self.jsonl = None
         self.tensorboard = None
         self.wandb = None
+        self.comet = None
         if not enabled:
             return
         if config.save:
@@ -54,6 +55,8 @@ class MetricsWriter:
             self.tensorboard = SummaryWriter(log_dir=config.tensorboard_dir)
         if config.use_wandb:
             self.wandb = _start_wandb(config)
+        if config.use_comet:
+            self.comet = _start_comet(config)
 
     def write(self, metrics: dict) -> None:
         if not self.enabled:
@@ -68,6 +71,8 @@ class MetricsWriter:
             self.tensorboard.flush()
         if self.wandb:
             self.wandb.log(scalars, step=step)
+        if self.comet:
+            self.comet.log_metrics(scalars, step=step)
 
     def close(self) -> None:
         if self.jsonl:
@@ -76,6 +81,9 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+        if self.comet:
+            self.comet.end()
+            self.comet = None
 
 
 def _start_wandb(config):
@@ -89,3 +97,21 @@ def _start_wandb(config):
     return wandb.init(project=config.wandb_project or "neox_fork", entity=config.wandb_team or None,
                       group=config.wandb_group or None, name=config.wandb_name or None,
                       config=config.to_dict(), dir=config.save or None)
+
+
+def _start_comet(config):
+    """A Comet experiment as upstream starts one; COMET_* variables (API key, COMET_START_ONLINE=false for an
+    offline archive in COMET_OFFLINE_DIRECTORY) choose where it goes, as the comet_ml client reads them."""
+    try:
+        import comet_ml
+    except ImportError:
+        log.warning("use_comet is true but comet_ml is not installed (pip install comet_ml); not logging to Comet")
+        return None
+    experiment = comet_ml.start(workspace=config.comet_workspace, project=config.comet_project,
+                                experiment_config=comet_ml.ExperimentConfig(auto_output_logging=False,
+                                                                            name=config.comet_experiment_name,
+                                                                            tags=config.comet_tags))
+    experiment.log_parameters(config.to_dict(), nested_support=True)
+    if config.comet_others:
+        experiment.log_others(config.comet_others)
+    return experiment

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from neox_fork import fused
 from neox_fork.attention import attention
 from neox_fork.config import NeoXConfig
+from neox_fork.config_rules import check_runnable
 
 @dataclass
 class ModelShape:
@@ -69,6 +70,9 @@ class ModelShape:
     mlp_bias: bool = False
     parallel_residual: bool = False
     learned_positions: bool = False
+    mlp_out: int = 0  # linear1's outputs; 0: (2 if gated else 1) x ffn_hidden_size
+    sliding_window: int | None = None  # each query sees itself and this many keys before it
+    qk_norm: bool = False  # upstream's use_qk_layernorm: `norm` over [heads, head_dim] of q and k, before rotary
 
     @property
     def head_dim(self) -> int:
@@ -97,7 +101,8 @@ class ModelShape:
             sequence_parallel=c.sequence_parallel or c.partition_activations,
             num_kv_heads=c.kv_heads, norm=c.norm, mlp_gated=c.mlp_gated, activation=c.mlp_activation,
             attn_bias=c.use_bias_in_attn_linear, mlp_bias=c.use_bias_in_mlp, parallel_residual=c.gpt_j_residual,
-            learned_positions=c.pos_emb == "learned",
+            learned_positions=c.pos_emb == "learned", mlp_out=c.mlp_widths[0],
+            sliding_window=c.sliding_window_width, qk_norm=c.use_qk_layernorm,
         )
 
 
@@ -144,6 +149,11 @@ class Attention(nn.Module):
         tp_size = mp.tensor_model_parallel_size
         self.kv_per_rank = s.kv_heads // tp_size
         self.group = s.num_heads // s.kv_heads  # query heads per key/value head
+        self.window = s.sliding_window
+        if s.qk_norm:  # one norm for q and k, over this rank's [heads, head_dim] (upstream's shape and name)
+            self.qk_layernorm = make_norm(s, (s.num_heads // tp_size, s.head_dim), qk=True)
+            for p in self.qk_layernorm.parameters():  # split over TP ranks by heads, as the QKV rows
+                tp.set_tensor_model_parallel_attributes(p, True, 0, 1)
         self.query_key_value = tp.ColumnParallelLinear(
             s.hidden_size, (s.num_heads + 2 * s.kv_heads) * s.head_dim, **tp_args(mp), bias=s.attn_bias,
             gather_output=False, init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
@@ -179,10 +189,13 @@ class Attention(nn.Module):
         head_dim]."""
         b, sq = qkv.shape[:2]
         g, d = self.group, self.shape.head_dim
-        if g == 1 and rotary.dim:  # q, k, v each [b, s, heads, head_dim]
+        qk_norm = getattr(self, "qk_layernorm", None)
+        if g == 1 and rotary.dim and qk_norm is None:  # q, k, v each [b, s, heads, head_dim]
             q, k, v = fused.rotary_qkv(qkv, cos, sin, rotary.dim)
         else:
             q, k, v = qkv[:, :, :, :g].reshape(b, sq, -1, d), qkv[:, :, :, g], qkv[:, :, :, g + 1]
+            if qk_norm is not None:  # one key/value head per query head (config_rules refuses GQA here)
+                q, k = qk_norm(q), qk_norm(k)
             if rotary.dim:
                 q, k = (fused.rotary_reference(t, cos, sin, rotary.dim) for t in (q, k))
         causal = mask is None
@@ -194,7 +207,8 @@ class Attention(nn.Module):
         if g > 1:  # each key/value head serves the `g` query heads of its group
             k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
         dropout = self.shape.attention_dropout if self.training else 0.0
-        return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout, mask=mask)
+        return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout, mask=mask,
+                         window=self.window)
 
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "mish": F.mish, "softsign": F.softsign,
@@ -209,7 +223,8 @@ class MLP(nn.Module):
         self.gated, self.activation = s.mlp_gated, s.activation
         branches = 2 if s.mlp_gated else 1
         self.linear1 = tp.ColumnParallelLinear(  # stride 2 when gated keeps each rank's halves paired
-            s.hidden_size, branches * s.ffn_hidden_size, **tp_args(mp), bias=s.mlp_bias, gather_output=False,
+            s.hidden_size, s.mlp_out or branches * s.ffn_hidden_size, **tp_args(mp), bias=s.mlp_bias,
+            gather_output=False,
             stride=branches, init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
         )
         self.linear2 = tp.RowParallelLinear(
@@ -243,10 +258,12 @@ class RMSNorm(nn.Module):
         return self.scale * y.to(x.dtype)
 
 
-def make_norm(s: ModelShape) -> nn.Module:
+def make_norm(s: ModelShape, size=None, qk: bool = False) -> nn.Module:
+    """The config's norm over the last dim(s) of `size` (default hidden_size). RMSNorm normalises the last
+    dim only (per head for qk); upstream's qk LayerNorm always has a bias."""
     if s.norm == "rmsnorm":
-        return RMSNorm(s.hidden_size, s.norm_eps)
-    return nn.LayerNorm(s.hidden_size, eps=s.norm_eps, bias=s.norm_bias)
+        return RMSNorm(size or s.hidden_size, s.norm_eps)
+    return nn.LayerNorm(size or s.hidden_size, eps=s.norm_eps, bias=s.norm_bias or qk)
 
 
 class HiddenDropout(nn.Module):
@@ -513,8 +530,11 @@ def model_parallel_config(tensor_parallel_size: int, dtype: str = "fp32",
 
 
 def build_model(config: NeoXConfig, tokenizer_vocab_size: int | None = None, *,
-                perform_initialization: bool = True) -> NeoXModel:
-    """The model for this rank (parallel groups must be initialised; see neox_fork.parallel)."""
+                perform_initialization: bool = True, sizing_only: bool = False) -> NeoXModel:
+    """The model for this rank (parallel groups must be initialised; see neox_fork.parallel). `sizing_only`
+    builds even a model that cannot run, as upstream does (MLP widths that do not pair), to count it."""
+    if not sizing_only:
+        check_runnable(config)
     shape = ModelShape.from_config(config, tokenizer_vocab_size)
     mp = model_parallel_config(parallel_state.get_tensor_model_parallel_world_size(), config.dtype_name,
                                shape.sequence_parallel)
@@ -529,8 +549,9 @@ def count_parameters(shape: ModelShape) -> int:
     norm = 2 * h if s.norm_bias else h
     qkv = (s.num_heads + 2 * s.kv_heads) * d
     attention = h * qkv + h * h + (qkv + h if s.attn_bias else 0)
-    linear1 = (2 if s.mlp_gated else 1) * f
+    linear1 = s.mlp_out or (2 if s.mlp_gated else 1) * f
     mlp = h * linear1 + f * h + (linear1 + h if s.mlp_bias else 0)
     heads = 1 if s.tie_word_embeddings else 2
     positions = s.max_positions * h if s.learned_positions else 0
-    return L * (attention + mlp + 2 * norm) + heads * v * h + positions + norm
+    qk_norm = (2 if s.norm != "rmsnorm" else 1) * s.num_heads * d if s.qk_norm else 0
+    return L * (attention + mlp + 2 * norm + qk_norm) + heads * v * h + positions + norm

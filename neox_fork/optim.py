@@ -15,41 +15,108 @@ import torch
 
 from neox_fork import parallel
 from neox_fork.config import NeoXConfig, deepspeed_config
+from neox_fork.errors import UserError
 
 log = logging.getLogger("neox_fork")
 
 
-def lr_at(c: NeoXConfig, iteration: int) -> float:
+def schedule_of(c: NeoXConfig) -> dict:
+    """The settings the LR schedule is made of (what a checkpoint records and a resume compares)."""
+    return {"lr": c.learning_rate, "min_lr": c.min_lr, "warmup_iters": c.warmup_steps, "decay_iters": c.decay_iters,
+            "decay_style": c.lr_decay_style}
+
+
+def lr_from(s: dict, iteration: int) -> float:
     """LR for the update after `iteration` completed steps: linear warmup, then decay to min_lr.
 
-    warmup:  lr * (iteration + 1) / warmup_steps
+    warmup:  lr * (iteration + 1) / warmup_iters
     cosine:  min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * progress))
     linear:  min_lr + (lr - min_lr) * (1 - progress)
-    with progress = (iteration - warmup_steps) / (decay_iters - warmup_steps), clamped to [0, 1].
+    with progress = (iteration - warmup_iters) / (decay_iters - warmup_iters), clamped to [0, 1].
     """
-    peak, warmup, decay = c.learning_rate, c.warmup_steps, c.decay_iters
+    peak, warmup, decay, floor = s["lr"], s["warmup_iters"], s["decay_iters"], s["min_lr"]
     if iteration < warmup:
         return peak * (iteration + 1) / warmup
-    if c.lr_decay_style == "constant":
+    if s["decay_style"] == "constant":
         return peak
     progress = min(max((iteration - warmup) / max(decay - warmup, 1), 0.0), 1.0)
-    if c.lr_decay_style == "linear":
-        return c.min_lr + (peak - c.min_lr) * (1 - progress)
-    return c.min_lr + (peak - c.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if s["decay_style"] == "linear":
+        return floor + (peak - floor) * (1 - progress)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(c: NeoXConfig, iteration: int) -> float:
+    """The config's LR for the update after `iteration` completed steps (see lr_from)."""
+    return lr_from(schedule_of(c), iteration)
+
+
+class Schedule(torch.optim.lr_scheduler.LRScheduler):
+    """The LR schedule DeepSpeed steps, saves and restores. On resume the saved settings are compared with the
+    config's, as upstream's AnnealingLR does: `override_lr_scheduler` keeps the config's,
+    `use_checkpoint_lr_scheduler` takes the checkpoint's, and with neither a difference stops the run."""
+
+    def __init__(self, optimizer, c: NeoXConfig):
+        self.settings, self.c = schedule_of(c), c
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        return [lr_from(self.settings, self.last_epoch)] * len(self.optimizer.param_groups)
+
+    def lr_for(self, iteration: int) -> float:
+        return lr_from(self.settings, iteration)
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "settings": dict(self.settings)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "num_iters" in state:  # upstream gpt-neox's AnnealingLR
+            saved = {"lr": state["start_lr"], "min_lr": state["min_lr"], "warmup_iters": state["warmup_iter"],
+                     "decay_iters": state["end_iter"], "decay_style": state["decay_style"]}
+            self.last_epoch = int(state["num_iters"])
+        else:  # ours; a LambdaLR state (older saves) has no settings to compare
+            saved = state.get("settings")
+            self.last_epoch = int(state["last_epoch"])
+        self._step_count = self.last_epoch + 1
+        if saved and not self.c.override_lr_scheduler:
+            if self.c.use_checkpoint_lr_scheduler:
+                self.settings = dict(saved)
+                log.info("use_checkpoint_lr_scheduler: the LR schedule is the checkpoint's: %s", saved)
+            else:
+                differ = [k for k in self.settings if saved.get(k) != self.settings[k]]
+                if differ:
+                    k = differ[0]
+                    raise UserError(f"{self.c.where('override_lr_scheduler')}: the checkpoint's LR schedule has "
+                                    f"{k} {saved.get(k)!r}, this config {self.settings[k]!r}; set "
+                                    "override_lr_scheduler: true to use the config's or use_checkpoint_lr_scheduler: "
+                                    "true to use the checkpoint's")
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms (weight and bias) and any bias get none."""
+    """Weight decay on matrices only: norms (weight and bias, the [heads, head_dim] qk norm included) and any
+    bias get none."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.dim() < 2 or name.endswith(".bias") or ".qk_layernorm." in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(c: NeoXConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay); torch's fused kernel on CUDA, the foreach one on CPU."""
+    """AdamW (decoupled weight decay); torch's fused kernel on CUDA, the foreach one on CPU. With
+    `use_bnb_optimizer`, bitsandbytes' Adam8bit as upstream (its decay is decoupled too; moments of tensors
+    of 4096+ elements kept in 8 bits, blockwise quantised)."""
+    if c.use_bnb_optimizer:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError(f"{c.where('use_bnb_optimizer')}: use_bnb_optimizer needs bitsandbytes, which is not "
+                            "installed; `pip install bitsandbytes` or set use_bnb_optimizer: false") from None
+        return bitsandbytes.optim.Adam8bit(param_groups(model, c.weight_decay), lr=c.learning_rate,
+                                           betas=c.adam_betas, eps=c.adam_eps)
     fused = torch.cuda.is_available()
     return torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.learning_rate, betas=c.adam_betas,
                              eps=c.adam_eps, fused=fused, foreach=None if fused else True)
@@ -65,7 +132,7 @@ def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):
     if torch.cuda.is_available():
         model = model.cuda()
     optimizer = build_optimizer(c, model)
-    scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_at(c, it) / c.learning_rate)  # noqa: E731
+    scheduler = lambda opt: Schedule(opt, c)  # noqa: E731
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even of a single process
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(c, world), mpu=parallel.MPU(),

@@ -25,12 +25,13 @@ def meta_model(config, vocab: int | None):
     """The whole model (TP=1) built on the meta device: shapes and parameter counts, no memory."""
     parallel.initialize(1)
     with torch.device("meta"):
-        return build_model(dataclasses.replace(config, model_parallel_size=1), vocab, perform_initialization=False)
+        return build_model(dataclasses.replace(config, model_parallel_size=1), vocab, perform_initialization=False,
+                           sizing_only=True)
 
 
 def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assumed_mfu=0.40) -> dict:
     config = load_config(*paths)
-    world = world_size or (config.num_gpus or 1) * max(config.num_nodes, 1)
+    world, how = sizing_world(config, world_size)
     config.check_world_size(world)
     vocab = tokenizer_file_vocab_size(config.vocab_file)
     shape = ModelShape.from_config(config, vocab)
@@ -70,7 +71,8 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"vocab(padded): {shape.vocab_size}  seq: {seq}",
         f"flops_per_token: {model_fpt}  ({model_fpt / 1e9:.2f} GFLOP = 6*N_non_embedding + 12*L*h*s + 6*V*h)",
         f"hardware_flops_per_token: {fpt.hardware}  (recompute: {fpt.recompute})",
-        f"parallelism: world {world} = tensor {tp} x data {dp}; ZeRO stage {config.zero_stage}; {config.dtype_name}",
+        f"parallelism: world {world} = tensor {tp} x data {dp} ({how}); ZeRO stage {config.zero_stage}; "
+        f"{config.dtype_name}",
         f"global_batch: {gbs} sequences = {gbs * seq} tokens per step",
         "memory_per_gpu_gib: " + "  ".join(f"{k} {v / gib:.2f}" for k, v in mem.items()),
         f"activations_per_rank_gib (layers, 16-bit): tensor-parallel only {act[False] / gib:.2f}  "
@@ -93,6 +95,21 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     print("\n".join(lines))
     return {"parameters": n, "flops_per_token": model_fpt, "memory": mem, "checkpoint_bytes": ckpt_bytes,
             "activations_by_sequence_parallel": act}
+
+
+def sizing_world(config, world_size: int | None = None) -> tuple[int, str]:
+    """The world to size: the one given, else num_gpus x num_nodes of the config, else the smallest its
+    parallelism needs (tensor x pipe x the data-parallel size train_batch_size fixes, else 1)."""
+    if world_size:
+        return world_size, "--world-size"
+    if config.num_gpus:
+        return config.num_gpus * max(config.num_nodes, 1), "num_gpus x num_nodes of the config"
+    per_step = config.train_micro_batch_size_per_gpu * config.gradient_accumulation_steps
+    dp = config.train_batch_size // per_step if config.train_batch_size and not config.train_batch_size % per_step \
+        else 1
+    world = config.model_parallel_size * max(config.pipe_parallel_size, 1) * dp
+    return world, (f"the smallest world this config needs: model_parallel_size {config.model_parallel_size} x "
+                   f"pipe_parallel_size {max(config.pipe_parallel_size, 1)} x data {dp}; --world-size sizes another")
 
 
 def no_recompute_line(memory_at, budget: float, gpu_memory_gb: float) -> str:

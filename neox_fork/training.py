@@ -29,7 +29,8 @@ from neox_fork.errors import UserError
 from neox_fork.launch import launcher_environment
 from neox_fork.metrics import MetricsWriter, progress_line
 from neox_fork.model import build_model, count_parameters
-from neox_fork.optim import build_engine, lr_at
+from neox_fork.optim import build_engine
+from neox_fork.train_logging import Profilers, StepLogger
 from neox_fork.training_state import TrainState, fail_if_asked, resume, save, test_failure, warn_if_no_room
 
 log = logging.getLogger("neox_fork")
@@ -181,10 +182,12 @@ def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter]) -> 
     return loss.item(), finite
 
 
-def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Parameter]) -> tuple[float, bool]:
+def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Parameter],
+               before_update=None) -> tuple[float, bool]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches from the iterator `micro_batches`
     (dicts of tokens, labels, loss_mask). A non-finite loss on any rank makes the update run at lr 0, so
-    every rank stays in step. Returns (mean loss on this rank, whether the update was skipped).
+    every rank stays in step. `before_update()` runs once the step's gradients are complete (train_logging).
+    Returns (mean loss on this rank, whether the update was skipped).
     tools/benchmark.py --path engine times exactly this."""
     n = c.gradient_accumulation_steps
     losses, finite = [], []
@@ -198,6 +201,8 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
     if skipped:
         for group in engine.optimizer.param_groups:  # lr 0 leaves the weights unchanged
             group["lr"] = 0.0
+    if before_update is not None:
+        before_update()
     engine.step()
     return sum(loss / n for loss in losses), skipped
 
@@ -234,6 +239,10 @@ def setup(c: NeoXConfig) -> Run:
     if not c.vocab_file:
         raise UserError(f"{c.where('vocab_file')}: vocab_file is not set; point it at a tokenizer.json")
     tokenizer = build_tokenizer(c.tokenizer_type, c.vocab_file)
+    if c.train_epochs is not None:
+        from neox_fork.data.datasets import train_iters_for_epochs
+
+        c = train_iters_for_epochs(c, tokenizer, world)
     train_data, valid_data = build_data(c, tokenizer, world)
     model = build_model(c, tokenizer.vocab_size)
     engine = build_engine(c, model, world)
@@ -277,7 +286,7 @@ class Progress:
         m = {
             "iteration": state.iteration,
             "lm_loss": self.loss / self.count,
-            "lr": lr_at(c, state.iteration - 1),
+            "lr": self.run.engine.lr_scheduler.lr_for(self.run.engine.lr_scheduler.last_epoch - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_sec": tokens_per_sec,
             "mfu": flops.mfu(tokens_per_sec, self.flops_per_token.model, self.run.world, self.peak),
@@ -331,7 +340,7 @@ def pretrain(c: NeoXConfig) -> int:
     setup_logging()
     stop = StopSignal()  # before the slow start-up, so a signal during it still ends in a save
     run = setup(c)
-    engine, state = run.engine, run.state
+    c, engine, state = run.c, run.engine, run.state
     if state.iteration >= c.train_iters:
         log.info("nothing to do: the checkpoint is at iteration %d and train_iters is %d; no step was run",
                  state.iteration, c.train_iters)
@@ -340,11 +349,15 @@ def pretrain(c: NeoXConfig) -> int:
     progress = Progress(run, metrics)
     train_iter = batches(run.train_data, c, state.consumed_samples)
     params = [p for p in run.model.parameters() if p.requires_grad]
+    step_log, profilers = StepLogger(c, engine, metrics, c.global_batch_size(run.world)), Profilers(c)
     if state.iteration == 0 and 0 in (c.extra_save_iters or []):
         save(engine, c, state)
     while state.iteration < c.train_iters:
-        step_loss, skipped = train_step(engine, c, train_iter, params)
+        profilers.before_step()
+        step_loss, skipped = train_step(engine, c, train_iter, params, step_log.before_update)
+        profilers.after_step()
         state.iteration += 1
+        step_log.after_update(state.iteration)
         fail_if_asked("step", state.iteration)
         state.consumed_samples += c.global_batch_size(run.world)
         check_nan_steps(run, skipped, metrics)  # a skipped step still saves and checks signals below
@@ -361,6 +374,7 @@ def pretrain(c: NeoXConfig) -> int:
             log.warning("stopping at step %d on signal", state.iteration)
             break
 
+    profilers.stop()
     save(engine, c, state)
     stop.finished()
     metrics.close()

@@ -117,24 +117,78 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     info = universal.checkpoint_info(dict(engine.module.named_parameters()), engine.module.shape.vocab_size)
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module,
                     universal.INFO_KEY: info}
-    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    if c.checkpoint_validation_with_forward_pass:
+        client_state[VALIDATION_KEY] = validation_logits(engine.module, c)
+    with _without_optimizer_states(engine, c.no_save_optim):
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
     fail_if_asked("save", state.iteration)
     if layers:  # index 1 is a function, so GPT-NeoX writes no file for it; ds_to_universal refuses a folder without
         layers = {**layers, 1: {}}  # a layer_01 file, so an empty one is written (every reader skips it)
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
-    torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},
-               partial / checkpoint.RNG_FILE.format(dist.get_rank()))  # read back by restore_rng
+    if not c.no_save_rng:
+        torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},
+                   partial / checkpoint.RNG_FILE.format(dist.get_rank()))  # read back by restore_rng
     if not _rank0() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         checkpoint.fsync_tree(partial)  # this node's writes reach the disk before rank 0 publishes
     dist.barrier()
     if _rank0():
+        if c.no_save_optim:
+            (partial / NO_OPTIMIZER_FILE).write_text("saved with no_save_optim: no optimizer states\n")
         checkpoint.save_config(partial, c)
         checkpoint.copy_tokenizer(partial, c.vocab_file)
         checkpoint.publish(partial, ckpt_dir, state.iteration)
         prune_checkpoints(ckpt_dir, c.keep_last_n_checkpoints)
         log.info("saved checkpoint %s", checkpoint.step_dir(ckpt_dir, state.iteration))
     dist.barrier()
+
+
+VALIDATION_KEY = "checkpoint_validation_logits"  # upstream's name in the saved state
+NO_OPTIMIZER_FILE = "no_optimizer_states"  # marks a step saved with no_save_optim
+
+
+@torch.no_grad()
+def validation_logits(model, c: NeoXConfig) -> torch.Tensor:
+    """Upstream's check input: tokens 0..seq_length-1 (modulo the vocabulary), its logits on the CPU in fp32."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = (torch.arange(c.seq_length, device=device) % model.shape.vocab_size)[None]
+    logits = model(tokens)[0].float().cpu()
+    model.train(was_training)
+    return logits
+
+
+def check_validation_logits(model, c: NeoXConfig, saved: torch.Tensor | None, folder: Path) -> None:
+    """checkpoint_validation_with_forward_pass on resume: the loaded weights must give the saved logits."""
+    if saved is None:
+        log.warning("checkpoint_validation_with_forward_pass is on but %s holds no validation logits", folder)
+        return
+    now = validation_logits(model, c)
+    if now.shape != saved.shape or not torch.isclose(now, saved).all():  # upstream's test: torch.isclose
+        diff = (now - saved).abs().max().item() if now.shape == saved.shape else f"shape {tuple(saved.shape)}"
+        raise UserError(f"checkpoint_validation_with_forward_pass: {folder} gives other logits after loading than "
+                        f"when it was saved (max difference {diff}); the checkpoint or this model is not the one "
+                        "that was saved")
+    log.info("validated %s with a forward pass", folder)
+
+
+class _without_optimizer_states:
+    """no_save_optim: DeepSpeed writes no optimizer state (no ZeRO shard files, `optimizer: None`)."""
+
+    def __init__(self, engine, active: bool):
+        self.engine, self.active = engine, active
+
+    def __enter__(self):
+        if self.active:
+            self.zero = self.engine.save_zero_checkpoint
+            self.engine.save_zero_checkpoint = False
+            self.engine.optimizer.state_dict = lambda: None  # the non-ZeRO path saves optimizer.state_dict()
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.engine.save_zero_checkpoint = self.zero
+            del self.engine.optimizer.state_dict
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int | None) -> None:
@@ -196,6 +250,12 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     saved_tp = checkpoint.tp_size_of(folder)
     if c.finetune:
         load_weights_only(model, folder, c.trust_checkpoint)
+        # ZeRO (and bf16) optimizers keep fp32 masters copied from the weights when the engine was built; the
+        # first step would write those (the fresh initialisation) back. DeepSpeed does the same when it loads
+        # a module without its optimizer state.
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
         log.info("fine-tuning from the weights of %s", folder)
         return
     saved_dp = checkpoint.dp_size_of(folder)
@@ -210,14 +270,26 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         path = folder / checkpoint.MODEL_FILE.format(parallel.tp_rank())
         copy_weights(dst, checkpoint.weights_of_module(src, path) if src else None, folder, c.trust_checkpoint)
 
-    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, custom_load_fn=load_weights)
+    load_optim = not c.no_load_optim
+    if load_optim and (folder / NO_OPTIMIZER_FILE).is_file():
+        raise UserError(f"{folder} was saved with no_save_optim (it holds no optimizer states); resume from it with "
+                        "no_load_optim: true")
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, custom_load_fn=load_weights,
+                                             load_optimizer_states=load_optim, load_lr_scheduler_states=load_optim,
+                                             load_module_only=not load_optim)
+    if c.checkpoint_validation_with_forward_pass:
+        check_validation_logits(engine.module, c, client_state.get(VALIDATION_KEY), folder)
+    if not load_optim:
+        log.info("no_load_optim: optimizer states and LR schedule start fresh")
     state.iteration = client_state["iteration"]
     # GPT-NeoX keeps no sample count: its data position is iteration x global batch
     state.consumed_samples = client_state.get("consumed_samples",
                                               state.iteration * c.global_batch_size(dist.get_world_size()))
     state.last_saved = state.iteration
     rng_file = folder / checkpoint.RNG_FILE.format(dist.get_rank())
-    if rng_file.is_file():
+    if c.no_load_rng:
+        log.info("no_load_rng: the RNG states of %s are not restored", folder)
+    elif rng_file.is_file():
         restore_rng(rng_file, c.trust_checkpoint)
     log.info("resumed from %s at iteration %d (%d samples consumed)", folder, state.iteration,
              state.consumed_samples)

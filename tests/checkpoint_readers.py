@@ -47,6 +47,7 @@ def training_config(folder, corpus, ckpt, finetune, **keys):
     """A config that loads `ckpt` (weights only with `finetune`) and trains one more step into folder/ckpt."""
     folder.mkdir(parents=True, exist_ok=True)
     keys.setdefault("train_iters", 3)
+    keys.setdefault("override_lr_scheduler", True)  # one step more than the checkpoint's schedule was made for
     return write_train_config(folder, corpus, load=str(ckpt), finetune=finetune, **keys)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_keys
+from neox_fork import attention as attention_module
 from neox_fork.attention import attention, flash_available
 from neox_fork.config import from_dict
 from neox_fork.model import build_model
@@ -33,9 +34,11 @@ def _fwd_bwd(backend, inputs, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["flash", "global"])
 @pytest.mark.parametrize("case", ["causal", "cached_prefix_mask", "one_query_no_mask"])
-def test_fast_backend_matches_reference(dtype, backend, case):
+def test_sdpa_matches_reference(dtype, case):
+    """SDPA (`global`, and `flash` here: test_flash_kernel_only_for_cuda_half_precision_without_a_mask shows
+    it falls back to this very path) against the written-out fp32 softmax."""
+    backend = "global"
     sq, sk = {"causal": (33, 33), "cached_prefix_mask": (7, 40), "one_query_no_mask": (1, 40)}[case]
     kwargs = {"causal": case == "causal"}
     if case == "cached_prefix_mask":
@@ -49,9 +52,28 @@ def test_fast_backend_matches_reference(dtype, backend, case):
         torch.testing.assert_close(g, r, **TOL[dtype])
 
 
-def test_flash_kernel_is_not_chosen_on_cpu():
-    q, _, _ = _inputs(torch.bfloat16, 4, 4)
-    assert not flash_available(q)
+def test_flash_kernel_only_for_cuda_half_precision_without_a_mask(monkeypatch):
+    """The dispatch itself: flash-attn's kernel (a recording stand-in) is taken for `flash` in fp16/bf16 on
+    CUDA (attention.on_cuda, stood in for) with no mask; otherwise SDPA, bit for bit what `global` gives."""
+    inputs = _inputs(torch.bfloat16, 9, 9)
+    assert not flash_available(inputs[0])  # this machine, as it is
+    calls = []
+
+    def kernel(q, k, v, dropout_p, causal):
+        calls.append((q.dtype, dropout_p, causal))
+        return attention_module.reference(q, k, v, causal=causal)
+
+    monkeypatch.setattr(attention_module, "flash_attn_func", kernel)
+    assert not flash_available(inputs[0])  # installed, but the tensors are not on CUDA
+    assert torch.equal(attention(*inputs, backend="flash"), attention(*inputs, backend="global")) and calls == []
+    monkeypatch.setattr(attention_module, "on_cuda", lambda t: True)
+    assert flash_available(inputs[0])
+    attention(*inputs, backend="flash", causal=False)
+    assert calls == [(torch.bfloat16, 0.0, False)]
+    attention(*inputs, backend="global")  # SDPA by name
+    attention(*(t.float() for t in inputs), backend="flash")  # flash-attn has no fp32 kernel
+    attention(*inputs, backend="flash", mask=_prefix_mask(9, 9))  # nor a mask argument
+    assert len(calls) == 1
 
 
 def test_attention_config_selects_backend_and_model_matches_reference(one_process):

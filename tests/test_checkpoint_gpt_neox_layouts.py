@@ -24,6 +24,7 @@ from neox_fork import checkpoint
 from neox_fork.config import from_dict
 from neox_fork.hf import export_folder
 from neox_fork.model import build_model
+from neox_fork.optim import lr_at
 
 
 def gpt_neox_layers(state, num_layers):
@@ -119,10 +120,29 @@ def test_gpt_neox_checkpoints_convert_and_fine_tune(one_process, small_corpus, t
     merged, _, _ = checkpoint.load_merged(tmp_path / "neox")
     assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
     out = export_folder(tmp_path / "neox", tmp_path / "hf")
-    assert (out / "model.safetensors").is_file()
+    # converted: transformers' own model on the exported folder computes what ours does on those weights
+    # (fp32 both; the same products summed in other orders: ~1e-6 relative per op, 1e-4 leaves room)
+    from transformers import AutoModelForCausalLM
+
+    ours = build_model(config, 600).eval()
+    ours.load_state_dict(state, strict=False)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 600, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), atol=1e-4, rtol=1e-4)
     status, stdout, stderr = run_trainings({"ft": train_config})["ft"]
     assert status == 0, stderr[-2000:]
     assert "fine-tuning from the weights of" in stdout
+    # fine-tuned from those weights: one AdamW step moves each element by at most lr_0 (Adam's first
+    # update is m / sqrt(v) = +-1, less with eps) plus the decay lr_0 * wd * |w|; the run's own seeded
+    # initialisation is nowhere near them
+    tuned, _, _ = checkpoint.load_merged(tmp_path / "ft" / "ckpt")
+    ft_config = from_dict(yaml.safe_load(train_config.read_text()))
+    lr0, wd = lr_at(ft_config, 0), ft_config.weight_decay
+    assert tuned.keys() == state.keys()
+    for name, w in state.items():
+        bound = lr0 * (1 + wd * w.abs()) * (1 + 1e-5)
+        assert bool(((tuned[name] - w).abs() <= bound).all()), name
 
 
 @pytest.mark.parametrize("pipe", [1, 0])

@@ -17,9 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, types
+    import json, os, sys, types
+    import numpy
     import torch.distributed as dist
     sys.path.insert(0, {repo!r})
+    saved = []  # every index file this rank writes (megatron-core saves each with numpy.save)
+    numpy_save = numpy.save
+    def counting_save(path, *args, **kwargs):
+        saved.append(os.path.basename(str(path)))
+        return numpy_save(path, *args, **kwargs)
+    numpy.save = counting_save
     from neox_fork.data.datasets import DataSettings, build_datasets
     dist.init_process_group("gloo")
     tokenizer = types.SimpleNamespace(eod=0, vocab_size=1000)
@@ -27,7 +34,7 @@ SCRIPT = textwrap.dedent(
                                               seed=3, train_samples=200, cache_dir={cache!r}), tokenizer)
     rows = [train[i]["tokens"].tolist() for i in range(50)]
     with open({out!r} + str(dist.get_rank()), "w") as f:
-        json.dump(rows, f)
+        json.dump(dict(rows=rows, saved=saved), f)
     dist.destroy_process_group()
     """
 )
@@ -52,9 +59,13 @@ def test_two_ranks_build_identical_samples_from_one_cache(tmp_path):
         capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows0 = json.loads((tmp_path / "rows0").read_text())
-    rows1 = json.loads((tmp_path / "rows1").read_text())
-    assert rows0 == rows1
+    rank0 = json.loads((tmp_path / "rows0").read_text())
+    rank1 = json.loads((tmp_path / "rows1").read_text())
+    assert rank0["rows"] == rank1["rows"]
+    # Only rank 0 built and wrote the indices, each once; rank 1 read them (a rank that built its own, even
+    # into the same names, would be seen here)
+    npy = sorted(p.name for p in (tmp_path / "cache").glob("*.npy"))
+    assert rank1["saved"] == [] and sorted(rank0["saved"]) == npy
     cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir())
     # One set of GPTDataset indices per source, and the blend's own index (cached under a process group).
     assert cached.count("GPTDataset-train-shuffle_index.npy") == 2

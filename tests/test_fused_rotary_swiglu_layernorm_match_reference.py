@@ -68,7 +68,7 @@ def _flash_stand_in(x, cos, sin, interleaved=False):
 def test_flash_rotary_dispatch_passes_half_tables(monkeypatch, dtype):
     """The CUDA kernel cannot run here: a stand-in with its contract checks what we hand it."""
     monkeypatch.setattr(fused, "flash_rotary", _flash_stand_in)
-    monkeypatch.setattr(fused, "flash_rotary_usable", lambda x, cos: cos.shape[0] == 1)
+    monkeypatch.setattr(fused, "on_cuda", lambda t: True)  # the device check stood in; the rest is fused's own
     qkv = _qkv(dtype)
     cos, sin = _tables(8, qkv.shape[1])
     tol = TOL[dtype] if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)  # bf16 tables in the kernel
@@ -76,10 +76,28 @@ def test_flash_rotary_dispatch_passes_half_tables(monkeypatch, dtype):
                          lambda x: _reference_qkv(x, cos, sin, 8), [qkv], tol)
 
 
-def test_flash_rotary_not_used_on_cpu_or_per_row_positions():
+def test_flash_rotary_not_used_on_cpu_or_per_row_positions(monkeypatch):
+    """The kernel takes one table for the whole batch: with positions per row (left-padded generation) the
+    dispatch keeps the torch path even on CUDA with flash-attn installed (both stood in here)."""
+    calls = []
+
+    def recording(x, cos, sin, interleaved=False):
+        calls.append(x.shape)
+        return _flash_stand_in(x, cos, sin, interleaved)
+
     qkv = _qkv(torch.float32)
-    cos, _ = _tables(8, qkv.shape[1], batch_rows=2)
-    assert not fused.flash_rotary_usable(qkv, cos)
+    s = qkv.shape[1]
+    shared = _tables(8, s)
+    per_row = Rotary(8, 10000.0)(torch.stack([torch.arange(3, 3 + s), torch.arange(7, 7 + s)]))  # rows differ
+    monkeypatch.setattr(fused, "flash_rotary", recording)
+    assert not fused.flash_rotary_usable(qkv, shared[0])  # not on CUDA
+    monkeypatch.setattr(fused, "on_cuda", lambda t: True)
+    assert fused.flash_rotary_usable(qkv, shared[0]) and not fused.flash_rotary_usable(qkv, per_row[0])
+    _assert_same_fwd_bwd(lambda x: fused.rotary_qkv(x, *per_row, 8),
+                         lambda x: _reference_qkv(x, *per_row, 8), [qkv], TOL[torch.float32])
+    assert calls == []
+    fused.rotary_qkv(qkv, *shared, 8)
+    assert len(calls) == 2  # q and k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -112,6 +112,23 @@ def test_model_attention_dispatch_matches_reference(dtype):
     _check_attention(functools.partial(attention, backend="flash", causal=True), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_attention_with_a_sliding_window_matches_reference(dtype):
+    """sliding_window_width on CUDA: flash-attn's window_size=(W, 0) when installed (bf16), else SDPA with the
+    banded mask, against the fp32 reference with the same band (a query sees itself and W keys before it)."""
+    from neox_fork.attention import attention, band, reference
+
+    window = 100  # < S, so the band hides keys
+    q, k, v = _qkv(dtype)
+    out, grads = _fwd_bwd(functools.partial(attention, backend="flash", causal=True, window=window), [q, k, v])
+    mask = band(S, S, window, "cuda")
+    ref_out, ref_grads = _fwd_bwd(lambda q, k, v: reference(q.float(), k.float(), v.float(), causal=True,
+                                                            mask=mask), [q, k, v])
+    assert_close_rel(out, ref_out, bound(dtype, 2, window + HEAD_DIM), "output")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_norm_close(g, r, bound(dtype, 4, window), f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_flash_attn_package_matches_reference(dtype):
     flash_attn = pytest.importorskip("flash_attn", reason="flash-attn is not installed (optional GPU extra)")
@@ -184,20 +201,36 @@ def test_fused_head_and_loss_matches_full_logits(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_adamw_matches_per_tensor_loop(dtype):
-    """torch AdamW(fused=True) on CUDA, what build_optimizer gives training, against the plain loop."""
-    def run(**impl):
-        params = [torch.nn.Parameter(_leaf((257, 129), dtype, 0).detach()),
-                  torch.nn.Parameter(_leaf((129,), dtype, 1).detach())]
-        opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, **impl)
+    """build_optimizer (what training steps) on CUDA: torch's fused AdamW with the config's lr, betas, eps and
+    decay on matrices only, against the per-tensor loop with those settings written out here."""
+    from neox_fork.config import from_dict
+    from neox_fork.optim import build_optimizer
+
+    config = from_dict(tiny_keys(optimizer={"type": "Adam", "params": {"lr": 1e-2, "betas": [0.9, 0.95],
+                                                                       "eps": 1e-6}}, weight_decay=0.1))
+
+    def model():
+        module = torch.nn.Module()
+        module.weight = torch.nn.Parameter(_leaf((257, 129), dtype, 0).detach())
+        module.bias = torch.nn.Parameter(_leaf((129,), dtype, 1).detach())
+        return module
+
+    def run(module, opt):
         g = torch.Generator(device="cuda").manual_seed(5)
         for _ in range(3):
-            for p in params:
+            for p in module.parameters():
                 p.grad = torch.randn(p.shape, generator=g, device="cuda").to(dtype)
             opt.step()
-        return params
+        return list(module.parameters())
 
+    ours = model()
+    opt = build_optimizer(config, ours)
+    assert opt.defaults["fused"] is True  # the CUDA kernel training gets
+    ref = model()
+    groups = [{"params": [ref.weight], "weight_decay": 0.1}, {"params": [ref.bias], "weight_decay": 0.0}]
+    loop = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, foreach=False)
     # each step's update (<= lr) computed in fp32 in both; the parameter rounds to its dtype once a step
-    for a, b in zip(run(fused=True), run(foreach=False)):
+    for a, b in zip(run(ours, opt), run(ref, loop)):
         assert_close_rel(a.detach(), b.detach(), bound(dtype, 3, 8), "AdamW")
 
 

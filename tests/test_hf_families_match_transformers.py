@@ -32,9 +32,13 @@ FAMILIES = {
     "stablelm-gqa": dict(pos_emb="rotary", rotary_pct=0.25, mlp_type="gated", activation="silu", num_kv_heads=2,
                          mlp_multiple_of=32, use_bias_in_attn_linear=False, use_bias_in_mlp=False,
                          no_weight_tying=True),
+    "mistral-window": dict(pos_emb="rotary", norm="rmsnorm", num_kv_heads=2, mlp_type="gated", activation="silu",
+                           intermediate_size=96, use_bias_in_attn_linear=False, use_bias_in_mlp=False,
+                           no_weight_tying=True, sliding_window_width=4),  # window < the tests' 30-100 tokens
 }
 CLASS = {"pythia": "GPTNeoXForCausalLM", "neox-sequential-tied": "GPTNeoXForCausalLM",
-         "llama2": "LlamaForCausalLM", "llama-gqa": "LlamaForCausalLM", "stablelm-gqa": "StableLmForCausalLM"}
+         "llama2": "LlamaForCausalLM", "llama-gqa": "LlamaForCausalLM", "stablelm-gqa": "StableLmForCausalLM",
+         "mistral-window": "MistralForCausalLM"}
 
 
 def family_config(name, **extra):
@@ -103,7 +107,7 @@ def test_import_logits_equal_transformers_and_round_trip_is_bit_exact_at_tp2(one
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("name", ["pythia", "llama-gqa"])
+@pytest.mark.parametrize("name", ["pythia", "llama-gqa", "mistral-window"])
 def test_tp2_shards_merge_to_the_tp1_model_and_compute_the_same(tmp_path, name):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -198,6 +198,18 @@ def test_launch_missing_hostfile_is_one_line_error(tmp_path):
     assert_user_error(deepy(tmp_path, "-H", str(tmp_path / "nope")), "hostfile", "not found")
 
 
+def test_launch_missing_hostfile_named_in_a_config_runs_locally_as_deepspeeds_runner(tmp_path):
+    """Upstream's configs name `hostfile: /mock_path`; DeepSpeed's runner warns and uses the local devices."""
+    missing = str(tmp_path / "mock_path")
+    result = deepy(tmp_path, overlay={"hostfile": missing, "num_gpus": 2})
+    command, _, ranks = ok(result)
+    assert command[2:4] == ["-m", "neox_fork.launch"] and "--hostfile" not in command  # deepy's own local start
+    assert world(ranks) == [0, 1] and {r["host"] for r in ranks} == {"localhost"}
+    logged = [line for line in result.stderr.splitlines() if "mock_path" in line]
+    assert len(logged) == 1 and f"hostfile '{missing}' not found: using this machine's devices" in logged[0]
+    assert "overlay.yml" in logged[0]  # names the file that set it
+
+
 @pytest.mark.parametrize("overlay, fragments", [
     ({"include": "worker-z"}, ["host 'worker-z' is not in the hostfile"]),
     ({"include": "worker-a:7"}, ["slot 7 does not exist on 'worker-a'"]),
@@ -298,11 +310,17 @@ def test_launch_slurm_rank_env_matches_what_each_rank_maps_from_slurm_vars(tmp_p
 
     overlay = {"deepspeed_slurm": True, "num_gpus": None}
     command, env, ranks = ok(deepy(tmp_path, env=SLURM_ENV, overlay=overlay))
+    # What each task sees: srun passes on what deepy sets for it (env, whatever it holds), and Slurm adds its
+    # own per-task variables; RANK/WORLD_SIZE of SLURM_ENV are unset by deepy.
+    propagated = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     for r in ranks:
-        task = {"SLURM_PROCID": r["RANK"], "SLURM_LOCALID": r["LOCAL_RANK"], "SLURM_NTASKS": "8",
-                "SLURM_JOB_NODELIST": SLURM_ENV["SLURM_JOB_NODELIST"], "MASTER_PORT": env["MASTER_PORT"]}
+        task = {**propagated, "SLURM_PROCID": r["RANK"], "SLURM_LOCALID": r["LOCAL_RANK"], "SLURM_NTASKS": "8",
+                "SLURM_JOB_NODELIST": SLURM_ENV["SLURM_JOB_NODELIST"]}
         mapped = slurm_environment(task)
         assert {k: mapped.get(k, task.get(k)) for k in launch.RANK_KEYS} == {k: r[k] for k in launch.RANK_KEYS}
+    # and the rendezvous itself, known by hand: the first host of gpu[007-008] and the default master_port
+    # (29500, as upstream's), the same on every rank
+    assert {(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in ranks} == {("gpu007", "29500")}
 
 
 def test_launch_slurm_uneven_tasks_per_node_and_subset_selection(tmp_path):

@@ -1,5 +1,7 @@
 """model_summary builds the model on the meta device and reports the published parameter count."""
 
+import contextlib
+import io
 import re
 import subprocess
 
@@ -38,3 +40,57 @@ def test_largest_micro_batch_without_recompute_by_hand():
     assert memory_at(1)["grad_buffer_fp32"] == 4 * 2_795_443_200
     assert abs(memory_at(1)["total"] - 69.0e9) < 0.1e9 and abs(memory_at(2)["total"] - 80.4e9) < 0.1e9
     assert flops.largest_micro_batch(memory_at, 0.9 * 80e9) == 1
+
+
+LLAMA2_13B = """{
+  "pipe_parallel_size": 1,
+  "model_parallel_size": 2,
+  "make_vocab_size_divisible_by": 1,
+  "num_layers": 40,
+  "hidden_size": 5120,
+  "intermediate_size": 41472,
+  "num_attention_heads": 40,
+  "seq_length": 4096,
+  "max_position_embeddings": 4096,
+  "pos_emb": "rotary",
+  "rotary_pct": 1,
+  "no_weight_tying": true,
+  "gpt_j_residual": false,
+  "output_layer_parallelism": "column",
+  "norm": "rmsnorm",
+  "rms_norm_epsilon": 1.0e-5,
+  "scaled_upper_triang_masked_softmax_fusion": true,
+  "bias_gelu_fusion": false,
+  "use_bias_in_norms": false,
+  "use_bias_in_attn_linear": false,
+  "activation": "swiglu",
+  "mlp_multiple_of": 256,
+}
+"""
+
+
+def test_a_tensor_parallel_config_is_sized_on_the_smallest_world_it_needs(tmp_path):
+    """An upstream-style llama2 13B config (model_parallel_size 2, no num_gpus) sizes without flags on
+    2 GPUs = tensor 2 x pipe 1 x data 1, and says so. With Llama-2's 32,000 ids it is Llama-2-13B
+    (40 x (4 x 5120^2 + 3 x 5120 x 13824 + 2 x 5120) + 2 x 32000 x 5120 + 5120 = 13,015,864,320) plus the MLP
+    biases upstream's default use_bias_in_mlp keeps, 40 x (2 x 13824 + 5120) = 1,310,720: 13,017,175,040."""
+    from neox_fork.config import load_config
+    from neox_fork.summary import print_summary, sizing_world
+
+    config = tmp_path / "neoxkeys_13B.yml"
+    config.write_text(LLAMA2_13B)
+    vocab = tmp_path / "neoxkeys_vocab.yml"
+    vocab.write_text("vocab_size: 32000\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # what tools/model_summary.py runs without --world-size
+        print_summary([str(config), str(vocab)], None)
+    assert re.search(r"^parameters: 13017175040$", out.getvalue(), re.M)
+    assert ("parallelism: world 2 = tensor 2 x data 1 (the smallest world this config needs: model_parallel_size 2 "
+            "x pipe_parallel_size 1 x data 1; --world-size sizes another)") in out.getvalue()
+    batch = tmp_path / "neoxkeys_batch.yml"  # a train_batch_size fixes the data-parallel size: 32 / (4 x 2) = 4
+    batch.write_text("train_batch_size: 32\ntrain_micro_batch_size_per_gpu: 4\ngradient_accumulation_steps: 2\n")
+    assert sizing_world(load_config(config, vocab, batch))[0] == 8
+    assert sizing_world(load_config(config, vocab), 16) == (16, "--world-size")
+    gpus = tmp_path / "neoxkeys_gpus.yml"
+    gpus.write_text("num_gpus: 4\nnum_nodes: 3\n")
+    assert sizing_world(load_config(config, vocab, gpus))[0] == 12

@@ -29,8 +29,16 @@ def test_bf16_run_learns_logs_to_tensorboard_and_keeps_the_last_n_checkpoints(tm
     assert config_saved.dtype_name == "bf16"
     assert state["layers.0.attention.query_key_value.weight"].dtype == torch.bfloat16
     assert any(p.name.startswith("bf16_zero_pp_rank_0") for p in folder.iterdir())  # fp32 masters live here
-    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
+    # TensorBoard holds the logged scalars themselves (an empty SummaryWriter file has only its header),
+    # stored as float32: each equals metrics.jsonl's float64 within float32 rounding (2^-24 relative)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    for key, want in (("lm_loss", losses), ("lr", read_metrics(tmp_path / "ckpt", "lr")), ("eval_lm_loss", evals)):
+        got = {event.step: event.value for event in board.Scalars(key)}
+        assert sorted(got) == sorted(want), key
+        assert all(got[step] == pytest.approx(want[step], rel=2**-24) for step in want), (key, got, want)
 
 
 def test_eval_tasks_run_during_training_and_reach_metrics(tmp_path, small_corpus, one_process):
@@ -54,4 +62,38 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, small_corpus, monkeypat
     config = write_train_config(tmp_path, small_corpus, train_iters=3, use_wandb=True, wandb_project="neox-test")
     run_training(config)
     runs = list((tmp_path / "ckpt" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert runs and runs[0].stat().st_size > 0
+    assert len(runs) == 1
+    history = _wandb_history(runs[0])
+    # the same float64 values as metrics.jsonl, both written as JSON
+    for key in ("lm_loss", "lr", "grad_norm"):
+        want = read_metrics(tmp_path / "ckpt", key)
+        assert sorted(want) == [1, 2, 3], key
+        assert {step: row[key] for step, row in history.items() if key in row} == want, key
+
+
+def _wandb_history(path):
+    """{step: {key: value}} of the history records of a W&B run file: LevelDB's log format (header
+    ':W&B' + magic + version, 32 KiB blocks of records with a 7-byte header: crc32, length, type) holding
+    wandb_internal_pb2.Record messages, each logged value as JSON."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, history = path.read_bytes(), 32768, 7, b"", {}
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's last bytes too short for a header are padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                # a key is in `key` or, split at dots, in `nested_key` (which one depends on wandb's version)
+                row = {item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
+                history[record.history.step.num] = row
+    return history

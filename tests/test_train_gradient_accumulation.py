@@ -17,6 +17,7 @@ def test_accumulation_equals_bigger_micro_batch(tmp_path, small_corpus):
         run_training(config)
         runs[name] = tmp_path / name / "ckpt"
     a, b = read_metrics(runs["accum"]), read_metrics(runs["micro"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]  # every step logged its loss in both runs
     for it in a:
         assert abs(a[it] - b[it]) <= 1e-5 * abs(b[it]), (it, a[it], b[it])
     wa, _, _ = checkpoint.load_merged(runs["accum"])

@@ -100,7 +100,7 @@ def test_training_resumes_after_a_crash_while_replacing_a_step_folder(trained_ch
     with pytest.raises(Crash):
         checkpoint.publish(written_step(ckpt, 1, 2), ckpt, 2, fault=crash_at("replacing"))
     assert not checkpoint.step_dir(ckpt, 2).exists()  # only its .old copy is left
-    config = write_train_config(tmp_path, small_corpus, train_iters=3, load=str(ckpt))
+    config = write_train_config(tmp_path, small_corpus, train_iters=3, load=str(ckpt), override_lr_scheduler=True)
     run = run_training(config)
     assert "resumed from" in run.stdout and "global_step2.old at iteration 2" in run.stdout
     assert checkpoint.read_latest(ckpt) == 3

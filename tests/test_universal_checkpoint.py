@@ -18,9 +18,9 @@ run's at every step. Its losses are computed at another layout, whose bf16 reduc
 order: as derived in test_sequence_parallel.py (8-bit mantissa, each op rounds to 2^-9 relative), a loss
 through two layers agrees to 2^-6. These runs show every layout change works in bf16 within rounding, but
 the bound is too wide to catch a wrong layout in a model this young: with the fused QKV merged as two
-sub-parameters (broken on purpose) they still pass, while the exact converter test below fails and the fp32
-change in test_sequence_parallel_and_zero2_training.py (1e-5) misses step 4 by 4e-3 relative. Those two are
-the sharp ones.
+sub-parameters (broken on purpose) they still pass, while the exact converter test below fails, the TP=1 -> TP=2
+load below (masters compared bit for bit) fails, and the fp32 change in
+test_sequence_parallel_and_zero2_training.py (1e-5) misses step 4 by 4e-3 relative. Those are the sharp ones.
 """
 
 import re
@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from conftest import PYTHON, REPO, read_metrics, run_training, tiny_keys, write_train_config
+from distributed import run_distributed
 from neox_fork import checkpoint, universal
 from neox_fork.errors import UserError
 
@@ -105,6 +106,46 @@ def test_tp1_zero1_to_tp2_dp2_zero2_continues_the_run(runs):
     assert checkpoint.tp_size_of(final) == 2 and checkpoint.dp_size_of(final) == 2
     states = {f.name: checkpoint.read_file(f) for f in final.glob("*.pt")}  # every file, through the safe reader
     assert int(states["bf16_zero_pp_rank_1_mp_rank_01_optim_states.pt"]["optimizer_state_dict"]["zero_stage"]) == 2
+
+
+def _load_universal(rank, keys):
+    """train.py's setup (engine and resume) on the universal checkpoint of keys["load"]: this rank's fp32
+    master (DeepSpeed's safe_get_full_fp32_param: whole over data-parallel ranks, this TP rank's slice) and
+    bf16 weight of every parameter, as loaded, before any step."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from neox_fork import training
+    from neox_fork.config import from_dict
+
+    run = training.setup(from_dict(keys))
+    params = run.engine.module.named_parameters()
+    masters = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in params}
+    weights = {n: t.detach().clone() for n, t in checkpoint.model_state(run.engine.module).items()}
+    return run.state.iteration, masters, weights
+
+
+def test_tp1_universal_loads_at_tp2_as_exactly_the_saved_masters(runs, small_corpus, tmp_path):
+    """The sharp check of a TP increase: the TP=1 step's universal checkpoint loaded by a TP=2 run; its two
+    ranks' fp32 masters merged back (checkpoint.merge_tp_shards, checked against TP=1 runs elsewhere) are bit
+    for bit the saved TP=1 masters, and its bf16 weights the saved weights. No arithmetic happens on load
+    (slicing only), so the bound is equality: a fused QKV or [up; gate] cut the wrong way moves rows."""
+    root, _, _ = runs
+    source = checkpoint.universal_dir(root / "up" / "ckpt", STOP)  # ref's TP=1 step 5, converted
+    load = tmp_path / "load"
+    shutil.copytree(source, checkpoint.universal_dir(load, STOP))
+    checkpoint.write_atomic(load / checkpoint.LATEST_UNIVERSAL_FILE, source.name)
+    keys = yaml.safe_load(_config(tmp_path / "cfg", small_corpus, tp=2).read_text())
+    keys.update(load=str(load), load_universal=True, save=None, train_micro_batch_size_per_gpu=4)
+    ranks = run_distributed(_load_universal, 2, keys)
+    assert [iteration for iteration, _, _ in ranks] == [STOP, STOP]
+    masters = checkpoint.merge_tp_shards([m for _, m, _ in ranks])
+    weights = checkpoint.merge_tp_shards([w for _, _, w in ranks])
+    saved, _, _ = checkpoint.load_merged(root / "ref" / "ckpt", STOP)
+    assert set(masters) == set(saved) == set(weights)
+    for name, weight in saved.items():
+        fp32 = checkpoint.read_file(source / "zero" / name / "fp32.pt")["param"]  # TP=1: ref's own master
+        assert torch.equal(masters[name], fp32), name
+        assert torch.equal(weights[name], weight), name
 
 
 def test_deepspeeds_converter_runs_unchanged_and_merges_as_our_layout(runs, tmp_path):

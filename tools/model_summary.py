@@ -15,7 +15,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", help="NeoX YAML files, merged in order")
     p.add_argument("--world-size", type=int, default=None,
-                   help="number of GPUs (default: num_gpus x num_nodes from the config, else 1)")
+                   help="number of GPUs (default: num_gpus x num_nodes from the config, else the smallest world "
+                        "its parallelism needs: model_parallel_size x pipe_parallel_size x 1 data-parallel rank)")
     p.add_argument("--gpu", default="A100", help="card for the time estimate (see neox_fork/flops.py)")
     p.add_argument("--gpu-memory-gb", type=float, default=None, help="memory per card, to say whether it fits")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed MFU for the time estimate")

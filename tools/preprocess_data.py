@@ -10,9 +10,9 @@ Each .txt file is one document.
 
 import argparse
 import os
-import sys
 
 
+from neox_fork.data.pipeline import print_report
 from neox_fork.data.preprocess import preprocess
 from neox_fork.errors import exit_on_user_error
 
@@ -48,16 +48,7 @@ def main(argv=None):
         max_bad_fraction=args.max_bad_fraction,
         progress=not args.no_progress,
     )
-    for example in result.bad_examples:
-        print(f"warning: skipped {example}", file=sys.stderr)
-    if result.bad > len(result.bad_examples):
-        print(f"warning: skipped {result.bad - len(result.bad_examples)} more malformed records", file=sys.stderr)
-    rate = result.input_bytes / max(result.seconds, 1e-9) / 1e6
-    print(
-        f"wrote {', '.join(p + '.bin/.idx' for p in result.outputs)}: {result.documents} documents, "
-        f"{result.tokens} tokens from {result.input_bytes / 1e6:.1f} MB in {result.seconds:.1f} s ({rate:.1f} MB/s); "
-        f"{result.bad} malformed and {result.empty} empty records skipped"
-    )
+    print_report(result)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     build_tokenizer(tokenizer_type, vocab_file) -> tokenizer with encode/encode_batch/decode/eod/vocab_size
     tokenizer_file_vocab_size(vocab_file) -> int | None
     neox_fork.data.preprocess.preprocess(inputs, output_prefix, vocab_file, ...) -> PreprocessResult
+    neox_fork.data.chat.preprocess_chat(inputs, output_prefix, tokenizer_path, ...) -> PreprocessResult
     DataSettings.from_config(config, world_size) -> the data settings of a run, passed to:
     validate_data_paths(settings, tokenizer) -> DataPlan          (raises UserError; call before training)
     build_datasets(settings, tokenizer) -> (train, valid, test)   (GPTSamples or None)

@@ -66,6 +66,8 @@ class DataSettings:
     seed: int = 1234  # GPT-NeoX's default
     cache_dir: str | None = None  # None: index_cache/ beside the first dataset
     eod_mask_loss: bool = False
+    weight_by_num_documents: bool = False
+    weighted_sampler_alpha: float = 1.0
 
     @classmethod
     def from_config(cls, c, world_size: int) -> "DataSettings":
@@ -79,7 +81,8 @@ class DataSettings:
             train_data_paths=c.train_data_paths, train_data_weights=c.train_data_weights,
             valid_data_paths=c.valid_data_paths, valid_data_weights=c.valid_data_weights,
             test_data_paths=c.test_data_paths, test_data_weights=c.test_data_weights,
-            split=c.split, seed=c.seed, cache_dir=c.data_cache_path,
+            split=c.split, seed=c.seed, cache_dir=c.data_cache_path, eod_mask_loss=c.eod_mask_loss,
+            weight_by_num_documents=c.weight_by_num_documents, weighted_sampler_alpha=c.weighted_sampler_alpha,
         )
 
 
@@ -146,6 +149,8 @@ def validate_data_paths(settings: DataSettings, tokenizer) -> DataPlan:
     for i, name in enumerate(SPLIT_NAMES):
         paths = per_split_paths[i]
         weights = check_weights(paths, weights_in[i], f"{name}-data-weights")
+        if s.weight_by_num_documents and paths:
+            weights = weights_by_num_docs([len(inspect(p).sequence_lengths) for p in paths], s.weighted_sampler_alpha)
         for prefix in paths:
             info = inspect(prefix)
             if samples[i] > 0 and info.num_tokens < need:
@@ -156,6 +161,44 @@ def validate_data_paths(settings: DataSettings, tokenizer) -> DataPlan:
         if paths and samples[i] > 0:
             plan.blends[i] = (paths, weights)
     return plan
+
+
+def weights_by_num_docs(num_docs: Sequence[int], alpha: float) -> list[float]:
+    """Upstream's blend weights from document counts n_i (weight_by_num_documents): with q_i = n_i / sum(n),
+    p_i = q_i^alpha / sum(q^alpha), then w_i = p_i (1 - q_i) / sum(p (1 - q)). One path gets weight 1."""
+    if len(num_docs) == 1:
+        return [1.0]
+    total = sum(num_docs)
+    q = [n / total for n in num_docs]
+    p = [x ** alpha for x in q]
+    p = [x / sum(p) for x in p]
+    w = [a * (1 - b) for a, b in zip(p, q)]
+    return [x / sum(w) for x in w]
+
+
+def train_iters_for_epochs(c, tokenizer, world_size: int):
+    """`c` with train_iters set from train_epochs, as upstream: epochs x the samples of one pass over the
+    training data (seq_length + 1 tokens each, packed) // the global batch. The config returned names
+    train_iters only, so the config saved with checkpoints says what ran."""
+    import dataclasses
+
+    settings = DataSettings.from_config(dataclasses.replace(c, train_iters=1), world_size)
+    plan = validate_data_paths(settings, tokenizer)
+    if plan.data_path is not None:
+        info = inspect_indexed_dataset(plan.data_path)
+        begin, end = split_document_ranges(len(info.sequence_lengths), parse_split(plan.split))[0]
+        tokens = [int(info.sequence_lengths[begin:end].sum(dtype="int64"))]
+    else:
+        tokens = [inspect_indexed_dataset(p).num_tokens for p in plan.blends[0][0]]
+    per_epoch = sum((t - 1) // c.seq_length for t in tokens)  # megatron-core's samples in one epoch
+    iters = c.train_epochs * per_epoch // c.global_batch_size(world_size)
+    if iters < 1:
+        raise UserError(f"{c.where('train_epochs')}: train_epochs {c.train_epochs} x {per_epoch} samples per epoch "
+                        f"is less than one global batch of {c.global_batch_size(world_size)}; use more data or "
+                        "epochs")
+    logging.getLogger("neox_fork").info("train_epochs %d: %d samples per epoch, global batch %d -> train_iters %d",
+                                        c.train_epochs, per_epoch, c.global_batch_size(world_size), iters)
+    return dataclasses.replace(c, train_iters=iters, train_epochs=None)
 
 
 class _TokenizerForMegatron:

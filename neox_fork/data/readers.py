@@ -92,20 +92,29 @@ def iter_records(files: Sequence[str]) -> Iterator[Record]:
             raise UserError(f"--input {path}: cannot read or decompress ({err})") from None
 
 
-def parse_record(record: Record, keys: Sequence[str]) -> list[str]:
-    """The document text under each key (or the whole .txt file); `BadRecord` says what is wrong."""
+def _decode(record: Record) -> str:
     try:
-        text = record.raw.decode("utf-8")
+        return record.raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise BadRecord(f"not valid UTF-8 at byte {err.start}") from None
-    if record.is_txt:
-        return [text]
+
+
+def parse_object(record: Record) -> dict:
+    """A jsonl record's JSON object; `BadRecord` says what is wrong."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(_decode(record))
     except json.JSONDecodeError as err:
         raise BadRecord(f"invalid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_record(record: Record, keys: Sequence[str]) -> list[str]:
+    """The document text under each key (or the whole .txt file); `BadRecord` says what is wrong."""
+    if record.is_txt:
+        return [_decode(record)]
+    obj = parse_object(record)
     values = []
     for key in keys:
         if key not in obj:
