@@ -2,18 +2,19 @@
 """Per-rank training entry: `python train.py CONFIG.yml [MORE.yml ...]`.
 
 Started on every rank by deepy.py (through DeepSpeed's launcher), by torchrun, or by `srun` with
-`deepspeed_slurm: true`. Rank and world come from the environment.
+`deepspeed_slurm: true`. Rank and world come from the environment. Whatever fails, the rank prints its error
+and exits at once (neox_fork.errors.exit_on_rank_failure): status 2 for a one-line error, 1 for a traceback.
 """
 
 import argparse
 
 from neox_fork.config import load_config
-from neox_fork.errors import exit_on_user_error
+from neox_fork.errors import exit_on_rank_failure
 from neox_fork.launch import hub_offline
 from neox_fork.training import pretrain
 
 
-@exit_on_user_error
+@exit_on_rank_failure
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("configs", nargs="+", help="NeoX YAML files, merged in order")

@@ -16,7 +16,8 @@
 We write GPT-NeoX's layout for the configured pipe_parallel_size and read both of its layouts and the
 one this project wrote before (`layers.N.*` names in `module`). A step folder is written under a
 temporary name and renamed when complete, and `latest` is replaced atomically afterwards, so a crash
-mid-save never leaves a half checkpoint that `latest` points to.
+mid-save never leaves a half checkpoint that `latest` points to. Every writer here removes what it half
+wrote on failure; a full filesystem is one line (errors.full_disk_is_one_line).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import yaml
 
 from neox_fork import neox_layout, safe_unpickle
 from neox_fork.config import NeoXConfig, from_dict
-from neox_fork.errors import UserError
+from neox_fork.errors import UserError, full_disk_is_one_line
 
 MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
 LAYER_FILE = "layer_{:02d}-model_{:02d}-model_states.pt"  # GPT-NeoX with pipe_parallel_size >= 1
@@ -430,12 +431,9 @@ def commit_temp(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 def atomic_path(path: str | os.PathLike):
     """A temporary path to write `path` to; committed when the block succeeds, removed when it fails."""
     tmp = temp_path_for(path)
-    try:
+    with full_disk_is_one_line(path, cleanup=lambda: tmp.unlink(missing_ok=True)):
         yield tmp
         commit_temp(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -444,21 +442,19 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike):
-    """An empty temporary folder that replaces the folder `path` whole when the block succeeds."""
+def atomic_folder(path: str | os.PathLike, needed: tuple[int, str] | None = None):
+    """An empty temporary folder that replaces the folder `path` whole when the block succeeds; `needed`
+    (bytes, what) goes into the message when the filesystem fills up."""
     path = Path(path)
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:
+    with full_disk_is_one_line(path, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), needed=needed):
         yield tmp
         fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _fsync(path.parent)
 
 
@@ -575,7 +571,8 @@ def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[d
     """Write model states only (no optimizer), e.g. for a converted Hugging Face model."""
     ckpt_dir = Path(ckpt_dir)
     tmp = start_partial(ckpt_dir, step)
-    try:
+    needed = sum(t.numel() * t.element_size() for shard in shards for t in shard.values()), "the converted model"
+    with full_disk_is_one_line(ckpt_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), needed=needed):
         for rank, shard in enumerate(shards):
             module, layers = neox_weights(shard, config, len(shards))
             torch.save({"module": module, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
@@ -584,9 +581,6 @@ def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[d
         save_config(tmp, config)
         copy_tokenizer(tmp, tokenizer_file)
         return publish(tmp, ckpt_dir, step)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------- resharding

@@ -313,7 +313,8 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
     tokenizer = checkpoint.tokenizer_of(folder, config)
     eos = tokenizer.build().eod if tokenizer else 0
 
-    with checkpoint.atomic_folder(output_dir) as tmp:
+    weights = sum(t.numel() * t.element_size() for t in tensors.values()), "the converted model"
+    with checkpoint.atomic_folder(output_dir, needed=weights) as tmp:
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD_SIZE)
         for filename, names in split.filename_to_tensors.items():
             save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})

@@ -130,14 +130,12 @@ def watch_rank(argv: list[str]) -> int:
 def _watched_child() -> None:
     """In the child, before exec: its own process group, and SIGKILL when the watching parent dies (Linux
     prctl PR_SET_PDEATHSIG)."""
-    import ctypes
     import signal
 
+    from neox_fork.supervisor import die_with_parent
+
     os.setpgid(0, 0)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent's signal forwarding still applies
-        pass
+    die_with_parent(signal.SIGKILL)  # not Linux: the parent's signal forwarding still applies
 
 
 def rank_defaults(environ: dict[str, str]) -> dict[str, str]:

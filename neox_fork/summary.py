@@ -15,6 +15,12 @@ from neox_fork.model import ModelShape, build_model, count_parameters
 DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
 
 
+def checkpoint_bytes(parameters: int, dtype_name: str) -> int:
+    """One checkpoint's size: the weights in the training dtype + ZeRO's fp32 master weights and Adam moments
+    (12 bytes per parameter)."""
+    return parameters * ((2 if dtype_name in ("bf16", "fp16") else 4) + 12)
+
+
 def meta_model(config, vocab: int | None):
     """The whole model (TP=1) built on the meta device: shapes and parameter counts, no memory."""
     parallel.initialize(1)
@@ -74,8 +80,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"estimate on {gpu} at {assumed_mfu:.0%} MFU: {tokens_per_gpu:,.0f} tokens/s per GPU, "
         f"{tokens_per_gpu * world:,.0f} tokens/s total, {gbs * seq / (tokens_per_gpu * world):.2f} s per step",
     ]
-    # model states (weights in the training dtype) + ZeRO's fp32 master weights and Adam moments (12 bytes)
-    ckpt_bytes = n * ((2 if config.dtype_name in ("bf16", "fp16") else 4) + 12)
+    ckpt_bytes = checkpoint_bytes(n, config.dtype_name)
     lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // n} bytes per parameter); "
                  f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "
                  "(compare signal_grace_seconds)")

@@ -9,9 +9,12 @@ of every rank:
   (slurm/common.sh then requeues if `latest` moved and train_iters is not reached).
 * Ranks still running `signal_grace_seconds` after the first signal are SIGKILLed. A second SIGINT
   (Ctrl-C twice) kills them at once.
-* A rank that fails stops the others (SIGTERM, SIGKILL after FAILURE_GRACE_SECONDS, as a save cannot
-  complete without it) and deepy exits with that rank's status: its exit code, or 128 + N for a rank
-  ended by signal N (137 for a rank killed after the grace period).
+* A rank that fails stops the others (SIGTERM, SIGKILL after FAILURE_GRACE_SECONDS: no save can complete
+  without the failed rank, and a rank blocked in a collective with it cannot act on SIGTERM) and deepy exits
+  with that rank's status: its exit code, or 128 + N for a rank ended by signal N. deepy's line names the
+  rank and its cause, which each rank leaves in a file deepy names (errors.ERROR_FILE_ENV); when several
+  have failed by the time deepy looks, the one that failed first is named (a peer's failure makes the
+  others fail too).
 * Ranks run in their own process group (a terminal's Ctrl-C reaches deepy, which passes one SIGINT on) and
   get SIGTERM if deepy itself dies (PR_SET_PDEATHSIG), so none trains on as an orphan.
 """
@@ -19,14 +22,20 @@ of every rank:
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from neox_fork.errors import ERROR_FILE_ENV
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-FAILURE_GRACE_SECONDS = 30.0
+FAILURE_GRACE_SECONDS = 10.0
 POLL_SECONDS = 0.2
 _PR_SET_PDEATHSIG = 1
 
@@ -35,14 +44,19 @@ def _say(message: str) -> None:
     print(f"deepy: {message}", file=sys.stderr, flush=True)
 
 
-def _rank_preexec() -> None:
-    """In each rank before exec: its own process group, so a terminal's Ctrl-C reaches deepy alone (which
-    passes one SIGINT on), and SIGTERM when deepy dies (Linux's PR_SET_PDEATHSIG)."""
-    os.setpgid(0, 0)
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send this process `signum` when its parent dies (Linux's PR_SET_PDEATHSIG)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def _rank_preexec() -> None:
+    """In each rank before exec: its own process group, so a terminal's Ctrl-C reaches deepy alone (which
+    passes one SIGINT on), and SIGTERM when deepy dies."""
+    os.setpgid(0, 0)
+    die_with_parent(signal.SIGTERM)
 
 
 def exit_status(returncode: int) -> int:
@@ -59,6 +73,18 @@ class Supervisor:
         self.procs: dict[int, subprocess.Popen] = {}
         self.received: list[int] = []
         self.kill_at: float | None = None
+        self.error_dir = Path(tempfile.mkdtemp(prefix="deepy-errors-"))
+
+    def error_file(self, rank: int) -> Path:
+        return self.error_dir / f"rank{rank}.json"
+
+    def cause(self, rank: int) -> tuple[float, str]:
+        """(when, what) a failed rank reported (errors.report_failure); (inf, "") when it could not."""
+        try:
+            report = json.loads(self.error_file(rank).read_text())
+            return float(report["time"]), str(report["cause"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return float("inf"), ""
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -80,11 +106,21 @@ class Supervisor:
     def start(self) -> None:
         base = self.plan.environment()
         for info in self.plan.ranks():
-            env = dict(base, **self.plan.rank_env(info))
+            env = dict(base, **self.plan.rank_env(info), **{ERROR_FILE_ENV: str(self.error_file(info.rank))})
             command = [*self.plan.command, f"--local_rank={info.local_rank}"]
             self.procs[info.rank] = subprocess.Popen(command, env=env, preexec_fn=_rank_preexec)
             if self.received:  # a signal that came while ranks were starting reaches the late ones too
                 self.procs[info.rank].send_signal(self.received[0])
+
+    def _report(self, rank: int, code: int, running: list) -> None:
+        """deepy's one line about the failed rank: its status and cause."""
+        cause = self.cause(rank)[1]
+        if not cause and code < 0:
+            cause = f"killed by {signal.Signals(-code).name}"
+        line = f"rank {rank} failed with status {exit_status(code)}" + (f": {cause}" if cause else "")
+        if running:
+            line += f"; stopping the other {len(running)} rank(s)"
+        _say(line)
 
     def wait(self) -> int:
         """Until every rank has exited; returns deepy's exit status."""
@@ -93,11 +129,12 @@ class Supervisor:
         while True:
             running = [p for p in self.procs.values() if p.poll() is None]
             if failed is None:
-                failed = next(((r, p.returncode) for r, p in self.procs.items() if p.returncode not in (None, 0)),
-                              None)
+                ended = [r for r, p in self.procs.items() if p.returncode not in (None, 0)]
+                if ended:
+                    rank = min(ended, key=lambda r: self.cause(r)[0])  # the first to fail; ties: lowest rank
+                    failed = rank, self.procs[rank].returncode
+                    self._report(rank, failed[1], running)
                 if failed is not None and running:
-                    rank, code = failed
-                    _say(f"rank {rank} ended with status {exit_status(code)}: stopping the other ranks")
                     for proc in running:
                         proc.terminate()
                     now = time.monotonic()
@@ -134,3 +171,4 @@ def supervise(plan) -> int:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        shutil.rmtree(sup.error_dir, ignore_errors=True)

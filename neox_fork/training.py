@@ -31,7 +31,7 @@ from neox_fork.metrics import MetricsWriter, progress_line
 from neox_fork.model import build_model, count_parameters
 from neox_fork.optim import build_engine
 from neox_fork.train_logging import Profilers, StepLogger
-from neox_fork.training_state import TrainState, resume, save
+from neox_fork.training_state import TrainState, fail_if_asked, resume, save, test_failure, warn_if_no_room
 
 log = logging.getLogger("neox_fork")
 placement_log = logging.getLogger("neox_fork.placement")
@@ -103,9 +103,28 @@ def build_data(c: NeoXConfig, tokenizer, world_size: int):
     return train, valid
 
 
+class _FailingSamples(torch.utils.data.Dataset):
+    """Test-only (training_state.TEST_FAIL_ENV): a dataset whose samples from `first` on raise, in the
+    data-loader worker that reads them."""
+
+    def __init__(self, dataset, first: int):
+        self.dataset, self.first = dataset, first
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if index >= self.first:
+            raise RuntimeError(f"injected failure in data at sample {index} (for tests)")
+        return self.dataset[index]
+
+
 def batches(dataset, c: NeoXConfig, consumed_samples: int):
     from neox_fork.data.datasets import build_batch_iterator
 
+    fail_at = test_failure("data")
+    if fail_at is not None:
+        dataset = _FailingSamples(dataset, (fail_at - 1) * c.global_batch_size(dist.get_world_size()))
     return build_batch_iterator(dataset, consumed_samples=consumed_samples,
                                 micro_batch_size=c.train_micro_batch_size_per_gpu,
                                 data_parallel_rank=parallel.dp_rank(), data_parallel_size=parallel.dp_size(),
@@ -304,6 +323,7 @@ def check_nan_steps(run: Run, skipped: bool, metrics: MetricsWriter) -> None:
 def run_evaluations(run: Run, metrics: MetricsWriter) -> None:
     """Validation loss and `eval_tasks` on the current weights."""
     iteration = run.state.iteration
+    fail_if_asked("eval", iteration)
     eval_loss = evaluate(run.engine, run.c, run.valid_data)
     if eval_loss is not None:
         if _rank0():
@@ -325,6 +345,7 @@ def pretrain(c: NeoXConfig) -> int:
     if state.iteration >= c.train_iters:
         log.info("nothing to do: the checkpoint is at iteration %d and train_iters is %d; no step was run",
                  state.iteration, c.train_iters)
+    warn_if_no_room(c, run.model)
     metrics = MetricsWriter(c, enabled=_rank0())
     progress = Progress(run, metrics)
     train_iter = batches(run.train_data, c, state.consumed_samples)
@@ -338,6 +359,7 @@ def pretrain(c: NeoXConfig) -> int:
         profilers.after_step()
         state.iteration += 1
         step_log.after_update(state.iteration)
+        fail_if_asked("step", state.iteration)
         state.consumed_samples += c.global_batch_size(run.world)
         check_nan_steps(run, skipped, metrics)  # a skipped step still saves and checks signals below
         progress.add(None if skipped else step_loss)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neox_fork import checkpoint, parallel, universal
+from neox_fork import checkpoint, errors, parallel, universal
 from neox_fork.config import NeoXConfig
 from neox_fork.data.tokenizer import TokenizerSource
 from neox_fork.errors import UserError
@@ -38,14 +38,77 @@ class TrainState:
     last_saved: int | None = None
 
 
+# Test-only: NEOX_FORK_TEST_FAIL="RANK:STEP:WHERE" makes global rank RANK raise a RuntimeError at step STEP
+# in WHERE (step, save, eval or data: a data-loader worker), so that tests can fail a real run where a bug, a
+# broken file or a broken task would (tests/test_train_failing_rank_or_full_disk_ends_the_run.py).
+TEST_FAIL_ENV = "NEOX_FORK_TEST_FAIL"
+
+
+def test_failure(where: str) -> int | None:
+    """The step at which this rank is to fail in `where` (TEST_FAIL_ENV); None almost always."""
+    spec = os.environ.get(TEST_FAIL_ENV, "").split(":")
+    if len(spec) == 3 and spec[2] == where and int(spec[0]) == dist.get_rank():
+        return int(spec[1])
+    return None
+
+
+def fail_if_asked(where: str, step: int) -> None:
+    if test_failure(where) == step:
+        raise RuntimeError(f"injected failure in {where} at step {step} on rank {dist.get_rank()} "
+                           f"({TEST_FAIL_ENV}, for tests)")
+
+
+def checkpoint_size(c: NeoXConfig, model) -> tuple[int, str]:
+    """(bytes, what) of one checkpoint: what the newest step folder in `save` holds, else model_summary's
+    estimate."""
+    steps = checkpoint.saved_steps(c.save) if c.save and Path(c.save).is_dir() else []
+    if steps:
+        folder = checkpoint.step_dir(c.save, steps[-1])
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        if size:
+            return size, f"one checkpoint (as {folder.name})"
+    from neox_fork.model import count_parameters
+    from neox_fork.summary import checkpoint_bytes
+
+    return checkpoint_bytes(count_parameters(model.shape), c.dtype_name), "one checkpoint (model_summary's estimate)"
+
+
+def warn_if_no_room(c: NeoXConfig, model) -> None:
+    """One warning line when the save folder's filesystem has less free space than one checkpoint."""
+    if not c.save or not _rank0():
+        return
+    free = errors.free_bytes(c.save)
+    needed, what = checkpoint_size(c, model)
+    if free is not None and free < needed:
+        log.warning("save folder %s: %s free, below %s of about %s; saves will fail when the disk is full",
+                    c.save, errors.size_text(free), what, errors.size_text(needed))
+
+
+def _latest_note(ckpt_dir: Path) -> str:
+    pointer = ckpt_dir / checkpoint.LATEST_FILE
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    return (f"the partial step folder was removed and 'latest' still names {latest}" if latest else
+            "the partial step folder was removed; no checkpoint is saved yet") + \
+        "; free some space or point `save` at a larger filesystem"
+
+
 def save(engine, c: NeoXConfig, state: TrainState) -> None:
     """Everything needed to resume, written under global_stepN.partial and published when complete.
 
-    A no-op without `save`, or when this iteration is already saved."""
+    A no-op without `save`, or when this iteration is already saved. On any failure this rank removes the
+    partial folder (`latest` keeps naming the last complete step); a full filesystem is one line."""
     if not c.save or state.last_saved == state.iteration:
         return
     ckpt_dir = Path(c.save)
     partial = checkpoint.partial_dir(ckpt_dir, state.iteration)
+    with errors.full_disk_is_one_line(ckpt_dir, cleanup=lambda: shutil.rmtree(partial, ignore_errors=True),
+                                      needed=lambda: checkpoint_size(c, engine.module),
+                                      note=lambda: _latest_note(ckpt_dir)):
+        _write_step(engine, c, state, ckpt_dir, partial)
+    state.last_saved = state.iteration
+
+
+def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partial: Path) -> None:
     if _rank0():
         checkpoint.start_partial(ckpt_dir, state.iteration)
     dist.barrier()
@@ -59,6 +122,7 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
         client_state[VALIDATION_KEY] = validation_logits(engine.module, c)
     with _without_optimizer_states(engine, c.no_save_optim):
         engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    fail_if_asked("save", state.iteration)
     if layers:  # index 1 is a function, so GPT-NeoX writes no file for it; ds_to_universal refuses a folder without
         layers = {**layers, 1: {}}  # a layer_01 file, so an empty one is written (every reader skips it)
     if parallel.dp_rank() == 0:
@@ -78,7 +142,6 @@ def save(engine, c: NeoXConfig, state: TrainState) -> None:
         prune_checkpoints(ckpt_dir, c.keep_last_n_checkpoints)
         log.info("saved checkpoint %s", checkpoint.step_dir(ckpt_dir, state.iteration))
     dist.barrier()
-    state.last_saved = state.iteration
 
 
 VALIDATION_KEY = "checkpoint_validation_logits"  # upstream's name in the saved state

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from neox_fork import checkpoint, safe_unpickle
+from neox_fork import checkpoint, errors, safe_unpickle
 from neox_fork.config import NeoXConfig
 from neox_fork.errors import UserError
 
@@ -114,7 +114,8 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     out = checkpoint.universal_dir(folder.parent, n)
     # written inside a private folder, where the converter's own `latest_universal` lands too
     work = Path(tempfile.mkdtemp(prefix=".to_universal.", dir=folder.parent))
-    try:
+    source = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()), f"a copy of {folder.name}"
+    with errors.full_disk_is_one_line(out, cleanup=lambda: shutil.rmtree(work, ignore_errors=True), needed=source):
         tmp = work / out.name
         args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=workers,
                                   num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
@@ -125,6 +126,8 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - DeepSpeed's asserts: one line naming the folder
+            if errors.disk_is_full(err, out):
+                raise  # the enclosing block says so in its own line
             raise UserError(f"DeepSpeed's ds_to_universal failed on {folder}: {type(err).__name__}: {err}") from None
         for entry in (tmp / "zero").iterdir():
             if entry.is_dir() and entry.name not in names:
@@ -137,8 +140,7 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
         checkpoint.fsync_tree(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     checkpoint.write_atomic(folder.parent / checkpoint.LATEST_UNIVERSAL_FILE, out.name)
     return out
 

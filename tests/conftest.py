@@ -117,3 +117,28 @@ def wait_until(predicate, timeout, what):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """mount(size, name) -> a fresh tmpfs of `size` (mount's spelling: '5m') under tmp_path, unmounted after the
+    test; the test is skipped, with the reason, where this process cannot mount (it needs root)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size, name="full"):
+        target = tmp_path / name
+        target.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    try:
+        yield mount
+    finally:
+        for target in mounted:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)

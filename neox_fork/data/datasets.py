@@ -363,9 +363,14 @@ def collate_samples(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
     """Loader workers ignore SIGTERM/SIGUSR1/SIGINT: Slurm's scancel signals every process of the job,
-    and the training process must outlive them long enough to save at the next step boundary."""
+    and the training process must outlive them long enough to save at the next step boundary. So they never
+    outlive it, the kernel kills them when it dies, however it dies; a rank that fails kills them itself
+    (errors.end_now), as its normal exit would wait for them forever."""
+    from neox_fork.supervisor import die_with_parent
+
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
 
 
 def build_batch_iterator(

@@ -4,7 +4,8 @@ Megatron mmap datasets (`.bin/.idx`) all at once or not at all.
 The main process reads records in order and hands chunks to worker processes, which parse and
 encode them; results are written in submission order, so any worker count gives byte-identical
 files. Outputs are written to temporary files beside the final ones and renamed only after
-everything succeeded: an exception, Ctrl-C or SIGTERM leaves neither outputs nor temporary files.
+everything succeeded: an exception, Ctrl-C or SIGTERM leaves neither outputs nor temporary files, and a
+full filesystem is one line naming the output folder (errors.full_disk_is_one_line).
 
 A tool supplies an encoder: a class built in each worker from picklable arguments and called on a
 list of `Record`s, answering an `EncodedChunk` with one array per output file (text tokens, labels,
@@ -31,7 +32,7 @@ import numpy
 from neox_fork.checkpoint import commit_temp, temp_path_for
 from neox_fork.data import _megatron
 from neox_fork.data.readers import Record, iter_records
-from neox_fork.errors import UserError
+from neox_fork.errors import UserError, full_disk_is_one_line
 
 MAX_BAD_EXAMPLES = 5
 
@@ -225,39 +226,40 @@ def run(
     result = PreprocessResult(outputs=list(prefixes))
     pool_holder: list = []
     outputs = None
-    with _sigterm_raises_systemexit():
-        try:
-            outputs = _Outputs(prefixes, dtypes)
-            started = time.perf_counter()
-            bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr, mininterval=0.5,
-                       total=progress_total, miniters=progress_every)
-            chunks = _chunks(iter_records(files), chunk_bytes, chunk_records)
-            for encoded in _encoded_chunks(chunks, workers, make_encoder, init_args, pool_holder):
-                for index, (data, lengths) in enumerate(zip(encoded.arrays, encoded.lengths)):
-                    outputs.add(index, data, lengths)
-                    if index in token_outputs:
-                        result.tokens += int(data.size)
-                    if index == 0:
-                        result.documents += int(lengths.size)
-                result.records += encoded.records
-                result.empty += encoded.empty
-                result.input_bytes += encoded.input_bytes
-                result.bad += len(encoded.bad)
-                for source, line, reason in encoded.bad:
-                    if len(result.bad_examples) < MAX_BAD_EXAMPLES:
-                        result.bad_examples.append(f"{files[source]}:{line}: {reason}")
-                bar.update(encoded.records)
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{result.input_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
-            bar.close()
-            _check_counts(result, files, max_bad_fraction)
-            outputs.commit()
-        except BaseException:
-            for pool in pool_holder:
-                pool.terminate()
-            if outputs is not None:
-                outputs.discard()
-            raise
+
+    def discard() -> None:
+        for pool in pool_holder:
+            pool.terminate()
+        if outputs is not None:
+            outputs.discard()
+
+    folder = os.path.dirname(os.path.abspath(prefixes[0]))
+    with _sigterm_raises_systemexit(), full_disk_is_one_line(folder, cleanup=discard):
+        outputs = _Outputs(prefixes, dtypes)
+        started = time.perf_counter()
+        bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr, mininterval=0.5,
+                   total=progress_total, miniters=progress_every)
+        chunks = _chunks(iter_records(files), chunk_bytes, chunk_records)
+        for encoded in _encoded_chunks(chunks, workers, make_encoder, init_args, pool_holder):
+            for index, (data, lengths) in enumerate(zip(encoded.arrays, encoded.lengths)):
+                outputs.add(index, data, lengths)
+                if index in token_outputs:
+                    result.tokens += int(data.size)
+                if index == 0:
+                    result.documents += int(lengths.size)
+            result.records += encoded.records
+            result.empty += encoded.empty
+            result.input_bytes += encoded.input_bytes
+            result.bad += len(encoded.bad)
+            for source, line, reason in encoded.bad:
+                if len(result.bad_examples) < MAX_BAD_EXAMPLES:
+                    result.bad_examples.append(f"{files[source]}:{line}: {reason}")
+            bar.update(encoded.records)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{result.input_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+        bar.close()
+        _check_counts(result, files, max_bad_fraction)
+        outputs.commit()
     result.seconds = time.perf_counter() - started
     return result
 
