@@ -63,7 +63,10 @@ def written_step(ckpt, src_step, step):
     """Step `step` completely written under its temporary name, holding step `src_step`'s files."""
     tmp = checkpoint.start_partial(ckpt, step)
     for f in checkpoint.step_dir(ckpt, src_step).iterdir():
-        shutil.copyfile(f, tmp / f.name)
+        if f.is_dir():  # configs/: the run's config files as given
+            shutil.copytree(f, tmp / f.name)
+        else:
+            shutil.copyfile(f, tmp / f.name)
     return tmp
 
 
