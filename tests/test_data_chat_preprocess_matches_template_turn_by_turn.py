@@ -272,7 +272,7 @@ def test_cli_flags_and_unusable_tokenizer_folders(tmp_path, tokenizer_folder, ca
     for args, message in [
         (["--tokenizer-path", str(no_template)], f"--tokenizer-path {no_template}: the tokenizer has no chat template"),
         (["--tokenizer-path", str(tmp_path / "none")], f"--tokenizer-path {tmp_path / 'none'}: no such folder"),
-        (["--tokenizer-path", tokenizer_folder, "--dataset-impl", "lazy"], "--dataset-impl lazy: not supported"),
+        (["--tokenizer-path", tokenizer_folder, "--dataset-impl", "lazy"], "--dataset-impl lazy: only mmap is written here"),
         (["--tokenizer-path", tokenizer_folder, "--jsonl-keys", "c", "c_label"], "'c_label' would name the same"),
     ]:
         with pytest.raises(SystemExit):

@@ -64,6 +64,13 @@ class EncodedChunk:
     input_bytes: int
 
 
+def check_dataset_impl(dataset_impl: str) -> None:
+    """Upstream's --dataset-impl: only its mmap format is written here."""
+    if dataset_impl != "mmap":
+        raise UserError(f"--dataset-impl {dataset_impl}: only mmap is written here (upstream's lazy and cached "
+                        "formats are not built)")
+
+
 def flatten(documents: Sequence[Sequence], dtype) -> tuple[numpy.ndarray, numpy.ndarray]:
     """Documents (lists of numbers) as one array of `dtype` and the array of their lengths."""
     lengths = numpy.fromiter((len(doc) for doc in documents), dtype=numpy.int64, count=len(documents))

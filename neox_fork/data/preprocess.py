@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy
 
 from neox_fork.data import _megatron
-from neox_fork.data.pipeline import EncodedChunk, PreprocessResult, check_run_options, flatten, make_output_folder, run
+from neox_fork.data.pipeline import EncodedChunk, PreprocessResult, check_dataset_impl, check_run_options, flatten, make_output_folder, run
 from neox_fork.data.readers import BadRecord, Record, expand_inputs, parse_record
 from neox_fork.data.tokenizer import build_tokenizer
 from neox_fork.errors import UserError
@@ -107,9 +107,7 @@ def preprocess(
     """Tokenize `inputs` (paths, globs, or upstream's comma-separated lists) into `PREFIX_{key}_document.bin/.idx`,
     one pair per key. `ftfy` fixes each text with ftfy first (as upstream); `num_docs` is the progress bar's total
     and `log_interval` the documents between its updates."""
-    if dataset_impl != "mmap":
-        raise UserError(f"--dataset-impl {dataset_impl}: only mmap is written here (upstream's lazy and cached "
-                        "formats are not built)")
+    check_dataset_impl(dataset_impl)
     if ftfy:
         _ftfy()
     check_run_options(workers, max_bad_fraction)

@@ -16,9 +16,9 @@ See docs/post-training.md.
 import argparse
 
 from neox_fork.data.chat import DEFAULT_KEY, ChatOptions, preprocess_chat
-from neox_fork.data.pipeline import print_report
+from neox_fork.data.pipeline import check_dataset_impl, print_report
 from neox_fork.data.preprocess import split_input_list
-from neox_fork.errors import UserError, exit_on_user_error
+from neox_fork.errors import exit_on_user_error
 
 
 def parse_args(argv=None):
@@ -55,8 +55,7 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    if args.dataset_impl != "mmap":
-        raise UserError(f"--dataset-impl {args.dataset_impl}: not supported; valid: mmap")
+    check_dataset_impl(args.dataset_impl)
     options = ChatOptions(
         generation_role=args.generation_role,
         only_last=args.only_last,
