@@ -14,6 +14,7 @@ import torch
 
 from conftest import tiny_keys
 from distributed import run_distributed
+from reference_adamw import adamw_float64
 from neox_fork.config import from_dict
 from neox_fork.errors import UserError
 from neox_fork.model import build_model
@@ -43,15 +44,8 @@ def test_adam8bit_steps_as_adamw_within_its_quantisation(one_process):
         for n, p in model.named_parameters():
             p.grad = step[n].clone()
         opt.step()
-    b1, b2 = BETAS
     for n, p in model.named_parameters():
-        w, m, v = start[n].double(), 0.0, 0.0
-        decay = WD if p.dim() >= 2 else 0.0
-        for t, step in enumerate(grads, 1):
-            grad = step[n].double()
-            w = w * (1 - LR * decay)
-            m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad**2
-            w = w - LR * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + EPS)
+        w = adamw_float64(start, grads, n, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD if p.dim() >= 2 else 0.0)
         diff = (p.detach().double() - w).abs()
         if p.numel() < 4096:
             assert opt.state[p]["state1"].dtype == torch.float32
