@@ -202,3 +202,21 @@ def test_a_label_file_that_does_not_fit_its_data_names_both(files, tmp_path):
 def test_config_refuses_bad_label_settings_in_one_line(keys, message):
     with pytest.raises(UserError, match=message):
         from_dict(tiny_keys(**keys))
+
+
+def test_a_blend_keeps_each_path_with_its_own_labels(files):
+    from neox_fork.data.labeled import Blend
+
+    text, label = files
+    parts = {0: [1], 1: [3]}  # two "paths": d1 alone and d3 alone, unpacked
+
+    def make(j, n):
+        return LabeledSamples(text, label, parts[j], n, SEQ, seed=0, pack_impl="unpacked", dataset_id=j)
+
+    blend = Blend(make, [1.0, 3.0], 8)
+    ids = [int(blend[i]["dataset_id"]) for i in range(8)]
+    assert ids.count(0) == 2 and ids.count(1) == 6  # megatron-core's order: shares 1/4 and 3/4
+    for i in range(8):
+        want = [D1, D3_CUT][ids[i]]
+        assert tuple(tuple(blend[i][k].tolist()) for k in ("tokens", "labels", "loss_mask")) == tuple(
+            tuple(part) for part in want[:3])
