@@ -211,6 +211,9 @@ def _training_and_logging(c: NeoXConfig, fail) -> None:
     if c.log_gradient_noise_scale and c.gradient_noise_scale_n_batches < 2:
         fail("gradient_noise_scale_n_batches", "gradient_noise_scale_n_batches must be at least 2 (the large batch "
              f"is that many steps), got {c.gradient_noise_scale_n_batches}")
+    if c.train_label_data_paths and c.data_path:
+        fail("train_label_data_paths", "label data goes with train_data_paths/valid_data_paths, not data_path (as "
+             "upstream, which has no label key for a split data_path)")
     for split in ("train", "valid", "test"):
         labels, paths = getattr(c, f"{split}_label_data_paths"), getattr(c, f"{split}_data_paths")
         if labels and len(labels) != len(paths):
@@ -220,9 +223,6 @@ def _training_and_logging(c: NeoXConfig, fail) -> None:
             c.train_label_data_paths:
         fail("train_label_data_paths", "label data for valid/test needs train_label_data_paths too (the training "
              "loss would otherwise be unmasked)")
-    if c.train_label_data_paths and c.data_path:
-        fail("train_label_data_paths", "label data goes with train_data_paths/valid_data_paths, not data_path (as "
-             "upstream, which has no label key for a split data_path)")
     if c.train_label_data_paths and c.train_epochs is not None and c.pack_impl != "packed":
         fail("pack_impl", "train_epochs works with pack_impl packed only (as upstream)")
     if c.weighted_sampler_alpha < 0:

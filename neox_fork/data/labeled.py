@@ -151,8 +151,6 @@ def build_layout(sizes, documents, num_samples: int, seq_length: int, seed: int,
                             break
                     pieces.append((doc, 0, length))
                     running += length
-            if samples < num_samples:  # pragma: no cover - the loop ends only when full
-                starts.append(len(pieces))
     arr = numpy.array(pieces, dtype=numpy.int64).reshape(-1, 3)
     shuffle = numpy.arange(num_samples, dtype=numpy.int64)
     rng.shuffle(shuffle)
