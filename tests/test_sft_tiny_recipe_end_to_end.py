@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from conftest import PYTHON, REPO
-from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
 from neox_fork.hf import export_folder
 
 CHAT = REPO / "examples" / "chat"
@@ -36,24 +35,20 @@ def _training_questions():
 
 
 @pytest.fixture(scope="module")
-def sft_run(small_corpus, tmp_path_factory):
+def sft_run(sft_chat_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sftchat_recipe")
-    tokenizer = tmp / "chat_tokenizer"
-    write_chat_tokenizer(str(small_corpus / "tokenizer.json"), str(CHAT / "chat_template.jinja"), str(tokenizer))
-    for split in ("train", "valid"):
-        preprocess_chat([str(CHAT / f"demo_chat_{split}.jsonl")], str(tmp / f"chat_{split}"), str(tokenizer),
-                        jsonl_keys=["messages"], options=ChatOptions())
-    shipped = yaml.safe_load((REPO / "configs" / "tiny-sft.yml").read_text())
-    overlay = {  # the shipped overlay's keys, pointed at this test's files
-        "vocab-file": str(tokenizer / "tokenizer.json"),
-        **{key: [str(tmp / Path(p).name) for p in shipped[key]]
-           for key in ("train-data-paths", "train-label-data-paths", "valid-data-paths", "valid-label-data-paths")},
+    overlay = {  # the shipped overlay's data keys, pointed at the session's preprocessed chat set
+        "vocab-file": str(Path(sft_chat_data["tokenizer"]) / "tokenizer.json"),
+        "train-data-paths": [sft_chat_data["train"][0]], "train-label-data-paths": [sft_chat_data["train"][1]],
+        "valid-data-paths": [sft_chat_data["valid"][0]], "valid-label-data-paths": [sft_chat_data["valid"][1]],
         # from scratch at the tests' width, where the recipe fine-tunes the pretrained tiny model
         "load": None, "finetune": False, "save": str(tmp / "ckpt"), "num-layers": 2, "hidden-size": 128,
         "train-iters": 100, "checkpoint-factor": 100, "eval-interval": 100, "eval-iters": 2,
         "optimizer": {"type": "Adam", "params": {"lr": 5.0e-3, "betas": [0.9, 0.95]}}, "min_lr": 5.0e-4,
         "num-workers": 0, "log-interval": 10,
     }
+    shipped = yaml.safe_load((REPO / "configs" / "tiny-sft.yml").read_text())
+    assert {k for k in overlay if "data-paths" in k} <= set(shipped)  # the overlay replaces the shipped data keys
     (tmp / "test.yml").write_text(yaml.safe_dump(overlay))
     run = subprocess.run([PYTHON, "train.py", str(REPO / "configs" / "tiny.yml"), str(REPO / "configs" / "tiny-sft.yml"),
                           str(tmp / "test.yml")], cwd=REPO, capture_output=True, text=True, timeout=900,
