@@ -14,10 +14,15 @@ finished, message, duration_seconds) goes to sample_output_file. Without config 
     python generate.py --checkpoint CKPT --prompt-ids 1,2,3 --temperature 0 --json
     python generate.py --checkpoint CKPT --input-file prompts.jsonl --output-file out.jsonl --batch-size 8
     python generate.py --checkpoint CKPT --interactive            # one prompt per stdin line, until EOF
+    python generate.py --checkpoint CKPT --chat --prompt "What colour is the sky?"   # a chat model's reply
+    python generate.py --checkpoint CKPT --chat --interactive     # a conversation: one user turn per line
     torchrun --nproc_per_node 2 generate.py --checkpoint CKPT --prompt "Hi"   # TP ranks cooperate
 
 --input-file takes .jsonl (objects with a "prompt" field) or plain text (one prompt per line);
 --output-file writes jsonl records {prompt, token_ids, text}. Generation stops at the tokenizer's EOD.
+--chat (a checkpoint trained on chat data keeps its chat template, see docs/post-training.md): each prompt is
+a user turn (after --system, if given) rendered with the template and its generation prompt; generation stops
+at the template's end-of-turn token and only the reply is printed. Interactively, the turns accumulate.
 """
 
 import argparse
@@ -26,9 +31,11 @@ import sys
 
 import torch.distributed as dist
 
+from neox_fork import checkpoint
 from neox_fork.config import load_config
+from neox_fork.data.chat import checkpoint_chat_tokenizer
 from neox_fork.errors import UserError, exit_on_user_error
-from neox_fork.generation import (SamplingParams, generate, generate_from_config, interactive_prompts,
+from neox_fork.generation import (SamplingParams, chat_replies, generate, generate_from_config, interactive_prompts,
                                   load_for_inference, read_prompt_file, result_record, write_jsonl)
 from neox_fork.safe_unpickle import add_trust_argument
 
@@ -60,6 +67,10 @@ def parse_args(argv):
     p.add_argument("--no-stop-on-eod", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--tp-cooperate", action="store_true",
                    help="every launched rank holds one tensor-parallel shard (default when WORLD_SIZE > 1)")
+    p.add_argument("--chat", action="store_true",
+                   help="prompts are user turns of a chat: apply the checkpoint's chat template, stop at its "
+                        "end-of-turn token, print only the reply")
+    p.add_argument("--system", help="with --chat: a system message before the first user turn")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt with token_ids and text")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -96,10 +107,47 @@ def show(records, as_json: bool) -> None:
             print(prompt + shown + "\n", flush=True)
 
 
+def chat(args, model, chat_tokenizer, params, options, lead):
+    """--chat: each prompt a user turn (one conversation per prompt; interactively, one growing conversation);
+    prints each reply alone. Returns (records, new tokens, seconds)."""
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    options = dict(options)
+    del options["eod"]
+    records, new_tokens, seconds = [], 0, 0.0
+    if args.interactive:
+        history = list(system)
+        for text in interactive_prompts():
+            turn = history + [{"role": "user", "content": text}]
+            try:
+                (reply,), stats = chat_replies(model, chat_tokenizer, [turn], params, **options)
+            except UserError as err:  # a turn that no longer fits does not end the session
+                if lead:
+                    print(f"error: {err}", file=sys.stderr, flush=True)
+                continue
+            history = turn + [{"role": "assistant", "content": reply["text"]}]
+            new_tokens, seconds = new_tokens + stats["new_tokens"], seconds + stats["seconds"]
+            records.append({"prompt": text, **reply})
+            if lead:
+                print(json.dumps(reply) if args.json else reply["text"], flush=True)
+        return records, new_tokens, seconds
+    texts = args.prompt if args.prompt else read_prompt_file(args.input_file)
+    if not texts:
+        raise UserError(f"--input-file {args.input_file}: holds no prompts")
+    replies, stats = chat_replies(model, chat_tokenizer, [system + [{"role": "user", "content": t}] for t in texts],
+                                  params, **options)
+    records = [{"prompt": text, **reply} for text, reply in zip(texts, replies)]
+    if lead and not args.output_file:
+        for reply in replies:
+            print(json.dumps(reply) if args.json else reply["text"], flush=True)
+    return records, stats["new_tokens"], stats["seconds"]
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
     prompted = args.prompt or args.prompt_ids or args.input_file or args.interactive
+    if args.configs and args.chat:
+        raise UserError("--chat works with --checkpoint and prompts, not with config files (text_gen_type)")
     if args.configs and prompted:
         raise UserError("give prompts either through the configs' text_gen_type or with --prompt/--prompt-ids/"
                         "--input-file/--interactive, not both")
@@ -114,6 +162,15 @@ def main(argv=None):
     if not args.checkpoint or not prompted:
         raise UserError("pass config files (upstream's way), or --checkpoint DIR with one of --prompt, --prompt-ids, "
                         "--input-file, --interactive")
+    if args.chat and args.prompt_ids:
+        raise UserError("--chat takes text (--prompt, --input-file, --interactive), not --prompt-ids")
+    if args.system is not None and not args.chat:
+        raise UserError("--system needs --chat")
+    chat_tokenizer = None
+    if args.chat:  # before loading the weights: a checkpoint without a chat template is one line at once
+        folder = checkpoint.resolve(args.checkpoint, args.step)
+        chat_tokenizer = checkpoint_chat_tokenizer(checkpoint.tokenizer_of(folder, checkpoint.load_config_of(folder)),
+                                                   args.checkpoint)
     model, config, tokenizer = load_for_inference(args.checkpoint, args.step, args.dtype,
                                                   tp_cooperate=args.tp_cooperate or None,
                                                   trust=args.trust_checkpoint)
@@ -126,7 +183,9 @@ def main(argv=None):
                    batch_size=args.batch_size)
     records, new_tokens, seconds = [], 0, 0.0
 
-    if args.interactive:
+    if args.chat:
+        records, new_tokens, seconds = chat(args, model, chat_tokenizer, params, options, lead)
+    elif args.interactive:
         for text in interactive_prompts():
             try:
                 (ids,), stats = generate(model, [encode_text(text, tokenizer, args.checkpoint)], params, **options)

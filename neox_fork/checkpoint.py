@@ -12,6 +12,10 @@
     CKPT_DIR/global_step{N}/tokenizer.json             a copy of the tokenizer's files, when the config names
                                                        them (tokenizer.json, vocab.json + merges.txt,
                                                        tokenizer.model, *.tiktoken: TokenizerSource.saved_names)
+    CKPT_DIR/global_step{N}/tokenizer_config.json,     the chat template and special tokens of the transformers
+        chat_template.jinja, special_tokens_map.json   folder the tokenizer.json came from, when it has a chat
+                                                       template (TokenizerSource.chat_files): the step folder
+                                                       is then itself a folder AutoTokenizer loads
 
 We write GPT-NeoX's layout for the configured pipe_parallel_size and read both of its layouts and the
 one this project wrote before (`layers.N.*` names in `module`). A step folder is written under a
@@ -469,7 +473,8 @@ def save_config(folder: Path, config: NeoXConfig) -> None:
 
 def copy_tokenizer(folder: Path, tokenizer) -> None:
     """Copy a tokenizer's files into a step folder: `tokenizer` is a data.tokenizer.TokenizerSource or the path
-    of a tokenizer.json (HFTokenizer); nothing when its files are not there."""
+    of a tokenizer.json (HFTokenizer), with its folder's chat files when it has a chat template; nothing when
+    its files are not there."""
     from neox_fork.data.tokenizer import TokenizerSource
 
     if not tokenizer:
@@ -483,6 +488,8 @@ def copy_tokenizer(folder: Path, tokenizer) -> None:
             shutil.copytree(path, folder / name, dirs_exist_ok=True)
         else:
             shutil.copyfile(path, folder / name)
+    for path in source.chat_files():
+        shutil.copyfile(path, folder / path.name)
 
 
 def _no_fault(stage: str) -> None:

@@ -243,6 +243,32 @@ def _generate_batch(model, prompts, indices, params, eod, use_cache, stop) -> li
     return produced
 
 
+# ---------------------------------------------------------------------- chat
+def chat_replies(model: NeoXModel, chat_tokenizer, conversations: list[list[dict]], params: SamplingParams,
+                 use_cache: bool = True, max_positions: int | None = None,
+                 batch_size: int = 8) -> tuple[list[dict], dict]:
+    """The model's next turn in each conversation (lists of {"role", "content"} messages) through the chat
+    template of `chat_tokenizer` (a transformers tokenizer, data.chat.checkpoint_chat_tokenizer): the rendered
+    conversation and generation prompt are the prompt, and sampling stops at an end-of-turn token
+    (data.chat.end_of_turn_ids) unless params.stop_on_eod is off. Returns ({"token_ids", "text"} per
+    conversation, stats); the ids end with the end-of-turn token when one came, the text is the reply alone."""
+    from neox_fork.data.chat import chat_prompt_ids, end_of_turn_ids
+
+    stops = set(end_of_turn_ids(chat_tokenizer))
+    prompts = [chat_prompt_ids(chat_tokenizer, messages) for messages in conversations]
+    stop = (lambda i, ids: ids[-1] in stops) if params.stop_on_eod else None
+    outputs, stats = generate(model, prompts, params, eod=None, use_cache=use_cache, max_positions=max_positions,
+                              batch_size=batch_size, stop=stop)
+    return [{"token_ids": ids, "text": reply_text(ids, chat_tokenizer, stops)} for ids in outputs], stats
+
+
+def reply_text(ids: list[int], chat_tokenizer, stops) -> str:
+    """A reply's text: without the end-of-turn token that ended it and without special tokens or the
+    whitespace around it."""
+    body = ids[:-1] if ids and ids[-1] in stops else ids
+    return chat_tokenizer.decode(body, skip_special_tokens=True).strip()
+
+
 # ---------------------------------------------------------------------- prompts in, results out
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
     """Prompts from a .jsonl file (objects with a "prompt" field) or a text file (one per non-empty line)."""

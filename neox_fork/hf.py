@@ -291,7 +291,9 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
     """A checkpoint (any TP size) -> a Hugging Face folder of its family's class, written atomically.
 
     `config_file` replaces the step folder's config; `architecture` (upstream's neox/llama/mistral) must be the
-    family the config exports as; the other keywords are upstream's converter flags (see hf_cli.py)."""
+    family the config exports as; the other keywords are upstream's converter flags (see hf_cli.py). A
+    checkpoint that carries a chat template (TokenizerSource.chat_files) exports its transformers tokenizer
+    folder as is (chat template, eos token), with the template's end-of-turn tokens as generation's eos ids."""
     import json
 
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -312,6 +314,12 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
     vocab = state["word_embeddings.weight"].shape[0]
     tokenizer = checkpoint.tokenizer_of(folder, config)
     eos = tokenizer.build().eod if tokenizer else 0
+    stops = [eos]  # generation ends at these: the eod, or a chat template's end-of-turn tokens
+    chat = bool(tokenizer and tokenizer.chat_files())
+    if chat:
+        from neox_fork.data.chat import checkpoint_chat_tokenizer, end_of_turn_ids
+
+        stops = end_of_turn_ids(checkpoint_chat_tokenizer(tokenizer, str(folder))) or stops
 
     weights = sum(t.numel() * t.element_size() for t in tensors.values()), "the converted model"
     with checkpoint.atomic_folder(output_dir, needed=weights) as tmp:
@@ -322,16 +330,17 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf_config = hf_config_dict(config, vocab, dtype, eos_token_id=eos, bos_token_id=eos)
+        hf_config = hf_config_dict(config, vocab, dtype, eos_token_id=stops[0], bos_token_id=eos)
         if pad_token_id is not None:
             hf_config["pad_token_id"] = pad_token_id
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        generation = {"bos_token_id": eos, "eos_token_id": eos, "do_sample": True, "temperature": 0.75,
+        generation = {"bos_token_id": eos, "eos_token_id": stops if len(stops) > 1 else stops[0],
+                      "do_sample": True, "temperature": 0.75,
                       "top_p": 0.95}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer and save_tokenizer:
             save_hf_tokenizer(tokenizer, tmp, config.max_positions, pad_token_id=pad_token_id,
-                              from_hf_folder=tokenizer_is_hf_folder)
+                              from_hf_folder=tokenizer_is_hf_folder or chat)
     return Path(output_dir)
 
 

@@ -64,10 +64,11 @@ class ChatOptions:
     binary_reward: bool = False
 
 
-def load_chat_tokenizer(path: str):
-    """The transformers tokenizer in folder `path`, which must carry a chat template."""
+def load_chat_tokenizer(path: str, what: str = "--tokenizer-path"):
+    """The transformers tokenizer in folder `path`, which must carry a chat template; `what` names the
+    folder in errors."""
     if not os.path.isdir(path):
-        raise UserError(f"--tokenizer-path {path}: no such folder (expected a Hugging Face tokenizer folder)")
+        raise UserError(f"{what} {path}: no such folder (expected a Hugging Face tokenizer folder)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
@@ -75,10 +76,10 @@ def load_chat_tokenizer(path: str):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # transformers raises OSError, ValueError, or the Rust side's bare Exception
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"--tokenizer-path {path}: cannot load a tokenizer ({first_line})") from None
+        raise UserError(f"{what} {path}: cannot load a tokenizer ({first_line})") from None
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            f"--tokenizer-path {path}: the tokenizer has no chat template "
+            f"{what} {path}: the tokenizer has no chat template "
             "(chat_template.jinja, or chat_template in tokenizer_config.json)"
         )
     return tokenizer
@@ -310,3 +311,47 @@ def write_chat_tokenizer(vocab_file: str, chat_template_file: str, output_dir: s
     with atomic_folder(output_dir) as folder:
         tokenizer.save_pretrained(str(folder))
     return output_dir
+
+
+# ---------------------------------------------------------------------- chatting with a trained model
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The ids that end the model's turn: the tokenizer's eos_token, and the added token the chat template
+    writes right after an assistant message's content (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`) when
+    that is another one."""
+    from jinja2 import TemplateError
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    marker = "\u2063neox-fork-reply\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except TemplateError:
+        return ids
+    after = text.split(marker, 1)[1] if isinstance(text, str) and marker in text else ""
+    added = [token for token in tokenizer.get_added_vocab() if token and after.startswith(token)]
+    if added:
+        token_id = tokenizer.convert_tokens_to_ids(max(added, key=len))
+        if token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """The ids of `messages` as the chat template renders them, followed by its generation prompt: what the
+    model continues with its reply (the same ids preprocessing gave the turns before a trained reply)."""
+    try:
+        return _render(tokenizer, messages, add_generation_prompt=True)
+    except BadRecord as err:
+        raise UserError(str(err)) from None
+
+
+def checkpoint_chat_tokenizer(source, where: str):
+    """The transformers tokenizer (with its chat template) a checkpoint carries: `source` is the checkpoint's
+    data.tokenizer.TokenizerSource (checkpoint.tokenizer_of). A checkpoint without one is one line."""
+    files = source.chat_files() if source is not None else []
+    if not files:
+        raise UserError(f"checkpoint {where} carries no chat template: train with vocab_file set to the "
+                        "tokenizer.json of the transformers tokenizer folder the chat data was made with "
+                        "(preprocess_data_with_chat_template.py --tokenizer-path), so the checkpoint keeps its "
+                        "template")
+    return load_chat_tokenizer(str(files[0].parent), what="checkpoint tokenizer folder")

@@ -10,6 +10,11 @@
 Each has `encode`, `encode_batch`, `decode`, `eod` and `vocab_size` (the real number of ids, before the
 embedding's padding). `TokenizerSource` names a tokenizer's type and files, so a checkpoint can carry them
 and the Hugging Face export can rebuild the same ids (see tokenizer_export.py).
+
+An HFTokenizer whose tokenizer.json lies in a transformers tokenizer folder with a chat template (the
+`--tokenizer-path` folder chat preprocessing read, as upstream's post-training configs name it) carries that
+folder's chat files too (`chat_files`): a checkpoint copies them beside its tokenizer.json, so the export and
+`generate.py --chat` apply the template the data was made with, wherever that folder has gone since.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ PAD_TOKEN = "<|padding|>"  # what upstream's HFGPT2Tokenizer adds
 CHAR_VOCAB_SIZE = 512  # upstream's CharLevelTokenizer
 
 # Tried in order when a tokenizer.json has no `<|endoftext|>`: the usual end-of-sequence spellings.
+# The files of a transformers tokenizer folder that carry its chat template and special tokens.
+CHAT_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
 _EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "[SEP]")
 
 
@@ -327,10 +335,31 @@ class TokenizerSource:
         """Whether every file this tokenizer needs is there (CharLevelTokenizer needs none)."""
         return all(getattr(self, key) and os.path.exists(getattr(self, key)) for key in self.saved_names())
 
+    def chat_files(self) -> list[Path]:
+        """The transformers files beside an HFTokenizer's tokenizer.json when that folder has a chat template
+        (chat_template.jinja, or chat_template in tokenizer_config.json); [] otherwise."""
+        if self.tokenizer_type != "HFTokenizer" or not self.vocab_file:
+            return []
+        folder = Path(self.vocab_file).parent
+        return [folder / name for name in CHAT_FILES if (folder / name).is_file()] if has_chat_template(folder) else []
+
     def in_folder(self, folder: str | os.PathLike) -> "TokenizerSource":
         """The same tokenizer read from copies saved in `folder` under saved_names()."""
         return TokenizerSource(self.tokenizer_type, **{key: str(Path(folder) / name)
                                                         for key, name in self.saved_names().items()})
+
+
+def has_chat_template(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a transformers tokenizer folder with a chat template."""
+    import json
+
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "tokenizer_config.json").is_file()
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def tokenizer_file_vocab_size(vocab_file: str | None, tokenizer_type: str = "HFTokenizer",
