@@ -29,10 +29,10 @@ from megatron.core import tensor_parallel as tp
 from torch import nn
 
 from neox_fork import fused
-from neox_fork.parallel import RNG_TRACKER, checkpoint
 from neox_fork.attention import attention
 from neox_fork.config import NeoXConfig
 from neox_fork.config_rules import check_runnable
+from neox_fork.parallel import RNG_TRACKER, checkpoint
 
 @dataclass
 class ModelShape:
