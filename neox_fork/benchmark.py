@@ -177,26 +177,50 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
 
     check_comparable(config, path, compare_hf)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _dtype(config, path, dtype, device)
+    parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo")
+    vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type,
+                                                                 config.merge_file))
+    tokens, labels = _random_batch(config, vocab, seed)
+    builders = _builders(config, path, compare_hf, vocab, dtype, device, tokens, labels)
+    runs = _measure(builders, device, steps, warmup, seed)
+    out = _report(config, path, dtype, device, runs, steps, warmup)
+    del runs
+    gc.collect()
+    return out
+
+
+def _dtype(config: NeoXConfig, path: str, dtype: str | None, device: torch.device) -> str:
+    """The engine path runs the config's precision; the model path `dtype`, else bf16 on CUDA."""
     if path == "engine":
         dtype = config.dtype_name
     dtype = dtype or ("bf16" if device.type == "cuda" else config.dtype_name)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
-    parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo")
-    vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type,
-                                                                 config.merge_file))
+    return dtype
+
+
+def _random_batch(config: NeoXConfig, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch of random tokens and its next-token labels (CPU tensors)."""
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
     generator = torch.Generator().manual_seed(seed)
     data = torch.randint(0, vocab, (b, s + 1), generator=generator)
-    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
+
+def _builders(config, path, compare_hf, vocab, dtype, device, tokens, labels) -> list:
+    """(name, build) pairs, ours first; build() returns (model, step()) with the batch bound."""
     if path == "engine":
         micro = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
-        builders = [("ours", lambda: build_engine_step(config, vocab, micro))]
-    else:
-        batch = (tokens.to(device), labels.to(device))
-        builders = [("ours", build_ours)] + ([("hf", build_hf)] if compare_hf else [])
-        builders = [(name, _bind(build, config, vocab, torch_dtype(dtype), device, batch)) for name, build in builders]
+        return [("ours", lambda: build_engine_step(config, vocab, micro))]
+    batch = (tokens.to(device), labels.to(device))
+    builders = [("ours", build_ours)] + ([("hf", build_hf)] if compare_hf else [])
+    return [(name, _bind(build, config, vocab, torch_dtype(dtype), device, batch)) for name, build in builders]
+
+
+def _measure(builders, device, steps: int, warmup: int, seed: int) -> list:
+    """Build and warm up each model (its memory measured meanwhile), then time `steps` steps of each in pairs
+    of alternating order. Returns (Measurement, step, model) per builder."""
     runs = []
     for name, build in builders:
         torch.manual_seed(seed)
@@ -211,23 +235,17 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
         for m, step, _ in (runs if i % 2 == 0 else runs[::-1]):
             seconds, m.loss = _timed(step, device)
             m.step_seconds.append(seconds)
+    return runs
 
+
+def _report(config: NeoXConfig, path: str, dtype: str, device: torch.device, runs: list, steps: int,
+            warmup: int) -> dict:
+    """The result dict: the run's setting, the model's size and FLOPs, and each model's measurements."""
+    b, s = config.train_micro_batch_size_per_gpu, config.seq_length
     ours = runs[0][2]
     fpt = flops.training_flops_per_token(ours, s, config.activation_recompute)
-    params = sum(p.numel() for p in ours.parameters())
     peak = flops.device_peak_flops(device) if device.type == "cuda" else None
-    results = {}
-    for m, _, _ in runs:
-        tps = b * config.gradient_accumulation_steps * s / m.median() if path == "engine" else b * s / m.median()
-        results[m.name] = {
-            "tokens_per_sec": tps,
-            "step_seconds_median": m.median(),
-            "step_seconds": m.step_seconds,
-            "mfu": flops.mfu(tps, fpt.model, 1, peak),
-            "hfu": flops.mfu(tps, fpt.hardware, 1, peak),
-            "peak_memory_bytes": m.peak_memory_bytes,
-            "loss": m.loss,
-        }
+    results = {m.name: _model_results(m, config, path, fpt, peak) for m, _, _ in runs}
     out = {
         "path": path,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -239,7 +257,7 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
         "gradient_accumulation_steps": config.gradient_accumulation_steps if path == "engine" else 1,
         "seq_length": s,
         "vocab_size": ours.shape.vocab_size,
-        "parameters": params,
+        "parameters": sum(p.numel() for p in ours.parameters()),
         "non_embedding_parameters": fpt.non_embedding_params,
         "checkpoint_activations": config.checkpoint_activations,
         "recompute": config.activation_recompute,
@@ -258,15 +276,28 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
 
         out["deepspeed"] = deepspeed.__version__
         out["zero_stage"] = config.zero_stage
-    if compare_hf:
+    if "hf" in results:
         import transformers
 
         out["hf"] = results["hf"]
         out["transformers"] = transformers.__version__
         out["ratio_vs_hf"] = results["ours"]["tokens_per_sec"] / results["hf"]["tokens_per_sec"]
-    del runs
-    gc.collect()
     return out
+
+
+def _model_results(m: Measurement, config: NeoXConfig, path: str, fpt, peak: float | None) -> dict:
+    """One model's throughput (tokens of a step over its median time), MFU, HFU, memory and last loss."""
+    b, s = config.train_micro_batch_size_per_gpu, config.seq_length
+    tps = b * config.gradient_accumulation_steps * s / m.median() if path == "engine" else b * s / m.median()
+    return {
+        "tokens_per_sec": tps,
+        "step_seconds_median": m.median(),
+        "step_seconds": m.step_seconds,
+        "mfu": flops.mfu(tps, fpt.model, 1, peak),
+        "hfu": flops.mfu(tps, fpt.hardware, 1, peak),
+        "peak_memory_bytes": m.peak_memory_bytes,
+        "loss": m.loss,
+    }
 
 
 def _bind(build, config, vocab, dtype, device, batch):

@@ -38,8 +38,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from neox_fork import neox_layout, safe_unpickle
+from neox_fork import atomic, checkpoint_names, neox_layout, safe_unpickle
+from neox_fork.checkpoint_names import (LATEST_FILE, LATEST_UNIVERSAL_FILE, OLD_SUFFIX, PARTIAL_SUFFIX,
+                                        UNIVERSAL_SUFFIX, folder_step, partial_dir, pointed_step, saved_steps,
+                                        step_dir, step_name, step_of)
 from neox_fork.config import NeoXConfig, from_dict
+from neox_fork.atomic import fsync, fsync_tree, write_atomic
 from neox_fork.errors import UserError, full_disk_is_one_line
 
 MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
@@ -124,51 +128,9 @@ def split_tp(full: dict[str, torch.Tensor], tp: int) -> list[dict[str, torch.Ten
 
 
 # ---------------------------------------------------------------------- names
-# The one place the on-disk names live; everything else calls these.
-LATEST_FILE = "latest"
-PARTIAL_SUFFIX = ".partial"  # a step folder being written
-OLD_SUFFIX = ".old"  # the previous copy of a step folder while it is being replaced
-RNG_FILE = "rng_state_{:05d}.pt"
-LATEST_UNIVERSAL_FILE = "latest_universal"  # DeepSpeed's ds_to_universal writes and reads this name
-UNIVERSAL_SUFFIX = "_universal"  # global_stepN_universal: step N converted by tools/ckpts/to_universal.py
-
-
-def step_name(step: int) -> str:
-    """The tag and folder name of a step, as DeepSpeed and GPT-NeoX spell it."""
-    return f"global_step{step}"
-
-
-def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
-    return Path(ckpt_dir) / step_name(step)
-
-
-def rng_files(folder: Path) -> list[Path]:
-    """The per-rank RNG state files of a step folder (one per global rank that saved)."""
-    return sorted(folder.glob(RNG_FILE.replace("{:05d}", "*")))
-
-
-def universal_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
-    return Path(ckpt_dir) / (step_name(step) + UNIVERSAL_SUFFIX)
-
-
-def partial_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
-    return Path(ckpt_dir) / (step_name(step) + PARTIAL_SUFFIX)
-
-
-def step_of(tag: str) -> int | None:
-    """The N of a 'global_stepN' tag or folder name; None for anything else (e.g. a .partial folder)."""
-    m = re.fullmatch(r"global_step(\d+)", tag)
-    return int(m[1]) if m else None
-
-
-def folder_step(folder: str | os.PathLike) -> int | None:
-    """The step a step folder holds (also its `.old` copy, see publish); None for other folders."""
-    return step_of(Path(folder).name.removesuffix(OLD_SUFFIX))
-
-
-def saved_steps(ckpt_dir: str | os.PathLike) -> list[int]:
-    """The steps of the complete step folders in a checkpoint folder, oldest first."""
-    return sorted(n for p in Path(ckpt_dir).glob("global_step*") if (n := step_of(p.name)) is not None)
+# The on-disk names are neox_fork.checkpoint_names's; these stay reachable here for the modules that use them.
+RNG_FILE, rng_files = checkpoint_names.RNG_FILE, checkpoint_names.rng_files
+universal_dir = checkpoint_names.universal_dir
 
 
 # ---------------------------------------------------------------------- locating checkpoints
@@ -182,16 +144,13 @@ def read_latest_universal(ckpt_dir: str | os.PathLike) -> int | None:
 
 
 def _pointed_step(pointer: Path, suffix: str = "") -> int | None:
-    """The N of the 'global_stepN<suffix>' a pointer file (`latest`, `latest_universal`) names; None without
-    the file. A `latest` naming something else also lists the step folders that do load."""
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    step = step_of(tag.removesuffix(suffix)) if tag.endswith(suffix) else None
-    if step is None:
+    """checkpoint_names.pointed_step, whose refusal becomes one line; a `latest` naming something else also
+    lists the step folders that do load."""
+    try:
+        return pointed_step(pointer, suffix)
+    except ValueError as err:
         note = "" if suffix else _loadable_note(pointer.parent)
-        raise UserError(f"{pointer}: expected 'global_stepN{suffix}', found {tag!r}{note}")
-    return step
+        raise UserError(f"{pointer}: expected 'global_stepN{suffix}', found {err.args[0]!r}{note}") from None
 
 
 def published_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
@@ -398,51 +357,9 @@ def load_merged(path: str | os.PathLike, step: int | None = None, trust: bool = 
 
 
 # ---------------------------------------------------------------------- writing
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder and the folder itself to disk (before anything points at it)."""
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            _fsync(f)
-    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        _fsync(d)
-    _fsync(folder)
-
-
-# The one write-to-temp-then-rename of the project (files here, data, exports): readers see the old
-# content or the new, never a part, even after a crash or a power loss.
-def temp_path_for(path: str | os.PathLike) -> Path:
-    """Where to write `path`'s new content before commit_temp moves it into place."""
-    path = Path(path)
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def commit_temp(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Flush a completely written temporary file to disk, rename it over `path`, flush the rename."""
-    _fsync(Path(tmp))
-    os.replace(tmp, path)
-    _fsync(Path(path).parent)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """A temporary path to write `path` to; committed when the block succeeds, removed when it fails."""
-    tmp = temp_path_for(path)
-    with full_disk_is_one_line(path, cleanup=lambda: tmp.unlink(missing_ok=True)):
-        yield tmp
-        commit_temp(tmp, path)
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+# The project's atomic file writes are neox_fork.atomic's; these names stay here for the modules that write
+# through this one.
+atomic_path, commit_temp, temp_path_for = atomic.atomic_path, atomic.commit_temp, atomic.temp_path_for
 
 
 @contextlib.contextmanager
@@ -459,7 +376,7 @@ def atomic_folder(path: str | os.PathLike, needed: tuple[int, str] | None = None
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 def save_config(folder: Path, config: NeoXConfig) -> None:
@@ -515,7 +432,7 @@ def publish(tmp_folder: Path, ckpt_dir: Path, step: int, fault=_no_fault) -> Pat
         os.replace(tmp_folder, final)
     else:
         os.replace(tmp_folder, final)
-    _fsync(Path(ckpt_dir))
+    fsync(Path(ckpt_dir))
     fault("before_latest")
     write_atomic(Path(ckpt_dir) / LATEST_FILE, step_name(step))
     shutil.rmtree(old, ignore_errors=True)

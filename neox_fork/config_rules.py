@@ -12,8 +12,9 @@ import typing
 
 from neox_fork.errors import UserError
 
-if typing.TYPE_CHECKING:
-    from neox_fork.config import NeoXConfig
+# The checks take a neox_fork.config.NeoXConfig. config imports this module, so this one does not import config
+# (imports point one way: tests/test_package_imports_point_one_way.py); the name stands for the type.
+NeoXConfig = typing.Any
 
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "bilinear": "identity", "glu": "sigmoid"}
 CHOICES = {
@@ -70,6 +71,15 @@ def validate(c: NeoXConfig) -> None:
     def fail(key: str, message: str) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
+    for check in (_choices, _architecture, _counts, _sizes, _attention_config, _optimizer_and_loading, _data,
+                  _training_and_logging):
+        check(c, fail)
+    if c.num_gpus is not None:
+        c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
+
+
+def _choices(c: NeoXConfig, fail) -> None:
+    """Keys with a fixed set of values; upstream values not built; switches that must stay off."""
     for key, choices in CHOICES.items():
         value = getattr(c, key)
         if (key, value) in NOT_BUILT:
@@ -82,6 +92,10 @@ def validate(c: NeoXConfig) -> None:
     if c.moe_num_experts != 1:
         fail("moe_num_experts", f"moe_num_experts {c.moe_num_experts} is not supported: mixture of experts is not "
              "built; use 1")
+
+
+def _architecture(c: NeoXConfig, fail) -> None:
+    """Model options that exclude each other or are not built together."""
     if c.intermediate_size is not None and c.expansion_factor is not None:
         fail("expansion_factor", "give intermediate_size or expansion_factor, not both (as upstream)")
     if c.sliding_window_width is not None and c.sliding_window_width < 0:
@@ -95,6 +109,10 @@ def validate(c: NeoXConfig) -> None:
              "size; use model_parallel_size 1 or norm rmsnorm (per head)")
     if c.num_attention_heads % c.kv_heads:
         fail("num_kv_heads", f"num_kv_heads {c.kv_heads} must divide num_attention_heads {c.num_attention_heads}")
+
+
+def _counts(c: NeoXConfig, fail) -> None:
+    """Counts that must be at least 1; no pipeline parallelism."""
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
                 "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "model_parallel_size",
                 "mlp_multiple_of", "make_vocab_size_divisible_by", "checkpoint_num_layers", "log_interval",
@@ -104,6 +122,10 @@ def validate(c: NeoXConfig) -> None:
     if c.pipe_parallel_size > 1:
         fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is not supported: pipeline "
              "parallelism is not built; use 0 or 1 (tensor x data parallelism)")
+
+
+def _sizes(c: NeoXConfig, fail) -> None:
+    """Sizes that must fit together: heads and hidden size, rotary dims, positions, the TP size."""
     if c.hidden_size % c.num_attention_heads:
         divisors = [d for d in range(1, c.hidden_size + 1) if c.hidden_size % d == 0 and d <= 128]
         fail("num_attention_heads", f"num_attention_heads {c.num_attention_heads} does not divide hidden_size "
@@ -127,6 +149,10 @@ def validate(c: NeoXConfig) -> None:
         key = "sequence_parallel" if c.sequence_parallel else "partition_activations"
         fail(key, f"{key} splits the sequence over model_parallel_size {tp}, which does not divide "
              f"seq_length {c.seq_length}")
+
+
+def _attention_config(c: NeoXConfig, fail) -> None:
+    """attention_config: its shape, its layer count and the attention types built."""
     attn = c.attention_config
     if attn:
         ok = all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], list) and isinstance(e[1], int)
@@ -141,6 +167,10 @@ def validate(c: NeoXConfig) -> None:
             why = f": {ATTENTION_NOT_BUILT[bad[0]]}" if bad[0] in ATTENTION_NOT_BUILT else ""
             fail("attention_config", f"attention type {bad[0]!r} is not supported{why}; valid: "
                  f"{', '.join(ATTENTION_TYPES)}")
+
+
+def _optimizer_and_loading(c: NeoXConfig, fail) -> None:
+    """The optimizer, ZeRO stage, universal/finetune loading, the signal grace period, LR and warmup."""
     opt_type = str(c.optimizer.get("type", "")).lower()
     if opt_type not in ("adam", "adamw"):
         fail("optimizer", f"optimizer type {c.optimizer.get('type')!r} is not supported; valid: Adam, AdamW")
@@ -159,6 +189,10 @@ def validate(c: NeoXConfig) -> None:
     if not 0 <= c.warmup <= 1:
         fail("warmup", f"warmup is a fraction of lr_decay_iters in [0, 1], got {c.warmup}; "
              "use warmup_iters for a step count")
+
+
+def _data(c: NeoXConfig, fail) -> None:
+    """The train/valid/test split and the per-path data weights."""
     try:
         parts = [float(p) for p in c.split.split(",")]
         if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
@@ -170,9 +204,6 @@ def validate(c: NeoXConfig) -> None:
         if weights and len(weights) != len(paths):
             fail(f"{prefix}_data_weights", f"{prefix}_data_weights has {len(weights)} entries but "
                  f"{prefix}_data_paths has {len(paths)}; give one weight per path")
-    _training_and_logging(c, fail)
-    if c.num_gpus is not None:
-        c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
 
 
 def check_runnable(c: NeoXConfig) -> None:

@@ -33,17 +33,11 @@ from pathlib import Path
 
 from neox_fork.config import NeoXConfig
 from neox_fork.errors import UserError
+from neox_fork.multihost import RANK_ENV_DEFAULTS, mpi_environment
 
 Resources = "collections.OrderedDict[str, list[int]]"
 log = logging.getLogger(__name__)
 
-# Set for the ranks unless the user already set them: a dead peer then raises instead of hanging in
-# NCCL forever (the collective timeout itself is `distributed_timeout_minutes`, read by train.py).
-RANK_ENV_DEFAULTS = {
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-    "NCCL_ASYNC_ERROR_HANDLING": "1",  # the same switch under torch < 2.2's name
-    "PYTHONFAULTHANDLER": "1",  # a rank killed by a fatal signal prints its Python stack
-}
 RANK_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LAUNCHERS = {"srun": "srun", "deepspeed": "DeepSpeed runner", "local": "deepy (one node, ranks supervised)"}
 
@@ -156,20 +150,6 @@ def slurm_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
         mapped["MASTER_ADDR"] = first_slurm_host(nodelist)
     mapped.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
     return {k: v for k, v in mapped.items() if k not in env}
-
-
-def mpi_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """RANK/LOCAL_RANK/WORLD_SIZE from Open MPI's variables (launcher openmpi/mvapich, deepspeed_mpi)."""
-    env = os.environ if environ is None else environ
-    names = {"RANK": ("OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"),
-             "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
-             "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")}
-    mapped = {}
-    for ours, theirs in names.items():
-        found = next((env[n] for n in theirs if n in env), None)
-        if found is not None and ours not in env:
-            mapped[ours] = found
-    return mapped
 
 
 def launcher_environment(use_slurm_env: bool, use_mpi_env: bool) -> None:

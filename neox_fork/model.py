@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core import tensor_parallel as tp
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from neox_fork import fused
 from neox_fork.attention import attention
 from neox_fork.config import NeoXConfig
 from neox_fork.config_rules import check_runnable
+from neox_fork.parallel import RNG_TRACKER, checkpoint
 
 @dataclass
 class ModelShape:
@@ -177,7 +177,7 @@ class Attention(nn.Module):
         if self.shape.selective_recompute and self.training and kv_cache is None:
             # Megatron's selective recompute: the backward re-runs rotary and the attention core from qkv,
             # so the rotated q, k and the kernel's output are not kept (4 L h s FLOPs per token extra)
-            out = checkpoint(self.core, qkv, rotary, cos, sin, None, mask, use_reentrant=False)
+            out = checkpoint(self.core, qkv, rotary, cos, sin, None, mask)
         else:
             out = self.core(qkv, rotary, cos, sin, kv_cache, mask)
         out = out.reshape(b, sq, -1)
@@ -206,9 +206,12 @@ class Attention(nn.Module):
                 mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=qkv.device).tril(k.shape[1] - sq)
         if g > 1:  # each key/value head serves the `g` query heads of its group
             k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        dropout = self.shape.attention_dropout if self.training else 0.0
-        return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout, mask=mask,
-                         window=self.window)
+        if not (self.training and self.shape.attention_dropout):
+            return attention(q, k, v, backend=self.backend, causal=causal, mask=mask, window=self.window)
+        # each TP rank holds other heads: their masks come from the rank's own stream, as Megatron's
+        with RNG_TRACKER.fork():
+            return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=self.shape.attention_dropout,
+                             mask=mask, window=self.window)
 
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "mish": F.mish, "softsign": F.softsign,
@@ -395,8 +398,7 @@ class NeoXModel(nn.Module):
             group = layers[first : first + chunk]
             caches = kv_cache[first : first + chunk] if kv_cache else [None] * len(group)
             if use_checkpoint:
-                x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, None, attention_mask,
-                               use_reentrant=False)
+                x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, None, attention_mask)
             else:
                 x = _run_layers(group, x, self.rotary, cos, sin, caches, attention_mask)
         x = self.final_norm(x)
@@ -496,7 +498,7 @@ class NeoXModel(nn.Module):
             end = min(start + step, n)
             if self.training and step < n:
                 total = total + checkpoint(self._chunk_loss, hidden[:, start:end], labels[:, start:end],
-                                           mask[:, start:end], use_reentrant=False)
+                                           mask[:, start:end])
             else:
                 total = total + self._chunk_loss(hidden[:, start:end], labels[:, start:end], mask[:, start:end])
         return total / (mask.sum().clamp(min=1.0) if denominator is None else denominator)

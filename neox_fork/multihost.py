@@ -5,7 +5,8 @@
 * `relay_signals`: deepy's INT/TERM/USR1 passed on to every rank of every host of a pdsh launch.
 * `missing_tools`: one line naming what a multi-node launcher lacks, instead of DeepSpeed's traceback.
 
-The plan itself (hostfile, selection, runner arguments) stays in `neox_fork.launch`.
+The plan itself (hostfile, selection, runner arguments) stays in `neox_fork.launch`, which imports this module
+(never the reverse); what every rank's environment gets (`RANK_ENV_DEFAULTS`, `mpi_environment`) is here.
 """
 
 from __future__ import annotations
@@ -17,10 +18,21 @@ import shutil
 import socket
 import subprocess
 import sys
+import typing
 
 from neox_fork.errors import UserError
-from neox_fork.launch import RANK_ENV_DEFAULTS, LaunchPlan, mpi_environment
 
+# A neox_fork.launch.LaunchPlan. launch imports this module, so this one does not import launch (imports point
+# one way: tests/test_package_imports_point_one_way.py); the name stands for the type.
+LaunchPlan = typing.Any
+
+# Set for the ranks unless the user already set them: a dead peer then raises instead of hanging in
+# NCCL forever (the collective timeout itself is `distributed_timeout_minutes`, read by train.py).
+RANK_ENV_DEFAULTS = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "NCCL_ASYNC_ERROR_HANDLING": "1",  # the same switch under torch < 2.2's name
+    "PYTHONFAULTHANDLER": "1",  # a rank killed by a fatal signal prints its Python stack
+}
 
 # What each multi-node launcher runs on this machine, and where it comes from.
 LAUNCHER_TOOLS = {
@@ -42,6 +54,20 @@ def missing_tools(plan: LaunchPlan) -> None:
         hints = "; ".join(dict.fromkeys(where for _, where in missing))
         raise UserError(f"launcher {launcher} needs {', '.join(t for t, _ in missing)} on PATH here and on every "
                         f"host of the hostfile ({hints}); or use another launcher")
+
+
+def mpi_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK/LOCAL_RANK/WORLD_SIZE from Open MPI's variables (launcher openmpi/mvapich, deepspeed_mpi)."""
+    env = os.environ if environ is None else environ
+    names = {"RANK": ("OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"),
+             "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+             "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")}
+    mapped = {}
+    for ours, theirs in names.items():
+        found = next((env[n] for n in theirs if n in env), None)
+        if found is not None and ours not in env:
+            mapped[ours] = found
+    return mapped
 
 
 def job_token() -> str:

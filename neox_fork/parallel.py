@@ -14,7 +14,9 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from megatron.core import parallel_state
+from torch.utils.checkpoint import noop_context_fn
 
 from neox_fork.errors import UserError
 
@@ -184,8 +186,9 @@ class RNGTracker:
     """Named RNG streams that work on CPU and GPU (megatron-core's tracker needs CUDA).
 
     `fork("model-parallel")` runs a block under a stream seeded differently on each TP rank (dropout
-    inside a head-split region); outside forks the default generator is seeded the same on every TP rank
-    so replicated tensors see the same dropout masks and initialisation.
+    inside a head-split region: the attention probabilities, model.Attention.core); outside forks the
+    default generator is seeded the same on every TP rank so replicated tensors see the same dropout masks
+    and initialisation. Activation recompute replays the streams (`checkpoint` below).
     """
 
     def __init__(self) -> None:
@@ -209,11 +212,34 @@ class RNGTracker:
             self.states[name] = get_rng_state()
             set_rng_state(saved)
 
+    def recompute_contexts(self):
+        """torch.utils.checkpoint's `context_fn`: called as the checkpointed forward starts, it keeps the
+        streams as they are then; the recompute in the backward runs from that copy (drawing the forward's
+        masks again) and the streams go back to where they were, as megatron-core's CheckpointFunction does
+        with its CUDA tracker."""
+        return contextlib.nullcontext(), self._replaying(dict(self.states))
+
+    @contextlib.contextmanager
+    def _replaying(self, states: dict):
+        current, self.states = self.states, states
+        try:
+            yield
+        finally:
+            self.states = current
+
     def state_dict(self) -> dict:
         return dict(self.states)
 
     def load_state_dict(self, states: dict) -> None:
         self.states = dict(states)
+
+
+def checkpoint(function, *args):
+    """Activation checkpointing (torch's non-reentrant one) whose recompute draws the forward's random numbers:
+    torch restores the default CPU/CUDA generators, the tracker's `recompute_contexts` its streams. Inside a
+    compiled graph torch refuses such contexts: there the tracker's streams are not replayed."""
+    context_fn = RNG_TRACKER.recompute_contexts if not torch.compiler.is_compiling() else noop_context_fn
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=context_fn)
 
 
 def get_rng_state():

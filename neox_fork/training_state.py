@@ -128,8 +128,7 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
     if not c.no_save_rng:
-        torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()},
-                   partial / checkpoint.RNG_FILE.format(dist.get_rank()))  # read back by restore_rng
+        save_rng(partial / checkpoint.RNG_FILE.format(dist.get_rank()))
     if not _rank0() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         checkpoint.fsync_tree(partial)  # this node's writes reach the disk before rank 0 publishes
     dist.barrier()
@@ -221,6 +220,12 @@ class SafeLoads:
         """Route `engine`'s checkpoint reads through the safe reader (once)."""
         if not isinstance(engine.checkpoint_engine, cls):
             engine.checkpoint_engine = cls(engine.checkpoint_engine, trust)
+
+
+def save_rng(path: Path) -> None:
+    """This rank's RNG streams (the default generators and the tracker's, which attention dropout draws from),
+    read back by `restore_rng`."""
+    torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()}, path)
 
 
 def restore_rng(path: Path, trust: bool, tracker: bool = True) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_keys
+from neox_fork import parallel
 from neox_fork.config import from_dict
 from neox_fork.model import build_model
 from reference_adamw import adamw_float64
@@ -15,7 +16,7 @@ B, S = 2, 32
 
 
 def _loss_and_grads(**keys):
-    torch.manual_seed(0)
+    parallel.seed_everything(0)  # also the model-parallel stream attention dropout forks (recompute replays it)
     model = build_model(from_dict(tiny_keys(num_layers=3, seq_length=S, **keys))).train()
     g = torch.Generator().manual_seed(0)
     tokens, labels = (torch.randint(0, 1000, (B, S), generator=g) for _ in range(2))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from neox_fork.atomic import atomic_path
 from neox_fork.config_rules import CHOICES
 from neox_fork.errors import UserError
 
@@ -395,8 +396,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_path: str)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     output_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(output_dir, exist_ok=True)
-    from neox_fork.checkpoint import atomic_path
-
     with atomic_path(output_path) as temp_path:
         tokenizer.save(str(temp_path))
     return HFTokenizer(output_path)
