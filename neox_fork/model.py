@@ -432,9 +432,13 @@ class NeoXModel(nn.Module):
         logits, _ = self.output_layer(hidden, weight=weight)
         return logits
 
-    def forward(self, tokens, position_ids=None, kv_cache=None, labels=None, loss_mask=None):
+    def forward(self, tokens, position_ids=None, kv_cache=None, labels=None, loss_mask=None, score=None,
+                fp32=True):
         """With `labels`: the training loss (see `loss`). Without: full logits [b, s, vocab], gathered
-        across TP ranks, for generation and parity checks."""
+        across TP ranks, for generation and parity checks. `score="logprobs"`: each row's summed
+        log-probability of its labels where `loss_mask` is set (`sequence_logprobs`), for preference.py."""
+        if score == "logprobs":
+            return self.sequence_logprobs(tokens, labels, loss_mask, fp32)
         if labels is not None:
             return self.loss(tokens, labels, loss_mask)
         return self.full_logits(self.hidden_states(tokens, position_ids, kv_cache))
@@ -462,6 +466,16 @@ class NeoXModel(nn.Module):
             return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0],
                                               self.shape.loss_chunk_tokens or hidden.shape[1])
         return self._chunked_loss(hidden, labels, mask)
+
+    def sequence_logprobs(self, tokens, labels, loss_mask, fp32: bool = True):
+        """[b]: sum over positions where `loss_mask` is set of log p(label | tokens before), from the
+        vocabulary-parallel logits (fp32 when `fp32`, else the model's dtype; upstream's dpo_fp32/kto_fp32)."""
+        logits = self.logits_parallel(self.hidden_states(tokens))
+        logits = logits.float() if fp32 else logits
+        mask = loss_mask.float()
+        targets = torch.where(mask > 0, labels, torch.zeros_like(labels))  # -100 would index nothing
+        nll = tp.vocab_parallel_cross_entropy(logits.contiguous(), targets)
+        return -(nll.float() * mask).sum(-1)
 
     def chunked_loss(self, tokens, labels, loss_mask=None):
         """The loss as TP>1 computes it at any TP size: the head and vocab-parallel cross-entropy over
