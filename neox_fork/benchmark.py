@@ -141,11 +141,15 @@ def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
     from neox_fork.optim import build_engine
     from neox_fork.training import train_step
 
+    from neox_fork.preference import Objective, make_reference
+
     model = build_model(config, vocab)
     engine = build_engine(config, model, world=1)
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batches = itertools.repeat(batch)
-    return model, lambda: train_step(engine, config, micro_batches, params)[0]
+    # train_impl dpo/kto: the frozen reference copy is built here too, so its memory and forward are measured
+    objective = Objective(config, make_reference(engine.module) if Objective(config).needs_reference else None)
+    return model, lambda: train_step(engine, config, micro_batches, params, objective=objective)[0]
 
 
 def _timed(step, device) -> tuple[float, float]:
@@ -187,8 +191,11 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
                                                                  config.merge_file))
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
     generator = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, vocab, (b, s + 1), generator=generator)
-    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    pairs = config.dataset_impl == "pairwise"  # dpo/rm: each sample is a (chosen, rejected) pair, 2 x s tokens
+    if pairs and path != "engine":
+        raise UserError(f"train_impl {config.train_impl} (pairwise data) is timed on --path engine only")
+    data = torch.randint(0, vocab, (b, 2, s + 1) if pairs else (b, s + 1), generator=generator)
+    tokens, labels = data[..., :-1].contiguous(), data[..., 1:].contiguous()
 
     if path == "engine":
         micro = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
@@ -218,7 +225,8 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
     peak = flops.device_peak_flops(device) if device.type == "cuda" else None
     results = {}
     for m, _, _ in runs:
-        tps = b * config.gradient_accumulation_steps * s / m.median() if path == "engine" else b * s / m.median()
+        tps = (b * config.gradient_accumulation_steps * s * (2 if pairs else 1) / m.median() if path == "engine"
+               else b * s / m.median())
         results[m.name] = {
             "tokens_per_sec": tps,
             "step_seconds_median": m.median(),
@@ -230,6 +238,7 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
         }
     out = {
         "path": path,
+        "train_impl": config.train_impl,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],  # other work on the machine during the run

@@ -19,7 +19,7 @@ upstream's `forward_step` (megatron/training.py at ea7aefd8), with its metric na
 
 The reference model of DPO/KTO is a frozen copy of the policy sharded like it (same tensor-parallel layout),
 in eval mode (no dropout), made from the policy's weights when training starts from `load` with
-`finetune: true`; its weights are saved in every checkpoint (`REFERENCE_KEY`), so a resume takes them from
+`finetune: true`; its weights are saved in every checkpoint (`REFERENCE_DIR`), so a resume takes them from
 there and not from a path that may have changed. With `precompute_model_name` no reference model is built:
 per-token reference log-probabilities come with the batch (`pos_ref`/`neg_ref` or `ref`).
 """
@@ -27,15 +27,17 @@ per-token reference log-probabilities come with the batch (`pos_ref`/`neg_ref` o
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from neox_fork import checkpoint
 from neox_fork.checkpoint import model_state
 
 log = logging.getLogger("neox_fork")
 
-REFERENCE_KEY = "reference_model"  # the frozen reference's weights in each TP rank's model-states file
+REFERENCE_DIR = "reference"  # in each step folder: the frozen reference, one mp_rank_XX_model_states.pt per TP rank
 PREFERENCE_IMPLS = ("dpo", "kto", "rm")
 
 
@@ -109,9 +111,17 @@ def make_reference(model: torch.nn.Module) -> torch.nn.Module:
     return reference.eval()
 
 
-def reference_state(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This TP rank's reference weights, on the CPU, for the checkpoint."""
-    return {k: v.detach().cpu() for k, v in model_state(reference).items()}
+def save_reference(step_folder: Path, reference: torch.nn.Module, c, tp_size: int, tp_rank: int) -> None:
+    """This TP rank's reference weights into STEP/reference/, written as the policy's are (GPT-NeoX's layout,
+    with the config), so checkpoint.load_rank_shard reads them back at any tensor-parallel size."""
+    folder = Path(step_folder) / REFERENCE_DIR
+    folder.mkdir(exist_ok=True)
+    module, layers = checkpoint.neox_weights(model_state(reference), c, tp_size)
+    torch.save({"module": module}, folder / checkpoint.MODEL_FILE.format(tp_rank))
+    if layers:
+        checkpoint.save_layer_files(folder, tp_rank, {**layers, 1: {}})
+    if tp_rank == 0:
+        checkpoint.save_config(folder, c)
 
 
 def _copy_into(reference: torch.nn.Module, saved: dict[str, torch.Tensor], where: str) -> None:
@@ -120,14 +130,31 @@ def _copy_into(reference: torch.nn.Module, saved: dict[str, torch.Tensor], where
     own = model_state(reference)
     bad = [k for k in own if k not in saved or saved[k].shape != own[k].shape]
     if bad:
-        raise UserError(f"{where}: the saved reference model does not fit this model ({bad[0]}); resume at the "
-                        "tensor-parallel size it was saved with")
+        raise UserError(f"{where}: the saved reference model does not fit this model ({bad[0]}); check "
+                        "num_layers/hidden_size/vocab settings")
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(saved[k])
 
 
-load_reference = _copy_into
+def reference_for_run(c, model: torch.nn.Module, resumed_from: Path | None) -> torch.nn.Module | None:
+    """The frozen reference of a run: from the checkpoint it resumed (`resumed_from`, any TP size), else the
+    policy's weights now (the start of fine-tuning from `load`); None when the objective needs none."""
+    if not Objective(c).needs_reference:
+        return None
+    from megatron.core import parallel_state
+
+    reference = make_reference(model)
+    saved = Path(resumed_from) / REFERENCE_DIR if resumed_from is not None else None
+    if saved is not None and saved.is_dir():
+        shard = checkpoint.load_rank_shard(saved, parallel_state.get_tensor_model_parallel_world_size(),
+                                           parallel_state.get_tensor_model_parallel_rank(), c.trust_checkpoint)
+        _copy_into(reference, shard, str(saved))
+        log.info("reference model: the frozen weights saved in %s", saved)
+    else:
+        log.info("reference model: a frozen copy of the policy's starting weights%s",
+                 f" (from {c.load})" if c.load else " (fresh initialisation: no `load`)")
+    return reference
 
 
 # ---------------------------------------------------------------------- one micro-batch

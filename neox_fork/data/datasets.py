@@ -353,12 +353,9 @@ class PretrainingBatchSampler:
 
 
 def collate_samples(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack items into a batch: tokens, labels (int64 [b, seq]) and loss_mask (float32 [b, seq])."""
-    return {
-        "tokens": torch.stack([item["tokens"] for item in items]),
-        "labels": torch.stack([item["labels"] for item in items]),
-        "loss_mask": torch.stack([item["loss_mask"] for item in items]),
-    }
+    """Stack items into a batch: tokens, labels (int64 [b, seq]) and loss_mask (float32 [b, seq]), and any
+    other tensors the items hold (pairwise.py's pairs and reference log-probabilities); not dataset_id."""
+    return {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "dataset_id"}
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
