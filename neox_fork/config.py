@@ -233,6 +233,17 @@ class NeoXConfig:
     valid_data_weights: list = _key(factory=list, doc="blend weights, one per validation path")
     test_data_paths: list = _key(factory=list, doc="test dataset prefixes")
     test_data_weights: list = _key(factory=list, doc="blend weights, one per test path")
+    train_label_data_paths: list = _key(factory=list, doc="loss labels beside train_data_paths, one per path (the "
+                                        "chat tool's *_label_document: -100 = not trained); masked fine-tuning")
+    valid_label_data_paths: list = _key(factory=list, doc="loss labels beside valid_data_paths, one per path")
+    test_label_data_paths: list = _key(factory=list, doc="loss labels beside test_data_paths, one per path")
+    pack_impl: str = _key("packed", "packed (concatenate, cut at seq_length; without label data megatron-core's "
+                          "samples as before), pack_until_overflow "
+                          "(whole documents per sample until the next does not fit) or unpacked (one per sample, "
+                          "padded); with label data or a pack_impl other than packed, attention and positions "
+                          "restart at every document (docs/training.md)")
+    allow_chopped: bool = _key(True, "pack_until_overflow/unpacked: cut a document longer than seq_length + 1 "
+                               "tokens (true) or skip it (false); the count is logged once")
     split: str = _key("969, 30, 1", "train/valid/test proportions of data_path")
     data_impl: str = _key("mmap", "only mmap (upstream's default `infer` finds mmap for the files it writes)")
     weight_by_num_documents: bool = _key(False, "blend weights from each path's document count (replaces "

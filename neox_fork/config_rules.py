@@ -28,6 +28,7 @@ CHOICES = {
     "lr_decay_style": ("cosine", "linear", "constant"),
     "precision": ("fp32", "float32", "bfloat16", "bf16", "fp16", "float16", "half"),
     "data_impl": ("mmap", "infer"),
+    "pack_impl": ("packed", "pack_until_overflow", "unpacked"),
     "tokenizer_type": ("GPT2BPETokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer", "TiktokenTokenizer",
                        "HFTokenizer"),
     "launcher": ("pdsh", "openmpi", "mvapich", "slurm"),
@@ -215,6 +216,20 @@ def _training_and_logging(c: NeoXConfig, fail) -> None:
     if c.log_gradient_noise_scale and c.gradient_noise_scale_n_batches < 2:
         fail("gradient_noise_scale_n_batches", "gradient_noise_scale_n_batches must be at least 2 (the large batch "
              f"is that many steps), got {c.gradient_noise_scale_n_batches}")
+    if c.train_label_data_paths and c.data_path:
+        fail("train_label_data_paths", "label data goes with train_data_paths/valid_data_paths, not data_path (as "
+             "upstream, which has no label key for a split data_path)")
+    for split in ("train", "valid", "test"):
+        labels, paths = getattr(c, f"{split}_label_data_paths"), getattr(c, f"{split}_data_paths")
+        if labels and len(labels) != len(paths):
+            fail(f"{split}_label_data_paths", f"{split}_label_data_paths has {len(labels)} entries for "
+                 f"{len(paths)} {split}_data_paths; give one label prefix per data prefix, in the same order")
+    if c.valid_label_data_paths and not c.train_label_data_paths or c.test_label_data_paths and not \
+            c.train_label_data_paths:
+        fail("train_label_data_paths", "label data for valid/test needs train_label_data_paths too (the training "
+             "loss would otherwise be unmasked)")
+    if c.train_label_data_paths and c.train_epochs is not None and c.pack_impl != "packed":
+        fail("pack_impl", "train_epochs works with pack_impl packed only (as upstream)")
     if c.weighted_sampler_alpha < 0:
         fail("weighted_sampler_alpha", f"weighted_sampler_alpha must be >= 0, got {c.weighted_sampler_alpha}")
 

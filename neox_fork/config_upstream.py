@@ -124,15 +124,10 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
                                               "model_parallel_size"),
     # --- training ---
     "use_shared_fs": (NO_EFFECT, True, bool, "index caches are written once under a lock, shared or not"),
-    "train_label_data_paths": (NO_EFFECT, None, list, POST),
-    "valid_label_data_paths": (NO_EFFECT, None, list, POST),
-    "test_label_data_paths": (NO_EFFECT, None, list, POST),
-    "pack_impl": (NO_EFFECT, "packed", str, "how documents fill sequences (always packed here)"),
     "fp32_reinforce": (NO_EFFECT, True, bool, REINFORCE),
     "kl_impl": (NO_EFFECT, "mse", str, REINFORCE),
     "kl_div_beta": (NO_EFFECT, 0.1, float, REINFORCE),
     "reinforce_leave_one_out": (NO_EFFECT, False, bool, REINFORCE),
-    "allow_chopped": (NO_EFFECT, True, bool, POST),
     "mmap_warmup": (NO_EFFECT, False, bool, "read the datasets once at start to warm the page cache"),
     "s3_chunk_size": (NO_EFFECT, 104857600, int, "S3 upload chunk size (not built)"),
     "config_files": (NO_EFFECT, None, dict, "upstream overwrites it with the config files' text; kept as "

@@ -155,10 +155,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                         chunk: int) -> torch.Tensor:
+                         chunk: int, denominator=None) -> torch.Tensor:
     """Masked mean of the fp32 cross-entropy of `hidden [n, h] @ weight [vocab, h].T` against `labels [n]`,
-    `chunk` tokens at a time (one tensor-parallel rank holding the whole vocabulary). The 1/count factor
-    goes into the per-token weights, as autograd applies it on the other path."""
+    `chunk` tokens at a time (one tensor-parallel rank holding the whole vocabulary): the masked sum over
+    `denominator`, by default the mask's count. The 1/denominator factor goes into the per-token weights, as
+    autograd applies it on the other path."""
     mask = mask.float()
-    weights = mask * (1.0 / mask.sum().clamp(min=1.0))
+    weights = mask * (1.0 / (mask.sum().clamp(min=1.0) if denominator is None else denominator))
     return _LinearCrossEntropy.apply(hidden, weight, labels, weights, max(1, chunk))

@@ -175,10 +175,10 @@ class Attention(nn.Module):
             qkv = qkv.transpose(0, 1)
         b, sq, _ = qkv.shape
         qkv = qkv.view(b, sq, self.kv_per_rank, self.group + 2, self.shape.head_dim)
-        if self.shape.selective_recompute and self.training and kv_cache is None and mask is None:
+        if self.shape.selective_recompute and self.training and kv_cache is None:
             # Megatron's selective recompute: the backward re-runs rotary and the attention core from qkv,
             # so the rotated q, k and the kernel's output are not kept (4 L h s FLOPs per token extra)
-            out = checkpoint(self.core, qkv, rotary, cos, sin, use_reentrant=False)
+            out = checkpoint(self.core, qkv, rotary, cos, sin, None, mask, use_reentrant=False)
         else:
             out = self.core(qkv, rotary, cos, sin, kv_cache, mask)
         out = out.reshape(b, sq, -1)
@@ -375,13 +375,18 @@ class NeoXModel(nn.Module):
     def new_kv_cache(self, capacity: int | None = None) -> list[KVCache]:
         return [KVCache(capacity) for _ in self.layers]
 
-    def hidden_states(self, tokens, position_ids=None, kv_cache=None, attention_mask=None):
+    def hidden_states(self, tokens, position_ids=None, kv_cache=None, attention_mask=None, segment_ids=None):
         """Final-norm hidden states [b, s, h]. `kv_cache` (from new_kv_cache) enables cached decoding;
-        `attention_mask` [b, 1, s, k] (bool, True = attend) replaces the causal mask (left padding)."""
+        `attention_mask` [b, 1, s, k] (bool, True = attend) replaces the causal mask (left padding).
+        `segment_ids` [b, s] (packed documents, data/labeled.py): a position attends only to earlier positions
+        of its own segment (a block-diagonal causal mask); give `position_ids` restarting per segment with it."""
+        full_sequence = kv_cache is None and attention_mask is None
+        if segment_ids is not None:
+            attention_mask = segment_mask(segment_ids)
         if position_ids is None:  # one [1, s] row for the whole batch: cos/sin broadcast over it
             start = kv_cache[0].length if kv_cache else 0
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
-        sp = self.use_sequence_parallel(tokens.shape[1], kv_cache is None and attention_mask is None)
+        sp = self.use_sequence_parallel(tokens.shape[1], full_sequence)
         x = self.word_embeddings(tokens)
         if self.shape.learned_positions:  # added to the whole sequence, before any split
             x = x + self.position_embeddings(position_ids)
@@ -396,7 +401,8 @@ class NeoXModel(nn.Module):
             group = layers[first : first + chunk]
             caches = kv_cache[first : first + chunk] if kv_cache else [None] * len(group)
             if use_checkpoint:
-                x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, use_reentrant=False)
+                x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, None, attention_mask,
+                               use_reentrant=False)
             else:
                 x = _run_layers(group, x, self.rotary, cos, sin, caches, attention_mask)
         x = self.final_norm(x)
@@ -438,18 +444,19 @@ class NeoXModel(nn.Module):
         logits, _ = self.output_layer(hidden, weight=weight)
         return logits
 
-    def forward(self, tokens, position_ids=None, kv_cache=None, labels=None, loss_mask=None, score=None,
-                fp32=True):
+    def forward(self, tokens, position_ids=None, kv_cache=None, labels=None, loss_mask=None, segment_ids=None,
+                loss_denominator=None, score=None, fp32=True):
         """With `labels`: the training loss (see `loss`). Without: full logits [b, s, vocab], gathered
-        across TP ranks, for generation and parity checks. `score="logprobs"`: each row's summed
-        log-probability of its labels where `loss_mask` is set (`sequence_logprobs`), for preference.py."""
+        across TP ranks, for generation and parity checks. `segment_ids`: see `hidden_states`.
+        `score="logprobs"`: each row's summed log-probability of its labels where `loss_mask` is set
+        (`sequence_logprobs`); `score="reward"`: the reward head's value (`reward`); for preference.py."""
         if score == "logprobs":
             return self.sequence_logprobs(tokens, labels, loss_mask, fp32)
         if score == "reward":
             return self.reward(tokens, loss_mask)
         if labels is not None:
-            return self.loss(tokens, labels, loss_mask)
-        return self.full_logits(self.hidden_states(tokens, position_ids, kv_cache))
+            return self.loss(tokens, labels, loss_mask, position_ids, segment_ids, loss_denominator)
+        return self.full_logits(self.hidden_states(tokens, position_ids, kv_cache, segment_ids=segment_ids))
 
     def full_logits(self, hidden):
         """Logits over the whole vocabulary for final-norm hidden states, gathered across TP ranks."""
@@ -460,20 +467,24 @@ class NeoXModel(nn.Module):
         # differentiable all-gather over the vocabulary slices (megatron-core's allocates on CUDA)
         return torch.cat(dist_nn.all_gather(logits.contiguous(), group=group), dim=-1)
 
-    def loss(self, tokens, labels, loss_mask=None):
+    def loss(self, tokens, labels, loss_mask=None, position_ids=None, segment_ids=None, denominator=None):
         """Mean next-token cross-entropy over unmasked positions; logits stay split over the vocabulary.
+
+        The sum over unmasked positions is divided by `denominator` when given (training.py passes the global
+        batch's trained-token count per micro-batch, so the step's loss is the mean over all trained tokens),
+        else by this batch's count.
 
         The head and the loss run over chunks of at most `loss_chunk_tokens` tokens, so the full fp32
         logits of the batch (e.g. 4 x 4096 x 50304 x 4 bytes = 3.3 GB for StableLM) never exist at once.
         At TP=1 when training, `fused.linear_cross_entropy` computes each chunk's gradients in the same pass
         (no recompute of the head); otherwise each chunk is checkpointed.
         """
-        hidden, labels, mask = self._flat_loss_inputs(tokens, labels, loss_mask)
+        hidden, labels, mask = self._flat_loss_inputs(tokens, labels, loss_mask, position_ids, segment_ids)
         if torch.is_grad_enabled() and hidden.requires_grad and parallel_state.get_tensor_model_parallel_world_size() == 1:
             weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else self.output_layer.weight
             return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0],
-                                              self.shape.loss_chunk_tokens or hidden.shape[1])
-        return self._chunked_loss(hidden, labels, mask)
+                                              self.shape.loss_chunk_tokens or hidden.shape[1], denominator)
+        return self._chunked_loss(hidden, labels, mask, denominator)
 
     def sequence_logprobs(self, tokens, labels, loss_mask, fp32: bool = True):
         """[b]: sum over positions where `loss_mask` is set of log p(label | tokens before), from the
@@ -493,20 +504,21 @@ class NeoXModel(nn.Module):
         last = ((loss_mask > 0) * positions).argmax(-1)
         return values.gather(1, last[:, None]).squeeze(1)
 
-    def chunked_loss(self, tokens, labels, loss_mask=None):
+    def chunked_loss(self, tokens, labels, loss_mask=None, position_ids=None, segment_ids=None, denominator=None):
         """The loss as TP>1 computes it at any TP size: the head and vocab-parallel cross-entropy over
         chunks of `loss_chunk_tokens`, each checkpointed when training."""
-        return self._chunked_loss(*self._flat_loss_inputs(tokens, labels, loss_mask))
+        return self._chunked_loss(*self._flat_loss_inputs(tokens, labels, loss_mask, position_ids, segment_ids),
+                                  denominator)
 
-    def _flat_loss_inputs(self, tokens, labels, loss_mask):
+    def _flat_loss_inputs(self, tokens, labels, loss_mask, position_ids=None, segment_ids=None):
         """Final hidden states [1, b*s, h], labels [1, b*s] and the float loss mask [1, b*s] (ones if none)."""
-        hidden = self.hidden_states(tokens)
+        hidden = self.hidden_states(tokens, position_ids, segment_ids=segment_ids)
         b, s, h = hidden.shape
         labels = labels.reshape(1, b * s)
         mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.reshape(1, b * s).float()
         return hidden.reshape(1, b * s, h), labels, mask
 
-    def _chunked_loss(self, hidden, labels, mask):
+    def _chunked_loss(self, hidden, labels, mask, denominator=None):
         n = hidden.shape[1]
         step = self.shape.loss_chunk_tokens or n
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -517,7 +529,7 @@ class NeoXModel(nn.Module):
                                            mask[:, start:end], use_reentrant=False)
             else:
                 total = total + self._chunk_loss(hidden[:, start:end], labels[:, start:end], mask[:, start:end])
-        return total / mask.sum().clamp(min=1.0)
+        return total / (mask.sum().clamp(min=1.0) if denominator is None else denominator)
 
     def _chunk_loss(self, hidden, labels, mask):
         logits = self.logits_parallel(hidden)
@@ -525,6 +537,13 @@ class NeoXModel(nn.Module):
             logits = logits.float()
         losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
         return (losses.float() * mask).sum()
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool, True = attend: causal and within the same segment (a block-diagonal causal mask)."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
 
 
 def mark_sequence_parallel_parameters(model: NeoXModel) -> None:

@@ -161,9 +161,30 @@ def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -
         except StopIteration:
             break
         batch = {k: v.to(_device()) for k, v in batch.items()}
-        losses.append((objective or Objective(c))(engine, batch)[0].float())
+        if objective is not None and objective.impl != "normal":  # preference.py: the objective's mean
+            losses.append(objective(engine, batch)[0].float())
+        elif "segment_ids" in batch:  # masked: the sum over trained tokens, divided by their count below
+            losses.append(torch.stack([_model_loss(engine, batch, 1.0), batch["loss_mask"].sum().float()]))
+        else:
+            losses.append(_model_loss(engine, batch).float())
     engine.train()
-    return _dp_mean(torch.stack(losses).mean()) if losses else None
+    if not losses:
+        return None
+    if losses[0].dim():  # the mean over every rank's trained tokens, as the training loss
+        total = torch.stack(losses).sum(0).to(_device())
+        dist.all_reduce(total, group=parallel.parallel_state.get_data_parallel_group())
+        return (total[0] / total[1].clamp(min=1.0)).item()
+    return _dp_mean(torch.stack(losses).mean())
+
+
+def _model_loss(engine, batch: dict, denominator=None) -> torch.Tensor:
+    """The model's loss on a batch on the device; masked batches (data/labeled.py) bring positions and
+    segments, and a `denominator` replaces the batch's own trained-token count."""
+    extra = {}
+    if "segment_ids" in batch:
+        extra = dict(position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
+                     loss_denominator=denominator)
+    return engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"], **extra)
 
 
 def evaluate_tasks(engine, c: NeoXConfig, tokenizer) -> dict[str, float]:
@@ -187,11 +208,14 @@ def evaluate_tasks(engine, c: NeoXConfig, tokenizer) -> dict[str, float]:
 
 # ---------------------------------------------------------------------- the step
 def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter],
-                      objective: Objective) -> tuple[float, bool, dict]:
-    """One micro-batch's loss (the `train_impl` objective), its metrics and gradient; a non-finite loss
-    backpropagates zeros instead of NaNs."""
+                      objective: Objective, denominator: float | None = None) -> tuple[float, bool, dict]:
+    """One micro-batch's loss (the `train_impl` objective: preference.py, or the language-modelling loss),
+    its metrics and gradient; a non-finite loss backpropagates zeros instead of NaNs."""
     batch = {k: v.to(_device()) for k, v in batch.items()}
-    loss, metrics = objective(engine, batch)
+    if objective.impl == "normal":
+        loss, metrics = _model_loss(engine, batch, denominator), {}
+    else:
+        loss, metrics = objective(engine, batch)
     finite = bool(torch.isfinite(loss))
     if not finite:
         loss = sum(p.sum() * 0.0 for p in params)
@@ -211,8 +235,10 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
     n = c.gradient_accumulation_steps
     objective = objective or Objective(c)
     losses, finite = [], []
-    for _ in range(n):
-        loss, ok, micro = _forward_backward(engine, next(micro_batches), params, objective)
+    step_batches = [next(micro_batches) for _ in range(n)]
+    denominator = _masked_denominator(step_batches)
+    for batch in step_batches:
+        loss, ok, micro = _forward_backward(engine, batch, params, objective, denominator)
         if metrics is not None:
             for key, value in micro.items():
                 metrics[key] = metrics.get(key, 0.0) + value / n
@@ -228,6 +254,19 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
         before_update()
     engine.step()
     return sum(loss / n for loss in losses), skipped
+
+
+def _masked_denominator(step_batches: list[dict]) -> float | None:
+    """For masked batches (data/labeled.py): the trained tokens of the whole global batch (all micro-batches,
+    all data-parallel ranks) over n x dp. DeepSpeed averages the micro-batches' gradients over n and the ranks,
+    so each micro-batch's masked sum divided by this makes the step's loss the sum over every trained token
+    of the global batch over their number, whatever the split into micro-batches and ranks. None for
+    pretraining batches (each micro-batch's own mean, as upstream)."""
+    if "segment_ids" not in step_batches[0]:
+        return None
+    count = torch.tensor([float(sum(b["loss_mask"].sum().item() for b in step_batches))], device=_device())
+    dist.all_reduce(count, group=parallel.parallel_state.get_data_parallel_group())
+    return max(count.item(), 1.0) / (len(step_batches) * parallel.dp_size())
 
 
 # ---------------------------------------------------------------------- the loop

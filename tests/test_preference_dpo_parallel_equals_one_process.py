@@ -9,7 +9,7 @@ import torch
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork import checkpoint
 from test_parallel_equivalence import LOSS_RTOL, OPTIMIZER, WEIGHT_TOL
-from test_preference_dpo_trains_exports_and_resumes import dpo_keys, pairs  # noqa: F401 (the fixture)
+from test_preference_dpo_trains_exports_and_resumes import dpo_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 STEPS = 10
@@ -36,8 +36,9 @@ def _same(a, b):
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
 
 
-def test_dpo_tp2_with_sequence_parallel_and_dp2_equal_one_process(tmp_path, small_corpus, pairs,  # noqa: F811
+def test_dpo_tp2_with_sequence_parallel_and_dp2_equal_one_process(tmp_path, small_corpus, preference_pairs,
                                                                   trained_checkpoint):
+    pairs = preference_pairs
     folders = {name: tmp_path / name for name in ("one", "tp2", "dp2")}
     for f in folders.values():
         f.mkdir()

@@ -13,7 +13,6 @@
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy
 import pytest
@@ -21,24 +20,12 @@ import torch
 
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork import checkpoint
-from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
 from neox_fork.data.pairwise import PairFiles, PairwiseSamples
 from neox_fork.errors import UserError
 
-CHAT = Path(__file__).resolve().parents[1] / "examples" / "chat"
 STEPS, HALF = 40, 20
 METRICS = ("lm_loss", "chosen_rewards", "rejected_rewards", "reward_acc", "margins", "chosen_pos", "chosen_neg",
            "ref_pos", "ref_neg")
-
-
-@pytest.fixture(scope="module")
-def pairs(small_corpus, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pref_pairs")
-    tokenizer = write_chat_tokenizer(str(small_corpus / "tokenizer.json"), str(CHAT / "chat_template.jinja"),
-                                     str(folder / "tokenizer"))
-    preprocess_chat([str(CHAT / "demo_chat_pairs.jsonl")], str(folder / "pairs"), tokenizer,
-                    jsonl_keys=["chosen", "rejected"], options=ChatOptions(only_last=True))
-    return folder
 
 
 def dpo_keys(pairs, **overrides):
@@ -54,9 +41,9 @@ def dpo_keys(pairs, **overrides):
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory, small_corpus, pairs, trained_checkpoint):
+def dpo_run(tmp_path_factory, small_corpus, preference_pairs, trained_checkpoint):
     folder = tmp_path_factory.mktemp("pref_dpo")
-    run_training(write_train_config(folder, small_corpus, **dpo_keys(pairs, load=str(trained_checkpoint))))
+    run_training(write_train_config(folder, small_corpus, **dpo_keys(preference_pairs, load=str(trained_checkpoint))))
     return folder / "ckpt"
 
 
@@ -90,7 +77,8 @@ def _answer_logprobs(model_dir, pairs, key):
 
 
 @pytest.mark.slow
-def test_exported_policy_prefers_chosen_by_its_implicit_reward(dpo_run, pairs, trained_checkpoint, tmp_path):
+def test_exported_policy_prefers_chosen_by_its_implicit_reward(dpo_run, preference_pairs, trained_checkpoint, tmp_path):
+    pairs = preference_pairs
     from neox_fork.hf import export_folder
 
     step = checkpoint.step_dir(dpo_run, STEPS)
@@ -107,7 +95,8 @@ def test_exported_policy_prefers_chosen_by_its_implicit_reward(dpo_run, pairs, t
 
 
 @pytest.mark.slow
-def test_resume_from_a_copied_checkpoint_is_exact(dpo_run, small_corpus, pairs, tmp_path):
+def test_resume_from_a_copied_checkpoint_is_exact(dpo_run, small_corpus, preference_pairs, tmp_path):
+    pairs = preference_pairs
     moved = tmp_path / "moved"
     shutil.copytree(checkpoint.step_dir(dpo_run, HALF), moved / f"global_step{HALF}")
     (moved / "latest").write_text(f"global_step{HALF}")

@@ -38,6 +38,7 @@ from neox_fork.data.validate import (
     parse_split,
     split_document_ranges,
 )
+from neox_fork.data.labeled import Blend, LabeledSamples, check_label_files
 from neox_fork.errors import UserError
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -68,6 +69,18 @@ class DataSettings:
     eod_mask_loss: bool = False
     weight_by_num_documents: bool = False
     weighted_sampler_alpha: float = 1.0
+    train_label_data_paths: Sequence[str] = ()
+    valid_label_data_paths: Sequence[str] = ()
+    test_label_data_paths: Sequence[str] = ()
+    pack_impl: str = "packed"
+    allow_chopped: bool = True
+
+    @property
+    def own_samples(self) -> bool:
+        """Whether samples come from neox_fork.data.labeled (label data or a pack_impl other than packed)
+        rather than megatron-core's GPTDataset."""
+        return bool(self.train_label_data_paths or self.valid_label_data_paths or self.test_label_data_paths
+                    or self.pack_impl != "packed")
 
     @classmethod
     def from_config(cls, c, world_size: int) -> "DataSettings":
@@ -83,6 +96,8 @@ class DataSettings:
             test_data_paths=c.test_data_paths, test_data_weights=c.test_data_weights,
             split=c.split, seed=c.seed, cache_dir=c.data_cache_path, eod_mask_loss=c.eod_mask_loss,
             weight_by_num_documents=c.weight_by_num_documents, weighted_sampler_alpha=c.weighted_sampler_alpha,
+            train_label_data_paths=c.train_label_data_paths, valid_label_data_paths=c.valid_label_data_paths,
+            test_label_data_paths=c.test_label_data_paths, pack_impl=c.pack_impl, allow_chopped=c.allow_chopped,
         )
 
 
@@ -93,6 +108,7 @@ class DataPlan:
     data_path: str | None
     split: str | None
     blends: list[tuple[list[str], list[float]] | None] = field(default_factory=lambda: [None, None, None])
+    labels: list[list[str] | None] = field(default_factory=lambda: [None, None, None])  # per split, per path
     samples: list[int] = field(default_factory=lambda: [0, 0, 0])
 
     def prefixes(self) -> list[str]:
@@ -145,6 +161,8 @@ def validate_data_paths(settings: DataSettings, tokenizer) -> DataPlan:
         return DataPlan(data_path=data_path, split=split or "969,30,1", samples=samples)
 
     weights_in = [s.train_data_weights, s.valid_data_weights, s.test_data_weights]
+    labels_in = [list(s.train_label_data_paths or []), list(s.valid_label_data_paths or []),
+                 list(s.test_label_data_paths or [])]
     plan = DataPlan(data_path=None, split=None, samples=samples)
     for i, name in enumerate(SPLIT_NAMES):
         paths = per_split_paths[i]
@@ -153,13 +171,21 @@ def validate_data_paths(settings: DataSettings, tokenizer) -> DataPlan:
             weights = weights_by_num_docs([len(inspect(p).sequence_lengths) for p in paths], s.weighted_sampler_alpha)
         for prefix in paths:
             info = inspect(prefix)
-            if samples[i] > 0 and info.num_tokens < need:
+            if samples[i] > 0 and info.num_tokens < need and s.pack_impl == "packed":  # others pad
                 raise UserError(
                     f"{name}-data-paths {prefix}: holds {info.num_tokens} tokens, fewer than one sample "
                     f"of seq_length + 1 = {need}"
                 )
+        labels = labels_in[i]
+        if labels and len(labels) != len(paths):
+            raise UserError(f"{name}-label-data-paths: {len(labels)} label prefixes for {len(paths)} "
+                            f"{name}-data-paths; give one per data prefix, in the same order")
+        for prefix, label in zip(paths, labels):
+            check_label_files(prefix, label, inspect(prefix).sequence_lengths,
+                              inspect_indexed_dataset(label).sequence_lengths)
         if paths and samples[i] > 0:
             plan.blends[i] = (paths, weights)
+            plan.labels[i] = labels or None
     return plan
 
 
@@ -284,6 +310,8 @@ def build_datasets(
     plan = validate_data_paths(settings, tokenizer)
     if plan.data_path is None and all(blend is None for blend in plan.blends):
         return None, None, None
+    if settings.own_samples:
+        return _build_own(settings, plan, tokenizer)
     _, _, GPTDataset, GPTDatasetConfig = _megatron_modules()
     common = dict(
         random_seed=int(settings.seed),
@@ -308,6 +336,39 @@ def build_datasets(
         GPTSamples(dataset) if dataset is not None and wanted > 0 else None
         for dataset, wanted in zip(built, plan.samples)
     )
+
+
+def _build_own(settings: DataSettings, plan: DataPlan, tokenizer):
+    """Train/valid/test `LabeledSamples` (blended where a split has several paths); see data/labeled.py."""
+    common = dict(seq_length=int(settings.seq_length), pack_impl=settings.pack_impl,
+                  allow_chopped=bool(settings.allow_chopped), eod=int(tokenizer.eod),
+                  eod_mask_loss=bool(settings.eod_mask_loss))
+    out = []
+    for i, name in enumerate(SPLIT_NAMES):
+        wanted = plan.samples[i]
+        if wanted <= 0:
+            out.append(None)
+            continue
+        seed = int(settings.seed) + i  # each split its own order
+        if plan.data_path is not None:
+            sizes = inspect_indexed_dataset(plan.data_path).sequence_lengths
+            begin, end = split_document_ranges(len(sizes), parse_split(plan.split))[i]
+            out.append(LabeledSamples(plan.data_path, None, range(begin, end), wanted, seed=seed, name=name,
+                                      **common))
+            continue
+        if plan.blends[i] is None:
+            out.append(None)
+            continue
+        paths, weights = plan.blends[i]
+        labels = plan.labels[i] or [None] * len(paths)
+
+        def make(j, n, paths=paths, labels=labels, seed=seed, name=name):
+            sizes = inspect_indexed_dataset(paths[j]).sequence_lengths
+            return LabeledSamples(paths[j], labels[j], range(len(sizes)), n, seed=seed + 1000 * j, dataset_id=j,
+                                  name=name, **common)
+
+        out.append(make(0, wanted) if len(paths) == 1 else Blend(make, weights, wanted))
+    return tuple(out)
 
 
 class PretrainingBatchSampler:
@@ -352,10 +413,14 @@ class PretrainingBatchSampler:
             yield list(range(start, start + self.micro_batch_size))
 
 
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "ref")
+
+
 def collate_samples(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack items into a batch: tokens, labels (int64 [b, seq]) and loss_mask (float32 [b, seq]), and any
-    other tensors the items hold (pairwise.py's pairs and reference log-probabilities); not dataset_id."""
-    return {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "dataset_id"}
+    """Stack items into a batch: tokens, labels (int64 [b, seq]) and loss_mask (float32 [b, seq]), and
+    position_ids / segment_ids (int64 [b, seq]) where the items have them (data/labeled.py), ref where they
+    have it (data/pairwise.py: precomputed reference log-probabilities; pairs are [b, 2, seq])."""
+    return {key: torch.stack([item[key] for item in items]) for key in BATCH_KEYS if key in items[0]}
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:

@@ -173,7 +173,7 @@ class PairwiseSamples(torch.utils.data.Dataset):
 def build_pairwise(c, world_size: int) -> tuple[PairwiseSamples | None, PairwiseSamples | None]:
     """Train and valid pairwise samples for the run (valid None without pos_valid_data_paths)."""
     global_batch = c.global_batch_size(world_size)
-    allow_chopped = _allow_chopped(c)
+    allow_chopped = c.allow_chopped
     train = PairwiseSamples(pair_files(c, "train"), c.seq_length, c.train_iters * global_batch, c.seed,
                             allow_chopped)
     valid = None
@@ -181,9 +181,3 @@ def build_pairwise(c, world_size: int) -> tuple[PairwiseSamples | None, Pairwise
         evals = (c.train_iters // c.eval_interval + 1) * c.eval_iters
         valid = PairwiseSamples(pair_files(c, "valid"), c.seq_length, evals * global_batch, c.seed, allow_chopped)
     return train, valid
-
-
-def _allow_chopped(c) -> bool:
-    """`allow_chopped` (upstream's default true): a config field once SFT packing lands, else as given."""
-    value = getattr(c, "allow_chopped", None)
-    return bool(c.upstream_keys.get("allow_chopped", True)) if value is None else bool(value)
