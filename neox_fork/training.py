@@ -110,8 +110,9 @@ def build_data(c: NeoXConfig, tokenizer, world_size: int):
 
         return build_pairwise(c, world_size)
     if c.train_impl == "kto":
-        raise UserError(f"{c.where('train_impl')}: train_impl kto needs unpacked samples with their rewards, which "
-                        "are not built yet (the KTO loss is: neox_fork/preference.py); use dpo")
+        from neox_fork.data.pairwise import build_kto
+
+        return build_kto(c, tokenizer, world_size)
     from neox_fork.data.datasets import DataSettings, build_datasets
 
     train, valid, _ = build_datasets(DataSettings.from_config(c, world_size), tokenizer)

@@ -68,6 +68,18 @@ def _lengths(prefix: str) -> numpy.ndarray:
     return inspect_indexed_dataset(prefix).sequence_lengths
 
 
+def _value_lengths(prefix: str) -> numpy.ndarray:
+    """Document lengths of a float file (rewards, reference log-probabilities), which validate.py's token
+    reader does not take."""
+    import os
+
+    for path in (prefix + ".idx", prefix + ".bin"):
+        if not os.path.isfile(path):
+            raise UserError(f"data path {prefix}: {path} does not exist (paths are prefixes without .bin/.idx)")
+    dataset = _open(prefix)
+    return numpy.array(dataset.sequence_lengths)  # a copy: the view dies with the dataset's mmap
+
+
 def _check_same_documents(a: str, b: str, la: numpy.ndarray, lb: numpy.ndarray, what: str) -> None:
     if len(la) != len(lb):
         raise UserError(f"data path {b}: holds {len(lb)} documents but {a} holds {len(la)}; {what}")
@@ -95,7 +107,8 @@ class PairwiseSamples(torch.utils.data.Dataset):
                                   (f.neg, f.neg_ref)):
                 if other is not None:
                     kind = "reference log-probabilities" if other in (f.pos_ref, f.neg_ref) else "labels"
-                    _check_same_documents(tokens, other, _lengths(tokens), _lengths(other),
+                    lengths = _value_lengths(other) if kind.startswith("reference") else _lengths(other)
+                    _check_same_documents(tokens, other, _lengths(tokens), lengths,
                                           f"{kind} must be aligned with their tokens")
             too_long = (lp > limit) | (ln > limit)
             chopped += int(too_long.sum())
@@ -181,3 +194,52 @@ def build_pairwise(c, world_size: int) -> tuple[PairwiseSamples | None, Pairwise
         evals = (c.train_iters // c.eval_interval + 1) * c.eval_iters
         valid = PairwiseSamples(pair_files(c, "valid"), c.seq_length, evals * global_batch, c.seed, allow_chopped)
     return train, valid
+
+
+class RewardedSamples(torch.utils.data.Dataset):
+    """KTO's unpaired examples: `samples` (data/labeled.py with pack_impl unpacked: one document per sample)
+    with each document's reward from `reward_prefix` (the chat tool's `--reward-key` file: one value per
+    document) as item["reward"], a float32 scalar (upstream repeats it over the sample's positions and takes
+    their mean, the same number)."""
+
+    def __init__(self, samples, reward_prefix: str):
+        self.samples, self.reward_prefix = samples, reward_prefix
+        lengths, docs = _value_lengths(reward_prefix), len(samples.tokens)
+        if len(lengths) != docs:
+            raise UserError(f"reward data {reward_prefix}: holds {len(lengths)} documents but its data "
+                            f"{samples.data_prefix} holds {docs}; give the _reward_document written with that data")
+        if (lengths != 1).any():
+            raise UserError(f"reward data {reward_prefix}: document {int(numpy.flatnonzero(lengths != 1)[0])} holds "
+                            f"{int(lengths[lengths != 1][0])} values, not one reward")
+        self._rewards = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self._rewards is None:
+            self._rewards = _open(self.reward_prefix)
+        item = self.samples[index]
+        (doc, _, _), = self.samples.layout.sample(int(self.samples.layout.order[int(index)]))
+        item["reward"] = torch.tensor(float(self._rewards.get(int(doc))[0]), dtype=torch.float32)
+        return item
+
+    def __getstate__(self):
+        return {**self.__dict__, "_rewards": None}
+
+
+def build_kto(c, tokenizer, world_size: int):
+    """Train and valid samples for train_impl kto: the labeled data (one document per sample) with rewards."""
+    from neox_fork.data.datasets import DataSettings, build_datasets
+
+    if c.pack_impl != "unpacked":
+        raise UserError(f"{c.where('pack_impl')}: train_impl kto reads one conversation per sample with its "
+                        f"reward: set pack_impl: unpacked (upstream allows rewards only there), not {c.pack_impl}")
+    for split in ("train", "valid"):
+        paths, rewards = getattr(c, f"{split}_data_paths"), getattr(c, f"{split}_reward_data_paths")
+        if paths and len(paths) != 1 or (paths and len(rewards) != len(paths)):
+            raise UserError(f"{c.where(f'{split}_reward_data_paths')}: train_impl kto takes one {split} data path "
+                            f"with one {split}_reward_data_paths entry; got {len(paths)} and {len(rewards)}")
+    train, valid, _ = build_datasets(DataSettings.from_config(c, world_size), tokenizer)
+    return (RewardedSamples(train, c.train_reward_data_paths[0]) if train is not None else None,
+            RewardedSamples(valid, c.valid_reward_data_paths[0]) if valid is not None else None)
