@@ -286,10 +286,10 @@ class NeoXConfig:
     kto_desirable_weight: float = _key(1.0, "kto: weight of desirable (reward > 0) examples")
     kto_undesirable_weight: float = _key(1.0, "kto: weight of undesirable (reward < 0) examples")
     z_loss: float = _key(0.0, "rm: adds z_loss x (r_chosen^2 + r_rejected^2) to the loss, keeping scores near 0")
-    precompute_model_name: str | None = _key(None, "dpo/kto: the reference log-probabilities are read from "
-                                                   "PREFIX_NAME_ref datasets beside the data (written by "
+    precompute_model_name: str | None = _key(None, "dpo: the reference log-probabilities are read from PREFIX_NAME "
+                                                   "beside each pos/neg prefix (written by "
                                                    "tools/datasets/precompute_reference.py) instead of a frozen "
-                                                   "reference model")
+                                                   "reference model (kto: not read yet)")
 
     # --- text generation (generate.py / eval.py with configs; neox_fork/generation.py) ---
     text_gen_type: str | None = _key(None, "generate.py: unconditional (num_samples from an empty context), "

@@ -266,6 +266,9 @@ def _post_training(c: NeoXConfig, fail) -> None:
             fail("train_micro_batch_size_per_gpu", "train_impl kto splits each micro-batch in two halves (each "
                  "half's KL estimate is the other's): train_micro_batch_size_per_gpu must be even, got "
                  f"{c.train_micro_batch_size_per_gpu}")
+    if c.precompute_model_name and c.train_impl == "kto":
+        fail("precompute_model_name", "precompute_model_name with train_impl kto is not built (KTO's samples do not "
+             "read precomputed reference log-probabilities yet); remove it to use the frozen reference")
     if c.dpo_beta <= 0 or c.kto_beta <= 0:
         key = "dpo_beta" if c.dpo_beta <= 0 else "kto_beta"
         fail(key, f"{key} must be positive, got {getattr(c, key)}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy
 import torch
 import torch.nn.functional as F
 
@@ -204,3 +205,56 @@ class Objective:
         if "ref" in b:  # precomputed per-token log-probabilities of each label
             return (b["ref"].float() * b["loss_mask"].float()).sum(-1)
         return self.reference(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"], score="logprobs", fp32=fp32)
+
+
+# ---------------------------------------------------------------------- precomputed reference log-probabilities
+@torch.no_grad()
+def precompute_reference(load: str, prefixes: list[str], model_name: str, seq_length: int, trust: bool = False,
+                         batch_size: int = 8) -> list[str]:
+    """Upstream's precompute (`precompute_model_name`): for each token dataset PREFIX, PREFIX_MODELNAME holds per
+    document the log-probability the checkpoint `load` (the reference) gives each next token: position j is
+    log p(token j + 1 | tokens 0..j) for the first seq_length + 1 tokens, 0 at the last (float32). Written
+    whole or not at all (data/pipeline.py's writer). One process, the TP-merged weights, fp32."""
+    from megatron.core import parallel_state
+
+    from neox_fork import parallel
+    from neox_fork.data import pipeline
+    from neox_fork.data.pairwise import _open, ref_prefix
+    from neox_fork.model import build_model
+    from neox_fork.training_state import copy_weights
+
+    import dataclasses
+
+    state, config, folder = checkpoint.load_merged(load, trust=trust)
+    rows = state["word_embeddings.weight"].shape[0]  # the padded vocabulary, kept as it is at TP=1
+    config = dataclasses.replace(config, **checkpoint.vocab_keys_for(rows, 1, str(folder)), sequence_parallel=False)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel.initialize(1)
+    model = build_model(config, perform_initialization=False)
+    copy_weights(model, state, folder, trust)
+    model.eval()
+    written = []
+    for prefix in prefixes:
+        docs = _open(prefix)
+        out = pipeline._Outputs([ref_prefix(prefix, model_name)], [numpy.float32])
+        try:
+            for first in range(0, len(docs), batch_size):
+                rows = [docs.get(i)[: seq_length + 1].astype(numpy.int64) for i in range(first, min(first + batch_size,
+                                                                                               len(docs)))]
+                width = max(len(r) for r in rows)
+                tokens = torch.zeros(len(rows), width, dtype=torch.long)
+                for i, r in enumerate(rows):
+                    tokens[i, : len(r)] = torch.from_numpy(r)
+                logp = torch.log_softmax(model(tokens[:, :-1]).float(), -1)
+                picked = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+                for i, r in enumerate(rows):  # one value per token of the document, as the pairs' files
+                    values = numpy.zeros(len(docs.get(first + i)), numpy.float32)
+                    values[: len(r) - 1] = picked[i, : len(r) - 1].numpy()
+                    out.add(0, values, numpy.array([len(values)]))
+            out.commit()
+        except BaseException:
+            out.discard()
+            raise
+        written.append(ref_prefix(prefix, model_name))
+        log.info("reference log-probabilities of %s by %s: %s", prefix, folder, written[-1])
+    return written

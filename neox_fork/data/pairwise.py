@@ -34,8 +34,10 @@ IGNORE_INDEX = -100
 
 
 def ref_prefix(prefix: str, model_name: str) -> str:
-    """Where tools/datasets/precompute_reference.py writes the reference log-probabilities of `prefix`."""
-    return f"{prefix}_{model_name.replace('/', '_')}_ref"
+    """Where the reference log-probabilities of `prefix` are (upstream's name: PREFIX_MODELNAME), as
+    tools/datasets/precompute_reference.py writes them: per document, at position j the reference's
+    log-probability of token j + 1 (0 at the last position)."""
+    return f"{prefix}_{model_name}"
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class PairwiseSamples(torch.utils.data.Dataset):
         ref_row = None
         if ref is not None:
             ref_row = numpy.zeros(n, numpy.float32)
-            values = self._reader(ref).get(doc)[: n + 1].astype(numpy.float32)[1:]
+            values = self._reader(ref).get(doc)[:n].astype(numpy.float32)  # [j]: log p(token j + 1)
             ref_row[: len(values)] = values
         return inputs, labels, mask, ref_row
 
