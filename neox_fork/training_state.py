@@ -316,8 +316,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
-    source = checkpoint.step_dir(c.load, state.iteration)  # the step the universal one was made from
-    state.resumed_from = source if source.is_dir() else folder
+    state.resumed_from = folder  # tools/ckpts/to_universal.py copies the step's reference/ into it
     saved_tp = checkpoint.tp_size_of(folder)
     saved_dp = len(checkpoint.rng_files(folder)) // saved_tp
     if saved_dp:

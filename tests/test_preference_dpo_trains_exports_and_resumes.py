@@ -153,3 +153,17 @@ def test_pairs_stay_together_padded_and_masked(tmp_path):
     assert seen == {1, 5} and len(samples) == 5
     kept = PairwiseSamples([PairFiles(pos, neg)], seq_length=6, num_samples=2, seed=1, allow_chopped=False)
     assert {kept[k]["tokens"][0, 0].item() for k in range(len(kept))} == {1}  # the long pair is skipped
+
+
+@pytest.mark.slow
+def test_universal_checkpoint_carries_the_reference(dpo_run, trained_checkpoint, tmp_path):
+    from neox_fork import universal
+
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint.step_dir(dpo_run, HALF), moved / f"global_step{HALF}")
+    (moved / "latest").write_text(f"global_step{HALF}")
+    out = universal.convert(moved, workers=1)
+    carried, _, _ = checkpoint.load_merged(out / "reference")  # what resume_universal reads, at any TP
+    start, _, _ = checkpoint.load_merged(trained_checkpoint)
+    for name in start:
+        torch.testing.assert_close(carried[name], start[name], rtol=0, atol=0, msg=name)
