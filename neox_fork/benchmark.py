@@ -141,11 +141,15 @@ def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
     from neox_fork.optim import build_engine
     from neox_fork.training import train_step
 
+    from neox_fork.preference import Objective, make_reference
+
     model = build_model(config, vocab)
     engine = build_engine(config, model, world=1)
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batches = itertools.repeat(batch)
-    return model, lambda: train_step(engine, config, micro_batches, params)[0]
+    # train_impl dpo/kto: the frozen reference copy is built here too, so its memory and forward are measured
+    objective = Objective(config, make_reference(engine.module) if Objective(config).needs_reference else None)
+    return model, lambda: train_step(engine, config, micro_batches, params, objective=objective)[0]
 
 
 def _timed(step, device) -> tuple[float, float]:
@@ -176,6 +180,8 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
     from neox_fork import parallel
 
     check_comparable(config, path, compare_hf)
+    if config.dataset_impl == "pairwise" and path != "engine":
+        raise UserError(f"train_impl {config.train_impl} (pairwise data) is timed on --path engine only")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(config, path, dtype, device)
     parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo")
@@ -204,8 +210,9 @@ def _random_batch(config: NeoXConfig, vocab: int, seed: int) -> tuple[torch.Tens
     """One micro-batch of random tokens and its next-token labels (CPU tensors)."""
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
     generator = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, vocab, (b, s + 1), generator=generator)
-    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    pairs = config.dataset_impl == "pairwise"  # dpo/rm: each sample is a (chosen, rejected) pair, 2 x s tokens
+    data = torch.randint(0, vocab, (b, 2, s + 1) if pairs else (b, s + 1), generator=generator)
+    return data[..., :-1].contiguous(), data[..., 1:].contiguous()
 
 
 def _builders(config, path, compare_hf, vocab, dtype, device, tokens, labels) -> list:
@@ -248,6 +255,7 @@ def _report(config: NeoXConfig, path: str, dtype: str, device: torch.device, run
     results = {m.name: _model_results(m, config, path, fpt, peak) for m, _, _ in runs}
     out = {
         "path": path,
+        "train_impl": config.train_impl,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],  # other work on the machine during the run
@@ -288,7 +296,8 @@ def _report(config: NeoXConfig, path: str, dtype: str, device: torch.device, run
 def _model_results(m: Measurement, config: NeoXConfig, path: str, fpt, peak: float | None) -> dict:
     """One model's throughput (tokens of a step over its median time), MFU, HFU, memory and last loss."""
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
-    tps = b * config.gradient_accumulation_steps * s / m.median() if path == "engine" else b * s / m.median()
+    pairs = 2 if config.dataset_impl == "pairwise" else 1  # dpo/rm: a sample is a (chosen, rejected) pair
+    tps = b * config.gradient_accumulation_steps * s * pairs / m.median() if path == "engine" else b * s / m.median()
     return {
         "tokens_per_sec": tps,
         "step_seconds_median": m.median(),

@@ -257,6 +257,40 @@ class NeoXConfig:
                                   ".tiktoken, or HFGPT2Tokenizer's folder")
     merge_file: str | None = _key(None, "GPT-2 merges.txt (GPT2BPETokenizer)")
 
+    # --- post-training: DPO, KTO, reward models (neox_fork/preference.py, neox_fork/data/pairwise.py) ---
+    train_impl: str = _key("normal", "the objective: normal (language modelling), dpo, kto or rm (reward model); "
+                                     "upstream's reinforce is not built")
+    dataset_impl: str = _key("gpt2", "gpt2 (the data paths) or pairwise (pos_*/neg_* pairs, for dpo and rm)")
+    pos_train_data_paths: list = _key(factory=list, doc="pairwise: chosen answers' dataset prefixes (training)")
+    neg_train_data_paths: list = _key(factory=list, doc="pairwise: rejected answers, pair i with pos pair i")
+    pos_train_label_data_paths: list = _key(factory=list, doc="pairwise: labels of pos_train_data_paths (-100: "
+                                                              "not trained); empty: every real token trained")
+    neg_train_label_data_paths: list = _key(factory=list, doc="pairwise: labels of neg_train_data_paths")
+    pos_valid_data_paths: list = _key(factory=list, doc="pairwise: chosen answers for validation")
+    neg_valid_data_paths: list = _key(factory=list, doc="pairwise: rejected answers for validation")
+    pos_valid_label_data_paths: list = _key(factory=list, doc="pairwise: labels of pos_valid_data_paths")
+    neg_valid_label_data_paths: list = _key(factory=list, doc="pairwise: labels of neg_valid_data_paths")
+    pos_test_data_paths: list = _key(factory=list, doc="pairwise: chosen answers for test (not read here)")
+    neg_test_data_paths: list = _key(factory=list, doc="pairwise: rejected answers for test (not read here)")
+    pos_test_label_data_paths: list = _key(factory=list, doc="pairwise: labels of pos_test_data_paths")
+    neg_test_label_data_paths: list = _key(factory=list, doc="pairwise: labels of neg_test_data_paths")
+    train_reward_data_paths: list = _key(factory=list, doc="kto: one reward per document of train_data_paths "
+                                                           "(--reward-key); above 0 desirable, below 0 undesirable")
+    valid_reward_data_paths: list = _key(factory=list, doc="kto: rewards of valid_data_paths")
+    test_reward_data_paths: list = _key(factory=list, doc="kto: rewards of test_data_paths (not read here)")
+    dpo_beta: float = _key(0.1, "dpo: beta, the strength of the pull towards the reference")
+    dpo_fp32: bool = _key(True, "dpo: log-probabilities from fp32 logits")
+    dpo_reference_free: bool = _key(False, "dpo: no reference model (its log-probabilities taken as 0)")
+    kto_beta: float = _key(0.1, "kto: beta")
+    kto_fp32: bool = _key(True, "kto: log-probabilities from fp32 logits")
+    kto_desirable_weight: float = _key(1.0, "kto: weight of desirable (reward > 0) examples")
+    kto_undesirable_weight: float = _key(1.0, "kto: weight of undesirable (reward < 0) examples")
+    z_loss: float = _key(0.0, "rm: adds z_loss x (r_chosen^2 + r_rejected^2) to the loss, keeping scores near 0")
+    precompute_model_name: str | None = _key(None, "dpo: the reference log-probabilities are read from PREFIX_NAME "
+                                                   "beside each pos/neg prefix (written by "
+                                                   "tools/datasets/precompute_reference.py) instead of a frozen "
+                                                   "reference model (kto: not read yet)")
+
     # --- text generation (generate.py / eval.py with configs; neox_fork/generation.py) ---
     text_gen_type: str | None = _key(None, "generate.py: unconditional (num_samples from an empty context), "
                                            "input-file (sample_input_file) or interactive (stdin); upstream's "

@@ -35,6 +35,8 @@ CHOICES = {
     "launcher": ("pdsh", "openmpi", "mvapich", "slurm"),
     "distributed_backend": ("nccl", "gloo"),
     "recompute_granularity": ("full", "selective"),
+    "train_impl": ("normal", "dpo", "kto", "rm"),
+    "dataset_impl": ("gpt2", "pairwise"),
 }
 CASE_INSENSITIVE = {"tokenizer_type"}  # upstream compares it lower-cased
 # Values upstream gpt-neox has and this project does not build: one line saying so, never a silent fallback.
@@ -48,6 +50,8 @@ NOT_BUILT = {
     ("norm", "te_layernorm"): "Transformer Engine layers are not used here; use layernorm",
     ("norm", "te_rmsnorm"): "Transformer Engine layers are not used here; use rmsnorm",
     ("mlp_type", "moe"): "mixture of experts is not built",
+    ("train_impl", "reinforce"): "online REINFORCE needs upstream's separate generation server and is not built",
+    ("dataset_impl", "online"): "the online dataset (an RL data server) is not built",
     ("output_layer_parallelism", "row"): "only the vocabulary-parallel output layer is built (upstream's row "
                                          "variant is broken there too)",
 }
@@ -72,7 +76,7 @@ def validate(c: NeoXConfig) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
     for check in (_choices, _architecture, _counts, _sizes, _attention_config, _optimizer_and_loading, _data,
-                  _training_and_logging):
+                  _training_and_logging, _post_training):
         check(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
@@ -258,3 +262,43 @@ def _training_and_logging(c: NeoXConfig, fail) -> None:
         fail("pack_impl", "train_epochs works with pack_impl packed only (as upstream)")
     if c.weighted_sampler_alpha < 0:
         fail("weighted_sampler_alpha", f"weighted_sampler_alpha must be >= 0, got {c.weighted_sampler_alpha}")
+
+
+def _post_training(c: NeoXConfig, fail) -> None:
+    """train_impl and dataset_impl agree, and the data they need is named (upstream asserts the same)."""
+    pairwise = c.train_impl in ("dpo", "rm")
+    if pairwise and c.dataset_impl != "pairwise":
+        fail("dataset_impl", f"train_impl {c.train_impl} trains on chosen/rejected pairs: set dataset_impl: pairwise "
+             "and pos_train_data_paths / neg_train_data_paths")
+    if c.dataset_impl == "pairwise" and not pairwise:
+        fail("dataset_impl", f"dataset_impl pairwise is for train_impl dpo or rm, not {c.train_impl}")
+    for split in ("train", "valid", "test") if c.dataset_impl == "pairwise" else ():
+        pos, neg = getattr(c, f"pos_{split}_data_paths"), getattr(c, f"neg_{split}_data_paths")
+        if len(pos) != len(neg):
+            fail(f"neg_{split}_data_paths", f"pos_{split}_data_paths has {len(pos)} entries and "
+                 f"neg_{split}_data_paths {len(neg)}; give one rejected prefix per chosen prefix")
+        for side, paths in (("pos", pos), ("neg", neg)):
+            labels = getattr(c, f"{side}_{split}_label_data_paths")
+            if labels and len(labels) != len(paths):
+                fail(f"{side}_{split}_label_data_paths", f"{side}_{split}_label_data_paths has {len(labels)} entries "
+                     f"but {side}_{split}_data_paths has {len(paths)}; give one label prefix per data prefix")
+        if bool(getattr(c, f"pos_{split}_label_data_paths")) != bool(getattr(c, f"neg_{split}_label_data_paths")):
+            fail(f"pos_{split}_label_data_paths", f"give label paths for both pos_{split} and neg_{split} or "
+                 "for neither (as upstream)")
+    if pairwise and not c.pos_train_data_paths:
+        fail("pos_train_data_paths", f"train_impl {c.train_impl} needs pos_train_data_paths and neg_train_data_paths "
+             "(the chosen and rejected answers, e.g. from preprocess_data_with_chat_template.py)")
+    if c.train_impl == "kto":
+        if not c.train_reward_data_paths:
+            fail("train_reward_data_paths", "train_impl kto needs train_reward_data_paths (one reward per "
+                 "document: preprocess_data_with_chat_template.py --reward-key)")
+        if c.train_micro_batch_size_per_gpu < 2 or c.train_micro_batch_size_per_gpu % 2:
+            fail("train_micro_batch_size_per_gpu", "train_impl kto splits each micro-batch in two halves (each "
+                 "half's KL estimate is the other's): train_micro_batch_size_per_gpu must be even, got "
+                 f"{c.train_micro_batch_size_per_gpu}")
+    if c.precompute_model_name and c.train_impl == "kto":
+        fail("precompute_model_name", "precompute_model_name with train_impl kto is not built (KTO's samples do not "
+             "read precomputed reference log-probabilities yet); remove it to use the frozen reference")
+    if c.dpo_beta <= 0 or c.kto_beta <= 0:
+        key = "dpo_beta" if c.dpo_beta <= 0 else "kto_beta"
+        fail(key, f"{key} must be positive, got {getattr(c, key)}")

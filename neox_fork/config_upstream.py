@@ -32,6 +32,7 @@ TE = "Transformer Engine layers are not used here"
 POST = "post-training (DPO/KTO/RM/REINFORCE) is not built yet"
 MAMBA, RWKV = "only used by Mamba blocks (not built)", "only used by RWKV blocks (not built)"
 MUP = "only used with use_mup (muP is not built)"
+REINFORCE = "only used by train_impl: reinforce (not built)"
 
 # key: (kind, upstream default, type, why)
 KEYS: dict[str, tuple[str, Any, Any, str]] = {
@@ -124,36 +125,10 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
                                               "model_parallel_size"),
     # --- training ---
     "use_shared_fs": (NO_EFFECT, True, bool, "index caches are written once under a lock, shared or not"),
-    "train_reward_data_paths": (NO_EFFECT, None, list, POST),
-    "valid_reward_data_paths": (NO_EFFECT, None, list, POST),
-    "test_reward_data_paths": (NO_EFFECT, None, list, POST),
-    "pos_train_data_paths": (NO_EFFECT, None, list, POST),
-    "neg_train_data_paths": (NO_EFFECT, None, list, POST),
-    "pos_train_label_data_paths": (NO_EFFECT, None, list, POST),
-    "neg_train_label_data_paths": (NO_EFFECT, None, list, POST),
-    "pos_valid_data_paths": (NO_EFFECT, None, list, POST),
-    "neg_valid_data_paths": (NO_EFFECT, None, list, POST),
-    "pos_valid_label_data_paths": (NO_EFFECT, None, list, POST),
-    "neg_valid_label_data_paths": (NO_EFFECT, None, list, POST),
-    "pos_test_data_paths": (NO_EFFECT, None, list, POST),
-    "neg_test_data_paths": (NO_EFFECT, None, list, POST),
-    "pos_test_label_data_paths": (NO_EFFECT, None, list, POST),
-    "neg_test_label_data_paths": (NO_EFFECT, None, list, POST),
-    "dataset_impl": (REFUSED, "gpt2", str, "pairwise and online datasets are not built yet"),
-    "train_impl": (REFUSED, "normal", str, POST),
-    "dpo_fp32": (NO_EFFECT, True, bool, POST),
-    "dpo_reference_free": (NO_EFFECT, False, bool, POST),
-    "dpo_beta": (NO_EFFECT, 0.1, float, POST),
-    "kto_fp32": (NO_EFFECT, True, bool, POST),
-    "kto_desirable_weight": (NO_EFFECT, 1.0, float, POST),
-    "kto_undesirable_weight": (NO_EFFECT, 1.0, float, POST),
-    "z_loss": (NO_EFFECT, 0.0, float, POST),
-    "kto_beta": (NO_EFFECT, 0.1, float, POST),
-    "fp32_reinforce": (NO_EFFECT, True, bool, POST),
-    "kl_impl": (NO_EFFECT, "mse", str, POST),
-    "kl_div_beta": (NO_EFFECT, 0.1, float, POST),
-    "reinforce_leave_one_out": (NO_EFFECT, False, bool, POST),
-    "precompute_model_name": (NO_EFFECT, None, str, POST),
+    "fp32_reinforce": (NO_EFFECT, True, bool, REINFORCE),
+    "kl_impl": (NO_EFFECT, "mse", str, REINFORCE),
+    "kl_div_beta": (NO_EFFECT, 0.1, float, REINFORCE),
+    "reinforce_leave_one_out": (NO_EFFECT, False, bool, REINFORCE),
     "mmap_warmup": (NO_EFFECT, False, bool, "read the datasets once at start to warm the page cache"),
     "s3_chunk_size": (NO_EFFECT, 104857600, int, "S3 upload chunk size (not built)"),
     "config_files": (NO_EFFECT, None, dict, "upstream overwrites it with the config files' text; kept as "

@@ -38,6 +38,7 @@ _NEOX = [
     ("word_embeddings.weight", "gpt_neox.embed_in.weight"),
     ("final_norm.{param}", "gpt_neox.final_layer_norm.{param}"),
     ("output_layer.weight", "embed_out.weight"),
+    ("rm_linear.weight", "score.weight"),  # train_impl rm: *ForSequenceClassification's one-label head
     (f"{_L}.input_layernorm.{{param}}", f"gpt_neox.{_L}.input_layernorm.{{param}}"),
     (f"{_L}.post_attention_layernorm.{{param}}", f"gpt_neox.{_L}.post_attention_layernorm.{{param}}"),
     (f"{_L}.attention.query_key_value.{{param}}", f"gpt_neox.{_L}.attention.query_key_value.{{param}}"),
@@ -48,6 +49,7 @@ _NEOX = [
 _MODEL = [
     ("word_embeddings.weight", "model.embed_tokens.weight"),
     ("output_layer.weight", "lm_head.weight"),
+    ("rm_linear.weight", "score.weight"),
     (f"{_L}.attention.dense.{{param}}", f"model.{_L}.self_attn.o_proj.{{param}}"),
     (f"{_L}.mlp.linear2.{{param}}", f"model.{_L}.mlp.down_proj.{{param}}"),
 ]
@@ -97,6 +99,13 @@ def family(c: NeoXConfig) -> str:
 
 # upstream convert_neox_to_hf.py's --architecture values -> our family names
 ARCHITECTURES = {"neox": "gpt_neox", "llama": "llama", "mistral": "mistral"}
+
+
+def class_name(c: NeoXConfig) -> str:
+    """The transformers class an export of `c` loads as: *ForCausalLM, or *ForSequenceClassification for a
+    reward model (train_impl rm), as upstream's converter writes."""
+    name = CLASSES[family(c)]
+    return name.replace("ForCausalLM", "ForSequenceClassification") if c.train_impl == "rm" else name
 
 
 def check_architecture(c: NeoXConfig, architecture: str | None) -> None:
@@ -186,8 +195,10 @@ def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_
                    bos_token_id: int = 0) -> dict:
     """config.json for the config's HF family."""
     fam = family(c)
+    reward = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}} if c.train_impl == "rm" else {}
     common = {
-        "architectures": [CLASSES[fam]],
+        **reward,  # a reward model leaves as the family's *ForSequenceClassification with one label
+        "architectures": [class_name(c)],
         "model_type": fam,
         "vocab_size": padded_vocab_size,
         "hidden_size": c.hidden_size,

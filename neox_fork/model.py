@@ -73,6 +73,7 @@ class ModelShape:
     mlp_out: int = 0  # linear1's outputs; 0: (2 if gated else 1) x ffn_hidden_size
     sliding_window: int | None = None  # each query sees itself and this many keys before it
     qk_norm: bool = False  # upstream's use_qk_layernorm: `norm` over [heads, head_dim] of q and k, before rotary
+    reward_model: bool = False  # train_impl rm: a one-output head (rm_linear) replaces the LM head
 
     @property
     def head_dim(self) -> int:
@@ -102,7 +103,7 @@ class ModelShape:
             num_kv_heads=c.kv_heads, norm=c.norm, mlp_gated=c.mlp_gated, activation=c.mlp_activation,
             attn_bias=c.use_bias_in_attn_linear, mlp_bias=c.use_bias_in_mlp, parallel_residual=c.gpt_j_residual,
             learned_positions=c.pos_emb == "learned", mlp_out=c.mlp_widths[0],
-            sliding_window=c.sliding_window_width, qk_norm=c.use_qk_layernorm,
+            sliding_window=c.sliding_window_width, qk_norm=c.use_qk_layernorm, reward_model=c.train_impl == "rm",
         )
 
 
@@ -359,12 +360,17 @@ class NeoXModel(nn.Module):
         self.embedding_dropout = HiddenDropout(s.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(s, mp, i) for i in range(s.num_layers))
         self.final_norm = make_norm(s)
-        self.output_layer = tp.ColumnParallelLinear(  # its input is gathered over the sequence first
-            s.hidden_size, s.vocab_size, **tp_args(replace(mp, sequence_parallel=False)), bias=False,
-            gather_output=False,
-            skip_weight_param_allocation=s.tie_word_embeddings,
-            init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
-        )
+        if s.reward_model:  # upstream's rm_linear in the LM head's place: hidden -> one score, whole on every rank
+            self.rm_linear = nn.Linear(s.hidden_size, 1, bias=False)
+            if mp.perform_initialization:
+                init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size)(self.rm_linear.weight)
+        else:
+            self.output_layer = tp.ColumnParallelLinear(  # its input is gathered over the sequence first
+                s.hidden_size, s.vocab_size, **tp_args(replace(mp, sequence_parallel=False)), bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=s.tie_word_embeddings,
+                init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+            )
         self.rotary = Rotary(s.rotary_dim, s.rotary_base)
         if mp.sequence_parallel:
             mark_sequence_parallel_parameters(self)
@@ -441,9 +447,15 @@ class NeoXModel(nn.Module):
         return logits
 
     def forward(self, tokens, position_ids=None, kv_cache=None, labels=None, loss_mask=None, segment_ids=None,
-                loss_denominator=None):
+                loss_denominator=None, score=None, fp32=True):
         """With `labels`: the training loss (see `loss`). Without: full logits [b, s, vocab], gathered
-        across TP ranks, for generation and parity checks. `segment_ids`: see `hidden_states`."""
+        across TP ranks, for generation and parity checks. `segment_ids`: see `hidden_states`.
+        `score="logprobs"`: each row's summed log-probability of its labels where `loss_mask` is set
+        (`sequence_logprobs`); `score="reward"`: the reward head's value (`reward`); for preference.py."""
+        if score == "logprobs":
+            return self.sequence_logprobs(tokens, labels, loss_mask, fp32)
+        if score == "reward":
+            return self.reward(tokens, loss_mask)
         if labels is not None:
             return self.loss(tokens, labels, loss_mask, position_ids, segment_ids, loss_denominator)
         return self.full_logits(self.hidden_states(tokens, position_ids, kv_cache, segment_ids=segment_ids))
@@ -475,6 +487,24 @@ class NeoXModel(nn.Module):
             return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0],
                                               self.shape.loss_chunk_tokens or hidden.shape[1], denominator)
         return self._chunked_loss(hidden, labels, mask, denominator)
+
+    def sequence_logprobs(self, tokens, labels, loss_mask, fp32: bool = True):
+        """[b]: sum over positions where `loss_mask` is set of log p(label | tokens before), from the
+        vocabulary-parallel logits (fp32 when `fp32`, else the model's dtype; upstream's dpo_fp32/kto_fp32)."""
+        logits = self.logits_parallel(self.hidden_states(tokens))
+        logits = logits.float() if fp32 else logits
+        mask = loss_mask.float()
+        targets = torch.where(mask > 0, labels, torch.zeros_like(labels))  # -100 would index nothing
+        nll = tp.vocab_parallel_cross_entropy(logits.contiguous(), targets)
+        return -(nll.float() * mask).sum(-1)
+
+    def reward(self, tokens, loss_mask):
+        """[b]: the reward head's value at each row's last trained position (upstream reads the position of
+        the one target `--for-rm` leaves: the final end-of-sequence token)."""
+        values = self.rm_linear(self.hidden_states(tokens)).squeeze(-1)
+        positions = torch.arange(values.shape[1], device=values.device)
+        last = ((loss_mask > 0) * positions).argmax(-1)
+        return values.gather(1, last[:, None]).squeeze(1)
 
     def chunked_loss(self, tokens, labels, loss_mask=None, position_ids=None, segment_ids=None, denominator=None):
         """The loss as TP>1 computes it at any TP size: the head and vocab-parallel cross-entropy over
@@ -572,7 +602,7 @@ def count_parameters(shape: ModelShape) -> int:
     attention = h * qkv + h * h + (qkv + h if s.attn_bias else 0)
     linear1 = s.mlp_out or (2 if s.mlp_gated else 1) * f
     mlp = h * linear1 + f * h + (linear1 + h if s.mlp_bias else 0)
-    heads = 1 if s.tie_word_embeddings else 2
+    heads = 1 if s.tie_word_embeddings or s.reward_model else 2
     positions = s.max_positions * h if s.learned_positions else 0
     qk_norm = (2 if s.norm != "rmsnorm" else 1) * s.num_heads * d if s.qk_norm else 0
-    return L * (attention + mlp + 2 * norm + qk_norm) + heads * v * h + positions + norm
+    return L * (attention + mlp + 2 * norm + qk_norm) + heads * v * h + positions + norm + (h if s.reward_model else 0)

@@ -7,7 +7,8 @@ GPT-NeoX builds the model as a sequence of layers and names tensors by their ind
     2..L+1   transformer layer i = idx - 2, with the layer's own names (attention.query_key_value.weight, ...)
     L+2      a function (no tensors)
     L+3      the final norm       norm.<param>
-    L+4      the output layer     final_linear.weight; with tied embeddings, the embedding again
+    L+4      the output layer     final_linear.weight; with tied embeddings, the embedding again; a reward
+                                  model (train_impl rm) has rm_linear.weight [1, hidden] there instead
 
 With `pipe_parallel_size >= 1` each index is its own file (names as above, no prefix); with 0 they are
 `sequential.{idx}.<name>` keys of the mp_rank files' `module`. Our names differ only in the prefixes:
@@ -30,6 +31,7 @@ import torch
 EMBEDDING_PREFIXES = ("word_embeddings.", "position_embeddings.")
 FINAL_NORM = ("final_norm.", "norm.")  # (ours, GPT-NeoX's)
 OUTPUT = ("output_layer.", "final_linear.")
+REWARD_HEAD = "rm_linear."  # train_impl rm: in the output layer's place, the same name in both
 # tensors GPT-NeoX saves that are not parameters here (recomputed from the config)
 _NOT_PARAMETERS = re.compile(r".*(rotary_emb\.inv_freq|_extra_state)$")
 
@@ -92,6 +94,8 @@ def to_neox(state: dict[str, torch.Tensor], num_layers: int | None = None,
             idx, key = n + 3, FINAL_NORM[1] + name.removeprefix(FINAL_NORM[0])
         elif name.startswith(OUTPUT[0]):
             idx, key = n + 4, OUTPUT[1] + name.removeprefix(OUTPUT[0])
+        elif name.startswith(REWARD_HEAD):
+            idx, key = n + 4, name
         else:
             raise ValueError(f"no GPT-NeoX layer for parameter {name!r}; add its prefix to neox_layout.py")
         layers.setdefault(idx, {})[key] = tensor
@@ -114,6 +118,8 @@ def from_neox(layers: dict[int, dict[str, torch.Tensor]], qkv: QKVGroups | None 
                 continue  # the tied embedding's second appearance
             if key.startswith(OUTPUT[1]):
                 state[OUTPUT[0] + key.removeprefix(OUTPUT[1])] = tensor
+            elif key.startswith(REWARD_HEAD):
+                state[key] = tensor
             elif key.startswith(FINAL_NORM[1]):
                 state[FINAL_NORM[0] + key.removeprefix(FINAL_NORM[1])] = tensor
             else:

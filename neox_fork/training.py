@@ -30,6 +30,7 @@ from neox_fork.launch import launcher_environment
 from neox_fork.metrics import MetricsWriter, progress_line
 from neox_fork.model import build_model, count_parameters
 from neox_fork.optim import build_engine
+from neox_fork.preference import Objective, reference_for_run
 from neox_fork.train_logging import Profilers, StepLogger
 from neox_fork.training_state import TrainState, fail_if_asked, resume, save, test_failure, warn_if_no_room
 
@@ -84,6 +85,13 @@ def _dp_mean(value: torch.Tensor) -> float:
     return value.item() / parallel.dp_size()
 
 
+def _dp_means(values: torch.Tensor) -> list[float]:
+    """Each entry averaged over the data-parallel ranks, in one all-reduce."""
+    values = values.detach().float().to(_device())
+    dist.all_reduce(values, group=parallel.parallel_state.get_data_parallel_group())
+    return (values / parallel.dp_size()).tolist()
+
+
 def setup_logging() -> None:
     """Rank 0 logs progress, the others warnings only; every line names the rank and its host."""
     rank = int(os.environ.get("RANK", "0"))
@@ -97,6 +105,14 @@ def setup_logging() -> None:
 
 # ---------------------------------------------------------------------- data
 def build_data(c: NeoXConfig, tokenizer, world_size: int):
+    if c.dataset_impl == "pairwise":
+        from neox_fork.data.pairwise import build_pairwise
+
+        return build_pairwise(c, world_size)
+    if c.train_impl == "kto":
+        from neox_fork.data.pairwise import build_kto
+
+        return build_kto(c, tokenizer, world_size)
     from neox_fork.data.datasets import DataSettings, build_datasets
 
     train, valid, _ = build_datasets(DataSettings.from_config(c, world_size), tokenizer)
@@ -134,7 +150,7 @@ def batches(dataset, c: NeoXConfig, consumed_samples: int):
 
 # ---------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(engine, c: NeoXConfig, valid) -> float | None:
+def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -> float | None:
     if valid is None or not c.eval_iters:
         return None
     engine.eval()
@@ -146,7 +162,9 @@ def evaluate(engine, c: NeoXConfig, valid) -> float | None:
         except StopIteration:
             break
         batch = {k: v.to(_device()) for k, v in batch.items()}
-        if "segment_ids" in batch:  # masked: the sum over trained tokens, divided by their count below
+        if objective is not None and objective.impl != "normal":  # preference.py: the objective's mean
+            losses.append(objective(engine, batch)[0].float())
+        elif "segment_ids" in batch:  # masked: the sum over trained tokens, divided by their count below
             losses.append(torch.stack([_model_loss(engine, batch, 1.0), batch["loss_mask"].sum().float()]))
         else:
             losses.append(_model_loss(engine, batch).float())
@@ -191,30 +209,40 @@ def evaluate_tasks(engine, c: NeoXConfig, tokenizer) -> dict[str, float]:
 
 # ---------------------------------------------------------------------- the step
 def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter],
-                      denominator: float | None = None) -> tuple[float, bool]:
-    """One micro-batch's loss and gradient; a non-finite loss backpropagates zeros instead of NaNs."""
+                      objective: Objective, denominator: float | None = None) -> tuple[float, bool, dict]:
+    """One micro-batch's loss (the `train_impl` objective: preference.py, or the language-modelling loss),
+    its metrics and gradient; a non-finite loss backpropagates zeros instead of NaNs."""
     batch = {k: v.to(_device()) for k, v in batch.items()}
-    loss = _model_loss(engine, batch, denominator)
+    if objective.impl == "normal":
+        loss, metrics = _model_loss(engine, batch, denominator), {}
+    else:
+        loss, metrics = objective(engine, batch)
     finite = bool(torch.isfinite(loss))
     if not finite:
         loss = sum(p.sum() * 0.0 for p in params)
     engine.backward(loss)
-    return loss.item(), finite
+    return loss.item(), finite, metrics
 
 
 def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Parameter],
-               before_update=None) -> tuple[float, bool]:
+               before_update=None, objective: Objective | None = None, metrics: dict | None = None
+               ) -> tuple[float, bool]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches from the iterator `micro_batches`
     (dicts of tokens, labels, loss_mask). A non-finite loss on any rank makes the update run at lr 0, so
     every rank stays in step. `before_update()` runs once the step's gradients are complete (train_logging).
+    The objective's metrics (DPO's rewards...), averaged over the micro-batches, go into `metrics`.
     Returns (mean loss on this rank, whether the update was skipped).
     tools/benchmark.py --path engine times exactly this."""
     n = c.gradient_accumulation_steps
+    objective = objective or Objective(c)
     losses, finite = [], []
     step_batches = [next(micro_batches) for _ in range(n)]
     denominator = _masked_denominator(step_batches)
     for batch in step_batches:
-        loss, ok = _forward_backward(engine, batch, params, denominator)
+        loss, ok, micro = _forward_backward(engine, batch, params, objective, denominator)
+        if metrics is not None:
+            for key, value in micro.items():
+                metrics[key] = metrics.get(key, 0.0) + value / n
         losses.append(loss)
         finite.append(ok)
         if len(losses) < n:
@@ -254,6 +282,7 @@ class Run:
     valid_data: object
     state: TrainState
     world: int
+    objective: Objective
 
 
 def setup(c: NeoXConfig) -> Run:
@@ -284,7 +313,8 @@ def setup(c: NeoXConfig) -> Run:
     engine = build_engine(c, model, world)
     state = TrainState()
     resume(engine, model, c, state)
-    return Run(c, engine, model, tokenizer, train_data, valid_data, state, world)
+    state.reference = reference_for_run(c, engine.module, state.resumed_from)
+    return Run(c, engine, model, tokenizer, train_data, valid_data, state, world, Objective(c, state.reference))
 
 
 class Progress:
@@ -300,17 +330,23 @@ class Progress:
         self.first_iteration = run.state.iteration
         self.steps = self.count = 0
         self.loss = 0.0
+        self.extra: dict[str, float] = {}  # the objective's metrics (preference.py), summed like the loss
         if _rank0():
             log.info("model: %d parameters; world %d = tensor %d x data %d; global batch %d x %d tokens; %s; "
                      "FLOPs per token %d (hardware %d, recompute %s)", count_parameters(model.shape), run.world,
                      c.model_parallel_size, parallel.dp_size(), c.global_batch_size(run.world), c.seq_length,
                      c.dtype_name, self.flops_per_token.model, self.flops_per_token.hardware, c.activation_recompute)
 
-    def add(self, step_loss: float | None) -> None:
-        """One step done; its loss (None for a skipped step) joins the average."""
+    def add(self, step_loss: float | None, metrics: dict | None = None) -> None:
+        """One step done; its loss (None for a skipped step) and the objective's metrics join the average."""
         self.steps += 1
         if step_loss is not None:
-            self.loss += _dp_mean(torch.tensor(step_loss))
+            keys = sorted(metrics or {})
+            means = _dp_means(torch.stack([torch.tensor(float(step_loss))] +
+                                          [torch.as_tensor(metrics[k]).float().cpu() for k in keys]))
+            self.loss += means[0]
+            for k, v in zip(keys, means[1:]):
+                self.extra[k] = self.extra.get(k, 0.0) + v
             self.count += 1
 
     def maybe_report(self) -> None:
@@ -332,10 +368,11 @@ class Progress:
             "eta_sec": (now - self.started) / max(state.iteration - self.first_iteration, 1)
             * (c.train_iters - state.iteration),
         }
+        m.update({k: v / self.count for k, v in self.extra.items()})
         if _rank0():
             log.info(progress_line(m, c.train_iters))
         self.metrics.write(m)
-        self.window_start, self.steps, self.count, self.loss = now, 0, 0, 0.0
+        self.window_start, self.steps, self.count, self.loss, self.extra = now, 0, 0, 0.0, {}
 
 
 def check_nan_steps(run: Run, skipped: bool, metrics: MetricsWriter) -> None:
@@ -359,7 +396,7 @@ def run_evaluations(run: Run, metrics: MetricsWriter) -> None:
     """Validation loss and `eval_tasks` on the current weights."""
     iteration = run.state.iteration
     fail_if_asked("eval", iteration)
-    eval_loss = evaluate(run.engine, run.c, run.valid_data)
+    eval_loss = evaluate(run.engine, run.c, run.valid_data, run.objective)
     if eval_loss is not None:
         if _rank0():
             log.info("step %d: validation loss %.4f (ppl %.2f)", iteration, eval_loss, math.exp(min(eval_loss, 50)))
@@ -390,14 +427,16 @@ def pretrain(c: NeoXConfig) -> int:
         save(engine, c, state)
     while state.iteration < c.train_iters:
         profilers.before_step()
-        step_loss, skipped = train_step(engine, c, train_iter, params, step_log.before_update)
+        step_metrics: dict = {}
+        step_loss, skipped = train_step(engine, c, train_iter, params, step_log.before_update, run.objective,
+                                        step_metrics)
         profilers.after_step()
         state.iteration += 1
         step_log.after_update(state.iteration)
         fail_if_asked("step", state.iteration)
         state.consumed_samples += c.global_batch_size(run.world)
         check_nan_steps(run, skipped, metrics)  # a skipped step still saves and checks signals below
-        progress.add(None if skipped else step_loss)
+        progress.add(None if skipped else step_loss, step_metrics)
         progress.maybe_report()
         if state.iteration % c.eval_interval == 0 and not skipped:
             run_evaluations(run, metrics)

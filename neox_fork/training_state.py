@@ -36,6 +36,8 @@ class TrainState:
     consumed_samples: int = 0
     nan_steps_in_a_row: int = 0
     last_saved: int | None = None
+    resumed_from: Path | None = None  # the step folder a full resume read (not a finetune's `load`)
+    reference: object = None  # preference.py's frozen reference model, saved with each step
 
 
 # Test-only: NEOX_FORK_TEST_FAIL="RANK:STEP:WHERE" makes global rank RANK raise a RuntimeError at step STEP
@@ -127,6 +129,10 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         layers = {**layers, 1: {}}  # a layer_01 file, so an empty one is written (every reader skips it)
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
+        if state.reference is not None:
+            from neox_fork.preference import save_reference
+
+            save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank())
     if not c.no_save_rng:
         save_rng(partial / checkpoint.RNG_FILE.format(dist.get_rank()))
     if not _rank0() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -292,6 +298,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     state.consumed_samples = client_state.get("consumed_samples",
                                               state.iteration * c.global_batch_size(dist.get_world_size()))
     state.last_saved = state.iteration
+    state.resumed_from = folder
     rng_file = folder / checkpoint.RNG_FILE.format(dist.get_rank())
     if c.no_load_rng:
         log.info("no_load_rng: the RNG states of %s are not restored", folder)
@@ -314,6 +321,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
+    state.resumed_from = folder  # tools/ckpts/to_universal.py copies the step's reference/ into it
     saved_tp = checkpoint.tp_size_of(folder)
     saved_dp = len(checkpoint.rng_files(folder)) // saved_tp
     if saved_dp:
@@ -328,15 +336,19 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
 
 
 def load_weights_only(model, folder: Path, trust: bool = False) -> None:
-    """This rank's weights from a checkpoint saved at any TP size (merged, then split for this run)."""
-    copy_weights(model, None, folder, trust)
+    """This rank's weights from a checkpoint saved at any TP size (merged, then split for this run); a
+    reward model's head may be missing there (fine-tuning a language model into one)."""
+    copy_weights(model, None, folder, trust, fresh_reward_head=True)
 
 
-def copy_weights(model, mine: dict | None, folder: Path, trust: bool = False) -> None:
+def copy_weights(model, mine: dict | None, folder: Path, trust: bool = False, fresh_reward_head: bool = False) -> None:
     """Copy `mine` (default: this rank's weights read from `folder`) into the model, checking every shape."""
     if mine is None:
         mine = checkpoint.load_rank_shard(folder, parallel.tp_size(), parallel.tp_rank(), trust)
     own = checkpoint.model_state(model)
+    if fresh_reward_head and "rm_linear.weight" in own and "rm_linear.weight" not in mine:
+        log.info("reward model from %s, a language model: rm_linear starts from its initialisation", folder)
+        own.pop("rm_linear.weight")
     problems = [k for k in own if k not in mine or mine[k].shape != own[k].shape]
     if problems:
         k = problems[0]

@@ -117,7 +117,14 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     source = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()), f"a copy of {folder.name}"
     with errors.full_disk_is_one_line(out, cleanup=lambda: shutil.rmtree(work, ignore_errors=True), needed=source):
         tmp = work / out.name
-        args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=workers,
+        # the converter walks every subfolder: it gets the step's own files only (links), not the frozen
+        # reference of DPO/KTO (reference/, model-states files of another model), copied over below
+        source_dir = work / "input"
+        source_dir.mkdir()
+        for f in folder.iterdir():
+            if f.name != "reference":
+                (source_dir / f.name).symlink_to(f.resolve())
+        args = argparse.Namespace(input_folder=str(source_dir), output_folder=str(tmp), num_extract_workers=workers,
                                   num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                                   inject_missing_state=False)
         try:
@@ -137,6 +144,8 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
                 shutil.copyfile(f, tmp / f.name)
         if (folder / checkpoint.CONFIG_FILE).is_file():
             checkpoint.copy_tokenizer(tmp, checkpoint.tokenizer_of(folder, checkpoint.load_config_of(folder)))
+        if (folder / "reference").is_dir():  # DPO/KTO's frozen reference (preference.REFERENCE_DIR), read at any TP
+            shutil.copytree(folder / "reference", tmp / "reference")
         checkpoint.fsync_tree(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

@@ -159,3 +159,18 @@ def sft_chat_data(tmp_path_factory, small_corpus):
                         jsonl_keys=["messages"], options=ChatOptions())
         data[split] = (str(out / f"{split}_messages_document"), str(out / f"{split}_messages_label_document"))
     return data
+
+
+@pytest.fixture(scope="session")
+def preference_pairs(tmp_path_factory, small_corpus):
+    """The shipped preference pairs (examples/chat/demo_chat_pairs.jsonl) preprocessed with the demo chat
+    tokenizer and `--only-last`: a folder holding pairs_{chosen,rejected}_{,label_}document."""
+    from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
+
+    folder = tmp_path_factory.mktemp("pref_pairs")
+    chat = REPO / "examples" / "chat"
+    tokenizer = write_chat_tokenizer(str(small_corpus / "tokenizer.json"), str(chat / "chat_template.jinja"),
+                                     str(folder / "tokenizer"))
+    preprocess_chat([str(chat / "demo_chat_pairs.jsonl")], str(folder / "pairs"), tokenizer,
+                    jsonl_keys=["chosen", "rejected"], options=ChatOptions(only_last=True))
+    return folder

@@ -66,16 +66,18 @@ def test_each_refused_key_is_one_line_unless_at_upstreams_default(key):
     assert "\n" not in message and f"{key} " in message and "not" in message
 
 
-def test_post_training_keys_load_and_post_training_itself_is_refused():
+def test_post_training_keys_load_and_reinforce_is_refused():
     keys = {"pack_impl": "packed", "train_data_paths": ["a"], "train_label_data_paths": ["a_label"],
             "dpo_beta": 0.2, "z_loss": 0.0, "allow_chopped": True, "precompute_model_name": "ref",
             "pos_train_data_paths": ["p"]}
-    # train_label_data_paths, pack_impl and allow_chopped are masked fine-tuning's keys now (not ignored)
-    assert set(ignored_settings(from_dict(keys))) == {"dpo_beta", "precompute_model_name", "pos_train_data_paths"}
-    with pytest.raises(UserError, match="train_impl 'dpo' is not supported: post-training .* not built yet"):
-        from_dict({**keys, "train_impl": "dpo"})
-    with pytest.raises(UserError, match="dataset_impl 'pairwise' is not supported: .* not built yet"):
-        from_dict({"dataset_impl": "pairwise"})
+    c = from_dict(keys)
+    assert c.dpo_beta == 0.2 and c.precompute_model_name == "ref" and c.pos_train_data_paths == ["p"]
+    # masked fine-tuning's and preference training's keys are fields now: none is ignored
+    assert set(ignored_settings(c)) == set()
+    dpo = from_dict({**keys, "train_impl": "dpo", "dataset_impl": "pairwise", "neg_train_data_paths": ["n"]})
+    assert (dpo.train_impl, dpo.dataset_impl) == ("dpo", "pairwise")
+    with pytest.raises(UserError, match="train_impl 'reinforce' is not supported: .* not built"):
+        from_dict({**keys, "train_impl": "reinforce"})
 
 
 def test_derived_keys_agreeing_with_the_run_load_and_contradicting_ones_are_one_line(tmp_path):

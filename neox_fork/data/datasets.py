@@ -413,12 +413,14 @@ class PretrainingBatchSampler:
             yield list(range(start, start + self.micro_batch_size))
 
 
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "ref", "reward")
 
 
 def collate_samples(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack items into a batch: tokens, labels (int64 [b, seq]) and loss_mask (float32 [b, seq]), and
-    position_ids / segment_ids (int64 [b, seq]) where the items have them (data/labeled.py)."""
+    position_ids / segment_ids (int64 [b, seq]) where the items have them (data/labeled.py), ref where they
+    have it (data/pairwise.py: precomputed reference log-probabilities; pairs are [b, 2, seq]), and KTO's
+    reward [b]."""
     return {key: torch.stack([item[key] for item in items]) for key in BATCH_KEYS if key in items[0]}
 
 
