@@ -40,8 +40,8 @@ import yaml
 
 from neox_fork import atomic, checkpoint_names, neox_layout, safe_unpickle
 from neox_fork.checkpoint_names import (LATEST_FILE, LATEST_UNIVERSAL_FILE, OLD_SUFFIX, PARTIAL_SUFFIX,
-                                        UNIVERSAL_SUFFIX, folder_step, partial_dir, pointed_step, saved_steps,
-                                        step_dir, step_name, step_of)
+                                        REFERENCE_DIR, UNIVERSAL_SUFFIX, folder_step, partial_dir, pointed_step,
+                                        saved_steps, step_dir, step_name, step_of)
 from neox_fork.config import NeoXConfig, from_dict
 from neox_fork.atomic import fsync, fsync_tree, write_atomic
 from neox_fork.errors import UserError, full_disk_is_one_line
@@ -531,3 +531,16 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
     new_config = from_dict(keys, source=str(folder / CONFIG_FILE))
     return save_model_checkpoint(output_dir, folder_step(folder) or 0, split_tp(state, tp), new_config,
                                  tokenizer_of(folder, config))
+
+
+def save_reference(step_folder: Path, reference: torch.nn.Module, c: NeoXConfig, tp_size: int, tp_rank: int) -> None:
+    """This TP rank's reference weights into STEP/reference/, written as the policy's are (GPT-NeoX's layout,
+    with the config), so load_rank_shard reads them back at any tensor-parallel size."""
+    folder = Path(step_folder) / REFERENCE_DIR
+    folder.mkdir(exist_ok=True)
+    module, layers = neox_weights(model_state(reference), c, tp_size)
+    torch.save({"module": module}, folder / MODEL_FILE.format(tp_rank))
+    if layers:
+        save_layer_files(folder, tp_rank, {**layers, 1: {}})
+    if tp_rank == 0:
+        save_config(folder, c)

@@ -17,6 +17,7 @@ OLD_SUFFIX = ".old"  # the previous copy of a step folder while it is being repl
 RNG_FILE = "rng_state_{:05d}.pt"
 LATEST_UNIVERSAL_FILE = "latest_universal"  # DeepSpeed's ds_to_universal writes and reads this name
 UNIVERSAL_SUFFIX = "_universal"  # global_stepN_universal: step N converted by tools/ckpts/to_universal.py
+REFERENCE_DIR = "reference"  # in a DPO/KTO step folder: the frozen reference model, written as the policy is
 
 
 def step_name(step: int) -> str:

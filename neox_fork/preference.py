@@ -19,7 +19,7 @@ upstream's `forward_step` (megatron/training.py at ea7aefd8), with its metric na
 
 The reference model of DPO/KTO is a frozen copy of the policy sharded like it (same tensor-parallel layout),
 in eval mode (no dropout), made from the policy's weights when training starts from `load` with
-`finetune: true`; its weights are saved in every checkpoint (`REFERENCE_DIR`), so a resume takes them from
+`finetune: true`; its weights are saved in every checkpoint (`checkpoint.REFERENCE_DIR`), so a resume takes them from
 there and not from a path that may have changed. With `precompute_model_name` no reference model is built:
 per-token reference log-probabilities come with the batch (`pos_ref`/`neg_ref` or `ref`).
 """
@@ -38,7 +38,6 @@ from neox_fork.checkpoint import model_state
 
 log = logging.getLogger("neox_fork")
 
-REFERENCE_DIR = "reference"  # in each step folder: the frozen reference, one mp_rank_XX_model_states.pt per TP rank
 PREFERENCE_IMPLS = ("dpo", "kto", "rm")
 
 
@@ -112,19 +111,6 @@ def make_reference(model: torch.nn.Module) -> torch.nn.Module:
     return reference.eval()
 
 
-def save_reference(step_folder: Path, reference: torch.nn.Module, c, tp_size: int, tp_rank: int) -> None:
-    """This TP rank's reference weights into STEP/reference/, written as the policy's are (GPT-NeoX's layout,
-    with the config), so checkpoint.load_rank_shard reads them back at any tensor-parallel size."""
-    folder = Path(step_folder) / REFERENCE_DIR
-    folder.mkdir(exist_ok=True)
-    module, layers = checkpoint.neox_weights(model_state(reference), c, tp_size)
-    torch.save({"module": module}, folder / checkpoint.MODEL_FILE.format(tp_rank))
-    if layers:
-        checkpoint.save_layer_files(folder, tp_rank, {**layers, 1: {}})
-    if tp_rank == 0:
-        checkpoint.save_config(folder, c)
-
-
 def _copy_into(reference: torch.nn.Module, saved: dict[str, torch.Tensor], where: str) -> None:
     from neox_fork.errors import UserError
 
@@ -146,7 +132,7 @@ def reference_for_run(c, model: torch.nn.Module, resumed_from: Path | None) -> t
     from megatron.core import parallel_state
 
     reference = make_reference(model)
-    saved = Path(resumed_from) / REFERENCE_DIR if resumed_from is not None else None
+    saved = Path(resumed_from) / checkpoint.REFERENCE_DIR if resumed_from is not None else None
     if saved is not None and saved.is_dir():
         shard = checkpoint.load_rank_shard(saved, parallel_state.get_tensor_model_parallel_world_size(),
                                            parallel_state.get_tensor_model_parallel_rank(), c.trust_checkpoint)

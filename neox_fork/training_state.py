@@ -130,9 +130,7 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
         if state.reference is not None:
-            from neox_fork.preference import save_reference
-
-            save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank())
+            checkpoint.save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank())
     if not c.no_save_rng:
         save_rng(partial / checkpoint.RNG_FILE.format(dist.get_rank()))
     if not _rank0() and int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -144,7 +144,7 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
                 shutil.copyfile(f, tmp / f.name)
         if (folder / checkpoint.CONFIG_FILE).is_file():
             checkpoint.copy_tokenizer(tmp, checkpoint.tokenizer_of(folder, checkpoint.load_config_of(folder)))
-        if (folder / "reference").is_dir():  # DPO/KTO's frozen reference (preference.REFERENCE_DIR), read at any TP
+        if (folder / "reference").is_dir():  # DPO/KTO's frozen reference (checkpoint.REFERENCE_DIR), read at any TP
             shutil.copytree(folder / "reference", tmp / "reference")
         checkpoint.fsync_tree(tmp)
         shutil.rmtree(out, ignore_errors=True)
