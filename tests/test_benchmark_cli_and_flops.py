@@ -95,6 +95,7 @@ def test_benchmark_tiny_against_transformers_json():
     assert float(lines[-1].split()[1]) == round(result["ratio_vs_hf"], 3)
 
 
+@pytest.mark.slow
 def test_benchmark_engine_path_runs_the_training_step(tmp_path):
     """--path engine: DeepSpeed engine with ZeRO-1 and clipping, two micro-batches per step (accumulation).
     Its --json stdout is the JSON alone (DeepSpeed logs to stdout; those lines go to stderr), so the file
@@ -129,6 +130,7 @@ def test_benchmark_engine_path_runs_the_training_step(tmp_path):
     (["--path", "engine", "--compare", "hf"], "--compare hf needs --path model"),
     (["--compare", "hf", "--checkpoint-activations", "selective"], "transformers has no selective recompute"),
 ])
+@pytest.mark.slow
 def test_benchmark_refuses_unlike_comparisons(flags, message):
     run = subprocess.run([PYTHON, "tools/benchmark.py", "--config", "configs/tiny.yml", *flags], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
