@@ -167,8 +167,9 @@ def test_timed_pairs_alternate_which_model_goes_first(one_process, monkeypatch):
 
     monkeypatch.setattr(benchmark, "build_ours", recorded("ours", benchmark.build_ours))
     monkeypatch.setattr(benchmark, "build_hf", recorded("hf", benchmark.build_hf))
-    config = load_config(REPO / "configs" / "tiny.yml", overrides={
-        "train_micro_batch_size_per_gpu": 1, "seq_length": 32, "max_position_embeddings": 32, "vocab_size": 1000})
+    config = load_config(REPO / "configs" / "tiny.yml", overrides={  # the order is what counts: narrowest shape
+        "train_micro_batch_size_per_gpu": 1, "seq_length": 32, "max_position_embeddings": 32, "vocab_size": 1000,
+        "num_layers": 1, "hidden_size": 64})
     result = benchmark.run(config, steps=4, warmup=1, compare_hf=True)
     assert order == ["ours", "hf"] + ["ours", "hf", "hf", "ours", "ours", "hf", "hf", "ours"]
     assert len(result["ours"]["step_seconds"]) == len(result["hf"]["step_seconds"]) == 4
