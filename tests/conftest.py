@@ -16,6 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed JIT-builds its CPU shared-memory op in every process that starts its distributed backend, into
+# TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). The build file names this checkout's .venv path,
+# so checkouts sharing the default folder rebuild it for one another (minutes a time on 2 cores); kept
+# per checkout, it builds once and later processes (and their children) only load it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
 
 STABLELM_ARCHITECTURE = dict(pos_emb="rotary", rotary_pct=0.25, norm="layernorm", use_bias_in_norms=True,

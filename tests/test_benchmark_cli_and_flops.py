@@ -95,6 +95,7 @@ def test_benchmark_tiny_against_transformers_json():
     assert float(lines[-1].split()[1]) == round(result["ratio_vs_hf"], 3)
 
 
+@pytest.mark.slow
 def test_benchmark_engine_path_runs_the_training_step(tmp_path):
     """--path engine: DeepSpeed engine with ZeRO-1 and clipping, two micro-batches per step (accumulation).
     Its --json stdout is the JSON alone (DeepSpeed logs to stdout; those lines go to stderr), so the file
@@ -129,6 +130,7 @@ def test_benchmark_engine_path_runs_the_training_step(tmp_path):
     (["--path", "engine", "--compare", "hf"], "--compare hf needs --path model"),
     (["--compare", "hf", "--checkpoint-activations", "selective"], "transformers has no selective recompute"),
 ])
+@pytest.mark.slow
 def test_benchmark_refuses_unlike_comparisons(flags, message):
     run = subprocess.run([PYTHON, "tools/benchmark.py", "--config", "configs/tiny.yml", *flags], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
@@ -165,8 +167,9 @@ def test_timed_pairs_alternate_which_model_goes_first(one_process, monkeypatch):
 
     monkeypatch.setattr(benchmark, "build_ours", recorded("ours", benchmark.build_ours))
     monkeypatch.setattr(benchmark, "build_hf", recorded("hf", benchmark.build_hf))
-    config = load_config(REPO / "configs" / "tiny.yml", overrides={
-        "train_micro_batch_size_per_gpu": 1, "seq_length": 32, "max_position_embeddings": 32, "vocab_size": 1000})
+    config = load_config(REPO / "configs" / "tiny.yml", overrides={  # the order is what counts: narrowest shape
+        "train_micro_batch_size_per_gpu": 1, "seq_length": 32, "max_position_embeddings": 32, "vocab_size": 1000,
+        "num_layers": 1, "hidden_size": 64})
     result = benchmark.run(config, steps=4, warmup=1, compare_hf=True)
     assert order == ["ours", "hf"] + ["ours", "hf", "hf", "ours", "ours", "hf", "hf", "ours"]
     assert len(result["ours"]["step_seconds"]) == len(result["hf"]["step_seconds"]) == 4

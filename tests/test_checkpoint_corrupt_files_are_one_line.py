@@ -54,6 +54,7 @@ def test_each_tool_names_the_broken_file_and_the_steps_that_load(trained, tmp_pa
         assert err.strip().splitlines() == [expected_line(ckpt, path, what)], name
 
 
+@pytest.mark.slow
 def test_fine_tune_and_resume_name_the_broken_file_and_the_steps_that_load(trained, small_corpus, tmp_path):
     configs, expected = {}, {}
     cases = {"finetune": [("truncated", trained[0]), ("garbage", trained[0]), ("missing", trained[1])],

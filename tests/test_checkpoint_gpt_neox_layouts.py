@@ -106,6 +106,7 @@ def test_we_write_gpt_neox_file_and_tensor_names(one_process, trained_checkpoint
         assert all(k.startswith("sequential.") for k in module)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipe", [1, 0])
 def test_gpt_neox_checkpoints_convert_and_fine_tune(one_process, small_corpus, tmp_path, pipe):
     train_config = training_config(tmp_path / "ft", small_corpus, tmp_path / "neox", finetune=True, train_iters=1)
@@ -145,6 +146,7 @@ def test_gpt_neox_checkpoints_convert_and_fine_tune(one_process, small_corpus, t
         assert bool(((tuned[name] - w).abs() <= bound).all()), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipe", [1, 0])
 def test_gpt_neox_checkpoints_resume_exactly(trained_checkpoint, small_corpus, tmp_path, pipe):
     """Step 1 of a training run rewritten in gpt-neox's layout resumes to exactly the run's step 2."""

@@ -55,18 +55,18 @@ def test_fp32_zero1_files_load_safely_and_deepspeed_still_reads_them(trained):
     assert all(torch.equal(fp32[k], ours[k]) for k in ours)
 
 
-def test_a_pickled_payload_is_refused_by_every_reader(trained, small_corpus, tmp_path):
+def evil_copy(trained, tmp_path):
+    """A copy of the trained checkpoint whose step-2 weights file carries a payload; (copy, that file, marker)."""
     marker = tmp_path / "MARKER"
     evil = tmp_path / "evil"
     shutil.copytree(trained, evil)
     model_file = weights_file(checkpoint.step_dir(evil, 2))
     plant(model_file, marker)
-    # only DeepSpeed's resume reads the ZeRO shards: a payload there must be refused by it too
-    evil_optim = tmp_path / "evil_optim"
-    shutil.copytree(trained, evil_optim)
-    optim_file = checkpoint.step_dir(evil_optim, 2) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    plant(optim_file, marker)
+    return evil, model_file, marker
 
+
+def test_a_pickled_payload_is_refused_by_every_tool(trained, tmp_path):
+    evil, model_file, marker = evil_copy(trained, tmp_path)
     for name in TOOLS:
         status, err = run_tool(name, evil, tmp_path / name)
         assert status == 2, (name, err)
@@ -76,6 +76,15 @@ def test_a_pickled_payload_is_refused_by_every_reader(trained, small_corpus, tmp
             "(trust_checkpoint: true in a config) to load it with full unpickling, which can run code"], name
         assert not marker.exists(), name
 
+
+@pytest.mark.slow
+def test_a_pickled_payload_is_refused_by_fine_tuning_and_resuming(trained, small_corpus, tmp_path):
+    evil, model_file, marker = evil_copy(trained, tmp_path)
+    # only DeepSpeed's resume reads the ZeRO shards: a payload there must be refused by it too
+    evil_optim = tmp_path / "evil_optim"
+    shutil.copytree(trained, evil_optim)
+    optim_file = checkpoint.step_dir(evil_optim, 2) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    plant(optim_file, marker)
     runs = run_trainings({
         "finetune": training_config(tmp_path / "finetune", small_corpus, evil, finetune=True),
         "resume": training_config(tmp_path / "resume", small_corpus, evil, finetune=False),
@@ -90,18 +99,18 @@ def test_a_pickled_payload_is_refused_by_every_reader(trained, small_corpus, tmp
     assert not marker.exists()
 
 
-def test_trust_checkpoint_loads_it_and_says_so(trained, small_corpus, tmp_path, caplog):
-    marker = tmp_path / "MARKER"
-    evil = tmp_path / "evil"
-    shutil.copytree(trained, evil)
-    model_file = weights_file(checkpoint.step_dir(evil, 2))
-    plant(model_file, marker)
+def test_trust_checkpoint_lets_a_tool_load_it_and_says_so(trained, tmp_path, caplog):
+    evil, model_file, marker = evil_copy(trained, tmp_path)
     caplog.clear()
     status, err = run_tool("convert", evil, tmp_path, "--trust-checkpoint")
     assert status == 0, err
     assert marker.exists()  # the user asked for it: the payload ran
     assert f"trust_checkpoint: unpickling '{model_file}' without restriction" in caplog.text
-    marker.unlink()
+
+
+@pytest.mark.slow
+def test_trust_checkpoint_lets_fine_tuning_load_it_and_says_so(trained, small_corpus, tmp_path):
+    evil, _, marker = evil_copy(trained, tmp_path)
     runs = run_trainings({"finetune": training_config(tmp_path / "ft", small_corpus, evil, finetune=True,
                                                       trust_checkpoint=True, train_iters=1)})
     status, out, err = runs["finetune"]

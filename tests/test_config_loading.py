@@ -66,6 +66,7 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(tmp_path / "nope.yml")
 
 
+@pytest.mark.slow
 def test_entry_point_prints_one_line_and_no_traceback(tmp_path):
     path = write(tmp_path, "bad.yml", "num_attention_head: 4\n")
     run = subprocess.run([PYTHON, "tools/model_summary.py", str(path)], cwd=REPO, capture_output=True, text=True)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy
+import pytest
 import torch
 
 from conftest import tiny_keys
@@ -27,6 +28,7 @@ def _prepare(out: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_demo_corpus_is_built_deterministically_and_trains(tmp_path, one_process):
     first, second = tmp_path / "one", tmp_path / "two"
     done = _prepare(first)

@@ -57,6 +57,7 @@ def test_evaluate_model_in_memory_restores_mode_and_rng(one_process, tmp_path):
     assert "| neox_prose | 0 | bits_per_byte |" in results_table(out)
 
 
+@pytest.mark.slow
 def test_eval_py_takes_tasks_batch_size_and_checkpoint_from_configs(one_process, tmp_path):
     trained_looking_checkpoint(tmp_path / "ckpt", seed=10)
     config = tmp_path / "eval.yml"
@@ -69,6 +70,7 @@ def test_eval_py_takes_tasks_batch_size_and_checkpoint_from_configs(one_process,
     assert "| neox_facts | 0 | acc |" in done.stdout
 
 
+@pytest.mark.slow
 def test_bad_input_gives_one_line_errors(one_process, tmp_path):
     trained_looking_checkpoint(tmp_path / "ckpt", seed=11)
     done = subprocess.run([PYTHON, "eval.py", "--checkpoint", str(tmp_path / "ckpt"), "--tasks", "neox_facts,nope"],

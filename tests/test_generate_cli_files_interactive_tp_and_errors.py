@@ -50,6 +50,7 @@ def run(*args, stdin=None, launcher=(PYTHON,)):
                           input=stdin)
 
 
+@pytest.mark.slow
 def test_input_file_jsonl_and_text_write_output_jsonl(ckpts, tmp_path):
     root, expected = ckpts
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
@@ -66,6 +67,7 @@ def test_input_file_jsonl_and_text_write_output_jsonl(ckpts, tmp_path):
         assert all(isinstance(r["text"], str) for r in records)
 
 
+@pytest.mark.slow
 def test_interactive_reads_stdin_until_eof(ckpts):
     root, expected = ckpts
     done = run("--checkpoint", root / "tp1", "--interactive", "--max-new-tokens", 8, "--json",

@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -25,6 +26,7 @@ def trained_looking_checkpoint(path, seed=0):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_greedy_generate_py_equals_transformers_generate(one_process, tmp_path):
     trained_looking_checkpoint(tmp_path / "ckpt")
     export_folder(tmp_path / "ckpt", tmp_path / "hf")
@@ -51,6 +53,7 @@ def test_kv_cache_decoding_equals_full_recomputation(one_process, tmp_path):
     assert cached == full
 
 
+@pytest.mark.slow
 def test_text_prompt_uses_the_checkpoint_tokenizer(one_process, tmp_path):
     """The config's vocab_file is gone after saving: a text prompt can only be encoded (and the output
     decoded) by the checkpoint's own tokenizer.json, and gives exactly the ids of that tokenizer."""

@@ -5,9 +5,12 @@ import io
 import re
 import subprocess
 
+import pytest
+
 from conftest import PYTHON, REPO
 
 
+@pytest.mark.slow
 def test_stablelm_config_has_2795443200_parameters_and_sizes_a_cluster():
     run = subprocess.run([PYTHON, "tools/model_summary.py", "configs/stablelm-3b-4e1t.yml", "--world-size", "256",
                           "--gpu", "A100", "--gpu-memory-gb", "40"], cwd=REPO, capture_output=True, text=True)

@@ -55,6 +55,7 @@ def _by_prefix(folder, prefix):
     return out
 
 
+@pytest.mark.slow
 def test_gradient_norms_add_up_to_deepspeeds_global_norm(logged_run):
     folder, _ = logged_run
     per_param, total = _by_prefix(folder, "gradient_norms/"), read_metrics(folder / "ckpt", "grad_norm")
@@ -64,6 +65,7 @@ def test_gradient_norms_add_up_to_deepspeeds_global_norm(logged_run):
         assert math.sqrt(sum(v * v for v in norms.values())) == pytest.approx(total[step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_parameter_norms_are_the_saved_weights_norms(logged_run):
     from neox_fork import checkpoint
 
@@ -76,6 +78,7 @@ def test_parameter_norms_are_the_saved_weights_norms(logged_run):
             assert value == pytest.approx(weights[name].double().norm().item(), rel=1e-5), (step, name)
 
 
+@pytest.mark.slow
 def test_optimizer_state_norms_after_one_step_are_adams_first_moment(logged_run):
     folder, _ = logged_run
     states, grads = _by_prefix(folder, "optimizer_state_norms/"), _by_prefix(folder, "gradient_norms/")
@@ -88,6 +91,7 @@ def test_optimizer_state_norms_after_one_step_are_adams_first_moment(logged_run)
     assert len([k for k in states[1] if k.endswith("_exp_avg_sq")]) == len(expected)
 
 
+@pytest.mark.slow
 def test_pct_grad_zeros_of_the_embedding_are_the_unseen_tokens(logged_run, small_corpus):
     from neox_fork.config import load_config
     from neox_fork.data.datasets import DataSettings, build_batch_iterator, build_datasets
@@ -124,6 +128,7 @@ def test_noise_scale_is_upstreams_estimate_worked_by_hand():
     assert gns.noise_scale == pytest.approx(tr / g2, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_noise_scale_is_logged_once_the_large_batch_is_complete(logged_run):
     folder, _ = logged_run
     logged = read_metrics(folder / "ckpt", "noise_scale")
@@ -131,6 +136,7 @@ def test_noise_scale_is_logged_once_the_large_batch_is_complete(logged_run):
     assert all(math.isfinite(v) for v in logged.values())
 
 
+@pytest.mark.slow
 def test_tensorboard_and_comet_get_the_same_metrics(logged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -158,6 +164,7 @@ def test_tensorboard_and_comet_get_the_same_metrics(logged_run):
     assert experiment.get("project_name") == "neoxtest" and sorted(experiment.get("tags", [])) == ["neox", "test"]
 
 
+@pytest.mark.slow
 def test_profile_writes_a_trace_of_the_profiled_steps(logged_run):
     folder, _ = logged_run
     traces = list((folder / "tb").glob("rank0*.pt.trace.json"))
@@ -167,6 +174,7 @@ def test_profile_writes_a_trace_of_the_profiled_steps(logged_run):
     assert steps, "the trace holds no profiled step"
 
 
+@pytest.mark.slow
 def test_memory_profiling_says_in_one_line_where_it_cannot_run(logged_run):
     folder, run = logged_run
     if torch.cuda.is_available():

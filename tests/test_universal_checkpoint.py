@@ -92,12 +92,16 @@ def assert_continues_ref(root, name):
         assert [got[it] for it in resumed] == [want[it] for it in resumed], key
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_tp2_sp_dp2_to_tp1_dp1_continues_the_run(runs):
     root, out, _ = runs
     assert f"(saved at TP=2 x DP=2) at TP=1 x DP=1, iteration {STOP} ({4 * STOP} samples consumed)" in out
     assert_continues_ref(root, "down")
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_tp1_zero1_to_tp2_dp2_zero2_continues_the_run(runs):
     root, _, out = runs
     assert f"(saved at TP=1 x DP=1) at TP=2 x DP=2, iteration {STOP}" in out
@@ -124,6 +128,8 @@ def _load_universal(rank, keys):
     return run.state.iteration, masters, weights
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_tp1_universal_loads_at_tp2_as_exactly_the_saved_masters(runs, small_corpus, tmp_path):
     """The sharp check of a TP increase: the TP=1 step's universal checkpoint loaded by a TP=2 run; its two
     ranks' fp32 masters merged back (checkpoint.merge_tp_shards, checked against TP=1 runs elsewhere) are bit
@@ -148,6 +154,8 @@ def test_tp1_universal_loads_at_tp2_as_exactly_the_saved_masters(runs, small_cor
         assert torch.equal(weights[name], weight), name
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_deepspeeds_converter_runs_unchanged_and_merges_as_our_layout(runs, tmp_path):
     """`python -m deepspeed.checkpoint.ds_to_universal` on TP=2 x DP=2 step folder: each parameter's fp32
     master rounds to the merged weight we saved (checkpoint.load_merged), every parameter is there."""
@@ -164,6 +172,8 @@ def test_deepspeeds_converter_runs_unchanged_and_merges_as_our_layout(runs, tmp_
         assert torch.equal(saved["param"].to(weight.dtype), weight), name
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_another_layout_without_load_universal_is_one_line(runs, small_corpus):
     root, _, _ = runs
     config = _config(root / "wrong", small_corpus, tp=2, load=str(root / "ref" / "ckpt"))
@@ -175,6 +185,8 @@ def test_another_layout_without_load_universal_is_one_line(runs, small_corpus):
         f"--input-dir {root / 'ref' / 'ckpt'}` and resume with load_universal: true") in run.stderr.splitlines()
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_universal_files_load_only_through_the_safe_reader(runs, tmp_path):
     """A payload in a converted file is refused before DeepSpeed reads it, and DeepSpeed's own
     torch.load(weights_only=False) refuses it too inside universal.safe_unpickling."""
