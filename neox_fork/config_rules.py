@@ -101,8 +101,7 @@ def validate(c: NeoXConfig) -> None:
         if getattr(c, key) < 1:
             fail(key, f"{key} must be at least 1, got {getattr(c, key)}")
     if c.pipe_parallel_size > 1:
-        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is not supported: pipeline "
-             "parallelism is not built; use 0 or 1 (tensor x data parallelism)")
+        _pipeline(c, fail)
     if c.hidden_size % c.num_attention_heads:
         divisors = [d for d in range(1, c.hidden_size + 1) if c.hidden_size % d == 0 and d <= 128]
         fail("num_attention_heads", f"num_attention_heads {c.num_attention_heads} does not divide hidden_size "
@@ -212,3 +211,19 @@ def _training_and_logging(c: NeoXConfig, fail) -> None:
              f"is that many steps), got {c.gradient_noise_scale_n_batches}")
     if c.weighted_sampler_alpha < 0:
         fail("weighted_sampler_alpha", f"weighted_sampler_alpha must be >= 0, got {c.weighted_sampler_alpha}")
+
+
+def _pipeline(c: NeoXConfig, fail) -> None:
+    """pipe_parallel_size > 1 (neox_fork/pipeline_stages.py)."""
+    if c.zero_stage > 1:
+        fail("zero_optimization", f"zero_optimization stage {c.zero_stage} with pipe_parallel_size "
+             f"{c.pipe_parallel_size}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only (stage 2 "
+             "partitions gradients while micro-batches are in flight); use stage 1")
+    method = c.pipe_partition_method
+    if not (method in ("uniform", "parameters") or method.startswith("type:")):
+        fail("pipe_partition_method", f"pipe_partition_method {method!r} is not one of uniform, parameters, "
+             "type:REGEX (e.g. type:transformer|mlp)")
+    entries = c.num_layers + 5
+    if c.pipe_parallel_size > entries:
+        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is more than the {entries} "
+             f"entries of a {c.num_layers}-layer model's layer list; use at most {entries} stages")

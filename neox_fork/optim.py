@@ -134,7 +134,12 @@ def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):
     optimizer = build_optimizer(c, model)
     scheduler = lambda opt: Schedule(opt, c)  # noqa: E731
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even of a single process
+    pipelined = c.pipe_parallel_size > 1  # a pipeline_stages.NeoXPipe: its topology is DeepSpeed's mpu
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(c, world), mpu=parallel.MPU(),
+                                           config=deepspeed_config(c, world), mpu=None if pipelined else parallel.MPU(),
                                            dist_init_required=False)
+    if pipelined:
+        from neox_fork.pipeline_stages import as_pipeline_engine
+
+        engine = as_pipeline_engine(engine)
     return engine
