@@ -223,6 +223,10 @@ def _pipeline(c: NeoXConfig, fail) -> None:
     if not (method in ("uniform", "parameters") or method.startswith("type:")):
         fail("pipe_partition_method", f"pipe_partition_method {method!r} is not one of uniform, parameters, "
              "type:REGEX (e.g. type:transformer|mlp)")
+    if c.checkpoint_validation_with_forward_pass:
+        fail("checkpoint_validation_with_forward_pass", "checkpoint_validation_with_forward_pass with "
+             f"pipe_parallel_size {c.pipe_parallel_size}: the check runs the whole model on one rank, which a "
+             "pipeline stage does not hold; unset it")
     entries = c.num_layers + 5
     if c.pipe_parallel_size > entries:
         fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is more than the {entries} "

@@ -58,9 +58,9 @@ def partition(method: str, names: list[str], params: list[int], stages: int) -> 
 
     method = method.lower()
     if method == "uniform":
-        return ds_utils.partition_uniform(num_items=len(names), num_parts=stages)
+        return [int(b) for b in ds_utils.partition_uniform(num_items=len(names), num_parts=stages)]
     if method == "parameters":
-        return ds_utils.partition_balanced(weights=params, num_parts=stages)
+        return [int(b) for b in ds_utils.partition_balanced(weights=params, num_parts=stages)]
     pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
     weights = [1 if pattern.search(name) else 0 for name in names]
     if not any(weights):
@@ -68,7 +68,7 @@ def partition(method: str, names: list[str], params: list[int], stages: int) -> 
 
         raise UserError(f"pipe_partition_method {method!r} matches none of the layer list's names "
                         f"({', '.join(dict.fromkeys(names))})")
-    return ds_utils.partition_balanced(weights=weights, num_parts=stages)
+    return [int(b) for b in ds_utils.partition_balanced(weights=weights, num_parts=stages)]
 
 
 # ---------------------------------------------------------------------- the stage's pieces

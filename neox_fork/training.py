@@ -347,7 +347,13 @@ def run_evaluations(run: Run, metrics: MetricsWriter) -> None:
         if _rank0():
             log.info("step %d: validation loss %.4f (ppl %.2f)", iteration, eval_loss, math.exp(min(eval_loss, 50)))
         metrics.write({"iteration": iteration, "eval_lm_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
-    task_metrics = evaluate_tasks(run.engine, run.c, run.tokenizer) if run.c.eval_tasks else {}
+    task_metrics = {}
+    if run.c.eval_tasks and run.c.pipe_parallel_size > 1:
+        if _rank0():
+            log.warning("eval_tasks are not run during pipelined training (no rank holds the whole model); run "
+                        "eval.py on the checkpoint")
+    elif run.c.eval_tasks:
+        task_metrics = evaluate_tasks(run.engine, run.c, run.tokenizer)
     if task_metrics:
         log.info("step %d: %s", iteration, ", ".join(f"{k} {v:.4f}" for k, v in task_metrics.items()))
         metrics.write({"iteration": iteration, **task_metrics})
