@@ -141,8 +141,18 @@ def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
     from neox_fork.optim import build_engine
     from neox_fork.training import train_step
 
+    import torch.distributed as dist
+
     model = build_model(config, vocab)
-    engine = build_engine(config, model, world=1)
+    module = model
+    if config.pipe_parallel_size > 1:  # the whole model's FLOPs and parameters, before the stage keeps its part
+        from neox_fork.pipeline_stages import build_pipeline
+
+        model.__dict__["whole_flops"] = flops.training_flops_per_token(model, config.seq_length,
+                                                                       config.activation_recompute)
+        model.__dict__["whole_parameters"] = sum(p.numel() for p in model.parameters())
+        module = build_pipeline(config, model)
+    engine = build_engine(config, module, world=dist.get_world_size())
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batches = itertools.repeat(batch)
     return model, lambda: train_step(engine, config, micro_batches, params)[0]
@@ -182,7 +192,17 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
     dtype = dtype or ("bf16" if device.type == "cuda" else config.dtype_name)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
-    parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo")
+    pp = max(config.pipe_parallel_size, 1)
+    if pp > 1 and path != "engine":
+        raise UserError(f"pipe_parallel_size {pp} needs --path engine (the model path times one process)")
+    # pipelined: one process per stage (torchrun --nproc_per_node P); otherwise one process
+    parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo", pipeline_parallel_size=pp)
+    if pp > 1:
+        import torch.distributed as dist
+
+        if dist.get_world_size() != pp:
+            raise UserError(f"--path engine with pipe_parallel_size {pp} runs one process per stage: start it "
+                            f"with torchrun --nproc_per_node {pp} (got {dist.get_world_size()} processes)")
     vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type,
                                                                  config.merge_file))
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
@@ -213,8 +233,8 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
             m.step_seconds.append(seconds)
 
     ours = runs[0][2]
-    fpt = flops.training_flops_per_token(ours, s, config.activation_recompute)
-    params = sum(p.numel() for p in ours.parameters())
+    fpt = ours.__dict__.get("whole_flops") or flops.training_flops_per_token(ours, s, config.activation_recompute)
+    params = ours.__dict__.get("whole_parameters") or sum(p.numel() for p in ours.parameters())
     peak = flops.device_peak_flops(device) if device.type == "cuda" else None
     results = {}
     for m, _, _ in runs:
@@ -223,8 +243,8 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
             "tokens_per_sec": tps,
             "step_seconds_median": m.median(),
             "step_seconds": m.step_seconds,
-            "mfu": flops.mfu(tps, fpt.model, 1, peak),
-            "hfu": flops.mfu(tps, fpt.hardware, 1, peak),
+            "mfu": flops.mfu(tps, fpt.model, pp, peak),
+            "hfu": flops.mfu(tps, fpt.hardware, pp, peak),
             "peak_memory_bytes": m.peak_memory_bytes,
             "loss": m.loss,
         }
@@ -258,6 +278,7 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
 
         out["deepspeed"] = deepspeed.__version__
         out["zero_stage"] = config.zero_stage
+        out["pipe_parallel_size"] = pp
     if compare_hf:
         import transformers
 

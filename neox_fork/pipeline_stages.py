@@ -211,7 +211,13 @@ class NeoXPipe(_pipe_module_class()):
         object.__setattr__(self, "_neox_tie", model.shape.tie_word_embeddings)
         super().__init__(entries, topology=topology, loss_fn=self.loss, partition_method="uniform",
                          dynamic_shape=True)  # sequence parallelism changes the shape between train and eval
-        self.neox = model
+        # the parameters under the model's own names (`layers.5.*`, as at P = 1: ZeRO shards, universal
+        # checkpoints and the optimizer's parameter names do not depend on P); the entries run from forward_funcs
+        self._modules.clear()
+        for name, child in model.named_children():
+            if child is not None:
+                self.add_module(name, child)
+        self.__dict__["neox"] = model
         self.nonfinite = False  # a non-finite loss in this step's micro-batches (the NaN guard)
         self.load_weights = None  # set by training_state.resume: fills the stage's weights from a checkpoint
 

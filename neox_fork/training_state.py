@@ -334,7 +334,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
     saved_tp = checkpoint.tp_size_of(folder)
-    saved_dp = len(checkpoint.rng_files(folder)) // saved_tp
+    saved_dp = len(checkpoint.rng_files(folder)) // (saved_tp * checkpoint.pp_size_of(folder))  # stage 0's first
     if saved_dp:
         source, same_tp_rank = universal.rng_source(parallel.tp_rank(), parallel.dp_rank(), saved_tp, saved_dp)
         restore_rng(folder / checkpoint.RNG_FILE.format(source), c.trust_checkpoint, tracker=same_tp_rank)

@@ -15,17 +15,23 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
-from neox_fork import checkpoint
+from neox_fork import checkpoint, universal
+from test_parallel_equivalence import LOSS_RTOL, LR, OPTIMIZER
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+
+# a 4-step schedule stopped after step 2 (exit_interval), no dropout: the universal resume continues it
+RUN = dict(train_iters=4, hidden_dropout=0.0, optimizer=OPTIMIZER)
 
 
 @pytest.fixture(scope="module")
 def pp2_tp2(tmp_path_factory, small_corpus):
     folder = tmp_path_factory.mktemp("pp2tp2")
-    config = write_train_config(folder, small_corpus, train_iters=2, pipe_parallel_size=2, model_parallel_size=2,
-                                make_vocab_size_divisible_by=128, gradient_accumulation_steps=2)
+    config = write_train_config(folder, small_corpus, exit_interval=2, pipe_parallel_size=2, model_parallel_size=2,
+                                make_vocab_size_divisible_by=128, gradient_accumulation_steps=2, **RUN)
     run_training(config, nproc=4)
+    assert checkpoint.read_latest(folder / "ckpt") == 2
     return folder / "ckpt"
 
 
@@ -63,6 +69,30 @@ def test_pp2_tp2_weights_load_at_pp1_and_pp4(tmp_path, small_corpus, pp2_tp2, np
     assert_same_weights(step0, pp2_tp2)
 
 
+def test_pp2_tp2_full_state_resumes_at_pp1_through_the_universal_checkpoint(tmp_path, small_corpus, pp2_tp2):
+    """Steps 3-4 resumed at one process from the universal checkpoint of the pipe 2 x tensor 2 run's step 2
+    equal one process trained 4 steps uninterrupted, within test_parallel_equivalence's bounds (TP sums in
+    another order; 1e-3 of lr a step on the weights, 1e-5 relative on the losses): the optimizer moments,
+    step count and LR schedule came back, not only the weights."""
+    universal.convert(pp2_tp2)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    run_training(write_train_config(resumed, small_corpus, load=str(pp2_tp2), load_universal=True,
+                                    train_micro_batch_size_per_gpu=4, **RUN))
+    one = tmp_path / "one"
+    one.mkdir()
+    run_training(write_train_config(one, small_corpus, train_micro_batch_size_per_gpu=4, **RUN))
+    got, want = read_metrics(resumed / "ckpt"), read_metrics(one / "ckpt")
+    assert sorted(got) == [3, 4]
+    for it in got:
+        assert abs(got[it] - want[it]) <= LOSS_RTOL * abs(want[it]), (it, got[it], want[it])
+    wa, _, _ = checkpoint.load_merged(resumed / "ckpt")
+    wb, _, _ = checkpoint.load_merged(one / "ckpt")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-3 * LR * 4, msg=name)
+
+
 def test_full_resume_at_another_pipe_size_is_one_line(tmp_path, small_corpus, pp2_tp2):
     config = write_train_config(tmp_path, small_corpus, train_iters=3, load=str(pp2_tp2))
     run = run_training(config, check=False)
@@ -95,3 +125,28 @@ def test_usr1_to_deepy_during_a_pipelined_run_saves_and_exits_zero(tmp_path, sma
     assert len(list(folder.glob("zero_pp_rank_0_mp_rank_*_optim_states.pt"))) == 2  # both stages saved
     state, _, _ = checkpoint.load_merged(ckpt)
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_generate_py_reads_a_pipelined_checkpoint(pp2_tp2, one_process):
+    """generate.py (greedy, one process) on the pipe 2 x tensor 2 checkpoint continues a prompt as the
+    merged weights do in a model built here, step by step without a cache."""
+    import json
+    from dataclasses import replace
+
+    from neox_fork.model import build_model
+
+    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(pp2_tp2), "--prompt-ids", "1,2,3",
+                          "--temperature", "0", "--max-new-tokens", "6", "--json"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[0])["token_ids"]
+    state, config, _ = checkpoint.load_merged(pp2_tp2)
+    rows = state["word_embeddings.weight"].shape[0]
+    model = build_model(replace(config, model_parallel_size=1, pipe_parallel_size=0, make_vocab_size_divisible_by=1,
+                                vocab_size=rows), perform_initialization=False)
+    model.load_state_dict(state, strict=False)
+    tokens = [1, 2, 3]
+    with torch.no_grad():
+        for _ in range(6):
+            tokens.append(int(model.eval()(torch.tensor([tokens]))[0, -1].argmax()))
+    assert got == tokens[3:]

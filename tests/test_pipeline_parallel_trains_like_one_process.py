@@ -8,8 +8,8 @@ those of test_parallel_equivalence.py: the stages compute the same operations on
 TP/DP sums change order. A skipped or wrong activation send, a lost or doubled layer, or a tied embedding whose
 two copies drift apart moves losses and weights far outside them.
 
-Which entries each stage holds is read from the ZeRO optimizer shard of each stage (`zero_pp_rank_0_mp_rank_XX`,
-XX = stage x TP + TP rank): DeepSpeed names its parameters by their index in the layer list. The expected
+Which entries each stage holds is read from the ZeRO optimizer shards of each stage (`zero_pp_rank_D_mp_rank_XX`,
+XX = stage x TP + TP rank), which name the parameters they hold (the model's names, `layers.1.*`). The expected
 stages are worked out by hand for the test model (2 layers, 7 entries: 0 embedding, 1 function, 2-3 layers,
 4 function, 5 final norm, 6 output layer; per-rank parameters 49152, 0, 53504, 53504, 0, 128, 49152).
 """
@@ -30,14 +30,28 @@ UNIFORM = [{0, 2, 3}, {5, 6}]
 
 
 def stage_entries(ckpt, stages: int, tp: int = 1) -> list[set[int]]:
-    """The layer-list entries whose parameters each stage's (TP rank 0, DP rank 0) optimizer shard holds."""
+    """The layer-list entries whose parameters each stage's optimizer shards (TP rank 0, all DP ranks: ZeRO-1
+    splits a stage's parameters over them) hold."""
     folder = checkpoint.resolve(ckpt)
     out = []
     for stage in range(stages):
-        shard = torch.load(folder / f"zero_pp_rank_0_mp_rank_{stage * tp:02d}_optim_states.pt", weights_only=False)
-        names = [n for group in shard["optimizer_state_dict"]["param_slice_mappings"] for n in group]
-        out.append({int(n.split(".")[0]) for n in names})
+        entries = set()
+        for path in folder.glob(f"zero_pp_rank_*_mp_rank_{stage * tp:02d}_optim_states.pt"):
+            shard = torch.load(path, weights_only=False)
+            names = [n for group in shard["optimizer_state_dict"]["param_slice_mappings"] for n in group]
+            entries |= {entry_of(n, stage) for n in names}
+        out.append(entries)
     return out
+
+
+def entry_of(name: str, stage: int) -> int:
+    """The layer-list entry (2 layers) of a parameter by its name; the embedding on a later stage is the tied
+    copy that closes the list."""
+    if name.startswith("layers."):
+        return 2 + int(name.split(".")[1])
+    if name.startswith("word_embeddings."):
+        return 0 if stage == 0 else 6
+    return {"final_norm": 5, "output_layer": 6}[name.split(".")[0]]
 
 
 @pytest.fixture(scope="module")
