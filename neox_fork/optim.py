@@ -101,8 +101,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or name.endswith(".bias") or ".qk_layernorm." in name else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether AdamW decays this parameter (param_groups' rule)."""
+    return not (p.dim() < 2 or name.endswith(".bias") or ".qk_layernorm." in name)
 
 
 def build_optimizer(c: NeoXConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

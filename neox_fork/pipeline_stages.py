@@ -146,6 +146,40 @@ class ParallelLinearPipe(_Piece):
         return hidden
 
 
+def _entry_of(name: str, num_layers: int) -> int:
+    if name.startswith("layers."):
+        return 2 + int(name.split(".")[1])
+    if name.startswith("final_norm."):
+        return num_layers + 3
+    if name.startswith("output_layer."):
+        return num_layers + 4
+    return 0  # word and position embeddings
+
+
+def check_optimizer_groups(model, names: list[str], parts: list[int]) -> None:
+    """Every stage must hold parameters of both AdamW groups (decayed matrices; norms and biases): DeepSpeed drops
+    an empty group, and stages with different group counts run different numbers of gradient-norm all-reduces,
+    which hangs the step. One line naming the stage instead (the same on every rank)."""
+    from neox_fork.errors import UserError
+    from neox_fork.optim import decays
+
+    n = model.shape.num_layers
+    kinds: dict[int, set[bool]] = {}
+    for name, p in model.named_parameters():
+        kinds.setdefault(_entry_of(name, n), set()).add(decays(name, p))
+    if model.shape.tie_word_embeddings:
+        kinds[n + 4] = {True}
+    for stage in range(len(parts) - 1):
+        held = set().union(*(kinds.get(i, set()) for i in range(parts[stage], parts[stage + 1])))
+        if held != {True, False}:
+            what = ", ".join(names[parts[stage]:parts[stage + 1]])
+            raise UserError(f"pipe_parallel_size {len(parts) - 1}: stage {stage} would hold only {what}, without "
+                            f"{'norms or biases' if True in held else 'weight matrices'}; DeepSpeed's ZeRO cannot "
+                            "step a stage that lacks one of the two optimizer groups. Use fewer stages, more layers, "
+                            "or a pipe_partition_method that gives every stage a transformer layer or the final "
+                            "norm with the output layer")
+
+
 def _keep_stage(model, keep: range) -> None:
     """Leave out of `model` what stage `keep` (a range of layer-list indices) does not run."""
     n = model.shape.num_layers
@@ -172,6 +206,7 @@ def build_pipeline(c, model):
     stages = c.pipe_parallel_size
     names = entry_names(c.num_layers, model.shape.tie_word_embeddings)
     parts = partition(c.pipe_partition_method, names, entry_parameters(model), stages)
+    check_optimizer_groups(model, names, parts)
     stage = parallel.pp_rank()
     keep = range(parts[stage], parts[stage + 1])
     _keep_stage(model, keep)

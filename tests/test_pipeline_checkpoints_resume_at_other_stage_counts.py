@@ -1,5 +1,6 @@
-"""A pipelined run's checkpoint is GPT-NeoX's per-layer layout: saved at pipe 2 x tensor 2, its weights load at
-pipe 1 and pipe 4 (`finetune: true`) unchanged; a full resume at another pipe size is one line naming the
+"""A pipelined run's checkpoint is GPT-NeoX's per-layer layout: saved at pipe 2 x tensor 2 (a 4-layer model),
+its weights load at pipe 1 and pipe 4 (`finetune: true`) unchanged, its full state resumes at one process
+through DeepSpeed's universal checkpoint; generate.py reads it; a full resume at another pipe size is one line naming the
 way there; SIGUSR1 to deepy during a pipelined run saves on every stage and exits 0.
 
 "Unchanged" is exact: the fine-tuning runs save their weights at iteration 0 (extra_save_iters), before any
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
 # a 4-step schedule stopped after step 2 (exit_interval), no dropout: the universal resume continues it
-RUN = dict(train_iters=4, hidden_dropout=0.0, optimizer=OPTIMIZER)
+RUN = dict(train_iters=4, hidden_dropout=0.0, optimizer=OPTIMIZER, num_layers=4)  # 4 layers: 4 stages fit
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +56,17 @@ def assert_same_weights(a, b):
 def test_pp2_tp2_save_is_upstreams_layer_layout(pp2_tp2):
     folder = checkpoint.resolve(pp2_tp2)
     layers = sorted(p.name for p in folder.glob("layer_*"))
-    # every layer-list entry with tensors (0, 2, 3, 5, 6; 1 the empty file ds_to_universal wants) per TP rank
-    assert layers == [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in (0, 1, 2, 3, 5, 6) for r in (0, 1)]
+    # every layer-list entry with tensors (0, 2-5, 7, 8; 1 the empty file ds_to_universal wants) per TP rank
+    assert layers == [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in (0, 1, 2, 3, 4, 5, 7, 8) for r in (0, 1)]
     # DeepSpeed's model states: one file per (stage, TP rank), as upstream's pipelined runs write them
     assert sorted(p.name for p in folder.glob("mp_rank_*")) == [f"mp_rank_{i:02d}_model_states.pt" for i in range(4)]
     assert checkpoint.tp_size_of(folder) == 2 and checkpoint.pp_size_of(folder) == 2
 
 
-@pytest.mark.parametrize("nproc, keys", [(1, {}), (4, dict(pipe_parallel_size=4, pipe_partition_method="uniform",
-                                                           gradient_accumulation_steps=4, train_micro_batch_size_per_gpu=1))])
+@pytest.mark.parametrize("nproc, keys", [(1, {}), (4, dict(pipe_parallel_size=4, gradient_accumulation_steps=4,
+                                                           train_micro_batch_size_per_gpu=1))])
 def test_pp2_tp2_weights_load_at_pp1_and_pp4(tmp_path, small_corpus, pp2_tp2, nproc, keys):
-    step0 = finetune_from(tmp_path, small_corpus, pp2_tp2, nproc, **keys)
+    step0 = finetune_from(tmp_path, small_corpus, pp2_tp2, nproc, num_layers=4, **keys)
     assert_same_weights(step0, pp2_tp2)
 
 

@@ -62,3 +62,18 @@ def test_world_size_must_hold_whole_pipelines():
     assert config.data_parallel_size(8) == 2
     with pytest.raises(UserError, match="pipe_parallel_size 2 x model_parallel_size 2 does not divide the world size 6"):
         config.check_world_size(6)
+
+
+def test_a_stage_without_one_of_the_optimizer_groups_is_one_line(one_process):
+    """A 2-layer model's 7 entries over 4 uniform stages ([0, 2, 4, 6, 7]) leave stage 0 the embedding alone
+    (no norm or bias): DeepSpeed would drop its empty optimizer group and the step would hang; 3 stages
+    ([0, 3, 5, 7]: embedding + layer 0, layer 1, norm + head) hold both groups on every stage."""
+    from neox_fork.model import build_model
+    from neox_fork.pipeline_stages import check_optimizer_groups, entry_parameters
+
+    model = build_model(from_dict(tiny_keys()))
+    names = entry_names(2, tied=False)
+    check_optimizer_groups(model, names, partition("uniform", names, entry_parameters(model), 3))
+    with pytest.raises(UserError, match="pipe_parallel_size 4: stage 0 would hold only EmbeddingPipe, "
+                                        "_pre_transformer_block, without norms or biases"):
+        check_optimizer_groups(model, names, partition("uniform", names, entry_parameters(model), 4))
