@@ -17,7 +17,6 @@ stages are worked out by hand for the test model (2 layers, 7 entries: 0 embeddi
 import pytest
 import torch
 
-from conftest import read_metrics  # noqa: F401 - the harness below reads metrics through it
 from neox_fork import checkpoint
 from test_parallel_equivalence import assert_same_losses, assert_same_weights, train
 
