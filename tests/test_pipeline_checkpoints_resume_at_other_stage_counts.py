@@ -78,11 +78,12 @@ def test_pp2_tp2_full_state_resumes_at_pp1_through_the_universal_checkpoint(tmp_
     universal.convert(pp2_tp2)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    run_training(write_train_config(resumed, small_corpus, load=str(pp2_tp2), load_universal=True,
-                                    train_micro_batch_size_per_gpu=4, **RUN))
+    same_vocab = dict(make_vocab_size_divisible_by=256, train_micro_batch_size_per_gpu=4)  # 768 rows, as at TP 2
+    run_training(write_train_config(resumed, small_corpus, load=str(pp2_tp2), load_universal=True, **same_vocab,
+                                    **RUN))
     one = tmp_path / "one"
     one.mkdir()
-    run_training(write_train_config(one, small_corpus, train_micro_batch_size_per_gpu=4, **RUN))
+    run_training(write_train_config(one, small_corpus, **same_vocab, **RUN))
     got, want = read_metrics(resumed / "ckpt"), read_metrics(one / "ckpt")
     assert sorted(got) == [3, 4]
     for it in got:
