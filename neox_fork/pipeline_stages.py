@@ -209,6 +209,10 @@ def build_pipeline(c, model):
     check_optimizer_groups(model, names, parts)
     stage = parallel.pp_rank()
     keep = range(parts[stage], parts[stage + 1])
+    # what ds_to_universal needs to merge each parameter's TP slices, for the whole model (every stage's file)
+    from neox_fork import universal
+
+    info = universal.checkpoint_info(dict(model.named_parameters()), model.shape.vocab_size)
     _keep_stage(model, keep)
     n, seq = c.num_layers, c.seq_length
     entries = []
@@ -228,7 +232,9 @@ def build_pipeline(c, model):
         else:
             entries.append(ParallelLinearPipe(model, seq))
     topology = PipeModelDataParallelTopology(num_pp=stages, num_mp=parallel.tp_size(), num_dp=parallel.dp_size())
-    return NeoXPipe(entries, parts, model, topology)
+    pipe = NeoXPipe(entries, parts, model, topology)
+    pipe.universal_info = info
+    return pipe
 
 
 def _pipe_module_class():
@@ -281,6 +287,9 @@ class NeoXPipe(_pipe_module_class()):
                 group = dist.new_group(ranks=ranks)
                 if self.global_rank in ranks:
                     self._tie = (group, ranks[0])
+        weight = self._tied_weight()
+        if weight is not None and self.stage_id != 0:  # the last stage's copy: counted once in the gradient norm
+            weight.ds_pipe_replicated = True
         return {}
 
     def _tied_weight(self):

@@ -125,7 +125,8 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
     module, layers = checkpoint.neox_weights(checkpoint.model_state(model), c, parallel.tp_size())
     # what DeepSpeed's ds_to_universal needs to merge each parameter's tensor-parallel slices
-    info = universal.checkpoint_info(dict(model.named_parameters()), model.shape.vocab_size)
+    info = getattr(engine.module, "universal_info", None) or universal.checkpoint_info(  # pipelined: whole model's
+        dict(model.named_parameters()), model.shape.vocab_size)
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module,
                     universal.INFO_KEY: info}
     if c.pipe_parallel_size > 1:  # DeepSpeed's pipeline engine saves `module: None` (each stage's layer files)
