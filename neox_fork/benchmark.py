@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from neox_fork import flops
 from neox_fork.config import NeoXConfig
@@ -144,7 +145,15 @@ def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
     from neox_fork.preference import Objective, make_reference
 
     model = build_model(config, vocab)
-    engine = build_engine(config, model, world=1)
+    module = model
+    if config.pipe_parallel_size > 1:  # the whole model's FLOPs and parameters, before the stage keeps its part
+        from neox_fork.pipeline_stages import build_pipeline
+
+        model.__dict__["whole_flops"] = flops.training_flops_per_token(model, config.seq_length,
+                                                                       config.activation_recompute)
+        model.__dict__["whole_parameters"] = sum(p.numel() for p in model.parameters())
+        module = build_pipeline(config, model)
+    engine = build_engine(config, module, world=dist.get_world_size())
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batches = itertools.repeat(batch)
     # train_impl dpo/kto: the frozen reference copy is built here too, so its memory and forward are measured
@@ -177,14 +186,12 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
         dtype: str | None = None, seed: int = 0) -> dict:
     """Measure and return a result dict (see `format_text` for the fields). On the engine path the
     precision is the config's (DeepSpeed's); `dtype` applies to the model path."""
-    from neox_fork import parallel
-
     check_comparable(config, path, compare_hf)
     if config.dataset_impl == "pairwise" and path != "engine":
         raise UserError(f"train_impl {config.train_impl} (pairwise data) is timed on --path engine only")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(config, path, dtype, device)
-    parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo")
+    _initialize(config, path, device)
     vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type,
                                                                  config.merge_file))
     tokens, labels = _random_batch(config, vocab, seed)
@@ -204,6 +211,19 @@ def _dtype(config: NeoXConfig, path: str, dtype: str | None, device: torch.devic
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     return dtype
+
+
+def _initialize(config: NeoXConfig, path: str, device: torch.device) -> None:
+    """Process groups: one process, or one per stage when pipelined (torchrun --nproc_per_node P)."""
+    from neox_fork import parallel
+
+    pp = max(config.pipe_parallel_size, 1)
+    if pp > 1 and path != "engine":
+        raise UserError(f"pipe_parallel_size {pp} needs --path engine (the model path times one process)")
+    parallel.initialize(1, "nccl" if device.type == "cuda" else "gloo", pipeline_parallel_size=pp)
+    if pp > 1 and dist.get_world_size() != pp:
+        raise UserError(f"--path engine with pipe_parallel_size {pp} runs one process per stage: start it "
+                        f"with torchrun --nproc_per_node {pp} (got {dist.get_world_size()} processes)")
 
 
 def _random_batch(config: NeoXConfig, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +270,7 @@ def _report(config: NeoXConfig, path: str, dtype: str, device: torch.device, run
     """The result dict: the run's setting, the model's size and FLOPs, and each model's measurements."""
     b, s = config.train_micro_batch_size_per_gpu, config.seq_length
     ours = runs[0][2]
-    fpt = flops.training_flops_per_token(ours, s, config.activation_recompute)
+    fpt = ours.__dict__.get("whole_flops") or flops.training_flops_per_token(ours, s, config.activation_recompute)
     peak = flops.device_peak_flops(device) if device.type == "cuda" else None
     results = {m.name: _model_results(m, config, path, fpt, peak) for m, _, _ in runs}
     out = {
@@ -265,7 +285,7 @@ def _report(config: NeoXConfig, path: str, dtype: str, device: torch.device, run
         "gradient_accumulation_steps": config.gradient_accumulation_steps if path == "engine" else 1,
         "seq_length": s,
         "vocab_size": ours.shape.vocab_size,
-        "parameters": sum(p.numel() for p in ours.parameters()),
+        "parameters": ours.__dict__.get("whole_parameters") or sum(p.numel() for p in ours.parameters()),
         "non_embedding_parameters": fpt.non_embedding_params,
         "checkpoint_activations": config.checkpoint_activations,
         "recompute": config.activation_recompute,
@@ -284,6 +304,7 @@ def _report(config: NeoXConfig, path: str, dtype: str, device: torch.device, run
 
         out["deepspeed"] = deepspeed.__version__
         out["zero_stage"] = config.zero_stage
+        out["pipe_parallel_size"] = max(config.pipe_parallel_size, 1)
     if "hf" in results:
         import transformers
 
@@ -302,8 +323,8 @@ def _model_results(m: Measurement, config: NeoXConfig, path: str, fpt, peak: flo
         "tokens_per_sec": tps,
         "step_seconds_median": m.median(),
         "step_seconds": m.step_seconds,
-        "mfu": flops.mfu(tps, fpt.model, 1, peak),
-        "hfu": flops.mfu(tps, fpt.hardware, 1, peak),
+        "mfu": flops.mfu(tps, fpt.model, max(config.pipe_parallel_size, 1), peak),
+        "hfu": flops.mfu(tps, fpt.hardware, max(config.pipe_parallel_size, 1), peak),
         "peak_memory_bytes": m.peak_memory_bytes,
         "loss": m.loss,
     }

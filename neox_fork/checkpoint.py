@@ -215,12 +215,13 @@ def tp_size_of(folder: Path) -> int:
     """The tensor-parallel size a step folder was saved at; a missing rank file is one clear line."""
     ranks = sorted(int(m[1]) for p in folder.glob("mp_rank_*_model_states.pt")
                    if (m := re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", p.name)))
-    expected = _saved_tp(folder)
-    n = max(expected or 1, ranks[-1] + 1 if ranks else 1)
-    missing = [r for r in range(n) if r not in ranks]
+    expected, pp = _saved_tp(folder), pp_size_of(folder)  # pipelined: one mp_rank file per (stage, TP rank)
+    files = max((expected or 1) * pp, ranks[-1] + 1 if ranks else 1)
+    n = max(files // pp, 1)
+    missing = [r for r in range(files) if r not in ranks]
     if missing:
         raise UserError(f"checkpoint file '{folder / MODEL_FILE.format(missing[0])}' is missing (the checkpoint has "
-                        f"{n} tensor-parallel ranks){_loadable_note(folder.parent, folder)}")
+                        f"{n} tensor-parallel ranks x {pp} pipeline stages){_loadable_note(folder.parent, folder)}")
     layers = _layer_files(folder)
     if layers:  # GPT-NeoX's per-layer files: every rank has every layer index
         indices = set().union(*(set(files) for files in layers.values()))
@@ -254,14 +255,24 @@ def _layer_files(folder: Path) -> dict[int, dict[int, Path]]:
     return found
 
 
-def _saved_tp(folder: Path) -> int | None:
-    """model_parallel_size from the step folder's config.yml, without validating the whole config."""
+def _saved_key(folder: Path, key: str) -> int | None:
+    """An integer key from the step folder's config.yml, without validating the whole config."""
     try:
         keys = yaml.safe_load((folder / CONFIG_FILE).read_text())
-        value = keys.get("model_parallel_size", keys.get("model-parallel-size"))
+        value = keys.get(key, keys.get(key.replace("_", "-")))
         return int(value) if value else None
     except Exception:  # noqa: BLE001 - no or unreadable config: count the files instead
         return None
+
+
+def _saved_tp(folder: Path) -> int | None:
+    """model_parallel_size from the step folder's config.yml."""
+    return _saved_key(folder, "model_parallel_size")
+
+
+def pp_size_of(folder: Path) -> int:
+    """The number of pipeline stages a step folder was saved with (1 for pipe_parallel_size 0 or 1)."""
+    return max(_saved_key(folder, "pipe_parallel_size") or 1, 1)
 
 
 # ---------------------------------------------------------------------- reading without running code
@@ -479,7 +490,7 @@ def neox_weights(state: dict[str, torch.Tensor], config: NeoXConfig, tp: int) ->
     """A rank's weights as GPT-NeoX writes them: (the mp_rank file's `module`, {layer index: tensors} for
     layer files). pipe_parallel_size >= 1: layer files, and an empty module (DeepSpeed's zero_to_fp32
     expects a dict there); 0: `sequential.{idx}.*` keys in the module, no layer files."""
-    layers = neox_layout.to_neox(state, qkv=qkv_groups(config, tp))
+    layers = neox_layout.to_neox(state, config.num_layers, qkv=qkv_groups(config, tp))
     if config.pipe_parallel_size >= 1:
         return {}, layers
     return neox_layout.to_sequential(layers), {}

@@ -63,7 +63,10 @@ def _key(default=None, doc: str = "", *, factory=None, no_effect: bool = False):
 class NeoXConfig:
     # --- parallelism ---
     pipe_parallel_size: int = _key(0, "0: one model, no PipelineModule; 1: the same model (gpt-neox then writes "
-                                      "per-layer checkpoint files); above 1 is refused (pipelining is not built)")
+                                      "per-layer checkpoint files); P > 1: the layers split into P pipeline stages "
+                                      "(DeepSpeed's pipeline engine, docs/parallelism.md)")
+    pipe_partition_method: str = _key("type:transformer|mlp", "how pipeline stages split GPT-NeoX's layer list: "
+                                      "type:REGEX (balance the layers whose class name matches), parameters, uniform")
     model_parallel_size: int = _key(1, "tensor-parallel size: ranks that split each weight matrix (megatron-core)")
     sequence_parallel: bool = _key(False, "split norm/dropout/residual activations over the tensor-parallel group "
                                           "along the sequence (megatron-core's sequence-parallel mode)")
@@ -493,7 +496,7 @@ class NeoXConfig:
                                  self.model_parallel_size)
 
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // self.model_parallel_size
+        return world_size // (self.model_parallel_size * max(self.pipe_parallel_size, 1))
 
     def global_batch_size(self, world_size: int) -> int:
         return (
@@ -522,7 +525,13 @@ class NeoXConfig:
                 f"{self.where('model_parallel_size')}: model_parallel_size {tp} does not divide "
                 f"the world size {world_size} (num_nodes x num_gpus); use a divisor of {world_size}"
             )
-        dp = world_size // tp
+        pp = max(self.pipe_parallel_size, 1)
+        if world_size % (tp * pp):
+            raise UserError(
+                f"{self.where('pipe_parallel_size')}: pipe_parallel_size {pp} x model_parallel_size {tp} does not "
+                f"divide the world size {world_size} (num_nodes x num_gpus); use sizes whose product divides it"
+            )
+        dp = self.data_parallel_size(world_size)
         if self.train_batch_size is not None and self.train_batch_size != self.global_batch_size(world_size):
             raise UserError(
                 f"{self.where('train_batch_size')}: train_batch_size {self.train_batch_size} != "
@@ -707,6 +716,8 @@ def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
     }
     if c.load_universal:
         ds["checkpoint"] = {"load_universal": True}
+    if c.pipe_parallel_size > 1:  # stages pass whole activations: each TP rank's own under sequence parallelism
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if c.dtype_name == "bf16":
         ds["bf16"] = {"enabled": True}
         ds["data_types"] = {"grad_accum_dtype": "fp32"}

@@ -116,7 +116,7 @@ def _architecture(c: NeoXConfig, fail) -> None:
 
 
 def _counts(c: NeoXConfig, fail) -> None:
-    """Counts that must be at least 1; no pipeline parallelism."""
+    """Counts that must be at least 1; a pipeline (pipe_parallel_size > 1) has its own checks."""
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
                 "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "model_parallel_size",
                 "mlp_multiple_of", "make_vocab_size_divisible_by", "checkpoint_num_layers", "log_interval",
@@ -124,8 +124,7 @@ def _counts(c: NeoXConfig, fail) -> None:
         if getattr(c, key) < 1:
             fail(key, f"{key} must be at least 1, got {getattr(c, key)}")
     if c.pipe_parallel_size > 1:
-        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is not supported: pipeline "
-             "parallelism is not built; use 0 or 1 (tensor x data parallelism)")
+        _pipeline(c, fail)
 
 
 def _sizes(c: NeoXConfig, fail) -> None:
@@ -302,3 +301,29 @@ def _post_training(c: NeoXConfig, fail) -> None:
     if c.dpo_beta <= 0 or c.kto_beta <= 0:
         key = "dpo_beta" if c.dpo_beta <= 0 else "kto_beta"
         fail(key, f"{key} must be positive, got {getattr(c, key)}")
+
+
+def _pipeline(c: NeoXConfig, fail) -> None:
+    """pipe_parallel_size > 1 (neox_fork/pipeline_stages.py)."""
+    if c.zero_stage > 1:
+        fail("zero_optimization", f"zero_optimization stage {c.zero_stage} with pipe_parallel_size "
+             f"{c.pipe_parallel_size}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only (stage 2 "
+             "partitions gradients while micro-batches are in flight); use stage 1")
+    method = c.pipe_partition_method
+    if not (method in ("uniform", "parameters") or method.startswith("type:")):
+        fail("pipe_partition_method", f"pipe_partition_method {method!r} is not one of uniform, parameters, "
+             "type:REGEX (e.g. type:transformer|mlp)")
+    if c.checkpoint_validation_with_forward_pass:
+        fail("checkpoint_validation_with_forward_pass", "checkpoint_validation_with_forward_pass with "
+             f"pipe_parallel_size {c.pipe_parallel_size}: the check runs the whole model on one rank, which a "
+             "pipeline stage does not hold; unset it")
+    if c.train_impl != "normal" or c.dataset_impl != "gpt2" or c.train_label_data_paths or c.pack_impl != "packed":
+        key = "train_impl" if c.train_impl != "normal" else "dataset_impl" if c.dataset_impl != "gpt2" else (
+            "train_label_data_paths" if c.train_label_data_paths else "pack_impl")
+        fail(key, f"{key} {getattr(c, key)!r} with pipe_parallel_size {c.pipe_parallel_size} is not built: the "
+             "pipeline stages train the plain language-model loss on packed data; use pipe_parallel_size 1 "
+             "(tensor and data parallelism) for fine-tuning with label masks and for dpo/kto/rm")
+    entries = c.num_layers + 5
+    if c.pipe_parallel_size > entries:
+        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is more than the {entries} "
+             f"entries of a {c.num_layers}-layer model's layer list; use at most {entries} stages")

@@ -37,8 +37,6 @@ REINFORCE = "only used by train_impl: reinforce (not built)"
 # key: (kind, upstream default, type, why)
 KEYS: dict[str, tuple[str, Any, Any, str]] = {
     # --- parallelism ---
-    "pipe_partition_method": (NO_EFFECT, "type:transformer|mlp", str, "how pipeline stages split the layers; "
-                                                                       "pipelining is not built"),
     "world_size": (DERIVED, None, int, "the number of ranks"),
     "is_pipe_parallel": (DERIVED, False, bool, "pipe_parallel_size >= 1"),
     # --- model ---

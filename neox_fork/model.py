@@ -390,12 +390,7 @@ class NeoXModel(nn.Module):
             start = kv_cache[0].length if kv_cache else 0
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
         sp = self.use_sequence_parallel(tokens.shape[1], full_sequence)
-        x = self.word_embeddings(tokens)
-        if self.shape.learned_positions:  # added to the whole sequence, before any split
-            x = x + self.position_embeddings(position_ids)
-        if sp:  # [b, s, h] -> this rank's [s/tp, b, h] slice, in its own memory (megatron's split is a view)
-            x = tp.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous()).clone()
-        x = self.embedding_dropout(x, sp)
+        x = self.embed(tokens, position_ids, sp)
         cos, sin = self.rotary(position_ids)
         chunk = self.shape.checkpoint_num_layers
         use_checkpoint = self.shape.checkpoint_activations and self.training and kv_cache is None
@@ -407,6 +402,19 @@ class NeoXModel(nn.Module):
                 x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, None, attention_mask)
             else:
                 x = _run_layers(group, x, self.rotary, cos, sin, caches, attention_mask)
+        return self.finish(x, sp)
+
+    def embed(self, tokens, position_ids, sp: bool):
+        """Token (+ learned position) embeddings, split over the sequence when `sp`, after dropout."""
+        x = self.word_embeddings(tokens)
+        if self.shape.learned_positions:  # added to the whole sequence, before any split
+            x = x + self.position_embeddings(position_ids)
+        if sp:  # [b, s, h] -> this rank's [s/tp, b, h] slice, in its own memory (megatron's split is a view)
+            x = tp.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous()).clone()
+        return self.embedding_dropout(x, sp)
+
+    def finish(self, x, sp: bool):
+        """The final norm, and the whole sequence [b, s, h] back when it was split (`sp`)."""
         x = self.final_norm(x)
         if sp:  # the head needs every position; its own backward all-reduce sums the TP ranks' parts
             x = tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False).transpose(0, 1)
@@ -481,7 +489,12 @@ class NeoXModel(nn.Module):
         At TP=1 when training, `fused.linear_cross_entropy` computes each chunk's gradients in the same pass
         (no recompute of the head); otherwise each chunk is checkpointed.
         """
-        hidden, labels, mask = self._flat_loss_inputs(tokens, labels, loss_mask, position_ids, segment_ids)
+        hidden = self.hidden_states(tokens, position_ids, segment_ids=segment_ids)
+        return self.loss_of_hidden(hidden, labels, loss_mask, denominator)
+
+    def loss_of_hidden(self, hidden, labels, loss_mask=None, denominator=None):
+        """`loss` from final-norm hidden states [b, s, h] (a pipeline's last stage starts here)."""
+        hidden, labels, mask = self._flat(hidden, labels, loss_mask)
         if torch.is_grad_enabled() and hidden.requires_grad and parallel_state.get_tensor_model_parallel_world_size() == 1:
             weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else self.output_layer.weight
             return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0],
@@ -509,12 +522,12 @@ class NeoXModel(nn.Module):
     def chunked_loss(self, tokens, labels, loss_mask=None, position_ids=None, segment_ids=None, denominator=None):
         """The loss as TP>1 computes it at any TP size: the head and vocab-parallel cross-entropy over
         chunks of `loss_chunk_tokens`, each checkpointed when training."""
-        return self._chunked_loss(*self._flat_loss_inputs(tokens, labels, loss_mask, position_ids, segment_ids),
-                                  denominator)
-
-    def _flat_loss_inputs(self, tokens, labels, loss_mask, position_ids=None, segment_ids=None):
-        """Final hidden states [1, b*s, h], labels [1, b*s] and the float loss mask [1, b*s] (ones if none)."""
         hidden = self.hidden_states(tokens, position_ids, segment_ids=segment_ids)
+        return self._chunked_loss(*self._flat(hidden, labels, loss_mask), denominator)
+
+    @staticmethod
+    def _flat(hidden, labels, loss_mask):
+        """Final hidden states [1, b*s, h], labels [1, b*s] and the float loss mask [1, b*s] (ones if none)."""
         b, s, h = hidden.shape
         labels = labels.reshape(1, b * s)
         mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.reshape(1, b * s).float()

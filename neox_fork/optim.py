@@ -101,8 +101,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or name.endswith(".bias") or ".qk_layernorm." in name else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether AdamW decays this parameter (param_groups' rule)."""
+    return not (p.dim() < 2 or name.endswith(".bias") or ".qk_layernorm." in name)
 
 
 def build_optimizer(c: NeoXConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -134,7 +139,12 @@ def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):
     optimizer = build_optimizer(c, model)
     scheduler = lambda opt: Schedule(opt, c)  # noqa: E731
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even of a single process
+    pipelined = c.pipe_parallel_size > 1  # a pipeline_stages.NeoXPipe: its topology is DeepSpeed's mpu
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(c, world), mpu=parallel.MPU(),
+                                           config=deepspeed_config(c, world), mpu=None if pipelined else parallel.MPU(),
                                            dist_init_required=False)
+    if pipelined:
+        from neox_fork.pipeline_stages import as_pipeline_engine
+
+        engine = as_pipeline_engine(engine)
     return engine

@@ -44,18 +44,25 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 10) -> N
         dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeout_minutes: int = 10) -> None:
-    """Process group plus TP/DP groups; idempotent for the same TP size."""
+def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeout_minutes: int = 10,
+               pipeline_parallel_size: int = 1) -> None:
+    """Process group plus TP/DP (and pipeline) groups; idempotent for the same sizes. Ranks are ordered
+    tensor fastest, then data, then pipeline stage: DeepSpeed's PipeModelDataParallelTopology orders them the
+    same way, so its pipeline groups and megatron-core's TP/DP groups hold the same ranks."""
     init_distributed(backend, timeout_minutes)
     world = dist.get_world_size()
-    if world % tensor_parallel_size:
-        raise UserError(f"model_parallel_size {tensor_parallel_size} does not divide the world size {world}")
+    pipeline_parallel_size = max(pipeline_parallel_size, 1)
+    if world % (tensor_parallel_size * pipeline_parallel_size):
+        raise UserError(f"model_parallel_size {tensor_parallel_size} x pipe_parallel_size {pipeline_parallel_size} "
+                        f"does not divide the world size {world}")
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size:
+        if (parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size
+                and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel_size):
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=False,
     )
@@ -147,6 +154,20 @@ def dp_rank() -> int:
 
 def dp_size() -> int:
     return parallel_state.get_data_parallel_world_size()
+
+
+def pp_rank() -> int:
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def reads_data() -> bool:
+    """Whether this rank reads training data: every rank without pipelining, else the first and last stages
+    (tokens in, labels and loss mask at the loss)."""
+    return pp_rank() in (0, pp_size() - 1)
 
 
 class MPU:

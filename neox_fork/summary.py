@@ -22,11 +22,14 @@ def checkpoint_bytes(parameters: int, dtype_name: str) -> int:
 
 
 def meta_model(config, vocab: int | None):
-    """The whole model (TP=1) built on the meta device: shapes and parameter counts, no memory."""
+    """The whole model (TP=1) built on the meta device: shapes and parameter counts, no memory. The vocabulary
+    stays padded for the configured TP size (GPT-NeoX-20B at TP 2: 50432 rows)."""
     parallel.initialize(1)
+    whole = dataclasses.replace(config, model_parallel_size=1, pipe_parallel_size=0,
+                                make_vocab_size_divisible_by=config.make_vocab_size_divisible_by
+                                * config.model_parallel_size)
     with torch.device("meta"):
-        return build_model(dataclasses.replace(config, model_parallel_size=1), vocab, perform_initialization=False,
-                           sizing_only=True)
+        return build_model(whole, vocab, perform_initialization=False, sizing_only=True)
 
 
 def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assumed_mfu=0.40) -> dict:
@@ -44,9 +47,10 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     fpt = flops.training_flops_per_token(model, seq, config.activation_recompute)
     model_fpt = fpt.model
 
-    def memory_at(micro_batch: int, checkpoint_activations: bool) -> dict[str, float]:
+    def memory_at(micro_batch: int, checkpoint_activations: bool, params: int = n, layers: int = config.num_layers,
+                  in_flight: int = 1) -> dict[str, float]:
         return flops.training_memory_bytes(
-            n, num_layers=config.num_layers, hidden_size=config.hidden_size, seq_length=seq,
+            params, num_layers=layers * in_flight, hidden_size=config.hidden_size, seq_length=seq,
             micro_batch=micro_batch, tp=tp, dp=dp, zero_stage=config.zero_stage, dtype=config.dtype_name,
             checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size,
             sequence_parallel=shape.sequence_parallel and tp > 1)
@@ -57,6 +61,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         micro_batch=config.train_micro_batch_size_per_gpu, checkpoint_activations=config.activation_recompute == "full")
         for sp in (False, True)}
     gbs = config.global_batch_size(world)
+    pipe = f"pipe {config.pipe_parallel_size} x " if config.pipe_parallel_size > 1 else ""
     peak = flops.PEAK_FLOPS.get(gpu)
     if peak is None:
         raise UserError(f"--gpu {gpu!r} is not in the peak table; valid: {', '.join(flops.PEAK_FLOPS)}")
@@ -71,7 +76,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"vocab(padded): {shape.vocab_size}  seq: {seq}",
         f"flops_per_token: {model_fpt}  ({model_fpt / 1e9:.2f} GFLOP = 6*N_non_embedding + 12*L*h*s + 6*V*h)",
         f"hardware_flops_per_token: {fpt.hardware}  (recompute: {fpt.recompute})",
-        f"parallelism: world {world} = tensor {tp} x data {dp} ({how}); ZeRO stage {config.zero_stage}; "
+        f"parallelism: world {world} = {pipe}tensor {tp} x data {dp} ({how}); ZeRO stage {config.zero_stage}; "
         f"{config.dtype_name}",
         f"global_batch: {gbs} sequences = {gbs * seq} tokens per step",
         "memory_per_gpu_gib: " + "  ".join(f"{k} {v / gib:.2f}" for k, v in mem.items()),
@@ -80,6 +85,8 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"estimate on {gpu} at {assumed_mfu:.0%} MFU: {tokens_per_gpu:,.0f} tokens/s per GPU, "
         f"{tokens_per_gpu * world:,.0f} tokens/s total, {gbs * seq / (tokens_per_gpu * world):.2f} s per step",
     ]
+    if config.pipe_parallel_size > 1:
+        lines += pipeline_lines(config, model, memory_at, config.activation_recompute == "full")
     ckpt_bytes = checkpoint_bytes(n, config.dtype_name)
     lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // n} bytes per parameter); "
                  f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "
@@ -95,6 +102,35 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     print("\n".join(lines))
     return {"parameters": n, "flops_per_token": model_fpt, "memory": mem, "checkpoint_bytes": ckpt_bytes,
             "activations_by_sequence_parallel": act}
+
+
+def pipeline_lines(config, model, memory_at, recompute: bool) -> list[str]:
+    """Per-stage parameters and memory of a pipelined config, and the 1F1B bubble.
+
+    Stages as pipeline_stages splits the layer list (whole-model counts for `parameters`; DeepSpeed balances one
+    TP rank's, in which replicated norms weigh a little more). Under 1F1B stage s keeps min(P - s, m)
+    micro-batches of activations (m = gradient_accumulation_steps); the idle fraction is (P - 1) / (m + P - 1).
+    """
+    from neox_fork.pipeline_stages import entry_names, entry_parameters, partition
+
+    stages, m = config.pipe_parallel_size, config.gradient_accumulation_steps
+    names = entry_names(config.num_layers, model.shape.tie_word_embeddings)
+    counts = entry_parameters(model)
+    parts = partition(config.pipe_partition_method, names, counts, stages)
+    gib = 2**30
+    lines = [f"pipeline: {stages} stages ({config.pipe_partition_method}), {m} micro-batches a step; bubble "
+             f"(P - 1) / (m + P - 1) = {(stages - 1) / (m + stages - 1):.1%} of each step idle"]
+    for s in range(stages):
+        first, stop = parts[s], parts[s + 1]
+        params = sum(counts[first:stop])
+        layers = sum(1 for name in names[first:stop] if name == "ParallelTransformerLayerPipe")
+        inflight = min(stages - s, m)
+        mem = memory_at(config.train_micro_batch_size_per_gpu, recompute, params, layers, inflight)
+        lines.append(f"  stage {s}: entries {first}-{stop - 1} ({layers} transformer layers), {params} parameters, "
+                     f"{inflight} micro-batches of activations; memory_per_gpu_gib total {mem['total'] / gib:.2f} "
+                     f"(weights {mem['weights'] / gib:.2f}, optimizer {mem['optimizer'] / gib:.2f}, "
+                     f"activations {mem['activations'] / gib:.2f})")
+    return lines
 
 
 def sizing_world(config, world_size: int | None = None) -> tuple[int, str]:

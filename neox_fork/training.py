@@ -138,6 +138,8 @@ class _FailingSamples(torch.utils.data.Dataset):
 def batches(dataset, c: NeoXConfig, consumed_samples: int):
     from neox_fork.data.datasets import build_batch_iterator
 
+    if not parallel.reads_data():  # a middle pipeline stage: activations come from the stage before
+        return iter(())
     fail_at = test_failure("data")
     if fail_at is not None:
         dataset = _FailingSamples(dataset, (fail_at - 1) * c.global_batch_size(dist.get_world_size()))
@@ -153,6 +155,10 @@ def batches(dataset, c: NeoXConfig, consumed_samples: int):
 def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -> float | None:
     if valid is None or not c.eval_iters:
         return None
+    if c.pipe_parallel_size > 1:
+        from neox_fork import pipeline_stages
+
+        return pipeline_stages.evaluate(engine, batches(valid, c, 0), c.eval_iters)
     engine.eval()
     it = batches(valid, c, 0)
     losses = []
@@ -233,6 +239,10 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
     The objective's metrics (DPO's rewards...), averaged over the micro-batches, go into `metrics`.
     Returns (mean loss on this rank, whether the update was skipped).
     tools/benchmark.py --path engine times exactly this."""
+    if c.pipe_parallel_size > 1:  # the micro-batches run in DeepSpeed's pipeline schedule
+        from neox_fork import pipeline_stages
+
+        return pipeline_stages.train_step(engine, micro_batches, before_update)
     n = c.gradient_accumulation_steps
     objective = objective or Objective(c)
     losses, finite = [], []
@@ -283,12 +293,14 @@ class Run:
     state: TrainState
     world: int
     objective: Objective
+    flops_per_token: flops.FlopsPerToken  # of the whole model (counted before a pipeline stage keeps its part)
 
 
 def setup(c: NeoXConfig) -> Run:
     """Process groups, seed, tokenizer, data, model, engine, and the state resumed from `load`."""
     c = universal.resolve_load(c)  # before the engine: DeepSpeed takes load_universal when it is built
-    parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes)
+    parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes,
+                        c.pipe_parallel_size)
     world = dist.get_world_size()
     placement_log.info("rank %d/%d on host %s: local rank %s, pid %d, tensor-parallel rank %d, data-parallel rank %d",
                        dist.get_rank(), world, socket.gethostname(), os.environ.get("LOCAL_RANK", "0"), os.getpid(),
@@ -310,11 +322,18 @@ def setup(c: NeoXConfig) -> Run:
         c = train_iters_for_epochs(c, tokenizer, world)
     train_data, valid_data = build_data(c, tokenizer, world)
     model = build_model(c, tokenizer.vocab_size)
-    engine = build_engine(c, model, world)
+    flops_per_token = flops.training_flops_per_token(model, c.seq_length, c.activation_recompute, parallel.tp_size())
+    if c.pipe_parallel_size > 1:  # `model` keeps this stage's part; the engine trains the stage
+        from neox_fork.pipeline_stages import build_pipeline
+
+        engine = build_engine(c, build_pipeline(c, model), world)
+    else:
+        engine = build_engine(c, model, world)
     state = TrainState()
     resume(engine, model, c, state)
     state.reference = reference_for_run(c, engine.module, state.resumed_from)
-    return Run(c, engine, model, tokenizer, train_data, valid_data, state, world, Objective(c, state.reference))
+    return Run(c, engine, model, tokenizer, train_data, valid_data, state, world, Objective(c, state.reference),
+               flops_per_token)
 
 
 class Progress:
@@ -323,7 +342,7 @@ class Progress:
     def __init__(self, run: Run, metrics: MetricsWriter):
         c, model = run.c, run.model
         self.run, self.metrics = run, metrics
-        self.flops_per_token = flops.training_flops_per_token(model, c.seq_length, c.activation_recompute, parallel.tp_size())
+        self.flops_per_token = run.flops_per_token
         self.peak = flops.device_peak_flops()
         self.tokens_per_step = c.global_batch_size(run.world) * c.seq_length
         self.started = self.window_start = time.time()
@@ -401,7 +420,13 @@ def run_evaluations(run: Run, metrics: MetricsWriter) -> None:
         if _rank0():
             log.info("step %d: validation loss %.4f (ppl %.2f)", iteration, eval_loss, math.exp(min(eval_loss, 50)))
         metrics.write({"iteration": iteration, "eval_lm_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
-    task_metrics = evaluate_tasks(run.engine, run.c, run.tokenizer) if run.c.eval_tasks else {}
+    task_metrics = {}
+    if run.c.eval_tasks and run.c.pipe_parallel_size > 1:
+        if _rank0():
+            log.warning("eval_tasks are not run during pipelined training (no rank holds the whole model); run "
+                        "eval.py on the checkpoint")
+    elif run.c.eval_tasks:
+        task_metrics = evaluate_tasks(run.engine, run.c, run.tokenizer)
     if task_metrics:
         log.info("step %d: %s", iteration, ", ".join(f"{k} {v:.4f}" for k, v in task_metrics.items()))
         metrics.write({"iteration": iteration, **task_metrics})

@@ -30,6 +30,15 @@ def _rank0() -> bool:
     return dist.get_rank() == 0
 
 
+def _model_of(engine, c: NeoXConfig):
+    """The NeoXModel the engine trains (this pipeline stage's part of it when pipelined)."""
+    if c.pipe_parallel_size > 1:
+        from neox_fork.pipeline_stages import model_of
+
+        return model_of(engine)
+    return engine.module
+
+
 @dataclass
 class TrainState:
     iteration: int = 0
@@ -114,19 +123,27 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     if _rank0():
         checkpoint.start_partial(ckpt_dir, state.iteration)
     dist.barrier()
+    model = _model_of(engine, c)
     # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
-    module, layers = checkpoint.neox_weights(checkpoint.model_state(engine.module), c, parallel.tp_size())
+    module, layers = checkpoint.neox_weights(checkpoint.model_state(model), c, parallel.tp_size())
     # what DeepSpeed's ds_to_universal needs to merge each parameter's tensor-parallel slices
-    info = universal.checkpoint_info(dict(engine.module.named_parameters()), engine.module.shape.vocab_size)
+    info = getattr(engine.module, "universal_info", None) or universal.checkpoint_info(  # pipelined: whole model's
+        dict(model.named_parameters()), model.shape.vocab_size)
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module,
                     universal.INFO_KEY: info}
-    if c.checkpoint_validation_with_forward_pass:
+    if c.pipe_parallel_size > 1:  # DeepSpeed's pipeline engine saves `module: None` (each stage's layer files)
+        del client_state["module"]
+    elif c.checkpoint_validation_with_forward_pass:
         client_state[VALIDATION_KEY] = validation_logits(engine.module, c)
     with _without_optimizer_states(engine, c.no_save_optim):
         engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
     fail_if_asked("save", state.iteration)
     if layers:  # index 1 is a function, so GPT-NeoX writes no file for it; ds_to_universal refuses a folder without
         layers = {**layers, 1: {}}  # a layer_01 file, so an empty one is written (every reader skips it)
+    if c.pipe_parallel_size > 1:  # each stage writes its own entries of the layer list
+        from neox_fork.pipeline_stages import stage_files
+
+        layers = stage_files(engine, layers)
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
         if state.reference is not None:
@@ -269,6 +286,11 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         log.info("fine-tuning from the weights of %s", folder)
         return
     saved_dp = checkpoint.dp_size_of(folder)
+    saved_pp, pp = checkpoint.pp_size_of(folder), max(c.pipe_parallel_size, 1)
+    if saved_pp != pp:
+        raise UserError(f"checkpoint {folder} was saved at pipe_parallel_size {saved_pp} but this run uses {pp}; "
+                        "take its weights with finetune: true, or its full state through the universal checkpoint "
+                        f"(`python tools/ckpts/to_universal.py --input-dir {c.load}`, then load_universal: true)")
     if saved_tp != parallel.tp_size() or saved_dp not in (None, parallel.dp_size()):
         raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} x {saved_dp or 'any'} "
                         f"data-parallel ranks but this run uses {parallel.tp_size()} x {parallel.dp_size()}; to "
@@ -284,10 +306,13 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     if load_optim and (folder / NO_OPTIMIZER_FILE).is_file():
         raise UserError(f"{folder} was saved with no_save_optim (it holds no optimizer states); resume from it with "
                         "no_load_optim: true")
-    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, custom_load_fn=load_weights,
+    custom = {"custom_load_fn": load_weights}
+    if c.pipe_parallel_size > 1:  # DeepSpeed's pipeline engine reads the module through the stage (NeoXPipe)
+        engine.module.load_weights, custom = lambda: copy_weights(model, None, folder, c.trust_checkpoint), {}
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, **custom,
                                              load_optimizer_states=load_optim, load_lr_scheduler_states=load_optim,
                                              load_module_only=not load_optim)
-    if c.checkpoint_validation_with_forward_pass:
+    if c.checkpoint_validation_with_forward_pass and c.pipe_parallel_size <= 1:
         check_validation_logits(engine.module, c, client_state.get(VALIDATION_KEY), folder)
     if not load_optim:
         log.info("no_load_optim: optimizer states and LR schedule start fresh")
@@ -321,7 +346,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     state.last_saved = state.iteration
     state.resumed_from = folder  # tools/ckpts/to_universal.py copies the step's reference/ into it
     saved_tp = checkpoint.tp_size_of(folder)
-    saved_dp = len(checkpoint.rng_files(folder)) // saved_tp
+    saved_dp = len(checkpoint.rng_files(folder)) // (saved_tp * checkpoint.pp_size_of(folder))  # stage 0's first
     if saved_dp:
         source, same_tp_rank = universal.rng_source(parallel.tp_rank(), parallel.dp_rank(), saved_tp, saved_dp)
         restore_rng(folder / checkpoint.RNG_FILE.format(source), c.trust_checkpoint, tracker=same_tp_rank)

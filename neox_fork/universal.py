@@ -103,14 +103,17 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     if checkpoint.dp_size_of(folder) is None:
         raise UserError(f"checkpoint {folder} has no ZeRO optimizer shards (saved with zero_optimization stage 0?); "
                         "Universal Checkpointing converts checkpoints of ZeRO stage 1 or 2")
-    models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp)]
-    first = checkpoint.read_file(models[0], trust, mmap=True)
-    if not isinstance(first, dict) or INFO_KEY not in first:
-        raise UserError(f"checkpoint file '{models[0]}' carries no {INFO_KEY} (saved by an older neox_fork or by "
-                        "gpt-neox); resume it at its own layout and save again to convert it")
-    for f in [*models[1:], *sorted(folder.glob("*optim_states.pt"))]:
+    # one model states file per (pipeline stage, TP rank); each names the parameters its stage holds
+    models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp * checkpoint.pp_size_of(folder))]
+    names: set[str] = set()
+    for path in models:
+        states = checkpoint.read_file(path, trust, mmap=True)
+        if not isinstance(states, dict) or INFO_KEY not in states:
+            raise UserError(f"checkpoint file '{path}' carries no {INFO_KEY} (saved by an older neox_fork or by "
+                            "gpt-neox); resume it at its own layout and save again to convert it")
+        names |= {name for group in states.get("param_shapes", []) for name in group}
+    for f in sorted(folder.glob("*optim_states.pt")):
         checkpoint.read_file(f, trust, mmap=True)
-    names = {name for group in first.get("param_shapes", []) for name in group}
     out = checkpoint.universal_dir(folder.parent, n)
     # written inside a private folder, where the converter's own `latest_universal` lands too
     work = Path(tempfile.mkdtemp(prefix=".to_universal.", dir=folder.parent))

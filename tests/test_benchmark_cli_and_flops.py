@@ -126,6 +126,33 @@ def test_benchmark_engine_path_runs_the_training_step(tmp_path):
     assert row in table.stdout, table.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_benchmark_engine_path_runs_a_two_stage_pipeline(tmp_path):
+    """--path engine with pipe_parallel_size 2 under torchrun (one process per stage): it reports the whole
+    model (the same parameters and FLOPs as one process: configs/tiny.yml at vocabulary 1024 has 3,740,160),
+    the step's tokens over both micro-batches, and a finite loss; rank 1 prints nothing."""
+    from neox_fork.launch import free_port
+
+    overlay = tmp_path / "pp2.yml"
+    overlay.write_text("pipe_parallel_size: 2\ngradient_accumulation_steps: 2\nnum_gpus: 2\n")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "tools/benchmark.py", "--config", "configs/tiny.yml", str(overlay), "--path", "engine", "--steps", "2",
+           "--warmup", "1", "--micro-batch", "1", "--seq-length", "64", "--vocab-size", "1000", "--json"]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[0])
+    assert len(run.stdout.splitlines()) == 1
+    assert result["pipe_parallel_size"] == 2 and result["gradient_accumulation_steps"] == 2
+    config = load_config("configs/tiny.yml", overrides={"vocab_size": 1000, "seq_length": 64,
+                                                        "max_position_embeddings": 64})
+    whole = meta_model(config, None)
+    assert result["parameters"] == sum(p.numel() for p in whole.parameters()) == 3740160
+    r = result["ours"]
+    assert 0 < r["loss"] < 20
+    assert r["tokens_per_sec"] == pytest.approx(2 * 1 * 64 / r["step_seconds_median"])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--path", "engine", "--compare", "hf"], "--compare hf needs --path model"),
     (["--compare", "hf", "--checkpoint-activations", "selective"], "transformers has no selective recompute"),

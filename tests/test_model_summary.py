@@ -97,3 +97,24 @@ def test_a_tensor_parallel_config_is_sized_on_the_smallest_world_it_needs(tmp_pa
     gpus = tmp_path / "neoxkeys_gpus.yml"
     gpus.write_text("num_gpus: 4\nnum_nodes: 3\n")
     assert sizing_world(load_config(config, vocab, gpus))[0] == 12
+
+
+def test_gpt_neox_20b_config_loads_has_20554567680_parameters_and_sizes_its_pipeline():
+    """Upstream's configs/20B.yml (pipe 4 x tensor 2): 44 x (12 x 6144^2 + 13 x 6144) + 2 x 50432 x 6144
+    + 2 x 6144 = 20,554,567,680 with the vocabulary padded to a multiple of 128 x TP 2 (50432 rows). Its
+    stages hold every parameter once (no tied embedding), and 32 micro-batches over 4 stages leave
+    3 / 35 = 8.6 % of a step idle."""
+    run = subprocess.run([PYTHON, "tools/model_summary.py", "configs/20B.yml"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert 44 * (12 * 6144**2 + 13 * 6144) + 2 * 50432 * 6144 + 2 * 6144 == 20554567680
+    assert re.search(r"^parameters: 20554567680$", out, re.M)
+    assert "world 8 = pipe 4 x tensor 2 x data 1" in out
+    assert "bubble (P - 1) / (m + P - 1) = 8.6% of each step idle" in out
+    stages = re.findall(r"^  stage (\d): entries (\d+)-(\d+) \((\d+) transformer layers\), (\d+) parameters", out, re.M)
+    assert [int(s[0]) for s in stages] == [0, 1, 2, 3]
+    assert sum(int(s[4]) for s in stages) == 20554567680
+    assert sum(int(s[3]) for s in stages) == 44
+    assert int(stages[0][1]) == 0 and int(stages[-1][2]) == 44 + 4  # the whole layer list, in order
+    assert all(int(a[2]) + 1 == int(b[1]) for a, b in zip(stages, stages[1:]))

@@ -1,8 +1,8 @@
 """deepy.py with a hostfile really starts ranks on two hosts (network namespaces made by
 scripts/fake_cluster.sh, each with its own address, hostname and sshd, sharing this file system):
 
-* DeepSpeed's pdsh runner over ssh: DP=2 and TP=2 across node1 and node2 train exactly like one process
-  (the bars of tests/test_parallel_equivalence.py), and every rank logs its host;
+* DeepSpeed's pdsh runner over ssh: DP=2, TP=2 and two pipeline stages across node1 and node2 train exactly
+  like one process (the bars of tests/test_parallel_equivalence.py), and every rank logs its host;
 * killing the rank on node2 fails the whole job within seconds, with a line naming that rank and host, and
   no process stays behind on either host;
 * SIGUSR1 to deepy reaches the ranks on both hosts, which save one checkpoint together and stop (exit 0);
@@ -77,6 +77,23 @@ def test_multinode_pdsh_two_hosts_train_like_one_process(cluster, tmp_path, smal
     # is gloo's, on one host DeepSpeed's shared-memory all-reduce, and a last-bit difference in a gradient
     # near zero moves Adam's update of that weight by up to lr (3e-3) per step.
     equivalence.assert_same_losses(ckpt, single)
+
+
+def test_multinode_pdsh_two_hosts_pipeline_stages_train_like_one_process(cluster, tmp_path, small_corpus, single):
+    """pipe_parallel_size 2 over the two hosts: stage 0 on node1, stage 1 on node2, so every micro-batch's
+    activations and gradients cross between hosts (gloo over the namespaces' network); two micro-batches in
+    flight a step. Losses to the one-process bar, as above."""
+    config = cluster_config(tmp_path / "run", small_corpus, pipe_parallel_size=2, gradient_accumulation_steps=2)
+    run = deepy_on_node1(cluster, config, cluster.hostfile(slots=1))
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    assert "rank 0/2 on host node1" in out and "rank 1/2 on host node2" in out
+    folder = checkpoint.resolve(tmp_path / "run" / "ckpt")
+    # one model states file and one ZeRO shard per stage: each host's rank saved its own stage
+    assert sorted(p.name for p in folder.glob("mp_rank_*_model_states.pt")) == ["mp_rank_00_model_states.pt",
+                                                                               "mp_rank_01_model_states.pt"]
+    assert len(list(folder.glob("zero_pp_rank_0_mp_rank_*_optim_states.pt"))) == 2
+    equivalence.assert_same_losses(tmp_path / "run" / "ckpt", single)
 
 
 def start_deepy(cluster, config, log_path):
