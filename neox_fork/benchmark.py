@@ -140,20 +140,19 @@ def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
     """The train.py step on `batch` (one micro-batch, reused for every accumulation step)."""
     from neox_fork.model import build_model
     from neox_fork.optim import build_engine
+    from neox_fork.preference import Objective, make_reference
     from neox_fork.training import train_step
 
-    from neox_fork.preference import Objective, make_reference
-
     model = build_model(config, vocab)
-    module = model
     if config.pipe_parallel_size > 1:  # the whole model's FLOPs and parameters, before the stage keeps its part
-        from neox_fork.pipeline_stages import build_pipeline
+        from neox_fork.pipeline_stages import build_pipeline_engine
 
         model.__dict__["whole_flops"] = flops.training_flops_per_token(model, config.seq_length,
                                                                        config.activation_recompute)
         model.__dict__["whole_parameters"] = sum(p.numel() for p in model.parameters())
-        module = build_pipeline(config, model)
-    engine = build_engine(config, module, world=dist.get_world_size())
+        engine = build_pipeline_engine(config, model, world=dist.get_world_size())
+    else:
+        engine = build_engine(config, model, world=dist.get_world_size())
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batches = itertools.repeat(batch)
     # train_impl dpo/kto: the frozen reference copy is built here too, so its memory and forward are measured

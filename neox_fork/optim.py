@@ -143,8 +143,4 @@ def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(c, world), mpu=None if pipelined else parallel.MPU(),
                                            dist_init_required=False)
-    if pipelined:
-        from neox_fork.pipeline_stages import as_pipeline_engine
-
-        engine = as_pipeline_engine(engine)
-    return engine
+    return engine  # pipelined: pipeline_stages.build_pipeline_engine gives it the stages' step rules

@@ -364,8 +364,12 @@ def _engine_class():
     return NeoXPipelineEngine
 
 
-def as_pipeline_engine(engine):
-    """The engine deepspeed.initialize made for a NeoXPipe, with our step rules (NeoXPipelineEngine)."""
+def build_pipeline_engine(c, model, world: int):
+    """This rank's stage of `model` (the whole model, built on every rank) in DeepSpeed's pipeline engine,
+    with our step rules (NeoXPipelineEngine)."""
+    from neox_fork.optim import build_engine
+
+    engine = build_engine(c, build_pipeline(c, model), world)
     engine.__class__ = _engine_class()
     return engine
 

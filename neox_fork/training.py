@@ -324,9 +324,9 @@ def setup(c: NeoXConfig) -> Run:
     model = build_model(c, tokenizer.vocab_size)
     flops_per_token = flops.training_flops_per_token(model, c.seq_length, c.activation_recompute, parallel.tp_size())
     if c.pipe_parallel_size > 1:  # `model` keeps this stage's part; the engine trains the stage
-        from neox_fork.pipeline_stages import build_pipeline
+        from neox_fork.pipeline_stages import build_pipeline_engine
 
-        engine = build_engine(c, build_pipeline(c, model), world)
+        engine = build_pipeline_engine(c, model, world)
     else:
         engine = build_engine(c, model, world)
     state = TrainState()
