@@ -21,7 +21,8 @@ import argparse
 import json
 import os
 
-from neox_fork.config.neox_config import deepspeed_config, load_config
+from neox_fork.config.ds_config import deepspeed_config
+from neox_fork.config.loading import load_config
 from neox_fork.errors import exit_on_user_error
 from neox_fork.launch.launcher import launch, plan_launch
 

@@ -18,7 +18,7 @@ import argparse
 import os
 from datetime import datetime
 
-from neox_fork.config.neox_config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.errors import UserError, exit_on_user_error
 from neox_fork.launch.launcher import hub_offline
 from neox_fork.checkpoint.safe_unpickle import add_trust_argument

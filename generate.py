@@ -32,7 +32,7 @@ import sys
 import torch.distributed as dist
 
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.data.chat import checkpoint_chat_tokenizer
 from neox_fork.errors import UserError, exit_on_user_error
 from neox_fork.inference.generation import (SamplingParams, chat_replies, generate, generate_from_config, interactive_prompts,

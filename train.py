@@ -8,7 +8,7 @@ and exits at once (neox_fork.errors.exit_on_rank_failure): status 2 for a one-li
 
 import argparse
 
-from neox_fork.config.neox_config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.errors import exit_on_rank_failure
 from neox_fork.launch.launcher import hub_offline
 from neox_fork.training.loop import pretrain

@@ -28,7 +28,7 @@ def build_save_and_run(rank, keys: dict, folder: str):
     folder/rank{rank}.pt and return its logits on fixed tokens: for TP merge tests (run_distributed)."""
     from neox_fork.checkpoint import store as checkpoint
     from neox_fork.parallel import groups as parallel
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.model.transformer import build_model
 
     config = from_dict(keys)

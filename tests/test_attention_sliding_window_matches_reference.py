@@ -12,7 +12,7 @@ from transformers.masking_utils import sliding_window_causal_mask_function
 
 from conftest import tiny_keys
 from neox_fork.model.attention import attention, band
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
 from neox_fork.model.transformer import build_model
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import PYTHON, REPO
 from neox_fork.perf import flops
-from neox_fork.config.neox_config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.perf.summary import meta_model
 
 
@@ -56,7 +56,7 @@ def test_tiny_flops_per_token_by_hand():
 def test_flops_count_a_tensor_parallel_shard_as_the_whole_model(one_process):
     """A TP=2 rank holds half of each sharded matrix and all of each norm: counted back to the whole."""
     from conftest import tiny_keys
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.model.transformer import build_model
 
     config = from_dict(tiny_keys())

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from conftest import NEOX_TOKENIZER, REPO, tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data.chat import write_chat_tokenizer
 from neox_fork.checkpoint.hf import export_folder
 from neox_fork.model.transformer import build_model

@@ -21,7 +21,7 @@ import yaml
 from checkpoint_readers import run_trainings, training_config
 from conftest import tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.checkpoint.hf import export_folder
 from neox_fork.model.transformer import build_model
 from neox_fork.training.optim import lr_at

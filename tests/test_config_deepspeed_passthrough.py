@@ -7,7 +7,8 @@ import torch
 
 from conftest import tiny_keys
 from neox_fork.config import upstream as up
-from neox_fork.config.neox_config import deepspeed_config, from_dict
+from neox_fork.config.ds_config import deepspeed_config
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
 
 # every passthrough key at a value that is not upstream's default (monitors and profilers off, so the engine

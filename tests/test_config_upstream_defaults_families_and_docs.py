@@ -8,7 +8,8 @@ import re
 import pytest
 
 from conftest import REPO
-from neox_fork.config.neox_config import NeoXConfig, from_dict, ignored_settings, load_config, log_ignored_settings
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.loading import from_dict, ignored_settings, load_config, log_ignored_settings
 from neox_fork.errors import UserError
 from neox_fork.perf.summary import print_summary
 

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import REPO
 from neox_fork.config import upstream as up
-from neox_fork.config.neox_config import NeoXConfig, from_dict, ignored_settings, load_config, log_ignored_settings
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.loading import from_dict, ignored_settings, load_config, log_ignored_settings
 from neox_fork.errors import UserError
 
 UPSTREAM_KEYS = REPO / "tests" / "upstream_neox_keys.txt"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data._megatron import indexed_dataset
 from neox_fork.data.datasets import DataSettings, build_batch_iterator, build_datasets
 from neox_fork.data.tokenizer import build_tokenizer

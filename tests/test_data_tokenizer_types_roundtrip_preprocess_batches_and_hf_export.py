@@ -16,7 +16,7 @@ import torch
 
 from conftest import tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data._megatron import indexed_dataset
 from neox_fork.data.datasets import DataSettings, build_datasets
 from neox_fork.data.preprocess import preprocess

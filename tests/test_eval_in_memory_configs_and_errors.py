@@ -11,7 +11,7 @@ import yaml
 
 from conftest import PYTHON, REPO, tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data.tokenizer import build_tokenizer
 from neox_fork.errors import UserError
 from neox_fork.inference.evaluation import evaluate_checkpoint, evaluate_model, results_table

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_keys
 from neox_fork.parallel import groups as parallel
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.model.transformer import build_model
 from reference_adamw import adamw_float64
 

@@ -9,7 +9,7 @@ from megatron.core import tensor_parallel as tp
 
 from conftest import tiny_keys
 from neox_fork.model import fused
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.model.transformer import build_model
 
 B, S, VOCAB = 2, 64, 1000

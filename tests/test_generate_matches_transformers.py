@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.inference.generation import SamplingParams, generate
 from neox_fork.checkpoint.hf import export_folder
 from neox_fork.model.transformer import build_model

@@ -203,7 +203,7 @@ def test_fused_head_and_loss_matches_full_logits(dtype):
 def test_fused_adamw_matches_per_tensor_loop(dtype):
     """build_optimizer (what training steps) on CUDA: torch's fused AdamW with the config's lr, betas, eps and
     decay on matrices only, against the per-tensor loop with those settings written out here."""
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.training.optim import build_optimizer
 
     config = from_dict(tiny_keys(optimizer={"type": "Adam", "params": {"lr": 1e-2, "betas": [0.9, 0.95],
@@ -236,7 +236,7 @@ def test_fused_adamw_matches_per_tensor_loop(dtype):
 
 # ---------------------------------------------------------------------- a 4-layer model
 def _model_loss_and_grads(dtype, **keys):
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.model.transformer import build_model
 
     torch.manual_seed(0)

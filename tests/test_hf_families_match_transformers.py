@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 from conftest import PYTHON, REPO
 from distributed import build_save_and_run, run_distributed
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.checkpoint.hf import export_folder, import_folder
 from neox_fork.model.transformer import build_model
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
 from neox_fork.inference.generation import SamplingParams, generate, load_for_inference
 from neox_fork.checkpoint.hf import export_folder, import_folder

@@ -6,7 +6,7 @@ from transformers import StableLmConfig, StableLmForCausalLM
 
 from conftest import tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.checkpoint.hf import export_folder, hf_config_dict, import_folder
 from neox_fork.model.transformer import build_model
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StableLmConfig, St
 from conftest import NEOX_TOKENIZER, tiny_keys
 from distributed import build_save_and_run, run_distributed
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.checkpoint.hf import export_folder, hf_config_dict, import_folder
 
 

@@ -381,7 +381,7 @@ def test_launch_tasks_per_node():
 
 
 def test_launch_training_finished_reads_latest(tmp_path):
-    from neox_fork.config.neox_config import load_config
+    from neox_fork.config.loading import load_config
 
     cfg = tmp_path / "c.yml"
     cfg.write_text(json.dumps({"save": str(tmp_path / "ck"), "train_iters": 10}))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config.neox_config import from_dict, load_config
+from neox_fork.config.loading import from_dict, load_config
 from neox_fork.errors import UserError
 from neox_fork.model.transformer import build_model
 from test_config_upstream_defaults_families_and_docs import UPSTREAM, summary_parameters

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
 from neox_fork.checkpoint.hf import export_folder
 from neox_fork.model.transformer import build_model

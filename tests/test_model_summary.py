@@ -77,7 +77,7 @@ def test_a_tensor_parallel_config_is_sized_on_the_smallest_world_it_needs(tmp_pa
     2 GPUs = tensor 2 x pipe 1 x data 1, and says so. With Llama-2's 32,000 ids it is Llama-2-13B
     (40 x (4 x 5120^2 + 3 x 5120 x 13824 + 2 x 5120) + 2 x 32000 x 5120 + 5120 = 13,015,864,320) plus the MLP
     biases upstream's default use_bias_in_mlp keeps, 40 x (2 x 13824 + 5120) = 1,310,720: 13,017,175,040."""
-    from neox_fork.config.neox_config import load_config
+    from neox_fork.config.loading import load_config
     from neox_fork.perf.summary import print_summary, sizing_world
 
     config = tmp_path / "neoxkeys_13B.yml"

@@ -31,7 +31,7 @@ KEYS = dict(num_layers=2, seq_length=S, model_parallel_size=2, attention_dropout
 
 def _model(**keys):
     from neox_fork.parallel import groups as parallel
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.model.transformer import build_model
 
     parallel.seed_everything(SEED)

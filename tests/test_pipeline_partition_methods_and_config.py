@@ -8,7 +8,7 @@ The boundaries are worked out by hand for a 4-layer model, whose layer list has 
 import pytest
 
 from conftest import tiny_keys
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
 from neox_fork.training.pipeline import entry_names, partition
 

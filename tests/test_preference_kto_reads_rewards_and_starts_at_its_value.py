@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
 from neox_fork.data.datasets import collate_samples
 from neox_fork.data.pairwise import build_kto

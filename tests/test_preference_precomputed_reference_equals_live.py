@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data.datasets import collate_samples
 from neox_fork.data.pairwise import PairFiles, PairwiseSamples
 from neox_fork.model.transformer import build_model

@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_training, tiny_keys, write_train_config
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
 from neox_fork.checkpoint.hf import export_folder
 from neox_fork.model.transformer import build_model

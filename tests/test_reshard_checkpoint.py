@@ -6,7 +6,7 @@ import torch
 
 from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.model.transformer import build_model
 
 

@@ -35,7 +35,7 @@ def _train(keys, steps, chunk_tokens=None, dtype=torch.float32):
     (the loss of a fixed batch, and cached-decoding logits of 5 tokens), from seed 0 on fixed batches."""
     from neox_fork.checkpoint import store as checkpoint
     from neox_fork.parallel import groups as parallel
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.model.transformer import build_model
 
     parallel.seed_everything(0)
@@ -147,7 +147,7 @@ def test_activation_memory_estimate_by_hand():
 
 
 def test_sequence_length_the_tp_size_does_not_divide_is_a_clear_error():
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.errors import UserError
 
     with pytest.raises(UserError, match="sequence_parallel splits the sequence over model_parallel_size 2, which "

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data.labeled import LabeledSamples, build_layout
 from neox_fork.errors import UserError
 from neox_fork.model.transformer import build_model

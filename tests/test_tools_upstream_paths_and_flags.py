@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data._megatron import indexed_dataset
 from neox_fork.data.tokenizer import TokenizerSource
 from neox_fork.model.transformer import build_model

@@ -15,7 +15,7 @@ import torch
 from conftest import write_train_config
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.parallel import groups as parallel
-from neox_fork.config.neox_config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.errors import UserError
 
 

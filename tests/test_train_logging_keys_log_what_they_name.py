@@ -93,7 +93,7 @@ def test_optimizer_state_norms_after_one_step_are_adams_first_moment(logged_run)
 
 @pytest.mark.slow
 def test_pct_grad_zeros_of_the_embedding_are_the_unseen_tokens(logged_run, small_corpus):
-    from neox_fork.config.neox_config import load_config
+    from neox_fork.config.loading import load_config
     from neox_fork.data.datasets import DataSettings, build_batch_iterator, build_datasets
     from neox_fork.data.tokenizer import build_tokenizer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config.neox_config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.model.transformer import build_model
 from neox_fork.training.optim import build_optimizer, lr_at, param_groups
 

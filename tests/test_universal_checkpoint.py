@@ -120,7 +120,7 @@ def _load_universal(rank, keys):
     from deepspeed.utils import safe_get_full_fp32_param
 
     from neox_fork.training import loop as training
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
 
     run = training.setup(from_dict(keys))
     params = run.engine.module.named_parameters()
@@ -211,7 +211,7 @@ def test_universal_files_load_only_through_the_safe_reader(runs, tmp_path):
 def test_patterns_name_every_kind_of_parameter(one_process):
     """Worked out by hand from model/transformer.py: a plain-MLP GPT-NeoX layer with biases, learned positions and a tied
     head (the StableLM-like runs above cover the gated MLP and the untied head)."""
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.model.transformer import build_model
 
     model = build_model(from_dict(tiny_keys(num_kv_heads=2, use_bias_in_attn_linear=True, use_bias_in_mlp=True,
@@ -242,7 +242,7 @@ def test_each_new_rank_takes_the_rng_of_the_saved_rank_at_its_coordinates():
 
 
 def test_load_universal_needs_a_converted_checkpoint_and_zero(tmp_path):
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
 
     with pytest.raises(UserError, match="load_universal is on but .* has no latest_universal file; make one with "
                                         "python tools/ckpts/to_universal.py"):

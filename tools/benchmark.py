@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from neox_fork.perf.benchmark import DTYPES, PATHS, format_table, format_text, run
-from neox_fork.config.neox_config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.data.tokenizer import tokenizer_file_vocab_size
 from neox_fork.errors import UserError, exit_on_user_error
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from neox_fork.parallel import groups as parallel
-from neox_fork.config.neox_config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.config.dtypes import torch_dtype
 from neox_fork.inference.generation import SamplingParams, generate
 from neox_fork.model.transformer import build_model

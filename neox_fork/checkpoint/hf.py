@@ -314,7 +314,7 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
 
     state, config, folder = checkpoint.load_merged(ckpt_path, step, trust)
     if config_file:
-        from neox_fork.config.neox_config import load_config
+        from neox_fork.config.loading import load_config
 
         config = load_config(config_file)
     check_architecture(config, architecture)
@@ -376,7 +376,7 @@ def read_hf_folder(hf_dir) -> tuple[dict, dict[str, torch.Tensor]]:
 def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = None) -> Path:
     """A Hugging Face GPTNeoX, Llama, Mistral or StableLm folder -> our checkpoint at step 0, split over `tp` ranks."""
     from neox_fork.checkpoint import store as checkpoint
-    from neox_fork.config.neox_config import from_dict
+    from neox_fork.config.loading import from_dict
 
     hf_config, tensors = read_hf_folder(hf_dir)
     keys = config_from_hf(hf_config)

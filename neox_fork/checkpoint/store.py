@@ -45,7 +45,8 @@ from neox_fork.checkpoint import safe_unpickle
 from neox_fork.checkpoint.names import (LATEST_FILE, LATEST_UNIVERSAL_FILE, OLD_SUFFIX, PARTIAL_SUFFIX,
                                         REFERENCE_DIR, UNIVERSAL_SUFFIX, folder_step, partial_dir, pointed_step,
                                         saved_steps, step_dir, step_name, step_of)
-from neox_fork.config.neox_config import NeoXConfig, from_dict
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.loading import from_dict
 from neox_fork.checkpoint.atomic import fsync, fsync_tree, write_atomic
 from neox_fork.errors import UserError, full_disk_is_one_line
 
@@ -187,7 +188,7 @@ def load_config_of(folder: Path) -> NeoXConfig:
     if not path.is_file():
         upstream = sorted(p for p in (folder / CONFIGS_DIR).glob("*") if p.suffix in (".yml", ".yaml", ".json"))
         if upstream:
-            from neox_fork.config.neox_config import load_config
+            from neox_fork.config.loading import load_config
 
             return load_config(*upstream)
         raise UserError(f"checkpoint '{folder}' has no {CONFIG_FILE} (nor GPT-NeoX's configs/ folder)"

@@ -10,7 +10,8 @@ import dataclasses
 import json
 
 from neox_fork.config import upstream as up
-from neox_fork.config.neox_config import NeoXConfig, no_effect_keys
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.loading import no_effect_keys
 from neox_fork.config.rules import CHOICES, NOT_BUILT
 
 HEADER = """# Config keys

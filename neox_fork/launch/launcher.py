@@ -567,7 +567,7 @@ def _main(argv: list[str]) -> int:
 
         return watch_rank(rest)
     if commands[:1] == ["finished"] and len(commands) > 1:
-        from neox_fork.config.neox_config import load_config
+        from neox_fork.config.loading import load_config
         from neox_fork.errors import exit_on_user_error
 
         finished = exit_on_user_error(lambda: training_finished(load_config(*commands[1:])))()

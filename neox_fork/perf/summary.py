@@ -8,7 +8,7 @@ import torch
 
 from neox_fork.perf import flops
 from neox_fork.parallel import groups as parallel
-from neox_fork.config.neox_config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.data.tokenizer import tokenizer_file_vocab_size
 from neox_fork.errors import UserError
 from neox_fork.model.transformer import ModelShape, build_model, count_parameters

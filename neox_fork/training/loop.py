@@ -26,7 +26,8 @@ import torch.distributed as dist
 from neox_fork.perf import flops
 from neox_fork.parallel import groups as parallel
 from neox_fork.checkpoint import universal
-from neox_fork.config.neox_config import NeoXConfig, log_ignored_settings
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.loading import log_ignored_settings
 from neox_fork.errors import UserError
 from neox_fork.launch.launcher import launcher_environment
 from neox_fork.training.metrics import MetricsWriter, progress_line

@@ -14,7 +14,8 @@ import os
 import torch
 
 from neox_fork.parallel import groups as parallel
-from neox_fork.config.neox_config import NeoXConfig, deepspeed_config
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.ds_config import deepspeed_config
 from neox_fork.errors import UserError
 
 log = logging.getLogger("neox_fork")
