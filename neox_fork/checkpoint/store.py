@@ -224,8 +224,9 @@ def tp_size_of(folder: Path) -> int:
     n = max(files // pp, 1)
     missing = [r for r in range(files) if r not in ranks]
     if missing:
+        stages = f" x {pp} pipeline stages" if pp > 1 else ""
         raise UserError(f"checkpoint file '{folder / MODEL_FILE.format(missing[0])}' is missing (the checkpoint has "
-                        f"{n} tensor-parallel ranks x {pp} pipeline stages){_loadable_note(folder.parent, folder)}")
+                        f"{n} tensor-parallel ranks{stages}){_loadable_note(folder.parent, folder)}")
     layers = _layer_files(folder)
     if layers:  # GPT-NeoX's per-layer files: every rank has every layer index
         indices = set().union(*(set(files) for files in layers.values()))
