@@ -1,6 +1,6 @@
 """Reward-model and KTO training through train.py at TP=2 and at DP=2 compute what one process computes: the
-same objective and metrics every step and the same weights after (the reward head rm_linear included, the
-same on every TP rank that holds it).
+same objective, metrics and gradient norm (clipped at 1, and above 1 at some step) every step and the same
+weights after (the reward head rm_linear included, the same on every TP rank that holds it).
 
 * RM (`train_impl: rm`, the shipped pairs): TP=2 with sequence parallelism (micro-batch 4) and DP=2 with
   ZeRO stage 2 (micro-batch 2 per rank) against one process with micro-batch 4. Its loss is a mean over the
@@ -25,8 +25,9 @@ from test_preference_kto_reads_rewards_and_starts_at_its_value import write_kto_
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 STEPS = 5
 WEIGHT_TOL = 1e-3 * LR * STEPS
-RM_METRICS = ("lm_loss", "pos_values", "neg_values", "margin")
-KTO_METRICS = ("lm_loss", "kl", "policy_logp", "ref_logp", "pos_policy_logp", "neg_policy_logp", "policy_rewards")
+RM_METRICS = ("lm_loss", "grad_norm", "pos_values", "neg_values", "margin")
+KTO_METRICS = ("lm_loss", "grad_norm", "kl", "policy_logp", "ref_logp", "pos_policy_logp", "neg_policy_logp",
+               "policy_rewards")
 
 
 def _train(folder, corpus, start, nproc, **keys):
@@ -41,6 +42,7 @@ def _train(folder, corpus, start, nproc, **keys):
 
 
 def _same(a, b, names):
+    assert max(read_metrics(b, "grad_norm").values()) > 1.0  # clipping is at work in the compared steps
     for key in names:
         la, lb = read_metrics(a, key), read_metrics(b, key)
         assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1)), key
