@@ -8,7 +8,7 @@
 The config files are merged and validated here, the world size is worked out from the hostfile,
 include/exclude, num_nodes/num_gpus or the Slurm allocation and checked against the config, and then
 USER_SCRIPT starts with the same config files on every rank: on one node deepy starts and supervises the
-ranks itself (neox_fork/supervisor.py), with a hostfile DeepSpeed's runner does, and with
+ranks itself (neox_fork/launch/supervisor.py), with a hostfile DeepSpeed's runner does, and with
 `deepspeed_slurm: true` srun does. `--dry-run` prints the command and each rank's RANK/LOCAL_RANK/
 WORLD_SIZE/MASTER_ADDR/MASTER_PORT instead of launching.
 
@@ -21,9 +21,10 @@ import argparse
 import json
 import os
 
-from neox_fork.config import deepspeed_config, load_config
+from neox_fork.config.ds_config import deepspeed_config
+from neox_fork.config.loading import load_config
 from neox_fork.errors import exit_on_user_error
-from neox_fork.launch import launch, plan_launch
+from neox_fork.launch.launcher import launch, plan_launch
 
 
 @exit_on_user_error

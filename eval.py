@@ -18,10 +18,10 @@ import argparse
 import os
 from datetime import datetime
 
-from neox_fork.config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.errors import UserError, exit_on_user_error
-from neox_fork.launch import hub_offline
-from neox_fork.safe_unpickle import add_trust_argument
+from neox_fork.launch.launcher import hub_offline
+from neox_fork.checkpoint.safe_unpickle import add_trust_argument
 
 
 def parse_args(argv):
@@ -52,7 +52,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     hub_offline()  # before lm-eval is imported
-    from neox_fork.evaluation import evaluate_checkpoint, results_table
+    from neox_fork.inference.evaluation import evaluate_checkpoint, results_table
 
     config = load_config(*args.configs) if args.configs else None
     ckpt = args.checkpoint or (config.load if config else None)

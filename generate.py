@@ -31,13 +31,13 @@ import sys
 
 import torch.distributed as dist
 
-from neox_fork import checkpoint
-from neox_fork.config import load_config
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import load_config
 from neox_fork.data.chat import checkpoint_chat_tokenizer
 from neox_fork.errors import UserError, exit_on_user_error
-from neox_fork.generation import (SamplingParams, chat_replies, generate, generate_from_config, interactive_prompts,
+from neox_fork.inference.generation import (SamplingParams, chat_replies, generate, generate_from_config, interactive_prompts,
                                   load_for_inference, read_prompt_file, result_record, write_jsonl)
-from neox_fork.safe_unpickle import add_trust_argument
+from neox_fork.checkpoint.safe_unpickle import add_trust_argument
 
 
 def parse_args(argv):

@@ -8,10 +8,10 @@ and exits at once (neox_fork.errors.exit_on_rank_failure): status 2 for a one-li
 
 import argparse
 
-from neox_fork.config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.errors import exit_on_rank_failure
-from neox_fork.launch import hub_offline
-from neox_fork.training import pretrain
+from neox_fork.launch.launcher import hub_offline
+from neox_fork.training.loop import pretrain
 
 
 @exit_on_rank_failure

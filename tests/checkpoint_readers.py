@@ -27,7 +27,7 @@ def tool_args(name, ckpt, out):
 
 def run_tool(name, ckpt, out, *extra):
     """(exit status, stderr) of one tool's main() on `ckpt`."""
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / TOOLS[name])
     module = importlib.util.module_from_spec(spec)

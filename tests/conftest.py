@@ -41,7 +41,7 @@ def tiny_keys(**overrides):
 @pytest.fixture
 def one_process():
     """TP=1 process groups in this process (a private one-rank gloo group)."""
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     parallel.initialize(1)
     yield
@@ -91,7 +91,7 @@ def run_training(config_path, nproc=1, timeout=600, check=True):
     """train.py on `nproc` local ranks (torchrun, gloo) as a subprocess."""
     import subprocess
 
-    from neox_fork.launch import free_port
+    from neox_fork.launch.launcher import free_port
 
     cmd = [PYTHON, "train.py", str(config_path)]
     if nproc > 1:

@@ -6,7 +6,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from neox_fork.launch import free_port
+from neox_fork.launch.launcher import free_port
 
 
 def _worker(rank, world_size, port, fn, args, results):
@@ -18,7 +18,7 @@ def _worker(rank, world_size, port, fn, args, results):
         results[rank] = ("error", traceback.format_exc())
         raise
     finally:
-        from neox_fork import parallel
+        from neox_fork.parallel import groups as parallel
 
         parallel.destroy()
 
@@ -26,9 +26,10 @@ def _worker(rank, world_size, port, fn, args, results):
 def build_save_and_run(rank, keys: dict, folder: str):
     """Build the model of config `keys` from its seed at its model_parallel_size, save this rank's state as
     folder/rank{rank}.pt and return its logits on fixed tokens: for TP merge tests (run_distributed)."""
-    from neox_fork import checkpoint, parallel
-    from neox_fork.config import from_dict
-    from neox_fork.model import build_model
+    from neox_fork.checkpoint import store as checkpoint
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.config.loading import from_dict
+    from neox_fork.model.transformer import build_model
 
     config = from_dict(keys)
     parallel.initialize(config.model_parallel_size, backend="gloo")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork import attention as attention_module
-from neox_fork.attention import attention, flash_available
-from neox_fork.config import from_dict
-from neox_fork.model import build_model
+from neox_fork.model import attention as attention_module
+from neox_fork.model.attention import attention, flash_available
+from neox_fork.config.loading import from_dict
+from neox_fork.model.transformer import build_model
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 

@@ -11,10 +11,10 @@ import torch
 from transformers.masking_utils import sliding_window_causal_mask_function
 
 from conftest import tiny_keys
-from neox_fork.attention import attention, band
-from neox_fork.config import from_dict
+from neox_fork.model.attention import attention, band
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
-from neox_fork.model import build_model
+from neox_fork.model.transformer import build_model
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 W = 5

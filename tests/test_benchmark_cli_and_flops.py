@@ -9,9 +9,9 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO
-from neox_fork import flops
-from neox_fork.config import load_config
-from neox_fork.summary import meta_model
+from neox_fork.perf import flops
+from neox_fork.config.loading import load_config
+from neox_fork.perf.summary import meta_model
 
 
 def _flops(config_path, recompute, **overrides):
@@ -56,8 +56,8 @@ def test_tiny_flops_per_token_by_hand():
 def test_flops_count_a_tensor_parallel_shard_as_the_whole_model(one_process):
     """A TP=2 rank holds half of each sharded matrix and all of each norm: counted back to the whole."""
     from conftest import tiny_keys
-    from neox_fork.config import from_dict
-    from neox_fork.model import build_model
+    from neox_fork.config.loading import from_dict
+    from neox_fork.model.transformer import build_model
 
     config = from_dict(tiny_keys())
     whole = flops.training_flops_per_token(build_model(config), config.seq_length, "full")
@@ -132,7 +132,7 @@ def test_benchmark_engine_path_runs_a_two_stage_pipeline(tmp_path):
     """--path engine with pipe_parallel_size 2 under torchrun (one process per stage): it reports the whole
     model (the same parameters and FLOPs as one process: configs/tiny.yml at vocabulary 1024 has 3,740,160),
     the step's tokens over both micro-batches, and a finite loss; rank 1 prints nothing."""
-    from neox_fork.launch import free_port
+    from neox_fork.launch.launcher import free_port
 
     overlay = tmp_path / "pp2.yml"
     overlay.write_text("pipe_parallel_size: 2\ngradient_accumulation_steps: 2\nnum_gpus: 2\n")
@@ -165,7 +165,7 @@ def test_benchmark_refuses_unlike_comparisons(flags, message):
 
 
 def test_benchmark_text_output_ends_with_ratio(tmp_path):
-    from neox_fork.benchmark import format_text
+    from neox_fork.perf.benchmark import format_text
 
     step = {"tokens_per_sec": 1000.0, "step_seconds_median": 0.5, "step_seconds": [0.5], "mfu": 0.41,
             "hfu": 0.55, "peak_memory_bytes": 2**30, "loss": 9.0}
@@ -182,7 +182,7 @@ def test_benchmark_text_output_ends_with_ratio(tmp_path):
 def test_timed_pairs_alternate_which_model_goes_first(one_process, monkeypatch):
     """After each model's warm-up, pair i runs ours then transformers for even i and the reverse for odd i,
     so drift and what one step leaves in the caches hit both alike (the real builders, recorded)."""
-    from neox_fork import benchmark
+    from neox_fork.perf import benchmark
 
     order = []
 

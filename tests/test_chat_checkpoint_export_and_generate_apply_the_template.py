@@ -14,11 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import NEOX_TOKENIZER, REPO, tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.data.chat import write_chat_tokenizer
-from neox_fork.hf import export_folder
-from neox_fork.model import build_model
+from neox_fork.checkpoint.hf import export_folder
+from neox_fork.model.transformer import build_model
 
 TEMPLATE = REPO / "examples" / "chat" / "chat_template.jinja"
 EOD = 0  # <|endoftext|> in GPT-NeoX-20B's tokenizer
@@ -106,7 +106,7 @@ def greedy(hf, ids, steps):
 
 def run_generate(capsys, monkeypatch, *args, stdin=""):
     """generate.py's main in this process (as its command line; a subprocess would spend its time importing)."""
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     capsys.readouterr()
@@ -119,7 +119,7 @@ def run_generate(capsys, monkeypatch, *args, stdin=""):
 
 @pytest.fixture(scope="module")
 def chatml_checkpoint(tmp_path_factory):
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     tmp_path = tmp_path_factory.mktemp("sftchat_generate")
     parallel.initialize(1)
@@ -153,7 +153,7 @@ def test_chat_stops_at_the_end_of_turn_token_and_strips_it(chatml_checkpoint, on
     """The stop and strip logic with an end-of-turn token the random model does produce: the third distinct
     token of its greedy reply stands for the template's end-of-turn token."""
     import neox_fork.data.chat as chat
-    from neox_fork.generation import SamplingParams, chat_replies, load_for_inference
+    from neox_fork.inference.generation import SamplingParams, chat_replies, load_for_inference
 
     ckpt, hf_dir = chatml_checkpoint
     tok, hf = AutoTokenizer.from_pretrained(hf_dir), AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -187,7 +187,7 @@ def test_interactive_chat_keeps_the_conversation(chatml_checkpoint, capsys, monk
 def test_chat_needs_a_checkpoint_with_a_template(tmp_path, capsys, monkeypatch):
     from test_generate_matches_transformers import trained_looking_checkpoint
 
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     parallel.initialize(1)
     try:

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from checkpoint_readers import TOOLS, run_tool, run_trainings, training_config, weights_file
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 from neox_fork.errors import UserError
 
 

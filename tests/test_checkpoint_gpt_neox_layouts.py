@@ -20,11 +20,11 @@ import yaml
 
 from checkpoint_readers import run_trainings, training_config
 from conftest import tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
-from neox_fork.hf import export_folder
-from neox_fork.model import build_model
-from neox_fork.optim import lr_at
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
+from neox_fork.checkpoint.hf import export_folder
+from neox_fork.model.transformer import build_model
+from neox_fork.training.optim import lr_at
 
 
 def gpt_neox_layers(state, num_layers):
@@ -174,7 +174,7 @@ def test_grouped_query_attention_rows_are_in_gpt_neox_order_per_rank(one_process
     """Under GQA, gpt-neox's fused QKV holds, per TP rank, [the rank's query heads; its key heads; its value
     heads] (its gqa_project splits the rank's rows in that order). Expected rows are cut from the Hugging Face
     q/k/v projections, whose correctness the family parity tests prove against transformers."""
-    from neox_fork.hf import to_hf_state_dict
+    from neox_fork.checkpoint.hf import to_hf_state_dict
     from test_hf_families_match_transformers import family_config
 
     # 2 key/value heads per TP rank: with one per rank both orders coincide

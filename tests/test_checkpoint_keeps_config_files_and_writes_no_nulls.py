@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from neox_fork import checkpoint
-from neox_fork.config import from_dict, load_config
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict, load_config
 
 
 def test_save_config_copies_each_file_as_given_and_drops_nulls(tmp_path):

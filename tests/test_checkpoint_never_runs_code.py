@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint_readers import TOOLS, run_tool, run_trainings, training_config, weights_file
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 
 
 class Payload:

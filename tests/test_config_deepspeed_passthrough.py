@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork import config_upstream as up
-from neox_fork.config import deepspeed_config, from_dict
+from neox_fork.config import upstream as up
+from neox_fork.config.ds_config import deepspeed_config
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
 
 # every passthrough key at a value that is not upstream's default (monitors and profilers off, so the engine
@@ -55,8 +56,8 @@ def test_the_engine_is_built_with_them(one_process, monkeypatch):
     """The dict training hands to deepspeed.initialize carries each key, and the engine reads them back."""
     import deepspeed
 
-    from neox_fork.model import build_model
-    from neox_fork.optim import build_engine
+    from neox_fork.model.transformer import build_model
+    from neox_fork.training.optim import build_engine
 
     handed = []
     real = deepspeed.initialize

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO
-from neox_fork.config import load_config
+from neox_fork.config.loading import load_config
 from neox_fork.errors import UserError
 
 STABLELM = REPO / "configs" / "stablelm-3b-4e1t.yml"

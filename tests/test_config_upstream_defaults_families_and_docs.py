@@ -8,9 +8,10 @@ import re
 import pytest
 
 from conftest import REPO
-from neox_fork.config import NeoXConfig, from_dict, ignored_settings, load_config, log_ignored_settings
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.loading import from_dict, ignored_settings, load_config, log_ignored_settings
 from neox_fork.errors import UserError
-from neox_fork.summary import print_summary
+from neox_fork.perf.summary import print_summary
 
 UPSTREAM = REPO / "tests" / "upstream_configs"
 
@@ -104,7 +105,7 @@ def test_no_effect_keys_set_by_a_config_are_named_in_one_line(caplog):
 
 
 def test_config_doc_is_generated_from_the_config_class():
-    from neox_fork.config_doc import render
+    from neox_fork.config.doc import render
 
     doc = (REPO / "docs" / "config.md").read_text()
     assert doc == render(), "docs/config.md is stale: run python tools/config_doc.py"

@@ -1,5 +1,5 @@
 """Every key upstream gpt-neox's NeoXArgs defines is known here: a NeoXConfig field, or a row of
-neox_fork/config_upstream.py saying what it is (no effect and logged, refused unless at upstream's default,
+neox_fork/config/upstream.py saying what it is (no effect and logged, refused unless at upstream's default,
 derived and checked against the run, or passed through to DeepSpeed)."""
 
 import json
@@ -8,8 +8,9 @@ import logging
 import pytest
 
 from conftest import REPO
-from neox_fork import config_upstream as up
-from neox_fork.config import NeoXConfig, from_dict, ignored_settings, load_config, log_ignored_settings
+from neox_fork.config import upstream as up
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.loading import from_dict, ignored_settings, load_config, log_ignored_settings
 from neox_fork.errors import UserError
 
 UPSTREAM_KEYS = REPO / "tests" / "upstream_neox_keys.txt"
@@ -26,12 +27,12 @@ def test_every_upstream_key_is_a_field_or_a_row_of_the_table():
     names = upstream_names()
     assert len(names) == len(set(names)) == 318  # the count over upstream's NeoXArgs dataclasses
     unknown = [k for k in names if k not in FIELDS and k not in up.KEYS]
-    assert not unknown, f"upstream keys neither implemented nor listed in neox_fork/config_upstream.py: {unknown}"
+    assert not unknown, f"upstream keys neither implemented nor listed in neox_fork/config/upstream.py: {unknown}"
     assert set(up.KEYS) <= set(names), "a table row that is no upstream key"
 
 
 def test_no_key_is_both_a_field_and_a_row_of_the_table():
-    assert not FIELDS & set(up.KEYS), "implemented now: delete its row from neox_fork/config_upstream.py"
+    assert not FIELDS & set(up.KEYS), "implemented now: delete its row from neox_fork/config/upstream.py"
     kinds = {up.NO_EFFECT, up.REFUSED, up.DERIVED, up.DEEPSPEED, up.ALIAS}
     assert all(row[0] in kinds and row[3] for row in up.KEYS.values())
 
@@ -150,7 +151,7 @@ def test_the_table_keys_round_trip_through_the_saved_config():
 def test_lr_decay_fraction_decays_over_that_share_of_train_iters():
     """Upstream: lr_decay_iters = floor(train_iters x lr_decay_fraction) when lr_decay_iters is null. Linear
     decay from 1e-3 to 0 over floor(1000 x 0.25) = 250 steps, warmup 0: half way at step 125, done at 250."""
-    from neox_fork.optim import lr_at
+    from neox_fork.training.optim import lr_at
 
     keys = {"train_iters": 1000, "lr_decay_fraction": 0.25, "warmup": 0.0, "lr_decay_style": "linear",
             "min_lr": 0.0, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data._megatron import indexed_dataset
 from neox_fork.data.datasets import DataSettings, build_batch_iterator, build_datasets
 from neox_fork.data.tokenizer import build_tokenizer
-from neox_fork.model import build_model
-from neox_fork.optim import build_optimizer
+from neox_fork.model.transformer import build_model
+from neox_fork.training.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

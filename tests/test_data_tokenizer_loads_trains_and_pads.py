@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import conftest
-from neox_fork.config import padded_vocab_size
+from neox_fork.config.neox_config import padded_vocab_size
 from neox_fork.data.tokenizer import build_tokenizer
 from neox_fork.errors import UserError
 

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.data._megatron import indexed_dataset
 from neox_fork.data.datasets import DataSettings, build_datasets
 from neox_fork.data.preprocess import preprocess
 from neox_fork.data.tokenizer import TokenizerSource, build_tokenizer
 from neox_fork.errors import UserError
-from neox_fork.hf import export_folder
-from neox_fork.model import build_model
+from neox_fork.checkpoint.hf import export_folder
+from neox_fork.model.transformer import build_model
 
 CORPUS = [
     "Hello world, this is a tiny corpus for tiny tokenizers.",
@@ -186,7 +186,7 @@ def _is_sublist(part, whole):
 def test_checkpoint_carries_the_tokenizer_and_the_hf_export_gives_the_same_ids(kind, files, tmp_path, one_process):
     from transformers import AutoTokenizer
 
-    from neox_fork.generation import load_for_inference
+    from neox_fork.inference.generation import load_for_inference
 
     encode, eod, vocab_size = reference(kind, files)
     # the run's tokenizer files live in a folder that is gone by the time the checkpoint is read

@@ -10,19 +10,19 @@ import torch
 import yaml
 
 from conftest import PYTHON, REPO, tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.data.tokenizer import build_tokenizer
 from neox_fork.errors import UserError
-from neox_fork.evaluation import evaluate_checkpoint, evaluate_model, results_table
-from neox_fork.model import build_model
+from neox_fork.inference.evaluation import evaluate_checkpoint, evaluate_model, results_table
+from neox_fork.model.transformer import build_model
 from test_generate_matches_transformers import trained_looking_checkpoint
 
 
 def facts_accuracy_by_hand(model, tokenizer, limit):
     """neox_facts scored as its YAML says, written out: the first `limit` questions, the choice with the
     highest log-likelihood of " " + choice after "Question: ...\nAnswer:" (lm-eval's pair encoding)."""
-    from neox_fork.evaluation import TASKS_DIR
+    from neox_fork.inference.evaluation import TASKS_DIR
 
     model.eval()
     lines = (TASKS_DIR / "neox_facts" / "facts.jsonl").read_text().splitlines()[:limit]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO
-from neox_fork.evaluation import TASKS_DIR, task_manager
-from neox_fork.hf import export_folder
+from neox_fork.inference.evaluation import TASKS_DIR, task_manager
+from neox_fork.checkpoint.hf import export_folder
 from test_generate_matches_transformers import trained_looking_checkpoint
 
 pytestmark = [pytest.mark.slow]
@@ -21,7 +21,7 @@ TASKS = ["neox_facts", "neox_prose", "neox_arith"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     root = tmp_path_factory.mktemp("eval_parity")
     parallel.initialize(1)
@@ -78,9 +78,9 @@ def test_requests_at_a_short_context_match_lm_eval_hf_request_by_request(exporte
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from neox_fork import parallel
-    from neox_fork.evaluation import NeoxLM
-    from neox_fork.generation import load_for_inference
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.inference.evaluation import NeoxLM
+    from neox_fork.inference.generation import load_for_inference
 
     model, _, tokenizer = load_for_inference(exported / "ckpt")
     ours = NeoxLM(model, tokenizer, batch_size=3, max_length=24)

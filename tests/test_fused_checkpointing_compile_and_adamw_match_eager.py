@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork import parallel
-from neox_fork.config import from_dict
-from neox_fork.model import build_model
+from neox_fork.parallel import groups as parallel
+from neox_fork.config.loading import from_dict
+from neox_fork.model.transformer import build_model
 from reference_adamw import adamw_float64
 
 B, S = 2, 32
@@ -89,7 +89,7 @@ def test_cached_decoding_stays_eager_when_compiled(one_process, monkeypatch):
 def test_training_optimizer_is_adamw_with_decay_on_matrices_only(one_process):
     """build_optimizer (what the training loop steps) against AdamW written out: the config's lr, betas,
     eps and weight decay, decoupled decay on matrices, none on norms and biases."""
-    from neox_fork.optim import build_optimizer
+    from neox_fork.training.optim import build_optimizer
 
     lr, (b1, b2), eps, wd = 1e-2, (0.8, 0.9), 1e-3, 0.3
     config = from_dict(tiny_keys(optimizer={"type": "Adam", "params": {"lr": lr, "betas": [b1, b2], "eps": eps}},

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel as tp
 
 from conftest import tiny_keys
-from neox_fork import fused
-from neox_fork.config import from_dict
-from neox_fork.model import build_model
+from neox_fork.model import fused
+from neox_fork.config.loading import from_dict
+from neox_fork.model.transformer import build_model
 
 B, S, VOCAB = 2, 64, 1000
 

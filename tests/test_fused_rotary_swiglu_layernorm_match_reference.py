@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork import fused
-from neox_fork.config import from_dict
-from neox_fork.model import Rotary, build_model
+from neox_fork.model import fused
+from neox_fork.config.loading import from_dict
+from neox_fork.model.transformer import Rotary, build_model
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 

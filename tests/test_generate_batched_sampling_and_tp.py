@@ -8,9 +8,9 @@ from transformers.generation.logits_process import (LogitsProcessorList, Repetit
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from distributed import run_distributed
-from neox_fork import checkpoint
-from neox_fork.generation import SamplingParams, generate, last_logits, load_for_inference, process_logits
-from neox_fork.hf import export_folder
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.inference.generation import SamplingParams, generate, last_logits, load_for_inference, process_logits
+from neox_fork.checkpoint.hf import export_folder
 from test_generate_matches_transformers import trained_looking_checkpoint
 
 PROMPTS = [[510, 4495, 273], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [42], [100, 200, 300, 400, 500, 600, 700]]
@@ -72,7 +72,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batching(one_process
 
 def _tp_generate(rank, ckpt):
     model, config, _ = load_for_inference(ckpt, tp_cooperate=True)
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     assert model.word_embeddings.weight.shape[0] == 50304 // parallel.tp_size()  # this rank's slice only
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0, stop_on_eod=False)
@@ -82,7 +82,7 @@ def _tp_generate(rank, ckpt):
 
 @pytest.mark.multiproc
 def test_tp2_cooperating_ranks_equal_tp1(tmp_path):
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     parallel.initialize(1)
     model = trained_looking_checkpoint(tmp_path / "tp1", seed=5)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.data.tokenizer import build_tokenizer
-from neox_fork.generation import SamplingParams, generate
-from neox_fork.launch import free_port
-from neox_fork.model import build_model
+from neox_fork.inference.generation import SamplingParams, generate
+from neox_fork.launch.launcher import free_port
+from neox_fork.model.transformer import build_model
 from test_generate_matches_transformers import trained_looking_checkpoint
 
 TEXTS = ["Hello world", "The capital of France is a city that", "Once"]
@@ -23,7 +23,7 @@ TEXTS = ["Hello world", "The capital of France is a city that", "Once"]
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """A TP=1 checkpoint with the NeoX tokenizer, the same weights split at TP=2, and the TP=1 model."""
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     root = tmp_path_factory.mktemp("gen_cli")
     parallel.initialize(1)
@@ -91,7 +91,7 @@ def test_torchrun_tp2_ranks_cooperate_and_equal_tp1(ckpts):
 
 
 def test_bad_input_gives_one_line_errors(ckpts, tmp_path, capsys):
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     root, _ = ckpts
     parallel.initialize(1)

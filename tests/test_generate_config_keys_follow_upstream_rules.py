@@ -4,9 +4,9 @@ unconditional contexts are empty, and each bad value or missing file is one line
 
 import pytest
 
-from neox_fork.config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
-from neox_fork.generation import config_prompts, config_sampling, sample_record
+from neox_fork.inference.generation import config_prompts, config_sampling, sample_record
 
 
 def sampling(**keys):

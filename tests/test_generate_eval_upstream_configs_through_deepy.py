@@ -72,7 +72,7 @@ def hf_greedy(run, prompts, max_new_tokens):
     """transformers' greedy generate on the exported folder: (text, length, finished) per prompt."""
     from transformers import AutoModelForCausalLM
 
-    from neox_fork.hf import export_folder
+    from neox_fork.checkpoint.hf import export_folder
 
     _, conf, _, _ = run
     if not (conf / "hf").is_dir():
@@ -133,8 +133,8 @@ def test_tp2_ranks_through_deepy_give_the_tp1_greedy_samples(run):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_eval_tasks_flag_writes_results_named_by_prefix(run, tp):
-    from neox_fork import parallel
-    from neox_fork.generation import load_for_inference
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.inference.generation import load_for_inference
     from test_eval_in_memory_configs_and_errors import facts_accuracy_by_hand
 
     family, conf, configs, _ = run

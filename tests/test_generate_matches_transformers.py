@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
-from neox_fork.generation import SamplingParams, generate
-from neox_fork.hf import export_folder
-from neox_fork.model import build_model
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
+from neox_fork.inference.generation import SamplingParams, generate
+from neox_fork.checkpoint.hf import export_folder
+from neox_fork.model.transformer import build_model
 
 
 def trained_looking_checkpoint(path, seed=0):

@@ -71,7 +71,7 @@ def _qkv(dtype):
 
 
 def _check_attention(fn, dtype):
-    from neox_fork.attention import reference
+    from neox_fork.model.attention import reference
 
     q, k, v = _qkv(dtype)
     out, grads = _fwd_bwd(fn, [q, k, v])
@@ -107,7 +107,7 @@ def test_sdpa_backend_matches_reference(backend, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_model_attention_dispatch_matches_reference(dtype):
     """What the model calls: `flash` (flash-attn if installed, else SDPA with cuDNN first on Hopper)."""
-    from neox_fork.attention import attention
+    from neox_fork.model.attention import attention
 
     _check_attention(functools.partial(attention, backend="flash", causal=True), dtype)
 
@@ -116,7 +116,7 @@ def test_model_attention_dispatch_matches_reference(dtype):
 def test_model_attention_with_a_sliding_window_matches_reference(dtype):
     """sliding_window_width on CUDA: flash-attn's window_size=(W, 0) when installed (bf16), else SDPA with the
     banded mask, against the fp32 reference with the same band (a query sees itself and W keys before it)."""
-    from neox_fork.attention import attention, band, reference
+    from neox_fork.model.attention import attention, band, reference
 
     window = 100  # < S, so the band hides keys
     q, k, v = _qkv(dtype)
@@ -138,8 +138,8 @@ def test_flash_attn_package_matches_reference(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_flash_rotary_kernel_matches_reference(dtype):
     pytest.importorskip("flash_attn", reason="flash-attn is not installed (optional GPU extra)")
-    from neox_fork import fused
-    from neox_fork.model import Rotary
+    from neox_fork.model import fused
+    from neox_fork.model.transformer import Rotary
 
     assert fused.flash_rotary is not None
     qkv = _leaf((B, S, HEADS, 3, HEAD_DIM), dtype, 3)
@@ -159,7 +159,7 @@ def test_flash_rotary_kernel_matches_reference(dtype):
 # ---------------------------------------------------------------------- SwiGLU, head + loss, AdamW
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_compiled_swiglu_matches_reference(dtype):
-    from neox_fork import fused
+    from neox_fork.model import fused
 
     up, gate = _leaf((4, 256, 6912), dtype, 0), _leaf((4, 256, 6912), dtype, 1)
     out, grads = _fwd_bwd(lambda u, g: fused.swiglu(u, g, compiled=True), [up, gate])
@@ -174,7 +174,7 @@ def test_compiled_swiglu_matches_reference(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_head_and_loss_matches_full_logits(dtype):
     """fused.linear_cross_entropy (TP=1 training's loss) against F.cross_entropy on all fp32 logits."""
-    from neox_fork import fused
+    from neox_fork.model import fused
 
     n, h, vocab = 8192, 256, 50304
     hidden, weight = _leaf((n, h), dtype, 0), _leaf((vocab, h), dtype, 1)
@@ -203,8 +203,8 @@ def test_fused_head_and_loss_matches_full_logits(dtype):
 def test_fused_adamw_matches_per_tensor_loop(dtype):
     """build_optimizer (what training steps) on CUDA: torch's fused AdamW with the config's lr, betas, eps and
     decay on matrices only, against the per-tensor loop with those settings written out here."""
-    from neox_fork.config import from_dict
-    from neox_fork.optim import build_optimizer
+    from neox_fork.config.loading import from_dict
+    from neox_fork.training.optim import build_optimizer
 
     config = from_dict(tiny_keys(optimizer={"type": "Adam", "params": {"lr": 1e-2, "betas": [0.9, 0.95],
                                                                        "eps": 1e-6}}, weight_decay=0.1))
@@ -236,8 +236,8 @@ def test_fused_adamw_matches_per_tensor_loop(dtype):
 
 # ---------------------------------------------------------------------- a 4-layer model
 def _model_loss_and_grads(dtype, **keys):
-    from neox_fork.config import from_dict
-    from neox_fork.model import build_model
+    from neox_fork.config.loading import from_dict
+    from neox_fork.model.transformer import build_model
 
     torch.manual_seed(0)
     model = build_model(from_dict(tiny_keys(num_layers=4, hidden_size=256, num_attention_heads=4,

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from conftest import PYTHON, REPO
 from distributed import build_save_and_run, run_distributed
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
-from neox_fork.hf import export_folder, import_folder
-from neox_fork.model import build_model
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
+from neox_fork.checkpoint.hf import export_folder, import_folder
+from neox_fork.model.transformer import build_model
 
 BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=128, vocab_size=1024,
             make_vocab_size_divisible_by=8)
@@ -89,7 +89,7 @@ def hf_random(name, path):
 
 @pytest.mark.parametrize("name", ["pythia", "llama-gqa"])
 def test_import_logits_equal_transformers_and_round_trip_is_bit_exact_at_tp2(one_process, tmp_path, name):
-    from neox_fork.generation import load_for_inference
+    from neox_fork.inference.generation import load_for_inference
 
     theirs = hf_random(name, tmp_path / "hf")
     import_folder(tmp_path / "hf", tmp_path / "ckpt", tp=2)

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
-from neox_fork.generation import SamplingParams, generate, load_for_inference
-from neox_fork.hf import export_folder, import_folder
-from neox_fork.model import build_model
+from neox_fork.inference.generation import SamplingParams, generate, load_for_inference
+from neox_fork.checkpoint.hf import export_folder, import_folder
+from neox_fork.model.transformer import build_model
 
 W = 6  # sliding_window_width: a query sees itself and 6 keys before it (HF sliding_window 7)
 MISTRAL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2, seq_length=128,

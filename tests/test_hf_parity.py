@@ -5,10 +5,10 @@ import torch
 from transformers import StableLmConfig, StableLmForCausalLM
 
 from conftest import tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
-from neox_fork.hf import export_folder, hf_config_dict, import_folder
-from neox_fork.model import build_model
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
+from neox_fork.checkpoint.hf import export_folder, hf_config_dict, import_folder
+from neox_fork.model.transformer import build_model
 
 
 def hf_model_for(config):
@@ -41,7 +41,7 @@ def test_imported_hf_model_logits_match_transformers(one_process, tmp_path, seed
         torch.nn.init.normal_(p, std=0.3 if p.dim() == 1 else 0.05)
     theirs.save_pretrained(tmp_path / "hf")
     import_folder(tmp_path / "hf", tmp_path / "ckpt")
-    from neox_fork.generation import load_for_inference
+    from neox_fork.inference.generation import load_for_inference
 
     ours, _, _ = load_for_inference(tmp_path / "ckpt")
     tokens = torch.randint(0, 1000, (3, 256), generator=torch.Generator().manual_seed(seed))

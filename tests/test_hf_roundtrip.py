@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StableLmConfig, St
 
 from conftest import NEOX_TOKENIZER, tiny_keys
 from distributed import build_save_and_run, run_distributed
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
-from neox_fork.hf import export_folder, hf_config_dict, import_folder
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
+from neox_fork.checkpoint.hf import export_folder, hf_config_dict, import_folder
 
 
 def released_like_folder(path, dtype=torch.bfloat16):
@@ -25,7 +25,7 @@ def released_like_folder(path, dtype=torch.bfloat16):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     model.save_pretrained(path)
-    from neox_fork.hf import save_hf_tokenizer
+    from neox_fork.checkpoint.hf import save_hf_tokenizer
 
     save_hf_tokenizer(NEOX_TOKENIZER, path, 256)
     return path
@@ -52,7 +52,7 @@ def test_hf_to_ours_to_hf_is_bit_exact(tmp_path, tp):
 
 
 def test_export_casts_dtype_and_shards_large_models(tmp_path, monkeypatch):
-    import neox_fork.hf as hf
+    import neox_fork.checkpoint.hf as hf
 
     src = released_like_folder(tmp_path / "hf")
     import_folder(src, tmp_path / "ckpt")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-from neox_fork import launch
+from neox_fork.launch import launcher as launch
 
 TINY = str(REPO / "configs" / "tiny.yml")
 
@@ -306,7 +306,7 @@ def test_launch_slurm_allocation_becomes_one_srun_with_kill_on_bad_exit(tmp_path
 
 def test_launch_slurm_rank_env_matches_what_each_rank_maps_from_slurm_vars(tmp_path):
     """The dry run's per-rank table must equal what launch.slurm_environment computes on that task."""
-    from neox_fork.launch import slurm_environment
+    from neox_fork.launch.launcher import slurm_environment
 
     overlay = {"deepspeed_slurm": True, "num_gpus": None}
     command, env, ranks = ok(deepy(tmp_path, env=SLURM_ENV, overlay=overlay))
@@ -369,7 +369,7 @@ def test_launch_slurm_outside_an_allocation_lets_srun_allocate(tmp_path):
     ("node-[08-10]", ["node-08", "node-09", "node-10"]),
 ])
 def test_launch_expand_hostlist_and_first_host_agree(nodelist, hosts):
-    from neox_fork.launch import first_slurm_host
+    from neox_fork.launch.launcher import first_slurm_host
 
     assert launch.expand_hostlist(nodelist) == hosts
     assert first_slurm_host(nodelist) == hosts[0]
@@ -381,7 +381,7 @@ def test_launch_tasks_per_node():
 
 
 def test_launch_training_finished_reads_latest(tmp_path):
-    from neox_fork.config import load_config
+    from neox_fork.config.loading import load_config
 
     cfg = tmp_path / "c.yml"
     cfg.write_text(json.dumps({"save": str(tmp_path / "ck"), "train_iters": 10}))

@@ -1,6 +1,6 @@
 """Ranks started by srun or mpirun find their rank, world and master from the launcher's variables."""
 
-from neox_fork.launch import first_slurm_host, mpi_environment, slurm_environment
+from neox_fork.launch.launcher import first_slurm_host, mpi_environment, slurm_environment
 
 
 def test_slurm_variables_map_to_torch_ones_without_overriding_set_ones():

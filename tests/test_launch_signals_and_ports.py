@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import PYTHON, REPO, read_metrics, write_train_config
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 

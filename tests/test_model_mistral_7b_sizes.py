@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config import from_dict, load_config
+from neox_fork.config.loading import from_dict, load_config
 from neox_fork.errors import UserError
-from neox_fork.model import build_model
+from neox_fork.model.transformer import build_model
 from test_config_upstream_defaults_families_and_docs import UPSTREAM, summary_parameters
 
 MISTRAL_YML = UPSTREAM / "mistral" / "7B.yml"

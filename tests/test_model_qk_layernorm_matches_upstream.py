@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
-from neox_fork.hf import export_folder
-from neox_fork.model import build_model
-from neox_fork.neox_layout import to_neox
-from neox_fork.optim import param_groups
+from neox_fork.checkpoint.hf import export_folder
+from neox_fork.model.transformer import build_model
+from neox_fork.checkpoint.neox_layout import to_neox
+from neox_fork.training.optim import param_groups
 
 H, D = 4, 16  # tiny_keys: hidden 64, 4 heads
 

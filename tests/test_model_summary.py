@@ -33,7 +33,7 @@ def test_largest_micro_batch_without_recompute_by_hand():
     Adam 12 = 20 bytes x 2,795,443,200 = 55.9 GB before activations; 34 s b h bytes a layer x 32 layers
     = 11.4 GB per sequence of 4096, and the loss's fp32 logits chunk 2 x 4 x 4096 x 50304 = 1.65 GB:
     72 GB usable (90%) holds one sequence (69.0 GB) and not two (80.4 GB)."""
-    from neox_fork import flops
+    from neox_fork.perf import flops
 
     def memory_at(b):
         return flops.training_memory_bytes(2_795_443_200, num_layers=32, hidden_size=2560, seq_length=4096,
@@ -77,8 +77,8 @@ def test_a_tensor_parallel_config_is_sized_on_the_smallest_world_it_needs(tmp_pa
     2 GPUs = tensor 2 x pipe 1 x data 1, and says so. With Llama-2's 32,000 ids it is Llama-2-13B
     (40 x (4 x 5120^2 + 3 x 5120 x 13824 + 2 x 5120) + 2 x 32000 x 5120 + 5120 = 13,015,864,320) plus the MLP
     biases upstream's default use_bias_in_mlp keeps, 40 x (2 x 13824 + 5120) = 1,310,720: 13,017,175,040."""
-    from neox_fork.config import load_config
-    from neox_fork.summary import print_summary, sizing_world
+    from neox_fork.config.loading import load_config
+    from neox_fork.perf.summary import print_summary, sizing_world
 
     config = tmp_path / "neoxkeys_13B.yml"
     config.write_text(LLAMA2_13B)

@@ -21,8 +21,8 @@ import pytest
 import test_parallel_equivalence as equivalence
 from conftest import PYTHON, REPO, wait_until, write_train_config
 from fake_cluster import clean_env, command_line, fake_cluster
-from neox_fork import checkpoint
-from neox_fork.launch import free_port
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.launch.launcher import free_port
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.multiproc]
 

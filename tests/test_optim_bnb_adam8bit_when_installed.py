@@ -15,10 +15,10 @@ import torch
 from conftest import tiny_keys
 from distributed import run_distributed
 from reference_adamw import adamw_float64
-from neox_fork.config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
-from neox_fork.model import build_model
-from neox_fork.optim import build_optimizer
+from neox_fork.model.transformer import build_model
+from neox_fork.training.optim import build_optimizer
 
 bitsandbytes = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in requirements.txt")
 
@@ -66,8 +66,8 @@ def test_without_bitsandbytes_it_is_one_line_naming_the_key(one_process, monkeyp
 
 
 def _train_steps_with_deepspeed(rank):
-    from neox_fork import parallel
-    from neox_fork.optim import build_engine
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.training.optim import build_engine
 
     config = bnb_config(warmup=0.0, optimizer={"type": "Adam", "params": {"lr": 3e-3}})  # ZeRO stage 1
     parallel.initialize(1, backend="gloo")

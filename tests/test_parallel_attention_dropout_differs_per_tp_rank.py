@@ -30,9 +30,9 @@ KEYS = dict(num_layers=2, seq_length=S, model_parallel_size=2, attention_dropout
 
 
 def _model(**keys):
-    from neox_fork import parallel
-    from neox_fork.config import from_dict
-    from neox_fork.model import build_model
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.config.loading import from_dict
+    from neox_fork.model.transformer import build_model
 
     parallel.seed_everything(SEED)
     return build_model(from_dict(tiny_keys(**dict(KEYS, **keys)))).train()
@@ -46,7 +46,7 @@ def _batch(seed):
 def _core_outputs(rank):
     """Layer 0's attention core on inputs both ranks share: in training, in eval, and as torch draws it from
     a generator seeded seed + 2718 + rank (the core's random numbers from that stream, by hand)."""
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     model = _model(hidden_dropout=0.0)
     attn = model.layers[0].attention
@@ -87,7 +87,8 @@ def _steps(model, opt, first, last):
 
 def _resume(rank, folder):
     """Losses of steps 3-4 uninterrupted, and after restoring step 2's weights, optimizer and RNG file."""
-    from neox_fork import parallel, training_state
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.training import state as training_state
 
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -104,7 +105,7 @@ def _resume(rank, folder):
 
 
 def _worker(rank, folder):
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     parallel.initialize(2)
     cores = _core_outputs(rank)

@@ -4,7 +4,7 @@ embeddings. Same runs and bounds as tests/test_parallel_equivalence.py (fp32, gl
 
 import pytest
 
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 from test_parallel_equivalence import assert_same_losses, assert_same_weights, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
-from neox_fork import checkpoint, universal
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import universal
 from test_parallel_equivalence import LOSS_RTOL, LR, OPTIMIZER
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
@@ -135,7 +136,7 @@ def test_generate_py_reads_a_pipelined_checkpoint(pp2_tp2, one_process):
     import json
     from dataclasses import replace
 
-    from neox_fork.model import build_model
+    from neox_fork.model.transformer import build_model
 
     run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(pp2_tp2), "--prompt-ids", "1,2,3",
                           "--temperature", "0", "--max-new-tokens", "6", "--json"], cwd=REPO, capture_output=True,

@@ -17,7 +17,7 @@ stages are worked out by hand for the test model (2 layers, 7 entries: 0 embeddi
 import pytest
 import torch
 
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 from test_parallel_equivalence import assert_same_losses, assert_same_weights, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]

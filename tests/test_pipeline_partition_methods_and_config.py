@@ -8,9 +8,9 @@ The boundaries are worked out by hand for a 4-layer model, whose layer list has 
 import pytest
 
 from conftest import tiny_keys
-from neox_fork.config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
-from neox_fork.pipeline_stages import entry_names, partition
+from neox_fork.training.pipeline import entry_names, partition
 
 NAMES = entry_names(4, tied=False)
 
@@ -68,8 +68,8 @@ def test_a_stage_without_one_of_the_optimizer_groups_is_one_line(one_process):
     """A 2-layer model's 7 entries over 4 uniform stages ([0, 2, 4, 6, 7]) leave stage 0 the embedding alone
     (no norm or bias): DeepSpeed would drop its empty optimizer group and the step would hang; 3 stages
     ([0, 3, 5, 7]: embedding + layer 0, layer 1, norm + head) hold both groups on every stage."""
-    from neox_fork.model import build_model
-    from neox_fork.pipeline_stages import check_optimizer_groups, entry_parameters
+    from neox_fork.model.transformer import build_model
+    from neox_fork.training.pipeline import check_optimizer_groups, entry_parameters
 
     model = build_model(from_dict(tiny_keys()))
     names = entry_names(2, tied=False)

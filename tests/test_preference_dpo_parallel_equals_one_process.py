@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_training, write_train_config
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 from test_parallel_equivalence import LOSS_RTOL, OPTIMIZER, WEIGHT_TOL
 from test_preference_dpo_trains_exports_and_resumes import dpo_keys
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_training, write_train_config
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 from neox_fork.data.pairwise import PairFiles, PairwiseSamples
 from neox_fork.errors import UserError
 
@@ -79,7 +79,7 @@ def _answer_logprobs(model_dir, pairs, key):
 @pytest.mark.slow
 def test_exported_policy_prefers_chosen_by_its_implicit_reward(dpo_run, preference_pairs, trained_checkpoint, tmp_path):
     pairs = preference_pairs
-    from neox_fork.hf import export_folder
+    from neox_fork.checkpoint.hf import export_folder
 
     step = checkpoint.step_dir(dpo_run, STEPS)
     saved_ref, _, _ = checkpoint.load_merged(step / "reference")
@@ -157,7 +157,7 @@ def test_pairs_stay_together_padded_and_masked(tmp_path):
 
 @pytest.mark.slow
 def test_universal_checkpoint_carries_the_reference(dpo_run, trained_checkpoint, tmp_path):
-    from neox_fork import universal
+    from neox_fork.checkpoint import universal
 
     moved = tmp_path / "moved"
     shutil.copytree(checkpoint.step_dir(dpo_run, HALF), moved / f"global_step{HALF}")

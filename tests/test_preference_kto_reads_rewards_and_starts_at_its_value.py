@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
 from neox_fork.data.datasets import collate_samples
 from neox_fork.data.pairwise import build_kto
 from neox_fork.data.tokenizer import TokenizerSource
 from neox_fork.errors import UserError
-from neox_fork.model import build_model
-from neox_fork.preference import Objective, make_reference
+from neox_fork.model.transformer import build_model
+from neox_fork.training.preference import Objective, make_reference
 
 CHAT = Path(__file__).resolve().parents[1] / "examples" / "chat"
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
-from neox_fork.model import build_model
-from neox_fork.preference import Objective, dpo_loss, kto_loss, make_reference, rm_loss
+from neox_fork.model.transformer import build_model
+from neox_fork.training.preference import Objective, dpo_loss, kto_loss, make_reference, rm_loss
 
 TOL = 1e-6  # float32 arithmetic on numbers of size ~10: a few ulps
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.data.datasets import collate_samples
 from neox_fork.data.pairwise import PairFiles, PairwiseSamples
-from neox_fork.model import build_model
-from neox_fork.preference import Objective, make_reference, precompute_reference
+from neox_fork.model.transformer import build_model
+from neox_fork.training.preference import Objective, make_reference, precompute_reference
 from test_preference_dpo_trains_exports_and_resumes import _write
 
 SEQ = 12

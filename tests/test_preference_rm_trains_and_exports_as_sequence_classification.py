@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import run_training, tiny_keys, write_train_config
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
-from neox_fork.hf import export_folder
-from neox_fork.model import build_model
+from neox_fork.checkpoint.hf import export_folder
+from neox_fork.model.transformer import build_model
 
 CHAT = Path(__file__).resolve().parents[1] / "examples" / "chat"
 

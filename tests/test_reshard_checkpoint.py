@@ -5,9 +5,9 @@ import subprocess
 import torch
 
 from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
-from neox_fork.model import build_model
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
+from neox_fork.model.transformer import build_model
 
 
 def reshard(src, dst, tp):

@@ -33,9 +33,10 @@ B, S = 2, 32
 def _train(keys, steps, chunk_tokens=None, dtype=torch.float32):
     """Losses of `steps` AdamW steps, each rank's final state, and what the trained model gives in eval mode
     (the loss of a fixed batch, and cached-decoding logits of 5 tokens), from seed 0 on fixed batches."""
-    from neox_fork import checkpoint, parallel
-    from neox_fork.config import from_dict
-    from neox_fork.model import build_model
+    from neox_fork.checkpoint import store as checkpoint
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.config.loading import from_dict
+    from neox_fork.model.transformer import build_model
 
     parallel.seed_everything(0)
     model = build_model(from_dict(tiny_keys(num_layers=2, seq_length=S, **keys))).train()
@@ -66,8 +67,9 @@ def _train(keys, steps, chunk_tokens=None, dtype=torch.float32):
 def _sp_worker(rank, cases, sp=True):
     import torch.distributed as dist
 
-    from neox_fork import checkpoint, parallel
-    from neox_fork.model import NeoXModel
+    from neox_fork.checkpoint import store as checkpoint
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.model.transformer import NeoXModel
 
     compile_backend = functools.partial(torch.compile, backend="aot_eager")  # Dynamo + AOT autograd, no codegen
     torch.compile = compile_backend
@@ -134,7 +136,7 @@ def test_tp2_sequence_parallel_trains_like_one_process_and_evaluates_without_it(
 def test_activation_memory_estimate_by_hand():
     """Korthikanti et al.: sbh(10 + 24/T) per layer with TP alone, 34 sbh / T with SP; checkpointed:
     2 sbh (or 2 sbh / T) per stored layer input plus one layer. StableLM-3B, seq 4096, micro-batch 4, T=2."""
-    from neox_fork.flops import activation_memory_bytes
+    from neox_fork.perf.flops import activation_memory_bytes
 
     sbh = 4096 * 4 * 2560
     sizes = dict(num_layers=32, hidden_size=2560, seq_length=4096, micro_batch=4, tp=2)
@@ -145,7 +147,7 @@ def test_activation_memory_estimate_by_hand():
 
 
 def test_sequence_length_the_tp_size_does_not_divide_is_a_clear_error():
-    from neox_fork.config import from_dict
+    from neox_fork.config.loading import from_dict
     from neox_fork.errors import UserError
 
     with pytest.raises(UserError, match="sequence_parallel splits the sequence over model_parallel_size 2, which "

@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from conftest import read_metrics, run_training, write_train_config
-from neox_fork import checkpoint, universal
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import universal
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config import from_dict
+from neox_fork.config.loading import from_dict
 from neox_fork.data.labeled import LabeledSamples, build_layout
 from neox_fork.errors import UserError
-from neox_fork.model import build_model
+from neox_fork.model.transformer import build_model
 
 B, S, VOCAB = 2, 64, 1000
 
@@ -50,7 +50,7 @@ def test_masked_loss_is_the_mean_over_trained_positions(one_process, fused_path)
         else:
             loss = model.chunked_loss(tokens, labels, mask, positions, segments)
     torch.testing.assert_close(loss.double(), by_hand, rtol=1e-5, atol=0)
-    # a denominator (the global batch's count, from training.py) replaces the batch's own
+    # a denominator (the global batch's count, from training/loop.py) replaces the batch's own
     loss_sum = model.chunked_loss(tokens, labels, mask, positions, segments, denominator=1.0)
     torch.testing.assert_close(loss_sum.double(), by_hand * mask.sum(), rtol=1e-5, atol=0)
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import PYTHON, REPO
-from neox_fork.hf import export_folder
+from neox_fork.checkpoint.hf import export_folder
 
 CHAT = REPO / "examples" / "chat"
 QUESTIONS = 6  # single-turn training questions asked after training
@@ -61,7 +61,7 @@ def sft_run(sft_chat_data, tmp_path_factory):
 def test_the_export_answers_training_questions_with_the_trained_answers(sft_run, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from neox_fork import parallel
+    from neox_fork.parallel import groups as parallel
 
     step = sft_run / "ckpt" / (sft_run / "ckpt" / "latest").read_text().strip()
     assert yaml.safe_load((step / "config.yml").read_text())["train_label_data_paths"]  # it trained masked

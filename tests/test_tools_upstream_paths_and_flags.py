@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from neox_fork import checkpoint
-from neox_fork.config import from_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import from_dict
 from neox_fork.data._megatron import indexed_dataset
 from neox_fork.data.tokenizer import TokenizerSource
-from neox_fork.model import build_model
+from neox_fork.model.transformer import build_model
 
 DOCS = ["Hello world, a tiny corpus.", "def f(x):\n    return x * 2\n", "Numbers 12345 and more words.",
         "The quick brown fox jumps over the lazy dog."]

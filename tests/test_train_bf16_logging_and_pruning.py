@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_training, write_train_config
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 
 pytestmark = [pytest.mark.slow]
 
@@ -43,7 +43,7 @@ def test_bf16_run_learns_logs_to_tensorboard_and_keeps_the_last_n_checkpoints(tm
 
 def test_eval_tasks_run_during_training_and_reach_metrics(tmp_path, small_corpus, one_process):
     """The accuracy logged at step 2 is the one written out by hand on the weights saved at step 2."""
-    from neox_fork.generation import load_for_inference
+    from neox_fork.inference.generation import load_for_inference
     from test_eval_in_memory_configs_and_errors import facts_accuracy_by_hand
 
     config = write_train_config(tmp_path, small_corpus, train_iters=2, eval_interval=2, eval_tasks=["neox_facts"],

@@ -13,16 +13,17 @@ import pytest
 import torch
 
 from conftest import write_train_config
-from neox_fork import checkpoint, parallel
-from neox_fork.config import load_config
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.parallel import groups as parallel
+from neox_fork.config.loading import load_config
 from neox_fork.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def engine_run(tmp_path_factory, small_corpus):
     """(run, config, checkpoint folder saved at step 1 with validation logits) in this process."""
-    from neox_fork import training
-    from neox_fork.training_state import save
+    from neox_fork.training import loop as training
+    from neox_fork.training.state import save
 
     folder = tmp_path_factory.mktemp("neoxtrain_keys")
     c = load_config(write_train_config(folder, small_corpus, train_iters=4, hidden_dropout=0.0,
@@ -37,7 +38,7 @@ def engine_run(tmp_path_factory, small_corpus):
 
 
 def _resume(run, c, **keys):
-    from neox_fork.training_state import TrainState, resume
+    from neox_fork.training.state import TrainState, resume
 
     state = TrainState()
     resume(run.engine, run.model, dataclasses.replace(c, **keys), state)
@@ -45,7 +46,7 @@ def _resume(run, c, **keys):
 
 
 def test_no_save_optim_and_no_save_rng_leave_them_off_disk(engine_run, tmp_path):
-    from neox_fork.training_state import TrainState, save
+    from neox_fork.training.state import TrainState, save
 
     run, c, saved = engine_run
     assert list(saved.glob("*optim_states.pt")) and checkpoint.rng_files(saved)  # what a default save writes
@@ -91,7 +92,7 @@ def test_no_load_optim_and_no_load_rng_skip_what_they_name(engine_run):
 
 
 def test_lr_schedule_on_resume_follows_config_or_checkpoint_as_told(engine_run):
-    from neox_fork.optim import Schedule
+    from neox_fork.training.optim import Schedule
 
     _, c, saved = engine_run
     state = checkpoint.read_file(saved / checkpoint.MODEL_FILE.format(0))["lr_scheduler"]
@@ -117,7 +118,7 @@ def test_lr_schedule_on_resume_follows_config_or_checkpoint_as_told(engine_run):
 
 
 def test_checkpoint_validation_passes_on_a_good_save_and_stops_on_a_changed_one(engine_run, tmp_path, caplog):
-    from neox_fork.training_state import VALIDATION_KEY
+    from neox_fork.training.state import VALIDATION_KEY
 
     run, c, saved = engine_run
     with caplog.at_level("INFO", logger="neox_fork"):

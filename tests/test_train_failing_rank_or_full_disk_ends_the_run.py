@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import PYTHON, REPO, run_training, write_train_config
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 

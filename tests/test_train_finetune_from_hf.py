@@ -7,9 +7,9 @@ import torch
 from transformers import StableLmConfig, StableLmForCausalLM
 
 from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
-from neox_fork import checkpoint
-from neox_fork.config import load_config
-from neox_fork.hf import from_hf_state_dict, hf_config_dict
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.config.loading import load_config
+from neox_fork.checkpoint.hf import from_hf_state_dict, hf_config_dict
 
 pytestmark = [pytest.mark.slow]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import read_metrics, run_training, write_train_config
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 
 pytestmark = [pytest.mark.slow]
 

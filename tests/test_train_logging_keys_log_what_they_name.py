@@ -67,7 +67,7 @@ def test_gradient_norms_add_up_to_deepspeeds_global_norm(logged_run):
 
 @pytest.mark.slow
 def test_parameter_norms_are_the_saved_weights_norms(logged_run):
-    from neox_fork import checkpoint
+    from neox_fork.checkpoint import store as checkpoint
 
     folder, _ = logged_run
     norms = _by_prefix(folder, "parameter_norms/")
@@ -93,7 +93,7 @@ def test_optimizer_state_norms_after_one_step_are_adams_first_moment(logged_run)
 
 @pytest.mark.slow
 def test_pct_grad_zeros_of_the_embedding_are_the_unseen_tokens(logged_run, small_corpus):
-    from neox_fork.config import load_config
+    from neox_fork.config.loading import load_config
     from neox_fork.data.datasets import DataSettings, build_batch_iterator, build_datasets
     from neox_fork.data.tokenizer import build_tokenizer
 
@@ -110,7 +110,7 @@ def test_pct_grad_zeros_of_the_embedding_are_the_unseen_tokens(logged_run, small
 
 
 def test_noise_scale_is_upstreams_estimate_worked_by_hand():
-    from neox_fork.train_logging import GradientNoiseScale
+    from neox_fork.training.step_logging import GradientNoiseScale
 
     gns = GradientNoiseScale(batch_size=2, n_batches=2)
     sq = lambda ts: sum(float(t.pow(2).sum()) for t in ts)  # noqa: E731

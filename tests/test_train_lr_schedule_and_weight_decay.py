@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import tiny_keys
-from neox_fork.config import from_dict
-from neox_fork.model import build_model
-from neox_fork.optim import build_optimizer, lr_at, param_groups
+from neox_fork.config.loading import from_dict
+from neox_fork.model.transformer import build_model
+from neox_fork.training.optim import build_optimizer, lr_at, param_groups
 
 
 def test_warmup_then_cosine_to_min_lr():

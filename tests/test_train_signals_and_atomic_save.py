@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 
 pytestmark = [pytest.mark.slow]
 

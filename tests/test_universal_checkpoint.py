@@ -11,7 +11,7 @@ in whole key/value groups and its bias, [up; gate], row-parallel weights, the pa
     up    ref's step 5                         -> universal -> TP=2 x DP=2, ZeRO-2, steps 6-10
 
 Bounds. The universal tensors are exact: DeepSpeed's converter, run unchanged, gives per parameter the fp32
-master that rounds to the very bf16 weight we saved, in the layout of our own TP merge (checkpoint.py,
+master that rounds to the very bf16 weight we saved, in the layout of our own TP merge (checkpoint/store.py,
 checked against TP=1 runs elsewhere). A resumed run starts from exactly the saved state (masters, Adam
 moments, step, schedule, data position), so its data position and learning rate equal the uninterrupted
 run's at every step. Its losses are computed at another layout, whose bf16 reductions round in another
@@ -33,7 +33,8 @@ import yaml
 
 from conftest import PYTHON, REPO, read_metrics, run_training, tiny_keys, write_train_config
 from distributed import run_distributed
-from neox_fork import checkpoint, universal
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import universal
 from neox_fork.errors import UserError
 
 STEPS, STOP = 10, 5
@@ -118,8 +119,8 @@ def _load_universal(rank, keys):
     bf16 weight of every parameter, as loaded, before any step."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from neox_fork import training
-    from neox_fork.config import from_dict
+    from neox_fork.training import loop as training
+    from neox_fork.config.loading import from_dict
 
     run = training.setup(from_dict(keys))
     params = run.engine.module.named_parameters()
@@ -208,10 +209,10 @@ def test_universal_files_load_only_through_the_safe_reader(runs, tmp_path):
 
 
 def test_patterns_name_every_kind_of_parameter(one_process):
-    """Worked out by hand from model.py: a plain-MLP GPT-NeoX layer with biases, learned positions and a tied
+    """Worked out by hand from model/transformer.py: a plain-MLP GPT-NeoX layer with biases, learned positions and a tied
     head (the StableLM-like runs above cover the gated MLP and the untied head)."""
-    from neox_fork.config import from_dict
-    from neox_fork.model import build_model
+    from neox_fork.config.loading import from_dict
+    from neox_fork.model.transformer import build_model
 
     model = build_model(from_dict(tiny_keys(num_kv_heads=2, use_bias_in_attn_linear=True, use_bias_in_mlp=True,
                                             mlp_type="regular", activation="gelu", pos_emb="learned",
@@ -241,7 +242,7 @@ def test_each_new_rank_takes_the_rng_of_the_saved_rank_at_its_coordinates():
 
 
 def test_load_universal_needs_a_converted_checkpoint_and_zero(tmp_path):
-    from neox_fork.config import from_dict
+    from neox_fork.config.loading import from_dict
 
     with pytest.raises(UserError, match="load_universal is on but .* has no latest_universal file; make one with "
                                         "python tools/ckpts/to_universal.py"):

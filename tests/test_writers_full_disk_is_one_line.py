@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO
-from neox_fork import checkpoint, universal
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import universal
 from neox_fork.data.preprocess import preprocess
 from neox_fork.errors import UserError
 

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 tools/benchmark.py --config configs/tiny.yml --activation-memory   # TP=2, SP vs not
     torchrun --nproc_per_node 2 tools/benchmark.py --config configs/tiny.yml pp2.yml --path engine  # 2 stages
 
-See neox_fork/benchmark.py for what each path times and docs/performance.md for the measured numbers.
+See neox_fork/perf/benchmark.py for what each path times and docs/performance.md for the measured numbers.
 """
 
 import argparse
@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from neox_fork.benchmark import DTYPES, PATHS, format_table, format_text, run
-from neox_fork.config import load_config
+from neox_fork.perf.benchmark import DTYPES, PATHS, format_table, format_text, run
+from neox_fork.config.loading import load_config
 from neox_fork.data.tokenizer import tokenizer_file_vocab_size
 from neox_fork.errors import UserError, exit_on_user_error
 
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-compile", choices=["true", "false"], help="override the config")
     p.add_argument("--activation-memory", action="store_true",
                    help="instead: per-rank activation memory at TP = number of ranks (run under torchrun), with "
-                        "and without sequence parallelism (neox_fork.activation_memory)")
+                        "and without sequence parallelism (neox_fork.perf.activation_memory)")
     p.add_argument("--table", nargs="+", metavar="JSON",
                    help="instead of measuring: one table from the --json outputs of earlier runs")
     args = p.parse_args(argv)
@@ -105,7 +105,8 @@ def measure_activation_memory(args: argparse.Namespace) -> str | None:
     """--activation-memory: TP = WORLD_SIZE (1 without torchrun), fp32 on the CPU; rank 0's report."""
     import torch.distributed as dist
 
-    from neox_fork import activation_memory, parallel
+    from neox_fork.perf import activation_memory
+    from neox_fork.parallel import groups as parallel
 
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     config = load_config(*args.config,

@@ -15,11 +15,11 @@ import time
 import torch
 import yaml
 
-from neox_fork import parallel
-from neox_fork.config import load_config
-from neox_fork.dtypes import torch_dtype
-from neox_fork.generation import SamplingParams, generate
-from neox_fork.model import build_model
+from neox_fork.parallel import groups as parallel
+from neox_fork.config.loading import load_config
+from neox_fork.config.dtypes import torch_dtype
+from neox_fork.inference.generation import SamplingParams, generate
+from neox_fork.model.transformer import build_model
 
 
 def sync():

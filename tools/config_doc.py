@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neox_fork.config_doc import render
+from neox_fork.config.doc import render
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

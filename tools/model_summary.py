@@ -7,7 +7,7 @@
 import argparse
 
 from neox_fork.errors import exit_on_user_error
-from neox_fork.summary import print_summary
+from neox_fork.perf.summary import print_summary
 
 
 @exit_on_user_error
@@ -17,7 +17,7 @@ def main(argv=None):
     p.add_argument("--world-size", type=int, default=None,
                    help="number of GPUs (default: num_gpus x num_nodes from the config, else the smallest world "
                         "its parallelism needs: model_parallel_size x pipe_parallel_size x 1 data-parallel rank)")
-    p.add_argument("--gpu", default="A100", help="card for the time estimate (see neox_fork/flops.py)")
+    p.add_argument("--gpu", default="A100", help="card for the time estimate (see neox_fork/perf/flops.py)")
     p.add_argument("--gpu-memory-gb", type=float, default=None, help="memory per card, to say whether it fits")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed MFU for the time estimate")
     args = p.parse_args(argv)

@@ -299,7 +299,7 @@ def write_chat_tokenizer(vocab_file: str, chat_template_file: str, output_dir: s
     template file, `eos_token` its end-of-sequence token; written whole or not at all."""
     from transformers import PreTrainedTokenizerFast
 
-    from neox_fork.checkpoint import atomic_folder
+    from neox_fork.checkpoint.store import atomic_folder
 
     try:
         template = Path(chat_template_file).read_text(encoding="utf-8")

@@ -429,7 +429,7 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     and the training process must outlive them long enough to save at the next step boundary. So they never
     outlive it, the kernel kills them when it dies, however it dies; a rank that fails kills them itself
     (errors.end_now), as its normal exit would wait for them forever."""
-    from neox_fork.supervisor import die_with_parent
+    from neox_fork.launch.supervisor import die_with_parent
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from neox_fork.checkpoint import atomic_path, write_atomic
+from neox_fork.checkpoint.store import atomic_path, write_atomic
 from neox_fork.data.preprocess import preprocess
 from neox_fork.data.tokenizer import train_bpe_tokenizer
 

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy
 
-from neox_fork.checkpoint import commit_temp, temp_path_for
+from neox_fork.checkpoint.store import commit_temp, temp_path_for
 from neox_fork.data import _megatron
 from neox_fork.data.readers import Record, iter_records
 from neox_fork.errors import UserError, full_disk_is_one_line

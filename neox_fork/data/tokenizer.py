@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from neox_fork.atomic import atomic_path
-from neox_fork.config_rules import CHOICES
+from neox_fork.checkpoint.atomic import atomic_path
+from neox_fork.config.rules import CHOICES
 from neox_fork.errors import UserError
 
 TOKENIZER_TYPES = CHOICES["tokenizer_type"]  # upstream's six, listed once with the other config values

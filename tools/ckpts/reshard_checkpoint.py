@@ -8,9 +8,9 @@ or ZeRO stage, convert it with tools/ckpts/to_universal.py and resume with `load
 
 import argparse
 
-from neox_fork.checkpoint import reshard
+from neox_fork.checkpoint.store import reshard
 from neox_fork.errors import exit_on_user_error
-from neox_fork.safe_unpickle import add_trust_argument
+from neox_fork.checkpoint.safe_unpickle import add_trust_argument
 
 
 @exit_on_user_error

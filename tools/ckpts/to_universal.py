@@ -5,14 +5,14 @@
     # then resume with `load_universal: true` and any model_parallel_size, GPU count and ZeRO stage (1 or 2)
 
 Runs DeepSpeed's converter (deepspeed.checkpoint.ds_to_universal) on the step folder unchanged, after
-checking every file it will read with the project's safe reader; see neox_fork/universal.py.
+checking every file it will read with the project's safe reader; see neox_fork/checkpoint/universal.py.
 """
 
 import argparse
 
 from neox_fork.errors import exit_on_user_error
-from neox_fork.safe_unpickle import add_trust_argument
-from neox_fork.universal import convert
+from neox_fork.checkpoint.safe_unpickle import add_trust_argument
+from neox_fork.checkpoint.universal import convert
 
 
 @exit_on_user_error

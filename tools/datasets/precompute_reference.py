@@ -2,7 +2,7 @@
 """Reference log-probabilities ahead of DPO/KTO (upstream's precompute, `precompute_model_name`): for each
 token dataset PREFIX, writes PREFIX_NAME (float32, per document, position j = the reference's log p of token
 j + 1). Train with `precompute_model_name: NAME` and no reference model is built. Logic in
-neox_fork/preference.py (precompute_reference).
+neox_fork/training/preference.py (precompute_reference).
 
     python tools/datasets/precompute_reference.py --load checkpoints/tiny_sft --model-name sft \\
         --seq-length 96 data/demo/pairs_chosen_document data/demo/pairs_rejected_document
@@ -26,7 +26,7 @@ def parse(argv=None):
 
 @exit_on_user_error
 def main(argv=None):
-    from neox_fork.preference import precompute_reference
+    from neox_fork.training.preference import precompute_reference
 
     args = parse(argv)
     for path in precompute_reference(args.load, args.prefixes, args.model_name, args.seq_length,

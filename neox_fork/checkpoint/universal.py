@@ -1,0 +1,246 @@
+"""DeepSpeed's Universal Checkpointing for our parameters: change TP size, DP size or ZeRO stage mid-run.
+
+Two commands (README, "Changing parallelism mid-run"):
+
+    python tools/ckpts/to_universal.py --input-dir CKPT        # runs deepspeed.checkpoint.ds_to_universal
+    ... train with `load_universal: true` and the new model_parallel_size / GPUs / zero stage
+
+DeepSpeed's converter merges each parameter's ZeRO fragments (over data-parallel ranks) and slices (over
+tensor-parallel ranks) into one fp32 tensor per state (weight, exp_avg, exp_avg_sq, step) under
+CKPT/global_stepN_universal/zero/<name>/, as a TP=1 model holds it; DeepSpeed's loader cuts them again for
+any TP size, DP size and ZeRO stage 1 or 2. How to merge a parameter's TP slices is what the
+`universal_checkpoint_info` every checkpoint carries says, by regex on parameter names. Ours come from
+checkpoint.sharding, the one table of how each parameter is split:
+
+    replicated: norms, row-parallel biases, learned positions -> tp_replicated_parameter_patterns
+    row-parallel weights (attention.dense, mlp.linear2)       -> parameter_with_row_parallelism_patterns
+    gated linear1 (each rank holds [up_r; gate_r], +bias)     -> parameter_with_2_sub_params_cat_dim_0
+    column-parallel: fused QKV (+bias; whole key/value groups per rank, so GQA too), plain linear1 (+bias)
+                                                              -> DeepSpeed's default, concatenated on dim 0
+    word embedding and untied head (vocabulary rows)          -> vocabulary_parameter_patterns as well
+
+The vocabulary is kept at its padded size (`original_vocab_size` is the padded size): the head's padding
+rows take part in the softmax and are trained, so dropping them would change the loss. The resumed run
+must pad to the same size (checked, with the make_vocab_size_divisible_by that does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from neox_fork import errors
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import safe_unpickle
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.errors import UserError
+
+log = logging.getLogger("neox_fork")
+
+# DeepSpeed's keys (deepspeed.checkpoint.constants), spelled out so that saving imports no DeepSpeed module
+INFO_KEY = "universal_checkpoint_info"
+_VERSION = ("universal_checkpoint_version", 0.4)
+REPLICATED = "tp_replicated_parameter_patterns"
+ROW_PARALLEL = "parameter_with_row_parallelism_patterns"
+TWO_SUB_PARAMS = "parameter_with_2_sub_params_cat_dim_0"
+VOCABULARY = "vocabulary_parameter_patterns"
+ORIGINAL_VOCAB_SIZE = "original_vocab_size"
+_VOCABULARY_PARAMS = ("word_embeddings.weight", "output_layer.weight")  # rows: the (padded) vocabulary
+
+
+def _pattern(name: str) -> str:
+    """A regex matching `name` in every layer, and nothing else (DeepSpeed matches with re.match)."""
+    return re.sub(r"layers\\\.\d+\\\.", r"layers\\.\\d+\\.", re.escape(name)) + "$"
+
+
+def category(name: str, params: dict[str, torch.Tensor]) -> str | None:
+    """Which of DeepSpeed's merge rules `name` needs; None: concatenate on dim 0 (column-parallel)."""
+    spec = checkpoint.sharding(name, params)
+    if spec is None:
+        return REPLICATED
+    dim, stride = spec
+    if dim == 1:
+        return ROW_PARALLEL
+    return TWO_SUB_PARAMS if stride == 2 else None
+
+
+def checkpoint_info(params: dict[str, torch.Tensor], padded_vocab: int) -> dict:
+    """The `universal_checkpoint_info` of a model with these parameters (one rank's, names as in the model)."""
+    info: dict = {_VERSION[0]: _VERSION[1], ORIGINAL_VOCAB_SIZE: padded_vocab,
+                  REPLICATED: [], ROW_PARALLEL: [], TWO_SUB_PARAMS: [], VOCABULARY: []}
+    for name in params:
+        kind = category(name, params)
+        pattern = _pattern(name)
+        if kind and pattern not in info[kind]:
+            info[kind].append(pattern)
+        if name in _VOCABULARY_PARAMS and pattern not in info[VOCABULARY]:
+            info[VOCABULARY].append(pattern)
+    return {k: v for k, v in info.items() if v != []}  # the converter refuses a pattern that matches nothing
+
+
+# ---------------------------------------------------------------------- converting (tools/ckpts/to_universal.py)
+def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, trust: bool = False) -> Path:
+    """CKPT (or one of its step folders) -> CKPT/global_stepN_universal by DeepSpeed's ds_to_universal, unchanged.
+
+    The converter unpickles our files with torch.load(weights_only=False): every file it reads is first
+    read through checkpoint.read_file, and it runs under safe_unpickling. Besides its output the folder gets
+    the step's config.yml, tokenizer and per-rank RNG states, and loses the fp32 copies the converter makes of
+    the `module` entries (GPT-NeoX's `sequential.*` names, which no parameter has: never read); it is
+    written beside and renamed into place when complete, then `latest_universal` names it.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    folder = checkpoint.resolve(path, step)
+    n = checkpoint.folder_step(folder)
+    tp = checkpoint.tp_size_of(folder)
+    if checkpoint.dp_size_of(folder) is None:
+        raise UserError(f"checkpoint {folder} has no ZeRO optimizer shards (saved with zero_optimization stage 0?); "
+                        "Universal Checkpointing converts checkpoints of ZeRO stage 1 or 2")
+    # one model states file per (pipeline stage, TP rank); each names the parameters its stage holds
+    models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp * checkpoint.pp_size_of(folder))]
+    names: set[str] = set()
+    for path in models:
+        states = checkpoint.read_file(path, trust, mmap=True)
+        if not isinstance(states, dict) or INFO_KEY not in states:
+            raise UserError(f"checkpoint file '{path}' carries no {INFO_KEY} (saved by an older neox_fork or by "
+                            "gpt-neox); resume it at its own layout and save again to convert it")
+        names |= {name for group in states.get("param_shapes", []) for name in group}
+    for f in sorted(folder.glob("*optim_states.pt")):
+        checkpoint.read_file(f, trust, mmap=True)
+    out = checkpoint.universal_dir(folder.parent, n)
+    # written inside a private folder, where the converter's own `latest_universal` lands too
+    work = Path(tempfile.mkdtemp(prefix=".to_universal.", dir=folder.parent))
+    source = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()), f"a copy of {folder.name}"
+    with errors.full_disk_is_one_line(out, cleanup=lambda: shutil.rmtree(work, ignore_errors=True), needed=source):
+        tmp = work / out.name
+        # the converter walks every subfolder: it gets the step's own files only (links), not the frozen
+        # reference of DPO/KTO (reference/, model-states files of another model), copied over below
+        source_dir = work / "input"
+        source_dir.mkdir()
+        for f in folder.iterdir():
+            if f.name != "reference":
+                (source_dir / f.name).symlink_to(f.resolve())
+        args = argparse.Namespace(input_folder=str(source_dir), output_folder=str(tmp), num_extract_workers=workers,
+                                  num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False)
+        try:
+            with safe_unpickling(trust):
+                ds_to_universal.main(args)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - DeepSpeed's asserts: one line naming the folder
+            if errors.disk_is_full(err, out):
+                raise  # the enclosing block says so in its own line
+            raise UserError(f"DeepSpeed's ds_to_universal failed on {folder}: {type(err).__name__}: {err}") from None
+        for entry in (tmp / "zero").iterdir():
+            if entry.is_dir() and entry.name not in names:
+                shutil.rmtree(entry)
+        for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE]:
+            if f.is_file():
+                shutil.copyfile(f, tmp / f.name)
+        if (folder / checkpoint.CONFIG_FILE).is_file():
+            checkpoint.copy_tokenizer(tmp, checkpoint.tokenizer_of(folder, checkpoint.load_config_of(folder)))
+        if (folder / "reference").is_dir():  # DPO/KTO's frozen reference (checkpoint.REFERENCE_DIR), read at any TP
+            shutil.copytree(folder / "reference", tmp / "reference")
+        checkpoint.fsync_tree(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    shutil.rmtree(work, ignore_errors=True)
+    checkpoint.write_atomic(folder.parent / checkpoint.LATEST_UNIVERSAL_FILE, out.name)
+    return out
+
+
+# ---------------------------------------------------------------------- loading (load_universal: true)
+@contextlib.contextmanager
+def safe_unpickling(trust: bool = False):
+    """Every torch.load in the block uses the weights-only unpickler allowing safe_unpickle.SAFE_GLOBALS.
+
+    DeepSpeed's universal loader and converter read files with torch.load(weights_only=False), calls that
+    its checkpoint engine does not route (so checkpoint.read_file cannot take them over). torch's documented
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD switch, set for the block only, makes those loads safe too; the files were
+    checked by read_file first (check_folder, convert), which gives the one-line errors.
+    """
+    if trust:
+        yield
+        return
+    key, old = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_unpickle.allowed_globals()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def check_folder(folder: Path, params: dict[str, torch.Tensor], tp: int, trust: bool = False) -> None:
+    """Before DeepSpeed reads a universal folder: each file this run reads loads safely (checkpoint.read_file,
+    storage mapped, not read) and holds the full size this model needs; anything else is one line."""
+    zero = folder / "zero"
+    if not zero.is_dir():
+        raise UserError(f"'{folder}' is not a universal checkpoint (no zero/ folder); make one with "
+                        f"python tools/ckpts/to_universal.py --input-dir {folder.parent}")
+    checkpoint.read_file(zero / "optimizer_state.pt", trust, mmap=True)
+    for name, p in params.items():
+        need = list(p.shape)
+        spec = checkpoint.sharding(name, params)
+        if spec is not None:
+            need[spec[0]] *= tp
+        if not (zero / name / "fp32.pt").is_file():
+            raise UserError(f"universal checkpoint {folder} does not fit this model: it has no {name} "
+                            f"(zero/{name}/fp32.pt); check num_layers and the architecture keys")
+        for f in sorted((zero / name).glob("*.pt")):
+            state = checkpoint.read_file(f, trust, mmap=True)
+            if f.name != "fp32.pt":
+                continue
+            got = list(state["param"].shape) if isinstance(state, dict) and "param" in state else None
+            if got != need and name in _VOCABULARY_PARAMS and got and got[1:] == need[1:]:
+                keys = checkpoint.vocab_keys_for(got[0], tp, str(f))
+                raise UserError(f"{f}: the checkpoint's vocabulary is padded to {got[0]} rows, this run pads to "
+                                f"{need[0]}; set make_vocab_size_divisible_by: {keys['make_vocab_size_divisible_by']}"
+                                " to keep the trained padding rows")
+            if got != need:
+                raise UserError(f"universal checkpoint {folder} does not fit this model: {name} is {got}, the model "
+                                f"needs {need}; check num_layers/hidden_size/vocab settings")
+
+
+def rng_source(tp_rank: int, dp_rank: int, saved_tp: int, saved_dp: int) -> tuple[int, bool]:
+    """(the saved global rank whose RNG state the rank at (tp_rank, dp_rank) takes, whether its TP rank is the same).
+
+    The same coordinates when the saved layout has them, else (tp_rank mod saved_tp, dp_rank mod saved_dp);
+    ranks are numbered dp_rank x tp + tp_rank (tensor-parallel groups are neighbours, see parallel/groups.py). The
+    default generator is seeded and drawn alike on every rank (dropout masks are drawn whole, see
+    model.HiddenDropout), so any coordinates continue it; the per-TP-rank "model-parallel" stream is taken only
+    from the same TP rank, so TP ranks never share one.
+    """
+    return (dp_rank % saved_dp) * saved_tp + tp_rank % saved_tp, tp_rank < saved_tp
+
+
+def resolve_load(c: NeoXConfig) -> NeoXConfig:
+    """The config to build the engine with: `load_universal` stays on only while the universal checkpoint is the
+    newest in `load`. A regular checkpoint saved after it (by the resumed run, at the new layout) is what a
+    restart with the same config must continue from, so it gets a config without load_universal."""
+    if not (c.load_universal and c.load):
+        return c
+    universal_step = checkpoint.read_latest_universal(c.load)
+    if universal_step is None:
+        raise UserError(f"{c.where('load_universal')}: load_universal is on but '{c.load}' has no "
+                        f"{checkpoint.LATEST_UNIVERSAL_FILE} file; make one with python tools/ckpts/to_universal.py "
+                        f"--input-dir {c.load}")
+    step = checkpoint.read_latest(c.load)
+    if step is not None and step > universal_step:
+        log.info("load_universal: %s holds step %d, newer than its universal checkpoint (step %d): resuming from "
+                 "step %d", c.load, step, universal_step, step)
+        return dataclasses.replace(c, load_universal=False)
+    return c

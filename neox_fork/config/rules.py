@@ -1,0 +1,329 @@
+"""What each config key may hold, and the checks a whole `NeoXConfig` must pass (run by
+`config.from_dict`, so every loaded config has passed them).
+
+The tables name the values this project builds; values upstream gpt-neox accepts and this project does not
+build each have a line saying so, so a GPT-NeoX config never falls back silently. `tools/config_doc.py`
+documents the accepted values from the same tables.
+"""
+
+from __future__ import annotations
+
+import typing
+
+from neox_fork.errors import UserError
+
+# The checks take a neox_fork.config.neox_config.NeoXConfig. config imports this module, so this one does not import config
+# (imports point one way: tests/test_package_imports_point_one_way.py); the name stands for the type.
+NeoXConfig = typing.Any
+
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "bilinear": "identity", "glu": "sigmoid"}
+CHOICES = {
+    "attention_head_type": ("multihead",),
+    "norm": ("layernorm", "rmsnorm"),
+    "pos_emb": ("learned", "rotary", "none"),
+    "mlp_type": ("regular", "gated", "llama"),
+    "activation": ("gelu", "relu", "silu", "swish", "mish", "softsign", *GATED_ACTIVATIONS),
+    "output_layer_parallelism": ("column",),
+    "init_method": ("normal", "scaled_normal", "small_init", "wang_init"),
+    "output_layer_init_method": ("normal", "scaled_normal", "small_init", "wang_init"),
+    "lr_decay_style": ("cosine", "linear", "constant"),
+    "precision": ("fp32", "float32", "bfloat16", "bf16", "fp16", "float16", "half"),
+    "data_impl": ("mmap", "infer"),
+    "pack_impl": ("packed", "pack_until_overflow", "unpacked"),
+    "tokenizer_type": ("GPT2BPETokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer", "TiktokenTokenizer",
+                       "HFTokenizer"),
+    "launcher": ("pdsh", "openmpi", "mvapich", "slurm"),
+    "distributed_backend": ("nccl", "gloo"),
+    "recompute_granularity": ("full", "selective"),
+    "train_impl": ("normal", "dpo", "kto", "rm"),
+    "dataset_impl": ("gpt2", "pairwise"),
+}
+CASE_INSENSITIVE = {"tokenizer_type"}  # upstream compares it lower-cased
+# Values upstream gpt-neox has and this project does not build: one line saying so, never a silent fallback.
+NOT_BUILT = {
+    ("pos_emb", "alibi"): "ALiBi attention biases are not built",
+    ("pos_emb", "sinusoidal"): "sinusoidal position embeddings are not built",
+    ("pos_emb", "rpe"): "T5 relative position buckets are not built",
+    ("norm", "scalenorm"): "ScaleNorm is not built",
+    ("norm", "non_parametric_layernorm"): "a LayerNorm without parameters is not built",
+    ("norm", "crmsnorm"): "CRMSNorm is not built",
+    ("norm", "te_layernorm"): "Transformer Engine layers are not used here; use layernorm",
+    ("norm", "te_rmsnorm"): "Transformer Engine layers are not used here; use rmsnorm",
+    ("mlp_type", "moe"): "mixture of experts is not built",
+    ("train_impl", "reinforce"): "online REINFORCE needs upstream's separate generation server and is not built",
+    ("dataset_impl", "online"): "the online dataset (an RL data server) is not built",
+    ("output_layer_parallelism", "row"): "only the vocabulary-parallel output layer is built (upstream's row "
+                                         "variant is broken there too)",
+}
+MUST_BE_FALSE = {
+    "rotary_interleaved": "rotary is rotate-half, as gpt-neox",
+    "gpt_j_tied": "one norm shared by attention and MLP (gpt_j_tied) is not built; two norms are (gpt_j_residual)",
+}
+ATTENTION_TYPES = ("flash", "global")
+ATTENTION_NOT_BUILT = {
+    "local": "local attention layers are not built (Mistral's sliding window is sliding_window_width)",
+    "sparse_fixed": "DeepSpeed sparse attention is not built", "sparse_variable": "DeepSpeed sparse attention is "
+    "not built", "bigbird": "DeepSpeed sparse attention is not built", "bslongformer": "DeepSpeed sparse attention "
+    "is not built", "gmlp": "gMLP blocks are not built", "amlp": "aMLP blocks are not built",
+    "mamba": "Mamba blocks are not built", "rwkv": "RWKV blocks are not built",
+}
+
+
+def validate(c: NeoXConfig) -> None:
+    """Checks that need only the config itself. Each failure names the file and the key."""
+
+    def fail(key: str, message: str) -> None:
+        raise UserError(f"{c.where(key)}: {message}")
+
+    for check in (_choices, _architecture, _counts, _sizes, _attention_config, _optimizer_and_loading, _data,
+                  _training_and_logging, _post_training):
+        check(c, fail)
+    if c.num_gpus is not None:
+        c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
+
+
+def _choices(c: NeoXConfig, fail) -> None:
+    """Keys with a fixed set of values; upstream values not built; switches that must stay off."""
+    for key, choices in CHOICES.items():
+        value = getattr(c, key)
+        if (key, value) in NOT_BUILT:
+            fail(key, f"{key} {value!r} is not supported: {NOT_BUILT[key, value]}; valid: {', '.join(choices)}")
+        if value not in choices and not (key in CASE_INSENSITIVE and str(value).lower() in map(str.lower, choices)):
+            fail(key, f"{key} {value!r} is not supported; valid: {', '.join(choices)}")
+    for key, why in MUST_BE_FALSE.items():
+        if getattr(c, key):
+            fail(key, f"{key} true is not supported ({why}); set it to false")
+    if c.moe_num_experts != 1:
+        fail("moe_num_experts", f"moe_num_experts {c.moe_num_experts} is not supported: mixture of experts is not "
+             "built; use 1")
+
+
+def _architecture(c: NeoXConfig, fail) -> None:
+    """Model options that exclude each other or are not built together."""
+    if c.intermediate_size is not None and c.expansion_factor is not None:
+        fail("expansion_factor", "give intermediate_size or expansion_factor, not both (as upstream)")
+    if c.sliding_window_width is not None and c.sliding_window_width < 0:
+        fail("sliding_window_width", f"sliding_window_width must be 0 or more (or null), got {c.sliding_window_width}")
+    if c.use_qk_layernorm and c.kv_heads != c.num_attention_heads:
+        fail("use_qk_layernorm", "use_qk_layernorm with grouped-query attention (num_kv_heads) is not built: "
+             "upstream's one norm over [heads, head_dim] does not fit the fewer key heads")
+    if c.use_qk_layernorm and c.norm == "layernorm" and c.model_parallel_size > 1:
+        fail("use_qk_layernorm", "use_qk_layernorm with norm layernorm at model_parallel_size > 1 is not built: "
+             "upstream's LayerNorm then averages over each rank's heads, so the model would change with the TP "
+             "size; use model_parallel_size 1 or norm rmsnorm (per head)")
+    if c.num_attention_heads % c.kv_heads:
+        fail("num_kv_heads", f"num_kv_heads {c.kv_heads} must divide num_attention_heads {c.num_attention_heads}")
+
+
+def _counts(c: NeoXConfig, fail) -> None:
+    """Counts that must be at least 1; a pipeline (pipe_parallel_size > 1) has its own checks."""
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
+                "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "model_parallel_size",
+                "mlp_multiple_of", "make_vocab_size_divisible_by", "checkpoint_num_layers", "log_interval",
+                "eval_interval"):
+        if getattr(c, key) < 1:
+            fail(key, f"{key} must be at least 1, got {getattr(c, key)}")
+    if c.pipe_parallel_size > 1:
+        _pipeline(c, fail)
+
+
+def _sizes(c: NeoXConfig, fail) -> None:
+    """Sizes that must fit together: heads and hidden size, rotary dims, positions, the TP size."""
+    if c.hidden_size % c.num_attention_heads:
+        divisors = [d for d in range(1, c.hidden_size + 1) if c.hidden_size % d == 0 and d <= 128]
+        fail("num_attention_heads", f"num_attention_heads {c.num_attention_heads} does not divide hidden_size "
+             f"{c.hidden_size}; valid head counts include {', '.join(map(str, divisors[-6:]))}")
+    if c.pos_emb == "rotary":
+        if not 0 < c.rotary_pct <= 1:
+            fail("rotary_pct", f"rotary_pct must be in (0, 1], got {c.rotary_pct}")
+        if c.rotary_dim % 2:
+            fail("rotary_pct", f"rotary_pct {c.rotary_pct} x head size {c.head_dim} gives {c.rotary_dim} rotary "
+                 "dims; it must be even")
+    if c.max_positions < c.seq_length:
+        fail("max_position_embeddings", f"max_position_embeddings {c.max_position_embeddings} is smaller than "
+             f"seq_length {c.seq_length}")
+    tp = c.model_parallel_size
+    for key, size in (("num_attention_heads", c.num_attention_heads), ("num_kv_heads", c.kv_heads),
+                      ("hidden_size", c.hidden_size), ("intermediate_size", c.ffn_hidden_size)):
+        if size % tp:
+            fail("model_parallel_size", f"model_parallel_size {tp} does not divide {key} {size}; "
+                 f"use a tensor-parallel size that divides {size}")
+    if (c.sequence_parallel or c.partition_activations) and c.seq_length % tp:
+        key = "sequence_parallel" if c.sequence_parallel else "partition_activations"
+        fail(key, f"{key} splits the sequence over model_parallel_size {tp}, which does not divide "
+             f"seq_length {c.seq_length}")
+
+
+def _attention_config(c: NeoXConfig, fail) -> None:
+    """attention_config: its shape, its layer count and the attention types built."""
+    attn = c.attention_config
+    if attn:
+        ok = all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], list) and isinstance(e[1], int)
+                 for e in attn)
+        if not ok:
+            fail("attention_config", f"attention_config must look like [[[\"flash\"], {c.num_layers}]], got {attn}")
+        if len(c.attention_types) != c.num_layers:
+            fail("attention_config", f"attention_config covers {len(c.attention_types)} layers but num_layers is "
+                 f"{c.num_layers}")
+        bad = sorted(set(c.attention_types) - set(ATTENTION_TYPES))
+        if bad:
+            why = f": {ATTENTION_NOT_BUILT[bad[0]]}" if bad[0] in ATTENTION_NOT_BUILT else ""
+            fail("attention_config", f"attention type {bad[0]!r} is not supported{why}; valid: "
+                 f"{', '.join(ATTENTION_TYPES)}")
+
+
+def _optimizer_and_loading(c: NeoXConfig, fail) -> None:
+    """The optimizer, ZeRO stage, universal/finetune loading, the signal grace period, LR and warmup."""
+    opt_type = str(c.optimizer.get("type", "")).lower()
+    if opt_type not in ("adam", "adamw"):
+        fail("optimizer", f"optimizer type {c.optimizer.get('type')!r} is not supported; valid: Adam, AdamW")
+    if c.zero_stage not in (0, 1, 2):
+        fail("zero_optimization", f"zero_optimization stage {c.zero_stage} is not supported; valid: 0, 1, 2")
+    if c.load_universal and c.zero_stage not in (1, 2):
+        fail("load_universal", f"load_universal needs zero_optimization stage 1 or 2 (DeepSpeed loads universal "
+             f"checkpoints into its ZeRO optimizers), got stage {c.zero_stage}")
+    if c.load_universal and c.finetune:
+        fail("load_universal", "load_universal resumes the full training state; finetune: true takes weights only "
+             "from any tensor-parallel size already: set one of them")
+    if c.signal_grace_seconds <= 0:
+        fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
+    if c.learning_rate <= 0:
+        fail("optimizer", f"learning rate must be positive, got {c.learning_rate}")
+    if not 0 <= c.warmup <= 1:
+        fail("warmup", f"warmup is a fraction of lr_decay_iters in [0, 1], got {c.warmup}; "
+             "use warmup_iters for a step count")
+
+
+def _data(c: NeoXConfig, fail) -> None:
+    """The train/valid/test split and the per-path data weights."""
+    try:
+        parts = [float(p) for p in c.split.split(",")]
+        if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+            raise ValueError
+    except ValueError:
+        fail("split", f"split must be three non-negative numbers like '969, 30, 1', got {c.split!r}")
+    for prefix in ("train", "valid", "test"):
+        paths, weights = getattr(c, f"{prefix}_data_paths"), getattr(c, f"{prefix}_data_weights")
+        if weights and len(weights) != len(paths):
+            fail(f"{prefix}_data_weights", f"{prefix}_data_weights has {len(weights)} entries but "
+                 f"{prefix}_data_paths has {len(paths)}; give one weight per path")
+
+
+def check_runnable(c: NeoXConfig) -> None:
+    """What a model must satisfy to run a forward (sizing tools may still build it, as upstream does)."""
+    out, into = c.mlp_widths
+    if out != (2 * into if c.mlp_gated else into):
+        hint = "mlp_multiple_of 256 or intermediate_size 3 x the branch width" if c.mlp_gated else "mlp_multiple_of"
+        raise UserError(f"{c.where('intermediate_size')}: the MLP widths do not fit together: linear1 gives {out} "
+                        f"outputs, linear2 takes {into} (upstream rounds them separately and its forward fails the "
+                        f"same way); choose intermediate_size / mlp_multiple_of so they agree, e.g. {hint}")
+
+
+def _training_and_logging(c: NeoXConfig, fail) -> None:
+    """train_epochs, the LR-schedule resume switches, profiling and the noise scale (upstream's limits)."""
+    if c.train_epochs is not None:
+        if c.train_epochs < 1:
+            fail("train_epochs", f"train_epochs must be at least 1, got {c.train_epochs}")
+        if "train_iters" in c.sources:
+            fail("train_epochs", "give train_epochs or train_iters, not both (as upstream)")
+        if len(c.train_data_paths) > 1:
+            fail("train_epochs", "train_epochs needs one training dataset (data_path or one train_data_paths "
+                 "entry): an epoch of a blend is undefined (upstream refuses weights too)")
+        for key in ("train_data_weights", "weight_by_num_documents"):
+            if getattr(c, key):
+                fail(key, f"{key} does not work with train_epochs (as upstream): an epoch of a blend is undefined")
+    if c.override_lr_scheduler and c.use_checkpoint_lr_scheduler:
+        fail("override_lr_scheduler", "override_lr_scheduler and use_checkpoint_lr_scheduler are both true; the "
+             "schedule comes from the config or from the checkpoint: set one")
+    if c.memory_profiling and not c.memory_profiling_path:
+        fail("memory_profiling", "memory_profiling needs memory_profiling_path (the folder for the snapshot)")
+    if c.profile and not (c.tensorboard_dir or c.save):
+        fail("profile", "profile writes its trace to tensorboard_dir (else save): set one of them")
+    if (c.profile or c.memory_profiling) and not 0 <= c.profile_step_start < c.profile_step_stop:
+        fail("profile_step_stop", f"profile steps must satisfy 0 <= profile_step_start < profile_step_stop, got "
+             f"{c.profile_step_start}..{c.profile_step_stop}")
+    if c.log_gradient_noise_scale and c.gradient_noise_scale_n_batches < 2:
+        fail("gradient_noise_scale_n_batches", "gradient_noise_scale_n_batches must be at least 2 (the large batch "
+             f"is that many steps), got {c.gradient_noise_scale_n_batches}")
+    if c.train_label_data_paths and c.data_path:
+        fail("train_label_data_paths", "label data goes with train_data_paths/valid_data_paths, not data_path (as "
+             "upstream, which has no label key for a split data_path)")
+    for split in ("train", "valid", "test"):
+        labels, paths = getattr(c, f"{split}_label_data_paths"), getattr(c, f"{split}_data_paths")
+        if labels and len(labels) != len(paths):
+            fail(f"{split}_label_data_paths", f"{split}_label_data_paths has {len(labels)} entries for "
+                 f"{len(paths)} {split}_data_paths; give one label prefix per data prefix, in the same order")
+    if c.valid_label_data_paths and not c.train_label_data_paths or c.test_label_data_paths and not \
+            c.train_label_data_paths:
+        fail("train_label_data_paths", "label data for valid/test needs train_label_data_paths too (the training "
+             "loss would otherwise be unmasked)")
+    if c.train_label_data_paths and c.train_epochs is not None and c.pack_impl != "packed":
+        fail("pack_impl", "train_epochs works with pack_impl packed only (as upstream)")
+    if c.weighted_sampler_alpha < 0:
+        fail("weighted_sampler_alpha", f"weighted_sampler_alpha must be >= 0, got {c.weighted_sampler_alpha}")
+
+
+def _post_training(c: NeoXConfig, fail) -> None:
+    """train_impl and dataset_impl agree, and the data they need is named (upstream asserts the same)."""
+    pairwise = c.train_impl in ("dpo", "rm")
+    if pairwise and c.dataset_impl != "pairwise":
+        fail("dataset_impl", f"train_impl {c.train_impl} trains on chosen/rejected pairs: set dataset_impl: pairwise "
+             "and pos_train_data_paths / neg_train_data_paths")
+    if c.dataset_impl == "pairwise" and not pairwise:
+        fail("dataset_impl", f"dataset_impl pairwise is for train_impl dpo or rm, not {c.train_impl}")
+    for split in ("train", "valid", "test") if c.dataset_impl == "pairwise" else ():
+        pos, neg = getattr(c, f"pos_{split}_data_paths"), getattr(c, f"neg_{split}_data_paths")
+        if len(pos) != len(neg):
+            fail(f"neg_{split}_data_paths", f"pos_{split}_data_paths has {len(pos)} entries and "
+                 f"neg_{split}_data_paths {len(neg)}; give one rejected prefix per chosen prefix")
+        for side, paths in (("pos", pos), ("neg", neg)):
+            labels = getattr(c, f"{side}_{split}_label_data_paths")
+            if labels and len(labels) != len(paths):
+                fail(f"{side}_{split}_label_data_paths", f"{side}_{split}_label_data_paths has {len(labels)} entries "
+                     f"but {side}_{split}_data_paths has {len(paths)}; give one label prefix per data prefix")
+        if bool(getattr(c, f"pos_{split}_label_data_paths")) != bool(getattr(c, f"neg_{split}_label_data_paths")):
+            fail(f"pos_{split}_label_data_paths", f"give label paths for both pos_{split} and neg_{split} or "
+                 "for neither (as upstream)")
+    if pairwise and not c.pos_train_data_paths:
+        fail("pos_train_data_paths", f"train_impl {c.train_impl} needs pos_train_data_paths and neg_train_data_paths "
+             "(the chosen and rejected answers, e.g. from preprocess_data_with_chat_template.py)")
+    if c.train_impl == "kto":
+        if not c.train_reward_data_paths:
+            fail("train_reward_data_paths", "train_impl kto needs train_reward_data_paths (one reward per "
+                 "document: preprocess_data_with_chat_template.py --reward-key)")
+        if c.train_micro_batch_size_per_gpu < 2 or c.train_micro_batch_size_per_gpu % 2:
+            fail("train_micro_batch_size_per_gpu", "train_impl kto splits each micro-batch in two halves (each "
+                 "half's KL estimate is the other's): train_micro_batch_size_per_gpu must be even, got "
+                 f"{c.train_micro_batch_size_per_gpu}")
+    if c.precompute_model_name and c.train_impl == "kto":
+        fail("precompute_model_name", "precompute_model_name with train_impl kto is not built (KTO's samples do not "
+             "read precomputed reference log-probabilities yet); remove it to use the frozen reference")
+    if c.dpo_beta <= 0 or c.kto_beta <= 0:
+        key = "dpo_beta" if c.dpo_beta <= 0 else "kto_beta"
+        fail(key, f"{key} must be positive, got {getattr(c, key)}")
+
+
+def _pipeline(c: NeoXConfig, fail) -> None:
+    """pipe_parallel_size > 1 (neox_fork/training/pipeline.py)."""
+    if c.zero_stage > 1:
+        fail("zero_optimization", f"zero_optimization stage {c.zero_stage} with pipe_parallel_size "
+             f"{c.pipe_parallel_size}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only (stage 2 "
+             "partitions gradients while micro-batches are in flight); use stage 1")
+    method = c.pipe_partition_method
+    if not (method in ("uniform", "parameters") or method.startswith("type:")):
+        fail("pipe_partition_method", f"pipe_partition_method {method!r} is not one of uniform, parameters, "
+             "type:REGEX (e.g. type:transformer|mlp)")
+    if c.checkpoint_validation_with_forward_pass:
+        fail("checkpoint_validation_with_forward_pass", "checkpoint_validation_with_forward_pass with "
+             f"pipe_parallel_size {c.pipe_parallel_size}: the check runs the whole model on one rank, which a "
+             "pipeline stage does not hold; unset it")
+    if c.train_impl != "normal" or c.dataset_impl != "gpt2" or c.train_label_data_paths or c.pack_impl != "packed":
+        key = "train_impl" if c.train_impl != "normal" else "dataset_impl" if c.dataset_impl != "gpt2" else (
+            "train_label_data_paths" if c.train_label_data_paths else "pack_impl")
+        fail(key, f"{key} {getattr(c, key)!r} with pipe_parallel_size {c.pipe_parallel_size} is not built: the "
+             "pipeline stages train the plain language-model loss on packed data; use pipe_parallel_size 1 "
+             "(tensor and data parallelism) for fine-tuning with label masks and for dpo/kto/rm")
+    entries = c.num_layers + 5
+    if c.pipe_parallel_size > entries:
+        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} is more than the {entries} "
+             f"entries of a {c.num_layers}-layer model's layer list; use at most {entries} stages")

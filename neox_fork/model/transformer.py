@@ -1,0 +1,621 @@
+"""The GPT-NeoX model family (GPT-NeoX/Pythia, Llama, StableLM), built from megatron-core tensor-parallel layers.
+
+    tokens -> word embedding (vocab-parallel) [+ learned positions]
+           -> num_layers x block -> final norm -> output head (column-parallel over the vocabulary)
+    block: x + attn(n1(x)) ; x + mlp(n2(x))      sequential residual (Llama, StableLM)
+           x + attn(n1(x)) + mlp(n2(x))           gpt_j_residual: parallel (Pythia, GPT-NeoX-20B)
+
+Attention: fused QKV projection, one [q heads of the group..., k, v] block of rows per key/value head (with
+as many key/value heads as query heads this is GPT-NeoX's per-head [q, k, v] layout), so grouped-query
+attention splits over tensor-parallel ranks by whole groups; rotary on the first `rotary_pct` of each head
+(rotate-half), causal. MLP: `linear1` then the activation then `linear2`; when gated, `linear1` holds
+[up; gate] for this rank's slice and computes act(gate) * up. Norms: LayerNorm (optional bias) or RMSNorm
+(`scale`). Which of these a config picks is decided in neox_fork/config/neox_config.py; the same code runs at any
+tensor-parallel size: each rank holds its heads, its slice of the MLP and of the vocabulary.
+
+This module knows nothing of launch, data or checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core import tensor_parallel as tp
+from torch import nn
+
+from neox_fork.model import fused
+from neox_fork.model.attention import attention
+from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.config.rules import check_runnable
+from neox_fork.parallel.groups import RNG_TRACKER, checkpoint
+
+@dataclass
+class ModelShape:
+    """What the model needs from the config, resolved (padded vocabulary included)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_hidden_size: int  # linear2's input: the MLP width (of each branch when gated)
+    vocab_size: int  # padded
+    rotary_dim: int
+    rotary_base: float
+    max_positions: int
+    norm_eps: float
+    norm_bias: bool
+    tie_word_embeddings: bool
+    init_std: float
+    init_method: str
+    output_layer_init_method: str
+    attention_types: list
+    hidden_dropout: float
+    attention_dropout: float
+    checkpoint_activations: bool  # full recompute: each group of layers re-runs its forward in the backward
+    checkpoint_num_layers: int
+    full_precision_loss: bool
+    loss_chunk_tokens: int  # 0: compute the loss for all tokens at once
+    torch_compile: bool = False  # compile each transformer layer for training (see NeoXModel.compile_layers)
+    selective_recompute: bool = False  # recompute only rotary + the attention core (Attention.forward)
+    sequence_parallel: bool = False  # split norm/dropout/residual regions over the sequence when training at TP>1
+    num_kv_heads: int | None = None  # None: one key/value head per query head
+    norm: str = "layernorm"  # or "rmsnorm"
+    mlp_gated: bool = True
+    activation: str = "silu"  # of the gate when gated
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    parallel_residual: bool = False
+    learned_positions: bool = False
+    mlp_out: int = 0  # linear1's outputs; 0: (2 if gated else 1) x ffn_hidden_size
+    sliding_window: int | None = None  # each query sees itself and this many keys before it
+    qk_norm: bool = False  # upstream's use_qk_layernorm: `norm` over [heads, head_dim] of q and k, before rotary
+    reward_model: bool = False  # train_impl rm: a one-output head (rm_linear) replaces the LM head
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @classmethod
+    def from_config(cls, c: NeoXConfig, tokenizer_vocab_size: int | None = None) -> "ModelShape":
+        rms = c.norm == "rmsnorm"
+        return cls(
+            num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+            ffn_hidden_size=c.ffn_hidden_size, vocab_size=c.padded_vocab_size(tokenizer_vocab_size),
+            rotary_dim=c.rotary_dim, rotary_base=float(c.rotary_emb_base), max_positions=c.max_positions,
+            norm_eps=c.rms_norm_epsilon if rms else c.layernorm_epsilon, norm_bias=c.use_bias_in_norms and not rms,
+            tie_word_embeddings=c.tie_word_embeddings, init_std=c.init_method_std,
+            init_method=c.init_method, output_layer_init_method=c.output_layer_init_method,
+            attention_types=c.attention_types, hidden_dropout=c.hidden_dropout,
+            attention_dropout=c.attention_dropout, checkpoint_activations=c.activation_recompute == "full",
+            checkpoint_num_layers=c.checkpoint_num_layers,
+            full_precision_loss=c.full_precision_lm_cross_entropy,
+            loss_chunk_tokens=4096 if c.fused_cross_entropy else 0, torch_compile=c.torch_compile,
+            selective_recompute=c.activation_recompute == "selective",
+            sequence_parallel=c.sequence_parallel or c.partition_activations,
+            num_kv_heads=c.kv_heads, norm=c.norm, mlp_gated=c.mlp_gated, activation=c.mlp_activation,
+            attn_bias=c.use_bias_in_attn_linear, mlp_bias=c.use_bias_in_mlp, parallel_residual=c.gpt_j_residual,
+            learned_positions=c.pos_emb == "learned", mlp_out=c.mlp_widths[0],
+            sliding_window=c.sliding_window_width, qk_norm=c.use_qk_layernorm, reward_model=c.train_impl == "rm",
+        )
+
+
+def tp_args(mp: ModelParallelConfig) -> dict:
+    """Arguments every megatron-core parallel layer takes: its config and the tensor-parallel group."""
+    return {"config": mp, "tp_group": parallel_state.get_tensor_model_parallel_group()}
+
+
+def init_method(name: str, std: float, num_layers: int, hidden_size: int):
+    """GPT-NeoX's initialisers: normal, scaled_normal (std / sqrt(2L)), small_init, wang_init."""
+    if name == "normal":
+        sigma = std
+    elif name == "scaled_normal":
+        sigma = std / math.sqrt(2.0 * num_layers)
+    elif name == "small_init":
+        sigma = math.sqrt(2 / (5 * hidden_size))
+    elif name == "wang_init":
+        sigma = 2 / num_layers / math.sqrt(hidden_size)
+    else:
+        raise ValueError(f"unknown init method {name}")
+    return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=sigma)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for the first `dim` dims of each head (frequencies duplicated, rotate-half)."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.dim = dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)  # [b, s, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [b, s, 1, dim]
+        return emb.cos(), emb.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, s: ModelShape, mp: ModelParallelConfig, layer_number: int):
+        super().__init__()
+        self.shape = s
+        self.backend = s.attention_types[layer_number]
+        tp_size = mp.tensor_model_parallel_size
+        self.kv_per_rank = s.kv_heads // tp_size
+        self.group = s.num_heads // s.kv_heads  # query heads per key/value head
+        self.window = s.sliding_window
+        if s.qk_norm:  # one norm for q and k, over this rank's [heads, head_dim] (upstream's shape and name)
+            self.qk_layernorm = make_norm(s, (s.num_heads // tp_size, s.head_dim), qk=True)
+            for p in self.qk_layernorm.parameters():  # split over TP ranks by heads, as the QKV rows
+                tp.set_tensor_model_parallel_attributes(p, True, 0, 1)
+        self.query_key_value = tp.ColumnParallelLinear(
+            s.hidden_size, (s.num_heads + 2 * s.kv_heads) * s.head_dim, **tp_args(mp), bias=s.attn_bias,
+            gather_output=False, init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+        self.dense = tp.RowParallelLinear(
+            s.hidden_size, s.hidden_size, **tp_args(mp), bias=s.attn_bias, input_is_parallel=True,
+            skip_bias_add=False,
+            init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+
+    def forward(self, x, rotary: Rotary, cos, sin, kv_cache=None, mask=None):
+        """`mask` [b, 1, q, k] (bool, True = attend) replaces the causal mask, e.g. for left padding.
+        Under sequence parallelism `x` is this rank's [s/tp, b, h] slice: the QKV projection gathers the
+        sequence (megatron-core) and the output projection reduce-scatters it back."""
+        sequence_first = self.query_key_value.sequence_parallel
+        qkv, _ = self.query_key_value(x)
+        if sequence_first:  # [s, b, qkv/tp] -> [b, s, qkv/tp]
+            qkv = qkv.transpose(0, 1)
+        b, sq, _ = qkv.shape
+        qkv = qkv.view(b, sq, self.kv_per_rank, self.group + 2, self.shape.head_dim)
+        if self.shape.selective_recompute and self.training and kv_cache is None:
+            # Megatron's selective recompute: the backward re-runs rotary and the attention core from qkv,
+            # so the rotated q, k and the kernel's output are not kept (4 L h s FLOPs per token extra)
+            out = checkpoint(self.core, qkv, rotary, cos, sin, None, mask)
+        else:
+            out = self.core(qkv, rotary, cos, sin, kv_cache, mask)
+        out = out.reshape(b, sq, -1)
+        out, _ = self.dense(out.transpose(0, 1).contiguous() if sequence_first else out)
+        return out
+
+    def core(self, qkv, rotary: Rotary, cos, sin, kv_cache=None, mask=None):
+        """Rotary and attention on [b, s, kv heads, (q x group, k, v), head_dim]; the output [b, s, heads,
+        head_dim]."""
+        b, sq = qkv.shape[:2]
+        g, d = self.group, self.shape.head_dim
+        qk_norm = getattr(self, "qk_layernorm", None)
+        if g == 1 and rotary.dim and qk_norm is None:  # q, k, v each [b, s, heads, head_dim]
+            q, k, v = fused.rotary_qkv(qkv, cos, sin, rotary.dim)
+        else:
+            q, k, v = qkv[:, :, :, :g].reshape(b, sq, -1, d), qkv[:, :, :, g], qkv[:, :, :, g + 1]
+            if qk_norm is not None:  # one key/value head per query head (config_rules refuses GQA here)
+                q, k = qk_norm(q), qk_norm(k)
+            if rotary.dim:
+                q, k = (fused.rotary_reference(t, cos, sin, rotary.dim) for t in (q, k))
+        causal = mask is None
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            causal = causal and sq > 1
+            if causal and k.shape[1] > sq:  # several new tokens after a cached prefix: mask bottom-right
+                mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=qkv.device).tril(k.shape[1] - sq)
+        if g > 1:  # each key/value head serves the `g` query heads of its group
+            k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+        if not (self.training and self.shape.attention_dropout):
+            return attention(q, k, v, backend=self.backend, causal=causal, mask=mask, window=self.window)
+        # each TP rank holds other heads: their masks come from the rank's own stream, as Megatron's
+        with RNG_TRACKER.fork():
+            return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=self.shape.attention_dropout,
+                             mask=mask, window=self.window)
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "mish": F.mish, "softsign": F.softsign,
+                "sigmoid": torch.sigmoid, "identity": lambda x: x}
+
+
+class MLP(nn.Module):
+    """linear1 -> activation -> linear2; gated: linear1 gives [up; gate] per rank and act(gate) * up."""
+
+    def __init__(self, s: ModelShape, mp: ModelParallelConfig):
+        super().__init__()
+        self.gated, self.activation = s.mlp_gated, s.activation
+        branches = 2 if s.mlp_gated else 1
+        self.linear1 = tp.ColumnParallelLinear(  # stride 2 when gated keeps each rank's halves paired
+            s.hidden_size, s.mlp_out or branches * s.ffn_hidden_size, **tp_args(mp), bias=s.mlp_bias,
+            gather_output=False,
+            stride=branches, init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+        self.linear2 = tp.RowParallelLinear(
+            s.ffn_hidden_size, s.hidden_size, **tp_args(mp), bias=s.mlp_bias, input_is_parallel=True,
+            skip_bias_add=False,
+            init_method=init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+
+    def forward(self, x):
+        h, _ = self.linear1(x)
+        if not self.gated:
+            h = _ACTIVATIONS[self.activation](h)
+        else:
+            up, gate = h.chunk(2, dim=-1)
+            h = fused.swiglu(up, gate) if self.activation == "silu" else _ACTIVATIONS[self.activation](gate) * up
+        out, _ = self.linear2(h)
+        return out
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, in fp32 (Llama's; upstream gpt-neox names the weight `scale`)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.scale * y.to(x.dtype)
+
+
+def make_norm(s: ModelShape, size=None, qk: bool = False) -> nn.Module:
+    """The config's norm over the last dim(s) of `size` (default hidden_size). RMSNorm normalises the last
+    dim only (per head for qk); upstream's qk LayerNorm always has a bias."""
+    if s.norm == "rmsnorm":
+        return RMSNorm(size or s.hidden_size, s.norm_eps)
+    return nn.LayerNorm(size or s.hidden_size, eps=s.norm_eps, bias=s.norm_bias or qk)
+
+
+class HiddenDropout(nn.Module):
+    """Dropout of the residual stream and the embeddings, the same masks at any TP size and with or without
+    sequence parallelism.
+
+    The mask is drawn with `bernoulli_` from the default generator, which is seeded alike on every TP rank.
+    Without sequence parallelism each TP rank holds the whole [b, s, h] tensor and draws its mask. Under
+    sequence parallelism rank r holds the positions [r*s/tp, (r+1)*s/tp) as [s/tp, b, h]; it draws the mask
+    of the whole [b, s, h] tensor (the same numbers a TP=1 run draws) and keeps its slice, so every position
+    is dropped exactly as at TP=1. Megatron instead forks a per-rank stream (statistically equivalent, not
+    equal); this costs tp x the random numbers of the slice, and only the slice's bool mask is kept.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if sequence_parallel:
+            local, b, h = x.shape
+            start = self.tp_rank * local
+            full = x.new_empty(b, local * self.tp_size, h).bernoulli_(1.0 - self.p)
+            keep = full[:, start : start + local].transpose(0, 1).to(torch.bool)
+        else:
+            keep = torch.empty_like(x).bernoulli_(1.0 - self.p).to(torch.bool)
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, s: ModelShape, mp: ModelParallelConfig, layer_number: int):
+        super().__init__()
+        self.parallel_residual = s.parallel_residual
+        self.input_layernorm = make_norm(s)
+        self.attention = Attention(s, mp, layer_number)
+        self.post_attention_layernorm = make_norm(s)
+        self.mlp = MLP(s, mp)
+        self.dropout = HiddenDropout(s.hidden_dropout)
+
+    def forward(self, x, rotary, cos, sin, kv_cache=None, mask=None):
+        sp = self.attention.query_key_value.sequence_parallel
+        attn = self.dropout(self.attention(self.input_layernorm(x), rotary, cos, sin, kv_cache, mask), sp)
+        if self.parallel_residual:
+            return x + attn + self.dropout(self.mlp(self.post_attention_layernorm(x)), sp)
+        x = x + attn
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)), sp)
+
+
+class KVCache:
+    """Keys and values of one layer for incremental decoding, [batch, seq, heads, head_dim].
+
+    With a `capacity` the buffers are allocated once and each update writes its positions in place
+    (returning views up to the current length); without one they grow by concatenation.
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity, self.length = capacity, 0
+        self.k = self.v = None
+
+    def update(self, k, v):
+        end = self.length + k.shape[1]
+        if self.capacity is None:
+            self.k = k if self.k is None else torch.cat((self.k, k), dim=1)
+            self.v = v if self.v is None else torch.cat((self.v, v), dim=1)
+        else:
+            if self.k is None:
+                shape = (k.shape[0], self.capacity, *k.shape[2:])
+                self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+            self.k[:, self.length : end], self.v[:, self.length : end] = k, v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+
+class NeoXModel(nn.Module):
+    def __init__(self, shape: ModelShape, mp: ModelParallelConfig):
+        super().__init__()
+        s = self.shape = shape
+        self.word_embeddings = tp.VocabParallelEmbedding(
+            s.vocab_size, s.hidden_size, **tp_args(mp),
+            init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+        )
+        if s.learned_positions:  # replicated on every TP rank, drawn from the same seed
+            self.position_embeddings = nn.Embedding(s.max_positions, s.hidden_size)
+            if mp.perform_initialization:
+                init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size)(self.position_embeddings.weight)
+        self.embedding_dropout = HiddenDropout(s.hidden_dropout)
+        self.layers = nn.ModuleList(TransformerLayer(s, mp, i) for i in range(s.num_layers))
+        self.final_norm = make_norm(s)
+        if s.reward_model:  # upstream's rm_linear in the LM head's place: hidden -> one score, whole on every rank
+            self.rm_linear = nn.Linear(s.hidden_size, 1, bias=False)
+            if mp.perform_initialization:
+                init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size)(self.rm_linear.weight)
+        else:
+            self.output_layer = tp.ColumnParallelLinear(  # its input is gathered over the sequence first
+                s.hidden_size, s.vocab_size, **tp_args(replace(mp, sequence_parallel=False)), bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=s.tie_word_embeddings,
+                init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+            )
+        self.rotary = Rotary(s.rotary_dim, s.rotary_base)
+        if mp.sequence_parallel:
+            mark_sequence_parallel_parameters(self)
+
+    def new_kv_cache(self, capacity: int | None = None) -> list[KVCache]:
+        return [KVCache(capacity) for _ in self.layers]
+
+    def hidden_states(self, tokens, position_ids=None, kv_cache=None, attention_mask=None, segment_ids=None):
+        """Final-norm hidden states [b, s, h]. `kv_cache` (from new_kv_cache) enables cached decoding;
+        `attention_mask` [b, 1, s, k] (bool, True = attend) replaces the causal mask (left padding).
+        `segment_ids` [b, s] (packed documents, data/labeled.py): a position attends only to earlier positions
+        of its own segment (a block-diagonal causal mask); give `position_ids` restarting per segment with it."""
+        full_sequence = kv_cache is None and attention_mask is None
+        if segment_ids is not None:
+            attention_mask = segment_mask(segment_ids)
+        if position_ids is None:  # one [1, s] row for the whole batch: cos/sin broadcast over it
+            start = kv_cache[0].length if kv_cache else 0
+            position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
+        sp = self.use_sequence_parallel(tokens.shape[1], full_sequence)
+        x = self.embed(tokens, position_ids, sp)
+        cos, sin = self.rotary(position_ids)
+        chunk = self.shape.checkpoint_num_layers
+        use_checkpoint = self.shape.checkpoint_activations and self.training and kv_cache is None
+        layers = self.compiled_layers() if self.shape.torch_compile and kv_cache is None else self.layers
+        for first in range(0, len(layers), chunk):
+            group = layers[first : first + chunk]
+            caches = kv_cache[first : first + chunk] if kv_cache else [None] * len(group)
+            if use_checkpoint:
+                x = checkpoint(_run_layers, group, x, self.rotary, cos, sin, None, attention_mask)
+            else:
+                x = _run_layers(group, x, self.rotary, cos, sin, caches, attention_mask)
+        return self.finish(x, sp)
+
+    def embed(self, tokens, position_ids, sp: bool):
+        """Token (+ learned position) embeddings, split over the sequence when `sp`, after dropout."""
+        x = self.word_embeddings(tokens)
+        if self.shape.learned_positions:  # added to the whole sequence, before any split
+            x = x + self.position_embeddings(position_ids)
+        if sp:  # [b, s, h] -> this rank's [s/tp, b, h] slice, in its own memory (megatron's split is a view)
+            x = tp.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous()).clone()
+        return self.embedding_dropout(x, sp)
+
+    def finish(self, x, sp: bool):
+        """The final norm, and the whole sequence [b, s, h] back when it was split (`sp`)."""
+        x = self.final_norm(x)
+        if sp:  # the head needs every position; its own backward all-reduce sums the TP ranks' parts
+            x = tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False).transpose(0, 1)
+        return x
+
+    def use_sequence_parallel(self, seq_length: int, full_sequence: bool) -> bool:
+        """Whether this forward splits the sequence, switching the megatron-core layers to match.
+
+        Sequence parallelism runs when it is configured, the model is training and the call is a plain
+        full-sequence forward; evaluation, generation and cached decoding run the same weights without it.
+        """
+        if not self.shape.sequence_parallel:
+            return False
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        on = tp_size > 1 and self.training and full_sequence
+        if on and seq_length % tp_size:
+            raise ValueError(f"sequence parallelism needs a sequence length divisible by the TP size {tp_size}, "
+                             f"got {seq_length}")
+        for m in self.layers.modules():
+            if isinstance(m, (tp.ColumnParallelLinear, tp.RowParallelLinear)) and m.sequence_parallel != on:
+                m.sequence_parallel = on
+                if isinstance(m, tp.ColumnParallelLinear):
+                    m.allreduce_dgrad = tp_size > 1 and not on and not m.disable_grad_reduce
+        return on
+
+    def compiled_layers(self) -> list[nn.Module]:
+        """`torch.compile`d views of the layers (same parameters), made on first use. Kept in a plain list,
+        not registered as submodules, so the state dict keeps its names; cached decoding stays eager."""
+        compiled = self.__dict__.get("_compiled_layers")
+        if compiled is None:
+            compiled = self.__dict__["_compiled_layers"] = [torch.compile(layer) for layer in self.layers]
+        return compiled
+
+    def logits_parallel(self, hidden):
+        """This rank's vocabulary slice of the logits, [b, s, vocab / tp]."""
+        weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        return logits
+
+    def forward(self, tokens, position_ids=None, kv_cache=None, labels=None, loss_mask=None, segment_ids=None,
+                loss_denominator=None, score=None, fp32=True):
+        """With `labels`: the training loss (see `loss`). Without: full logits [b, s, vocab], gathered
+        across TP ranks, for generation and parity checks. `segment_ids`: see `hidden_states`.
+        `score="logprobs"`: each row's summed log-probability of its labels where `loss_mask` is set
+        (`sequence_logprobs`); `score="reward"`: the reward head's value (`reward`); for training/preference.py."""
+        if score == "logprobs":
+            return self.sequence_logprobs(tokens, labels, loss_mask, fp32)
+        if score == "reward":
+            return self.reward(tokens, loss_mask)
+        if labels is not None:
+            return self.loss(tokens, labels, loss_mask, position_ids, segment_ids, loss_denominator)
+        return self.full_logits(self.hidden_states(tokens, position_ids, kv_cache, segment_ids=segment_ids))
+
+    def full_logits(self, hidden):
+        """Logits over the whole vocabulary for final-norm hidden states, gathered across TP ranks."""
+        logits = self.logits_parallel(hidden)
+        group = parallel_state.get_tensor_model_parallel_group()
+        if group.size() == 1:
+            return logits
+        # differentiable all-gather over the vocabulary slices (megatron-core's allocates on CUDA)
+        return torch.cat(dist_nn.all_gather(logits.contiguous(), group=group), dim=-1)
+
+    def loss(self, tokens, labels, loss_mask=None, position_ids=None, segment_ids=None, denominator=None):
+        """Mean next-token cross-entropy over unmasked positions; logits stay split over the vocabulary.
+
+        The sum over unmasked positions is divided by `denominator` when given (training/loop.py passes the global
+        batch's trained-token count per micro-batch, so the step's loss is the mean over all trained tokens),
+        else by this batch's count.
+
+        The head and the loss run over chunks of at most `loss_chunk_tokens` tokens, so the full fp32
+        logits of the batch (e.g. 4 x 4096 x 50304 x 4 bytes = 3.3 GB for StableLM) never exist at once.
+        At TP=1 when training, `fused.linear_cross_entropy` computes each chunk's gradients in the same pass
+        (no recompute of the head); otherwise each chunk is checkpointed.
+        """
+        hidden = self.hidden_states(tokens, position_ids, segment_ids=segment_ids)
+        return self.loss_of_hidden(hidden, labels, loss_mask, denominator)
+
+    def loss_of_hidden(self, hidden, labels, loss_mask=None, denominator=None):
+        """`loss` from final-norm hidden states [b, s, h] (a pipeline's last stage starts here)."""
+        hidden, labels, mask = self._flat(hidden, labels, loss_mask)
+        if torch.is_grad_enabled() and hidden.requires_grad and parallel_state.get_tensor_model_parallel_world_size() == 1:
+            weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else self.output_layer.weight
+            return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0],
+                                              self.shape.loss_chunk_tokens or hidden.shape[1], denominator)
+        return self._chunked_loss(hidden, labels, mask, denominator)
+
+    def sequence_logprobs(self, tokens, labels, loss_mask, fp32: bool = True):
+        """[b]: sum over positions where `loss_mask` is set of log p(label | tokens before), from the
+        vocabulary-parallel logits (fp32 when `fp32`, else the model's dtype; upstream's dpo_fp32/kto_fp32)."""
+        logits = self.logits_parallel(self.hidden_states(tokens))
+        logits = logits.float() if fp32 else logits
+        mask = loss_mask.float()
+        targets = torch.where(mask > 0, labels, torch.zeros_like(labels))  # -100 would index nothing
+        nll = tp.vocab_parallel_cross_entropy(logits.contiguous(), targets)
+        return -(nll.float() * mask).sum(-1)
+
+    def reward(self, tokens, loss_mask):
+        """[b]: the reward head's value at each row's last trained position (upstream reads the position of
+        the one target `--for-rm` leaves: the final end-of-sequence token)."""
+        values = self.rm_linear(self.hidden_states(tokens)).squeeze(-1)
+        positions = torch.arange(values.shape[1], device=values.device)
+        last = ((loss_mask > 0) * positions).argmax(-1)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    def chunked_loss(self, tokens, labels, loss_mask=None, position_ids=None, segment_ids=None, denominator=None):
+        """The loss as TP>1 computes it at any TP size: the head and vocab-parallel cross-entropy over
+        chunks of `loss_chunk_tokens`, each checkpointed when training."""
+        hidden = self.hidden_states(tokens, position_ids, segment_ids=segment_ids)
+        return self._chunked_loss(*self._flat(hidden, labels, loss_mask), denominator)
+
+    @staticmethod
+    def _flat(hidden, labels, loss_mask):
+        """Final hidden states [1, b*s, h], labels [1, b*s] and the float loss mask [1, b*s] (ones if none)."""
+        b, s, h = hidden.shape
+        labels = labels.reshape(1, b * s)
+        mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.reshape(1, b * s).float()
+        return hidden.reshape(1, b * s, h), labels, mask
+
+    def _chunked_loss(self, hidden, labels, mask, denominator=None):
+        n = hidden.shape[1]
+        step = self.shape.loss_chunk_tokens or n
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            if self.training and step < n:
+                total = total + checkpoint(self._chunk_loss, hidden[:, start:end], labels[:, start:end],
+                                           mask[:, start:end])
+            else:
+                total = total + self._chunk_loss(hidden[:, start:end], labels[:, start:end], mask[:, start:end])
+        return total / (mask.sum().clamp(min=1.0) if denominator is None else denominator)
+
+    def _chunk_loss(self, hidden, labels, mask):
+        logits = self.logits_parallel(hidden)
+        if self.shape.full_precision_loss:
+            logits = logits.float()
+        losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
+        return (losses.float() * mask).sum()
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool, True = attend: causal and within the same segment (a block-diagonal causal mask)."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
+
+
+def mark_sequence_parallel_parameters(model: NeoXModel) -> None:
+    """Mark `sequence_parallel = True` on the parameters that every TP rank holds whole but that see only its
+    sequence slice under sequence parallelism: those of the transformer layers and the final norm that
+    megatron-core did not split (norms, row-parallel biases). Their gradients are partial sums that must be
+    added over the TP group (see neox_fork.parallel.groups.sum_sequence_parallel_grads)."""
+    for module in (model.layers, model.final_norm):
+        for p in module.parameters():
+            if not getattr(p, "tensor_model_parallel", False):
+                p.sequence_parallel = True
+
+
+def _run_layers(layers, x, rotary, cos, sin, caches=None, mask=None):
+    for i, layer in enumerate(layers):
+        x = layer(x, rotary, cos, sin, caches[i] if caches else None, mask)
+    return x
+
+
+def model_parallel_config(tensor_parallel_size: int, dtype: str = "fp32",
+                          sequence_parallel: bool = False) -> ModelParallelConfig:
+    """CPU initialisation on every device: the full weight is drawn from the default RNG and each rank
+    keeps its slice, so a model built at TP=N equals the same seed at TP=1 after merging."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tensor_parallel_size,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
+    )
+
+
+def build_model(config: NeoXConfig, tokenizer_vocab_size: int | None = None, *,
+                perform_initialization: bool = True, sizing_only: bool = False) -> NeoXModel:
+    """The model for this rank (parallel groups must be initialised; see neox_fork.parallel.groups). `sizing_only`
+    builds even a model that cannot run, as upstream does (MLP widths that do not pair), to count it."""
+    if not sizing_only:
+        check_runnable(config)
+    shape = ModelShape.from_config(config, tokenizer_vocab_size)
+    mp = model_parallel_config(parallel_state.get_tensor_model_parallel_world_size(), config.dtype_name,
+                               shape.sequence_parallel)
+    mp.perform_initialization = perform_initialization
+    return NeoXModel(shape, mp)
+
+
+def count_parameters(shape: ModelShape) -> int:
+    """Parameters of the whole (unsharded) model, by formula; checked against a meta-device build."""
+    s = shape
+    h, f, L, v, d = s.hidden_size, s.ffn_hidden_size, s.num_layers, s.vocab_size, s.head_dim
+    norm = 2 * h if s.norm_bias else h
+    qkv = (s.num_heads + 2 * s.kv_heads) * d
+    attention = h * qkv + h * h + (qkv + h if s.attn_bias else 0)
+    linear1 = s.mlp_out or (2 if s.mlp_gated else 1) * f
+    mlp = h * linear1 + f * h + (linear1 + h if s.mlp_bias else 0)
+    heads = 1 if s.tie_word_embeddings or s.reward_model else 2
+    positions = s.max_positions * h if s.learned_positions else 0
+    qk_norm = (2 if s.norm != "rmsnorm" else 1) * s.num_heads * d if s.qk_norm else 0
+    return L * (attention + mlp + 2 * norm + qk_norm) + heads * v * h + positions + norm + (h if s.reward_model else 0)

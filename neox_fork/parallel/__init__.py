@@ -1,0 +1,3 @@
+"""Parallelism: process groups, the per-rank RNG streams and DeepSpeed's view of the TP/DP groups
+(groups).
+"""

@@ -1,0 +1,158 @@
+"""What `tools/model_summary.py` prints: the model built on the meta device, FLOPs and memory sizing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from neox_fork.perf import flops
+from neox_fork.parallel import groups as parallel
+from neox_fork.config.loading import load_config
+from neox_fork.data.tokenizer import tokenizer_file_vocab_size
+from neox_fork.errors import UserError
+from neox_fork.model.transformer import ModelShape, build_model, count_parameters
+
+DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
+
+
+def checkpoint_bytes(parameters: int, dtype_name: str) -> int:
+    """One checkpoint's size: the weights in the training dtype + ZeRO's fp32 master weights and Adam moments
+    (12 bytes per parameter)."""
+    return parameters * ((2 if dtype_name in ("bf16", "fp16") else 4) + 12)
+
+
+def meta_model(config, vocab: int | None):
+    """The whole model (TP=1) built on the meta device: shapes and parameter counts, no memory. The vocabulary
+    stays padded for the configured TP size (GPT-NeoX-20B at TP 2: 50432 rows)."""
+    parallel.initialize(1)
+    whole = dataclasses.replace(config, model_parallel_size=1, pipe_parallel_size=0,
+                                make_vocab_size_divisible_by=config.make_vocab_size_divisible_by
+                                * config.model_parallel_size)
+    with torch.device("meta"):
+        return build_model(whole, vocab, perform_initialization=False, sizing_only=True)
+
+
+def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assumed_mfu=0.40) -> dict:
+    config = load_config(*paths)
+    world, how = sizing_world(config, world_size)
+    config.check_world_size(world)
+    vocab = tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type, config.merge_file)
+    shape = ModelShape.from_config(config, vocab)
+    model = meta_model(config, vocab)
+    n = sum(p.numel() for p in model.parameters())
+    if n != count_parameters(shape):
+        raise AssertionError(f"meta build has {n} parameters, formula says {count_parameters(shape)}")
+    tp, dp = config.model_parallel_size, config.data_parallel_size(world)
+    seq = config.seq_length
+    fpt = flops.training_flops_per_token(model, seq, config.activation_recompute)
+    model_fpt = fpt.model
+
+    def memory_at(micro_batch: int, checkpoint_activations: bool, params: int = n, layers: int = config.num_layers,
+                  in_flight: int = 1) -> dict[str, float]:
+        return flops.training_memory_bytes(
+            params, num_layers=layers * in_flight, hidden_size=config.hidden_size, seq_length=seq,
+            micro_batch=micro_batch, tp=tp, dp=dp, zero_stage=config.zero_stage, dtype=config.dtype_name,
+            checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size,
+            sequence_parallel=shape.sequence_parallel and tp > 1)
+
+    mem = memory_at(config.train_micro_batch_size_per_gpu, config.activation_recompute == "full")
+    act = {sp: flops.activation_memory_bytes(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, seq_length=seq, tp=tp, sequence_parallel=sp,
+        micro_batch=config.train_micro_batch_size_per_gpu, checkpoint_activations=config.activation_recompute == "full")
+        for sp in (False, True)}
+    gbs = config.global_batch_size(world)
+    pipe = f"pipe {config.pipe_parallel_size} x " if config.pipe_parallel_size > 1 else ""
+    peak = flops.PEAK_FLOPS.get(gpu)
+    if peak is None:
+        raise UserError(f"--gpu {gpu!r} is not in the peak table; valid: {', '.join(flops.PEAK_FLOPS)}")
+    tokens_per_gpu = assumed_mfu * peak / model_fpt
+    gib = 2**30
+    lines = [
+        f"config: {' + '.join(map(str, paths))}",
+        f"parameters: {n}",
+        f"non_embedding_parameters: {fpt.non_embedding_params}",
+        f"layers: {config.num_layers}  hidden: {config.hidden_size}  heads: {config.num_attention_heads}  "
+        f"head_dim: {config.head_dim}  ffn: {config.ffn_hidden_size}  rotary_dims: {config.rotary_dim}  "
+        f"vocab(padded): {shape.vocab_size}  seq: {seq}",
+        f"flops_per_token: {model_fpt}  ({model_fpt / 1e9:.2f} GFLOP = 6*N_non_embedding + 12*L*h*s + 6*V*h)",
+        f"hardware_flops_per_token: {fpt.hardware}  (recompute: {fpt.recompute})",
+        f"parallelism: world {world} = {pipe}tensor {tp} x data {dp} ({how}); ZeRO stage {config.zero_stage}; "
+        f"{config.dtype_name}",
+        f"global_batch: {gbs} sequences = {gbs * seq} tokens per step",
+        "memory_per_gpu_gib: " + "  ".join(f"{k} {v / gib:.2f}" for k, v in mem.items()),
+        f"activations_per_rank_gib (layers, 16-bit): tensor-parallel only {act[False] / gib:.2f}  "
+        f"with sequence_parallel {act[True] / gib:.2f}  (sequence_parallel: {shape.sequence_parallel})",
+        f"estimate on {gpu} at {assumed_mfu:.0%} MFU: {tokens_per_gpu:,.0f} tokens/s per GPU, "
+        f"{tokens_per_gpu * world:,.0f} tokens/s total, {gbs * seq / (tokens_per_gpu * world):.2f} s per step",
+    ]
+    if config.pipe_parallel_size > 1:
+        lines += pipeline_lines(config, model, memory_at, config.activation_recompute == "full")
+    ckpt_bytes = checkpoint_bytes(n, config.dtype_name)
+    lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // n} bytes per parameter); "
+                 f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "
+                 "(compare signal_grace_seconds)")
+    if config.train_iters:
+        days = config.train_iters * gbs * seq / (tokens_per_gpu * world) / 86400
+        lines.append(f"train_iters {config.train_iters}: {config.train_iters * gbs * seq / 1e12:.2f}T tokens, "
+                     f"about {days:.1f} days")
+    if gpu_memory_gb:
+        budget = gpu_memory_gb * gib * 0.9
+        lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if mem['total'] <= budget else 'NO'}")
+        lines.append(no_recompute_line(lambda b: memory_at(b, False), budget, gpu_memory_gb))
+    print("\n".join(lines))
+    return {"parameters": n, "flops_per_token": model_fpt, "memory": mem, "checkpoint_bytes": ckpt_bytes,
+            "activations_by_sequence_parallel": act}
+
+
+def pipeline_lines(config, model, memory_at, recompute: bool) -> list[str]:
+    """Per-stage parameters and memory of a pipelined config, and the 1F1B bubble.
+
+    Stages as pipeline_stages splits the layer list (whole-model counts for `parameters`; DeepSpeed balances one
+    TP rank's, in which replicated norms weigh a little more). Under 1F1B stage s keeps min(P - s, m)
+    micro-batches of activations (m = gradient_accumulation_steps); the idle fraction is (P - 1) / (m + P - 1).
+    """
+    from neox_fork.training.pipeline import entry_names, entry_parameters, partition
+
+    stages, m = config.pipe_parallel_size, config.gradient_accumulation_steps
+    names = entry_names(config.num_layers, model.shape.tie_word_embeddings)
+    counts = entry_parameters(model)
+    parts = partition(config.pipe_partition_method, names, counts, stages)
+    gib = 2**30
+    lines = [f"pipeline: {stages} stages ({config.pipe_partition_method}), {m} micro-batches a step; bubble "
+             f"(P - 1) / (m + P - 1) = {(stages - 1) / (m + stages - 1):.1%} of each step idle"]
+    for s in range(stages):
+        first, stop = parts[s], parts[s + 1]
+        params = sum(counts[first:stop])
+        layers = sum(1 for name in names[first:stop] if name == "ParallelTransformerLayerPipe")
+        inflight = min(stages - s, m)
+        mem = memory_at(config.train_micro_batch_size_per_gpu, recompute, params, layers, inflight)
+        lines.append(f"  stage {s}: entries {first}-{stop - 1} ({layers} transformer layers), {params} parameters, "
+                     f"{inflight} micro-batches of activations; memory_per_gpu_gib total {mem['total'] / gib:.2f} "
+                     f"(weights {mem['weights'] / gib:.2f}, optimizer {mem['optimizer'] / gib:.2f}, "
+                     f"activations {mem['activations'] / gib:.2f})")
+    return lines
+
+
+def sizing_world(config, world_size: int | None = None) -> tuple[int, str]:
+    """The world to size: the one given, else num_gpus x num_nodes of the config, else the smallest its
+    parallelism needs (tensor x pipe x the data-parallel size train_batch_size fixes, else 1)."""
+    if world_size:
+        return world_size, "--world-size"
+    if config.num_gpus:
+        return config.num_gpus * max(config.num_nodes, 1), "num_gpus x num_nodes of the config"
+    per_step = config.train_micro_batch_size_per_gpu * config.gradient_accumulation_steps
+    dp = config.train_batch_size // per_step if config.train_batch_size and not config.train_batch_size % per_step \
+        else 1
+    world = config.model_parallel_size * max(config.pipe_parallel_size, 1) * dp
+    return world, (f"the smallest world this config needs: model_parallel_size {config.model_parallel_size} x "
+                   f"pipe_parallel_size {max(config.pipe_parallel_size, 1)} x data {dp}; --world-size sizes another")
+
+
+def no_recompute_line(memory_at, budget: float, gpu_memory_gb: float) -> str:
+    """Which micro-batch trains without activation checkpointing (no recompute FLOPs at all)."""
+    b = flops.largest_micro_batch(memory_at, budget)
+    if not b:
+        return f"without recompute: no micro-batch fits in {gpu_memory_gb:g} GiB; keep checkpoint_activations"
+    return (f"without recompute: micro-batch up to {b} fits in {gpu_memory_gb:g} GiB "
+            f"(checkpoint_activations: false, train_micro_batch_size_per_gpu: {b})")
