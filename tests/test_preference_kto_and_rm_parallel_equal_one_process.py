@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_training, write_train_config
-from neox_fork import checkpoint
+from neox_fork.checkpoint import store as checkpoint
 from test_parallel_equivalence import LOSS_RTOL, LR, OPTIMIZER
 from test_preference_kto_reads_rewards_and_starts_at_its_value import write_kto_data
 
