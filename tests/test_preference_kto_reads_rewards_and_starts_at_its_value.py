@@ -22,9 +22,9 @@ from neox_fork.training.preference import Objective, make_reference
 CHAT = Path(__file__).resolve().parents[1] / "examples" / "chat"
 
 
-@pytest.fixture(scope="module")
-def kto_data(small_corpus, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pref_kto")
+def write_kto_data(folder, small_corpus):
+    """The first 8 shipped pairs as 16 unpaired conversations (chosen: good, rejected: not), preprocessed with
+    `--reward-key good --binary-reward` into FOLDER/kto_messages_{,label_,reward_}document; returns the records."""
     records = []
     for line in (CHAT / "demo_chat_pairs.jsonl").read_text().splitlines()[:8]:
         pair = json.loads(line)
@@ -34,7 +34,13 @@ def kto_data(small_corpus, tmp_path_factory):
                                      str(folder / "tokenizer"))
     preprocess_chat([str(folder / "kto.jsonl")], str(folder / "kto"), tokenizer, jsonl_keys=["messages"],
                     options=ChatOptions(only_last=True, reward_key="good", binary_reward=True))
-    return folder, records
+    return records
+
+
+@pytest.fixture(scope="module")
+def kto_data(small_corpus, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pref_kto")
+    return folder, write_kto_data(folder, small_corpus)
 
 
 def _config(small_corpus, folder, **overrides):
