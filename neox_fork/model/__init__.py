@@ -1,3 +1,4 @@
 """The model: the GPT-NeoX family from megatron-core tensor-parallel layers (transformer), the attention
-backends (attention) and the fused kernels with their plain-torch fallbacks (fused).
+backends (attention), the fused kernels with their plain-torch fallbacks (fused), and the shape resolved
+from the config with its parameter count by formula (shape).
 """

@@ -11,7 +11,8 @@ from neox_fork.parallel import groups as parallel
 from neox_fork.config.loading import load_config
 from neox_fork.data.tokenizer import tokenizer_file_vocab_size
 from neox_fork.errors import UserError
-from neox_fork.model.transformer import ModelShape, build_model, count_parameters
+from neox_fork.model.shape import ModelShape, count_parameters
+from neox_fork.model.transformer import build_model
 
 DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
 

@@ -31,7 +31,8 @@ from neox_fork.config.loading import log_ignored_settings
 from neox_fork.errors import UserError
 from neox_fork.launch.launcher import launcher_environment
 from neox_fork.training.metrics import MetricsWriter, progress_line
-from neox_fork.model.transformer import build_model, count_parameters
+from neox_fork.model.shape import count_parameters
+from neox_fork.model.transformer import build_model
 from neox_fork.training.optim import build_engine
 from neox_fork.training.preference import Objective, reference_for_run
 from neox_fork.training.step_logging import Profilers, StepLogger

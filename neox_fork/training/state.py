@@ -81,7 +81,7 @@ def checkpoint_size(c: NeoXConfig, model) -> tuple[int, str]:
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         if size:
             return size, f"one checkpoint (as {folder.name})"
-    from neox_fork.model.transformer import count_parameters
+    from neox_fork.model.shape import count_parameters
     from neox_fork.perf.summary import checkpoint_bytes
 
     return checkpoint_bytes(count_parameters(model.shape), c.dtype_name), "one checkpoint (model_summary's estimate)"
