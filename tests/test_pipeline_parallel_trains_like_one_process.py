@@ -66,19 +66,20 @@ def test_pp2_partition_by_parameters_equals_one_process(tmp_path, small_corpus, 
     assert_same_weights(pp2, single)
 
 
-def test_pp2_by_tp2_equals_one_process(tmp_path, small_corpus, single):
+def test_pp2_by_tp2_with_sequence_parallel_and_full_recompute_equals_one_process(tmp_path, small_corpus, single):
     both = train(tmp_path, small_corpus, "pp2tp2", 4, pipe_parallel_size=2, model_parallel_size=2,
                  pipe_partition_method="type:transformer", train_micro_batch_size_per_gpu=2,
-                 gradient_accumulation_steps=2)
+                 gradient_accumulation_steps=2, sequence_parallel=True, checkpoint_activations=True)
     assert checkpoint.tp_size_of(checkpoint.resolve(both)) == 2
     assert stage_entries(both, 2, tp=2) == ONE_LAYER_EACH
     assert_same_losses(both, single)
     assert_same_weights(both, single)
 
 
-def test_pp2_by_dp2_zero1_uniform_split_equals_one_process(tmp_path, small_corpus, single):
+def test_pp2_by_dp2_zero1_uniform_split_with_selective_recompute_equals_one_process(tmp_path, small_corpus, single):
     both = train(tmp_path, small_corpus, "pp2dp2", 4, pipe_parallel_size=2, pipe_partition_method="uniform",
-                 train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2)
+                 train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2, checkpoint_activations=True,
+                 recompute_granularity="selective")
     folder = checkpoint.resolve(both)
     assert len(list(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) == 2  # ZeRO-1 over DP per stage
     assert stage_entries(both, 2) == UNIFORM
