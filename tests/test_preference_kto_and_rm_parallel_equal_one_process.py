@@ -12,7 +12,12 @@ weights after (the reward head rm_linear included, the same on every TP rank tha
   of 4; TP=2 (with sequence parallelism) does the same; DP=2 (ZeRO-1) gives each rank one of them.
 
 Tolerances and their bounds: tests/test_parallel_equivalence.py (sums change their order of addition only;
-its weight bound is 1e-3 of one step's lr per step, here over STEPS steps)."""
+its weight bound is 1e-3 of one step's lr per step, here over STEPS steps). Its loss bound (relative 1e-5) is
+for a mean of log-likelihoods, which barely moves with the weights. A reward is a raw readout, r = w . x over
+the HIDDEN inputs of rm_linear (final-norm outputs, of order 1): after k updates each w_i may differ by
+k x 1e-3 x lr, so r (and the RM loss, 1-Lipschitz in the margin, and its gradient norm) may differ by
+HIDDEN x k x 1e-3 x lr more (3.8e-4 at step 3; a fresh machine measured 2.1e-5 there). A missing all-reduce
+moves weights by a good part of lr a step and a reward by ~1e-1."""
 
 import pytest
 import torch
@@ -25,6 +30,8 @@ from test_preference_kto_reads_rewards_and_starts_at_its_value import write_kto_
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 STEPS = 5
 WEIGHT_TOL = 1e-3 * LR * STEPS
+HIDDEN = 64  # conftest.tiny_keys' hidden_size: the reward head's inputs
+RM_DRIFT_PER_STEP = HIDDEN * 1e-3 * LR  # see the docstring
 RM_METRICS = ("lm_loss", "grad_norm", "pos_values", "neg_values", "margin")
 KTO_METRICS = ("lm_loss", "grad_norm", "kl", "policy_logp", "ref_logp", "pos_policy_logp", "neg_policy_logp",
                "policy_rewards")
@@ -41,13 +48,16 @@ def _train(folder, corpus, start, nproc, **keys):
     return folder / "ckpt"
 
 
-def _same(a, b, names):
+def _same(a, b, names, drift_per_step=0.0):
+    """Metrics every step within the loss bound (plus `drift_per_step` for each update before it) and weights
+    within the weight bound."""
     assert max(read_metrics(b, "grad_norm").values()) > 1.0  # clipping is at work in the compared steps
     for key in names:
         la, lb = read_metrics(a, key), read_metrics(b, key)
         assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1)), key
         for it in la:
-            assert abs(la[it] - lb[it]) <= LOSS_RTOL * max(abs(lb[it]), 1.0), (key, it, la[it], lb[it])
+            bound = LOSS_RTOL * max(abs(lb[it]), 1.0) + drift_per_step * (it - 1)
+            assert abs(la[it] - lb[it]) <= bound, (key, it, la[it], lb[it])
     wa, _, _ = checkpoint.load_merged(a)
     wb, _, _ = checkpoint.load_merged(b)
     assert wa.keys() == wb.keys()
@@ -77,8 +87,8 @@ def test_reward_model_tp2_with_sequence_parallel_and_dp2_zero2_equal_one_process
     assert "rm_linear.weight" in checkpoint.load_merged(one)[0]
     assert checkpoint.tp_size_of(checkpoint.resolve(tp2)) == 2
     _replicas_agree(tp2, "rm_linear.weight")
-    _same(tp2, one, RM_METRICS)
-    _same(dp2, one, RM_METRICS)
+    _same(tp2, one, RM_METRICS, RM_DRIFT_PER_STEP)
+    _same(dp2, one, RM_METRICS, RM_DRIFT_PER_STEP)
 
 
 def test_kto_tp2_with_sequence_parallel_and_dp2_equal_one_process(tmp_path, small_corpus, trained_checkpoint):
