@@ -1,6 +1,6 @@
 """Reward-model and KTO training through train.py at TP=2 and at DP=2 compute what one process computes: the
-same objective, metrics and gradient norm (clipped at 1, and above 1 at some step) every step and the same
-weights after (the reward head rm_linear included, the same on every TP rank that holds it).
+same objective, metrics and gradient norm (clipped: KTO at 1, RM at 0.1; above the clip at some step) every
+step and the same weights after (the reward head rm_linear included, the same on every TP rank that holds it).
 
 * RM (`train_impl: rm`, the shipped pairs): TP=2 with sequence parallelism (micro-batch 4) and DP=2 with
   ZeRO stage 2 (micro-batch 2 per rank) against one process with micro-batch 4. Its loss is a mean over the
