@@ -7,10 +7,8 @@ file could run, so a payload would fire here and be seen); fine-tuning and resum
 import contextlib
 import importlib.util
 import io
-import os
-import subprocess
 
-from conftest import PYTHON, REPO, write_train_config
+from conftest import REPO, run_training, write_train_config
 
 TOOLS = {"convert": "tools/convert_to_hf.py", "reshard": "tools/ckpts/reshard_checkpoint.py", "generate": "generate.py",
          "eval": "eval.py", "to_universal": "tools/ckpts/to_universal.py"}
@@ -51,23 +49,10 @@ def training_config(folder, corpus, ckpt, finetune, **keys):
     return write_train_config(folder, corpus, load=str(ckpt), finetune=finetune, **keys)
 
 
-def start_training(config):
-    return subprocess.Popen([PYTHON, "train.py", str(config)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
-def run_trainings(configs, parallel=2):
-    """(exit status, stdout, stderr) of train.py on each config, `parallel` at a time."""
-    results, running = {}, []
-    pending = list(configs.items())
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, config = pending.pop(0)
-            running.append((name, start_training(config)))
-        name, proc = running.pop(0)
-        out, err = proc.communicate(timeout=600)
-        results[name] = (proc.returncode, out, err)
-    return results
+def run_trainings(configs):
+    """{name: (exit status, stdout, stderr)} of train.py on each of `configs` ({name: config path})."""
+    runs = {name: run_training(config, check=False) for name, config in configs.items()}
+    return {name: (run.returncode, run.stdout, run.stderr) for name, run in runs.items()}
 
 
 def weights_file(step_folder, rank=0):

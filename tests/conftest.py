@@ -1,6 +1,9 @@
 """Shared fixtures: paths, a tiny config, and a one-process parallel state for model tests."""
 
+import contextlib
+import fcntl
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +41,37 @@ def tiny_keys(**overrides):
     return keys
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under the README's `-n 2` (pytest-xdist, `--dist loadgroup`) a file's tests share one worker and so its
+    module fixtures; the tests that start Slurm daemons or simulated hosts share one worker (they use the same
+    addresses and daemons, so they must never overlap) and go first, being the longest chain."""
+    cluster = [item for item in items if item.get_closest_marker("slurm") or item.get_closest_marker("multinode")]
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("cluster" if item in cluster else item.path.name))
+    items[:] = cluster + [item for item in items if item not in cluster]
+
+
+def shared_folder(tmp_path_factory, name, build):
+    """A session fixture's folder, built once per run: under pytest-xdist the workers share it (the first to
+    take the lock builds it, the others wait and read it), so each worker does not pay for its own copy."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # this run's folder, above every worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock, contextlib.ExitStack() as release:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        release.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build by another worker left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture
 def one_process():
     """TP=1 process groups in this process (a private one-rank gloo group)."""
@@ -53,9 +87,8 @@ def small_corpus(tmp_path_factory):
     """A small demo corpus (stdlib code and docs, 600-token BPE) shared by the training tests."""
     from neox_fork.data.demo import build_demo_data
 
-    out = tmp_path_factory.mktemp("corpus")
-    build_demo_data(str(out), vocab_size=600, max_bytes=400_000, workers=1)
-    return out
+    return shared_folder(tmp_path_factory, "corpus",
+                         lambda out: build_demo_data(str(out), vocab_size=600, max_bytes=400_000, workers=1))
 
 
 def write_train_config(folder, corpus, **overrides):
@@ -87,18 +120,19 @@ def read_metrics(save_dir, key="lm_loss"):
     return out
 
 
+def run_cli(script, *args, nproc=1, timeout=600, env=None):
+    """`python SCRIPT ARGS...` in the checkout, on `nproc` local ranks joined by gloo as torchrun would start
+    them: a subprocess.CompletedProcess (text output, status). Each rank is forked with its imports done
+    (distributed.run_script): a fresh interpreter would spend most of a tiny run importing torch,
+    megatron-core and DeepSpeed. Tests of the launchers themselves (torchrun, deepy, srun) start them for real."""
+    from distributed import run_script
+
+    return run_script(REPO / script, args, dict(os.environ if env is None else env), REPO, timeout, nproc=nproc)
+
+
 def run_training(config_path, nproc=1, timeout=600, check=True):
-    """train.py on `nproc` local ranks (torchrun, gloo) as a subprocess."""
-    import subprocess
-
-    from neox_fork.launch.launcher import free_port
-
-    cmd = [PYTHON, "train.py", str(config_path)]
-    if nproc > 1:
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), "train.py", str(config_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    """train.py CONFIG (run_cli) with one OpenMP thread a rank; a failed run fails the test unless check=False."""
+    run = run_cli("train.py", config_path, nproc=nproc, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if check and run.returncode != 0:
         raise AssertionError(f"training failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     return run
@@ -107,9 +141,10 @@ def run_training(config_path, nproc=1, timeout=600, check=True):
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, small_corpus):
     """A real training checkpoint (fp32, one process, ZeRO-1) with steps 1 and 2; copy it before changing it."""
-    folder = tmp_path_factory.mktemp("trained")
-    run_training(write_train_config(folder, small_corpus, train_iters=2, checkpoint_factor=1))
-    return folder / "ckpt"
+    def train(folder):
+        run_training(write_train_config(folder, small_corpus, train_iters=2, checkpoint_factor=1))
+
+    return shared_folder(tmp_path_factory, "trained", train) / "ckpt"
 
 
 def wait_until(predicate, timeout, what):
@@ -155,13 +190,18 @@ def sft_chat_data(tmp_path_factory, small_corpus):
     {"tokenizer": folder, "train"/"valid": (data prefix, label prefix)} for masked fine-tuning runs."""
     from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
 
-    out = tmp_path_factory.mktemp("sft_chat")
     chat = REPO / "examples" / "chat"
-    write_chat_tokenizer(str(small_corpus / "tokenizer.json"), str(chat / "chat_template.jinja"), str(out / "tok"))
+
+    def build(out):
+        write_chat_tokenizer(str(small_corpus / "tokenizer.json"), str(chat / "chat_template.jinja"),
+                             str(out / "tok"))
+        for split in ("train", "valid"):
+            preprocess_chat([str(chat / f"demo_chat_{split}.jsonl")], str(out / split), str(out / "tok"),
+                            jsonl_keys=["messages"], options=ChatOptions())
+
+    out = shared_folder(tmp_path_factory, "sft_chat", build)
     data = {"tokenizer": str(out / "tok")}
     for split in ("train", "valid"):
-        preprocess_chat([str(chat / f"demo_chat_{split}.jsonl")], str(out / split), str(out / "tok"),
-                        jsonl_keys=["messages"], options=ChatOptions())
         data[split] = (str(out / f"{split}_messages_document"), str(out / f"{split}_messages_label_document"))
     return data
 
@@ -172,10 +212,13 @@ def preference_pairs(tmp_path_factory, small_corpus):
     tokenizer and `--only-last`: a folder holding pairs_{chosen,rejected}_{,label_}document."""
     from neox_fork.data.chat import ChatOptions, preprocess_chat, write_chat_tokenizer
 
-    folder = tmp_path_factory.mktemp("pref_pairs")
     chat = REPO / "examples" / "chat"
-    tokenizer = write_chat_tokenizer(str(small_corpus / "tokenizer.json"), str(chat / "chat_template.jinja"),
-                                     str(folder / "tokenizer"))
-    preprocess_chat([str(chat / "demo_chat_pairs.jsonl")], str(folder / "pairs"), tokenizer,
-                    jsonl_keys=["chosen", "rejected"], options=ChatOptions(only_last=True))
-    return folder
+
+    def build(folder):
+        tokenizer = write_chat_tokenizer(str(small_corpus / "tokenizer.json"), str(chat / "chat_template.jinja"),
+                                         str(folder / "tokenizer"))
+        preprocess_chat([str(chat / "demo_chat_pairs.jsonl")], str(folder / "pairs"), tokenizer,
+                        jsonl_keys=["chosen", "rejected"], options=ChatOptions(only_last=True))
+
+    return shared_folder(tmp_path_factory, "pref_pairs", build)
+

@@ -4,11 +4,10 @@ train.py step), and the comparisons it refuses (fields and the last line; no spe
 
 import json
 import re
-import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO
+from conftest import REPO, run_cli
 from neox_fork.perf import flops
 from neox_fork.config.loading import load_config
 from neox_fork.perf.summary import meta_model
@@ -71,9 +70,9 @@ def test_flops_count_a_tensor_parallel_shard_as_the_whole_model(one_process):
 
 @pytest.mark.slow
 def test_benchmark_tiny_against_transformers_json():
-    cmd = [PYTHON, "tools/benchmark.py", "--config", "configs/tiny.yml", "--steps", "2", "--warmup", "1",
-           "--micro-batch", "2", "--seq-length", "64", "--vocab-size", "1000", "--compare", "hf", "--json"]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = run_cli("tools/benchmark.py", "--config", "configs/tiny.yml", "--steps", "2", "--warmup", "1",
+                  "--micro-batch", "2", "--seq-length", "64", "--vocab-size", "1000", "--compare", "hf", "--json",
+                  timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()  # the JSON object, then the ratio line; nothing else
     assert len(lines) == 2 and re.fullmatch(r"ratio_vs_hf: \d+\.\d{3}", lines[1]), run.stdout[:2000]
@@ -102,10 +101,9 @@ def test_benchmark_engine_path_runs_the_training_step(tmp_path):
     scripts/gpu_check.sh redirects it into is what --table reads."""
     overlay = tmp_path / "accumulate.yml"
     overlay.write_text("gradient_accumulation_steps: 2\n")
-    cmd = [PYTHON, "tools/benchmark.py", "--config", "configs/tiny.yml", str(overlay), "--path", "engine", "--steps", "2",
-           "--warmup", "1", "--micro-batch", "2", "--seq-length", "64", "--vocab-size", "1000",
-           "--checkpoint-activations", "selective", "--json"]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = run_cli("tools/benchmark.py", "--config", "configs/tiny.yml", overlay, "--path", "engine", "--steps", "2",
+                  "--warmup", "1", "--micro-batch", "2", "--seq-length", "64", "--vocab-size", "1000",
+                  "--checkpoint-activations", "selective", "--json", timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(run.stdout.splitlines()) == 1, run.stdout[:2000]
     result = json.loads(run.stdout)
@@ -119,8 +117,7 @@ def test_benchmark_engine_path_runs_the_training_step(tmp_path):
 
     saved = tmp_path / "engine_selective.json"
     saved.write_text(run.stdout)
-    table = subprocess.run([PYTHON, "tools/benchmark.py", "--table", str(saved)], cwd=REPO, capture_output=True,
-                           text=True, timeout=120)
+    table = run_cli("tools/benchmark.py", "--table", saved, timeout=120)
     assert table.returncode == 0, table.stderr[-2000:]
     row = f"| engine_selective | engine | selective | 2 | False | ours | {r['tokens_per_sec']:,.0f} |"
     assert row in table.stdout, table.stdout
@@ -129,17 +126,14 @@ def test_benchmark_engine_path_runs_the_training_step(tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_benchmark_engine_path_runs_a_two_stage_pipeline(tmp_path):
-    """--path engine with pipe_parallel_size 2 under torchrun (one process per stage): it reports the whole
+    """--path engine with pipe_parallel_size 2 on two ranks (one process per stage): it reports the whole
     model (the same parameters and FLOPs as one process: configs/tiny.yml at vocabulary 1024 has 3,740,160),
     the step's tokens over both micro-batches, and a finite loss; rank 1 prints nothing."""
-    from neox_fork.launch.launcher import free_port
-
     overlay = tmp_path / "pp2.yml"
     overlay.write_text("pipe_parallel_size: 2\ngradient_accumulation_steps: 2\nnum_gpus: 2\n")
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "tools/benchmark.py", "--config", "configs/tiny.yml", str(overlay), "--path", "engine", "--steps", "2",
-           "--warmup", "1", "--micro-batch", "1", "--seq-length", "64", "--vocab-size", "1000", "--json"]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = run_cli("tools/benchmark.py", "--config", "configs/tiny.yml", overlay, "--path", "engine", "--steps", "2",
+                  "--warmup", "1", "--micro-batch", "1", "--seq-length", "64", "--vocab-size", "1000", "--json",
+                  nproc=2)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.splitlines()[0])
     assert len(run.stdout.splitlines()) == 1
@@ -159,8 +153,7 @@ def test_benchmark_engine_path_runs_a_two_stage_pipeline(tmp_path):
 ])
 @pytest.mark.slow
 def test_benchmark_refuses_unlike_comparisons(flags, message):
-    run = subprocess.run([PYTHON, "tools/benchmark.py", "--config", "configs/tiny.yml", *flags], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    run = run_cli("tools/benchmark.py", "--config", "configs/tiny.yml", *flags, timeout=120)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
 
 

@@ -1,10 +1,9 @@
 """NeoX YAML files load into one typed config; bad configs fail with one line naming file and key."""
 
-import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO
+from conftest import REPO, run_cli
 from neox_fork.config.loading import load_config
 from neox_fork.errors import UserError
 
@@ -69,7 +68,7 @@ def test_missing_config_file_is_named(tmp_path):
 @pytest.mark.slow
 def test_entry_point_prints_one_line_and_no_traceback(tmp_path):
     path = write(tmp_path, "bad.yml", "num_attention_head: 4\n")
-    run = subprocess.run([PYTHON, "tools/model_summary.py", str(path)], cwd=REPO, capture_output=True, text=True)
+    run = run_cli("tools/model_summary.py", str(path))
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         f"error: {path}: unknown key 'num_attention_head'; did you mean 'num_attention_heads'?"]

@@ -1,17 +1,15 @@
 """README command 1's chain on configs/tiny.yml: deepy train -> checkpoint -> HF export -> transformers sample."""
 
-import subprocess
-
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO
+from conftest import run_cli
 
 pytestmark = [pytest.mark.slow]
 
 
 def run(*args):
-    done = subprocess.run([PYTHON, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run_cli(*args, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

@@ -3,13 +3,12 @@ one-line errors for an unknown task, a checkpoint without a tokenizer and bad ta
 
 import json
 import random
-import subprocess
 
 import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, REPO, tiny_keys
+from conftest import run_cli, tiny_keys
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.config.loading import from_dict
 from neox_fork.data.tokenizer import build_tokenizer
@@ -63,7 +62,7 @@ def test_eval_py_takes_tasks_batch_size_and_checkpoint_from_configs(one_process,
     config = tmp_path / "eval.yml"
     config.write_text(yaml.safe_dump({"eval_tasks": ["neox_facts"], "eval_batch_size": 3,
                                       "load": str(tmp_path / "ckpt")}))
-    done = subprocess.run([PYTHON, "eval.py", str(config), "--limit", "5"], cwd=REPO, capture_output=True, text=True)
+    done = run_cli("eval.py", str(config), "--limit", "5")
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "ckpt" / "eval" / "results_step7.json").read_text())
     assert list(results["results"]) == ["neox_facts"] and results["checkpoint"]["step"] == 7
@@ -73,8 +72,7 @@ def test_eval_py_takes_tasks_batch_size_and_checkpoint_from_configs(one_process,
 @pytest.mark.slow
 def test_bad_input_gives_one_line_errors(one_process, tmp_path):
     trained_looking_checkpoint(tmp_path / "ckpt", seed=11)
-    done = subprocess.run([PYTHON, "eval.py", "--checkpoint", str(tmp_path / "ckpt"), "--tasks", "neox_facts,nope"],
-                          cwd=REPO, capture_output=True, text=True)
+    done = run_cli("eval.py", "--checkpoint", str(tmp_path / "ckpt"), "--tasks", "neox_facts,nope")
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown task(s) nope; available in") and "neox_arith, neox_facts, neox_prose" in last

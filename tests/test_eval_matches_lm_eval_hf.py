@@ -3,13 +3,12 @@ exported Hugging Face folder (same accuracies, perplexities within 1e-4), offlin
 
 import json
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO
+from conftest import run_cli
 from neox_fork.inference.evaluation import TASKS_DIR, task_manager
 from neox_fork.checkpoint.hf import export_folder
 from test_generate_matches_transformers import trained_looking_checkpoint
@@ -47,9 +46,8 @@ def lm_eval_hf(hf_dir, tasks, limit):
 
 
 def our_eval(ckpt, tasks, limit, output, *extra):
-    done = subprocess.run([PYTHON, "eval.py", "--checkpoint", str(ckpt), "--tasks", ",".join(tasks), "--limit",
-                           str(limit), "--batch-size", "4", "--output", str(output), *map(str, extra)],
-                          cwd=REPO, capture_output=True, text=True)
+    done = run_cli("eval.py", "--checkpoint", str(ckpt), "--tasks", ",".join(tasks), "--limit",
+                   str(limit), "--batch-size", "4", "--output", str(output), *map(str, extra))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(Path(output).read_text())["results"], done.stdout
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
+from conftest import NEOX_TOKENIZER, PYTHON, REPO, run_cli, tiny_keys
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.config.loading import from_dict
 from neox_fork.data.tokenizer import build_tokenizer
@@ -45,9 +45,12 @@ def load_cli():
     return module.main
 
 
-def run(*args, stdin=None, launcher=(PYTHON,)):
-    return subprocess.run([*launcher, "generate.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          input=stdin)
+def run(*args, stdin=None, launcher=None):
+    """generate.py ARGS (run_cli), or a new interpreter where the test gives it standard input or a launcher."""
+    if stdin is None and launcher is None:
+        return run_cli("generate.py", *args)
+    return subprocess.run([*(launcher or [PYTHON]), "generate.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, input=stdin)
 
 
 @pytest.mark.slow

@@ -1,13 +1,12 @@
 """generate.py's greedy output equals transformers' greedy generate on the converted model."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
+from conftest import NEOX_TOKENIZER, run_cli, tiny_keys
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.config.loading import from_dict
 from neox_fork.inference.generation import SamplingParams, generate
@@ -34,9 +33,8 @@ def test_greedy_generate_py_equals_transformers_generate(one_process, tmp_path):
     prompt = [510, 4495, 273, 1495, 310]
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt-ids",
-                          ",".join(map(str, prompt)), "--max-new-tokens", "20", "--temperature", "0", "--json"],
-                         cwd=REPO, capture_output=True, text=True)
+    run = run_cli("generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt-ids",
+                  ",".join(map(str, prompt)), "--max-new-tokens", "20", "--temperature", "0", "--json")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["token_ids"][: len(expected)] == expected[: len(out["token_ids"])]
@@ -72,9 +70,8 @@ def test_text_prompt_uses_the_checkpoint_tokenizer(one_process, tmp_path):
     prompt = "Hello, tokenizer world"
     expected, _ = generate(model.eval(), [tokenizer.encode(prompt)],
                            SamplingParams(max_new_tokens=5, temperature=0.0, stop_on_eod=False))
-    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt,
-                          "--max-new-tokens", "5", "--temperature", "0", "--no-stop-on-eod", "--json"],
-                         cwd=REPO, capture_output=True, text=True)
+    run = run_cli("generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt,
+                  "--max-new-tokens", "5", "--temperature", "0", "--no-stop-on-eod", "--json")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["token_ids"] == expected[0] and len(expected[0]) == 5

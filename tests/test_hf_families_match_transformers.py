@@ -4,14 +4,13 @@ transformers'. Small random models: 2 layers, width 64, fp32; logits agree to 1e
 same sums in another order is ~1e-6 at these sizes)."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from conftest import PYTHON, REPO
+from conftest import run_cli
 from distributed import build_save_and_run, run_distributed
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.config.loading import from_dict
@@ -133,9 +132,9 @@ def test_greedy_generate_py_equals_transformers(one_process, tmp_path, name):
     prompt = [5, 17, 300, 2, 999]
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, len(prompt):].tolist()
-    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt-ids",
-                          ",".join(map(str, prompt)), "--max-new-tokens", "12", "--temperature", "0", "--json",
-                          "--no-stop-on-eod"], cwd=REPO, capture_output=True, text=True)
+    run = run_cli("generate.py", "--checkpoint", str(tmp_path / "ckpt"), "--prompt-ids",
+                  ",".join(map(str, prompt)), "--max-new-tokens", "12", "--temperature", "0", "--json",
+                  "--no-stop-on-eod")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1])["token_ids"] == expected
 

@@ -3,17 +3,16 @@
 import contextlib
 import io
 import re
-import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO
+from conftest import run_cli
 
 
 @pytest.mark.slow
 def test_stablelm_config_has_2795443200_parameters_and_sizes_a_cluster():
-    run = subprocess.run([PYTHON, "tools/model_summary.py", "configs/stablelm-3b-4e1t.yml", "--world-size", "256",
-                          "--gpu", "A100", "--gpu-memory-gb", "40"], cwd=REPO, capture_output=True, text=True)
+    run = run_cli("tools/model_summary.py", "configs/stablelm-3b-4e1t.yml", "--world-size", "256",
+                  "--gpu", "A100", "--gpu-memory-gb", "40")
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert re.search(r"^parameters: 2795443200$", out, re.M)
@@ -104,8 +103,7 @@ def test_gpt_neox_20b_config_loads_has_20554567680_parameters_and_sizes_its_pipe
     + 2 x 6144 = 20,554,567,680 with the vocabulary padded to a multiple of 128 x TP 2 (50432 rows). Its
     stages hold every parameter once (no tied embedding), and 32 micro-batches over 4 stages leave
     3 / 35 = 8.6 % of a step idle."""
-    run = subprocess.run([PYTHON, "tools/model_summary.py", "configs/20B.yml"], cwd=REPO, capture_output=True,
-                         text=True)
+    run = run_cli("tools/model_summary.py", "configs/20B.yml")
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert 44 * (12 * 6144**2 + 13 * 6144) + 2 * 50432 * 6144 + 2 * 6144 == 20554567680

@@ -1,6 +1,6 @@
 """Tensor x data parallelism (with ZeRO-1) computes what one process computes.
 
-Each run is train.py under torchrun on gloo: the code path NCCL takes on a cluster.
+Each run is train.py on local ranks joined by gloo (conftest.run_training): the code path NCCL takes on a cluster.
 
 Tolerances (stated in the README). TP and DP sum the same numbers in another order, so results differ by
 fp32 rounding, and the bounds below hold on any machine:

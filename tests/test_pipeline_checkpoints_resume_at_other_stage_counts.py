@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
+from conftest import PYTHON, REPO, read_metrics, run_cli, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.checkpoint import universal
 from test_parallel_equivalence import LOSS_RTOL, LR, OPTIMIZER
@@ -138,9 +138,8 @@ def test_generate_py_reads_a_pipelined_checkpoint(pp2_tp2, one_process):
 
     from neox_fork.model.transformer import build_model
 
-    run = subprocess.run([PYTHON, "generate.py", "--checkpoint", str(pp2_tp2), "--prompt-ids", "1,2,3",
-                          "--temperature", "0", "--max-new-tokens", "6", "--json"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    run = run_cli("generate.py", "--checkpoint", str(pp2_tp2), "--prompt-ids", "1,2,3",
+                  "--temperature", "0", "--max-new-tokens", "6", "--json", timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.splitlines()[0])["token_ids"]
     state, config, _ = checkpoint.load_merged(pp2_tp2)

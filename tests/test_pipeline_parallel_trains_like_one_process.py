@@ -1,8 +1,8 @@
 """Pipeline parallelism (pipe_parallel_size 2, alone and with tensor or data parallelism) computes what one
 process computes, and each stage holds the entries of GPT-NeoX's layer list its partition method gives it.
 
-Each run is train.py under torchrun on gloo, with gradient_accumulation_steps micro-batches in flight in
-DeepSpeed's pipeline schedule; the reference is one process with the whole global batch as one micro-batch
+Each run is train.py on local ranks joined by gloo (conftest.run_training), with gradient_accumulation_steps
+micro-batches in flight in DeepSpeed's pipeline schedule; the reference is one process with the whole global batch as one micro-batch
 (every token counts, so the mean of the micro-batch means is the batch mean). Bounds, harness and reasons are
 those of test_parallel_equivalence.py: the stages compute the same operations on the same numbers, only the
 TP/DP sums change order. A skipped or wrong activation send, a lost or doubled layer, or a tied embedding whose

@@ -1,18 +1,17 @@
 """tools/ckpts/reshard_checkpoint.py splits weights for another TP size and back without changing a bit."""
 
-import subprocess
 
 import torch
 
-from conftest import NEOX_TOKENIZER, PYTHON, REPO, tiny_keys
+from conftest import NEOX_TOKENIZER, run_cli, tiny_keys
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.config.loading import from_dict
 from neox_fork.model.transformer import build_model
 
 
 def reshard(src, dst, tp):
-    return subprocess.run([PYTHON, "tools/ckpts/reshard_checkpoint.py", "--input-dir", str(src),
-                           "--output-dir", str(dst), "--tp", str(tp)], cwd=REPO, capture_output=True, text=True)
+    return run_cli("tools/ckpts/reshard_checkpoint.py", "--input-dir", str(src),
+                   "--output-dir", str(dst), "--tp", str(tp))
 
 
 def test_reshard_to_tp2_and_back_is_bit_exact(one_process, tmp_path):

@@ -1,6 +1,6 @@
 """train.py with sequence parallelism and ZeRO stage 2 trains like one process and resumes across both.
 
-Each run is train.py under torchrun on gloo (DeepSpeed, the real hooks). To keep CI time small, each
+Each run is train.py on local ranks joined by gloo (DeepSpeed, the real hooks). To keep CI time small, each
 launch proves several things: a run stops at step 3 and is resumed with another layout to step 6.
 
 Tolerances: as in test_sequence_parallel.py. The runs differ from the reference only in summation order

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, REPO
+from conftest import REPO, run_cli
 from neox_fork.checkpoint.hf import export_folder
 
 CHAT = REPO / "examples" / "chat"
@@ -50,9 +49,8 @@ def sft_run(sft_chat_data, tmp_path_factory):
     shipped = yaml.safe_load((REPO / "configs" / "tiny-sft.yml").read_text())
     assert {k for k in overlay if "data-paths" in k} <= set(shipped)  # the overlay replaces the shipped data keys
     (tmp / "test.yml").write_text(yaml.safe_dump(overlay))
-    run = subprocess.run([PYTHON, "train.py", str(REPO / "configs" / "tiny.yml"), str(REPO / "configs" / "tiny-sft.yml"),
-                          str(tmp / "test.yml")], cwd=REPO, capture_output=True, text=True, timeout=900,
-                         env=dict(os.environ, OMP_NUM_THREADS="2"))
+    run = run_cli("train.py", REPO / "configs" / "tiny.yml", REPO / "configs" / "tiny-sft.yml", tmp / "test.yml",
+                  timeout=900, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert run.returncode == 0, run.stderr[-3000:]
     export_folder(tmp / "ckpt", tmp / "hf")
     return tmp

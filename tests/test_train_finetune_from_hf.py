@@ -1,12 +1,11 @@
 """A Hugging Face StableLM imported with convert_from_hf trains with `finetune: true` from its exact weights."""
 
-import subprocess
 
 import pytest
 import torch
 from transformers import StableLmConfig, StableLmForCausalLM
 
-from conftest import PYTHON, REPO, read_metrics, run_training, write_train_config
+from conftest import read_metrics, run_cli, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.config.loading import load_config
 from neox_fork.checkpoint.hf import from_hf_state_dict, hf_config_dict
@@ -23,8 +22,8 @@ def test_finetune_starts_from_the_imported_weights(tmp_path, small_corpus):
     torch.manual_seed(0)
     hf = StableLmForCausalLM(StableLmConfig(**keys))
     hf.save_pretrained(tmp_path / "hf")
-    done = subprocess.run([PYTHON, "tools/ckpts/convert_hf_llama_to_neox.py", "--hf-dir", str(tmp_path / "hf"),
-                           "--output-dir", str(tmp_path / "imported")], cwd=REPO, capture_output=True, text=True)
+    done = run_cli("tools/ckpts/convert_hf_llama_to_neox.py", "--hf-dir", str(tmp_path / "hf"),
+                   "--output-dir", str(tmp_path / "imported"))
     assert done.returncode == 0, done.stderr
 
     text = config_path.read_text() + f"load: {tmp_path / 'imported'}\nfinetune: true\n"

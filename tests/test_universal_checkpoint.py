@@ -2,7 +2,7 @@
 Checkpointing (tools/ckpts/to_universal.py, then `load_universal: true`) and takes the steps the uninterrupted run
 takes, data position and LR schedule included.
 
-Runs (train.py under torchrun on gloo; bf16 with fp32 masters; dropout off; grouped-query attention with
+Runs (train.py on local ranks joined by gloo; bf16 with fp32 masters; dropout off; grouped-query attention with
 biases, so every kind of parameter is merged and cut: replicated norms and row-parallel biases, the fused QKV
 in whole key/value groups and its bias, [up; gate], row-parallel weights, the padded vocabulary):
 

@@ -3,11 +3,10 @@ conversion, result files) reports a full filesystem in one line naming the path,
 written: the filesystem holds afterwards exactly what it held before."""
 
 import shutil
-import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO
+from conftest import run_cli
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.checkpoint import universal
 from neox_fork.data.preprocess import preprocess
@@ -24,8 +23,8 @@ def test_the_hugging_face_export_onto_a_full_filesystem_is_one_line_and_writes_n
                                                                                       small_tmpfs):
     full = small_tmpfs("256k")  # the model's fp32 weights take 0.76 MB
     out = full / "hf"
-    done = subprocess.run([PYTHON, "tools/convert_to_hf.py", "--input-dir", str(trained_checkpoint),
-                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run_cli("tools/convert_to_hf.py", "--input-dir", str(trained_checkpoint),
+                   "--output-dir", str(out), timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr[-3000:]
