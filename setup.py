@@ -25,6 +25,6 @@ setup(
         "bnb": ["bitsandbytes"],
         "eval": ["lm-eval[hf]>=0.4.9,<0.5"],
         "logging": ["tensorboard", "wandb", "comet_ml"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist"],
     },
 )

@@ -41,15 +41,29 @@ def tiny_keys(**overrides):
     return keys
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under the README's `-n 2` (pytest-xdist, `--dist loadgroup`) a file's tests share one worker and so its
-    module fixtures; the tests that start Slurm daemons or simulated hosts share one worker (they use the same
-    addresses and daemons, so they must never overlap) and go first, being the longest chain."""
-    cluster = [item for item in items if item.get_closest_marker("slurm") or item.get_closest_marker("multinode")]
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("cluster" if item in cluster else item.path.name))
-    items[:] = cluster + [item for item in items if item not in cluster]
+# Files whose tests start Slurm daemons or simulated hosts: they share addresses, namespaces and daemons, so
+# under pytest-xdist they run on one worker, one after another.
+CLUSTER_FILES = ("test_multinode_", "test_slurm_")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """The README's `-n 2` (pytest-xdist) hands out whole files, so each file's module fixtures (a shared run
+    several tests read) are built once; the cluster files go to one worker together, and first, being the
+    longest chain of launches."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            file = nodeid.split("::", 1)[0]
+            return "cluster" if Path(file).name.startswith(CLUSTER_FILES) else file
+
+        def _assign_work_unit(self, node):
+            if "cluster" in self.workqueue:
+                self.workqueue.move_to_end("cluster", last=False)
+            super()._assign_work_unit(node)
+
+    return FileScheduling(config, log)
 
 
 def shared_folder(tmp_path_factory, name, build):
