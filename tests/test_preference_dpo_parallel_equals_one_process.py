@@ -4,11 +4,10 @@ Tolerances and their bounds: tests/test_parallel_equivalence.py (the summed log-
 order of addition only; beta = 0.1 scales their rounding down)."""
 
 import pytest
-import torch
 
-from conftest import read_metrics, run_training, write_train_config
+from conftest import run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
-from test_parallel_equivalence import LOSS_RTOL, OPTIMIZER, WEIGHT_TOL
+from test_parallel_equivalence import OPTIMIZER, assert_same_metrics, assert_same_weights
 from test_preference_dpo_trains_exports_and_resumes import dpo_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
@@ -25,15 +24,8 @@ def _train(folder, small_corpus, pairs, start, nproc, **keys):
 
 
 def _same(a, b):
-    for key in ("lm_loss", "chosen_rewards", "margins", "ref_pos", "chosen_neg"):
-        la, lb = read_metrics(a, key), read_metrics(b, key)
-        assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1)), key
-        for it in la:
-            assert abs(la[it] - lb[it]) <= LOSS_RTOL * max(abs(lb[it]), 1.0), (key, it, la[it], lb[it])
-    wa, _, _ = checkpoint.load_merged(a)
-    wb, _, _ = checkpoint.load_merged(b)
-    for name in wb:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+    assert_same_metrics(a, b, ("lm_loss", "chosen_rewards", "margins", "ref_pos", "chosen_neg"), STEPS)
+    assert_same_weights(a, b)
 
 
 def test_dpo_tp2_with_sequence_parallel_and_dp2_equal_one_process(tmp_path, small_corpus, preference_pairs,

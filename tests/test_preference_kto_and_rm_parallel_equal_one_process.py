@@ -24,7 +24,7 @@ import torch
 
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
-from test_parallel_equivalence import LOSS_RTOL, LR, OPTIMIZER
+from test_parallel_equivalence import LR, OPTIMIZER, assert_same_metrics, assert_same_weights
 from test_preference_kto_reads_rewards_and_starts_at_its_value import write_kto_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
@@ -53,17 +53,8 @@ def _same(a, b, names, drift_per_step=0.0, clip=1.0):
     """Metrics every step within the loss bound (plus `drift_per_step` for each update before it) and weights
     within the weight bound."""
     assert max(read_metrics(b, "grad_norm").values()) > clip  # clipping is at work in the compared steps
-    for key in names:
-        la, lb = read_metrics(a, key), read_metrics(b, key)
-        assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1)), key
-        for it in la:
-            bound = LOSS_RTOL * max(abs(lb[it]), 1.0) + drift_per_step * (it - 1)
-            assert abs(la[it] - lb[it]) <= bound, (key, it, la[it], lb[it])
-    wa, _, _ = checkpoint.load_merged(a)
-    wb, _, _ = checkpoint.load_merged(b)
-    assert wa.keys() == wb.keys()
-    for name in wb:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+    assert_same_metrics(a, b, names, STEPS, drift_per_step)
+    assert_same_weights(a, b, WEIGHT_TOL)
 
 
 def _replicas_agree(ckpt, name):

@@ -188,7 +188,7 @@ def test_a_label_file_that_does_not_fit_its_data_names_both(files, tmp_path):
         builder.add_document(torch.tensor(doc), [len(doc)])
     builder.finalize(str(tmp_path / "sftmask_short.idx"))
     short = str(tmp_path / "sftmask_short")
-    with pytest.raises(UserError, match=f"label data {short}: document 3 has 6 labels but data {text} document 3 "
+    with pytest.raises(UserError, match=f"label data {short}: document 3 has 6 entries but {text} document 3 "
                                         "has 7 tokens"):
         LabeledSamples(text, short, range(4), 2, SEQ, seed=0)
 

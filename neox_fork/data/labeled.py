@@ -42,17 +42,24 @@ IGNORE_INDEX = -100
 PACK_IMPLS = ("packed", "pack_until_overflow", "unpacked")
 
 
+def check_aligned(prefix: str, other: str, lengths, other_lengths, kind: str, fix: str, sizes: bool = True) -> None:
+    """One line if file `other` (a `kind`: label data, rewards, reference log-probabilities, the other side of
+    a pair) does not go document for document with `prefix`: another document count or, with `sizes`,
+    another length of some document. `fix` says what would be valid."""
+    if len(lengths) != len(other_lengths):
+        raise UserError(f"{kind} {other} holds {len(other_lengths)} documents but {prefix} holds {len(lengths)}; "
+                        f"{fix}")
+    differ = numpy.flatnonzero(numpy.asarray(lengths) != numpy.asarray(other_lengths)) if sizes else []
+    if len(differ):
+        i = int(differ[0])
+        raise UserError(f"{kind} {other}: document {i} has {int(other_lengths[i])} entries but {prefix} document "
+                        f"{i} has {int(lengths[i])} tokens; {fix}")
+
+
 def check_label_files(data_prefix: str, label_prefix: str, data_lengths, label_lengths) -> None:
     """One line if a label file does not align with its data file (document count or sizes differ)."""
-    if len(data_lengths) != len(label_lengths):
-        raise UserError(f"label data {label_prefix} holds {len(label_lengths)} documents but its data {data_prefix} "
-                        f"holds {len(data_lengths)}; give the _label_document written with that data")
-    differ = numpy.flatnonzero(numpy.asarray(data_lengths) != numpy.asarray(label_lengths))
-    if differ.size:
-        i = int(differ[0])
-        raise UserError(f"label data {label_prefix}: document {i} has {int(label_lengths[i])} labels but data "
-                        f"{data_prefix} document {i} has {int(data_lengths[i])} tokens; give the _label_document "
-                        "written with that data")
+    check_aligned(data_prefix, label_prefix, data_lengths, label_lengths, "label data",
+                  "give the _label_document written with that data")
 
 
 @dataclass

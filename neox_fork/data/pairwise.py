@@ -26,6 +26,7 @@ import numpy
 import torch
 
 from neox_fork.data import _megatron
+from neox_fork.data.labeled import check_aligned
 from neox_fork.data.validate import inspect_indexed_dataset
 from neox_fork.errors import UserError
 
@@ -82,16 +83,6 @@ def _value_lengths(prefix: str) -> numpy.ndarray:
     return numpy.array(dataset.sequence_lengths)  # a copy: the view dies with the dataset's mmap
 
 
-def _check_same_documents(a: str, b: str, la: numpy.ndarray, lb: numpy.ndarray, what: str) -> None:
-    if len(la) != len(lb):
-        raise UserError(f"data path {b}: holds {len(lb)} documents but {a} holds {len(la)}; {what}")
-    if what.startswith("labels") or what.startswith("reference"):
-        bad = numpy.nonzero(la != lb)[0]
-        if len(bad):
-            raise UserError(f"data path {b}: document {bad[0]} has {lb[bad[0]]} entries but its tokens in {a} have "
-                            f"{la[bad[0]]}; {what}")
-
-
 class PairwiseSamples(torch.utils.data.Dataset):
     """`num_samples` pairs from `files`, in a reshuffled order per epoch (see the module docstring)."""
 
@@ -103,15 +94,15 @@ class PairwiseSamples(torch.utils.data.Dataset):
         pairs, chopped, skipped = [], 0, 0
         for f_index, f in enumerate(self.files):
             lp, ln = _lengths(f.pos), _lengths(f.neg)
-            _check_same_documents(f.pos, f.neg, lp, ln, "pair i of pos_*_data_paths goes with pair i of "
-                                                        "neg_*_data_paths: both must hold the same conversations")
+            check_aligned(f.pos, f.neg, lp, ln, "data path", "pair i of pos_*_data_paths goes with pair i of "
+                          "neg_*_data_paths: both must hold the same conversations", sizes=False)
             for tokens, other in ((f.pos, f.pos_label), (f.neg, f.neg_label), (f.pos, f.pos_ref),
                                   (f.neg, f.neg_ref)):
                 if other is not None:
                     kind = "reference log-probabilities" if other in (f.pos_ref, f.neg_ref) else "labels"
                     lengths = _value_lengths(other) if kind.startswith("reference") else _lengths(other)
-                    _check_same_documents(tokens, other, _lengths(tokens), lengths,
-                                          f"{kind} must be aligned with their tokens")
+                    check_aligned(tokens, other, _lengths(tokens), lengths, "data path",
+                                  f"{kind} must be aligned with their tokens")
             too_long = (lp > limit) | (ln > limit)
             chopped += int(too_long.sum())
             for doc in range(len(lp)):
