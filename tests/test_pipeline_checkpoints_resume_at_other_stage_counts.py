@@ -152,3 +152,16 @@ def test_generate_py_reads_a_pipelined_checkpoint(pp2_tp2, one_process):
         for _ in range(6):
             tokens.append(int(model.eval()(torch.tensor([tokens]))[0, -1].argmax()))
     assert got == tokens[3:]
+
+
+def test_eval_py_scores_a_pipelined_checkpoint_as_lm_eval_hf_scores_its_export(pp2_tp2, tmp_path):
+    """eval.py (one process) on the pipe 2 x tensor 2 checkpoint, whose weights lie in GPT-NeoX's per-layer
+    files, scores the shipped log-likelihood tasks as `lm_eval --model hf` scores its Hugging Face export
+    (bounds: test_eval_matches_lm_eval_hf.py)."""
+    from neox_fork.checkpoint.hf import export_folder
+    from test_eval_matches_lm_eval_hf import assert_same_scores, lm_eval_hf, our_eval
+
+    tasks = ["neox_facts", "neox_prose"]
+    export_folder(pp2_tp2, tmp_path / "hf")
+    ours, _ = our_eval(pp2_tp2, tasks, 8, tmp_path / "ours.json")
+    assert_same_scores(ours, lm_eval_hf(tmp_path / "hf", tasks, 8), tasks)
