@@ -1,6 +1,8 @@
 """Reward-model and KTO training through train.py at TP=2 and at DP=2 compute what one process computes: the
 same objective, metrics and gradient norm (clipped: KTO at 1, RM at 0.1; above the clip at some step) every
 step and the same weights after (the reward head rm_linear included, the same on every TP rank that holds it).
+Each DP=2 run stops at step STOP and resumes from its own checkpoint (KTO's frozen reference included) to the
+end, so resume is proven for both objectives too.
 
 * RM (`train_impl: rm`, the shipped pairs): TP=2 with sequence parallelism (micro-batch 4) and DP=2 with
   ZeRO stage 2 (micro-batch 2 per rank) against one process with micro-batch 4. Its loss is a mean over the
@@ -21,6 +23,7 @@ moves weights by a good part of lr a step and a reward by ~1e-1."""
 
 import pytest
 import torch
+import yaml
 
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
@@ -28,7 +31,7 @@ from test_parallel_equivalence import LR, OPTIMIZER, assert_same_metrics, assert
 from test_preference_kto_reads_rewards_and_starts_at_its_value import write_kto_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
-STEPS = 5
+STEPS, STOP = 5, 3
 WEIGHT_TOL = 1e-3 * LR * STEPS
 HIDDEN = 64  # conftest.tiny_keys' hidden_size: the reward head's inputs
 RM_DRIFT_PER_STEP = HIDDEN * 1e-3 * LR  # see the docstring
@@ -47,6 +50,16 @@ def _train(folder, corpus, start, nproc, **keys):
                                 make_vocab_size_divisible_by=128 // tp, **keys)
     run_training(config, nproc=nproc)
     return folder / "ckpt"
+
+
+def _resume(ckpt, nproc):
+    """Continue the run that saved `ckpt` and stopped at STOP (exit_interval) to STEPS, from that checkpoint."""
+    config = ckpt.parent / "config.yml"
+    keys = yaml.safe_load(config.read_text())
+    keys.update(load=str(ckpt), finetune=False, exit_interval=None)
+    config.write_text(yaml.safe_dump(keys))
+    out = run_training(config, nproc=nproc).stdout
+    assert "resumed from" in out and f"at iteration {STOP}" in out, out[-2000:]
 
 
 def _same(a, b, names, drift_per_step=0.0, clip=1.0):
@@ -76,7 +89,8 @@ def test_reward_model_tp2_with_sequence_parallel_and_dp2_zero2_equal_one_process
     tp2 = _train(tmp_path / "tp2", small_corpus, trained_checkpoint, 2, train_micro_batch_size_per_gpu=4,
                  model_parallel_size=2, sequence_parallel=True, **keys)
     dp2 = _train(tmp_path / "dp2", small_corpus, trained_checkpoint, 2, train_micro_batch_size_per_gpu=2,
-                 zero_optimization={"stage": 2}, **keys)
+                 zero_optimization={"stage": 2}, exit_interval=STOP, **keys)
+    _resume(dp2, 2)
     assert "rm_linear.weight" in checkpoint.load_merged(one)[0]
     assert checkpoint.tp_size_of(checkpoint.resolve(tp2)) == 2
     _replicas_agree(tp2, "rm_linear.weight")
@@ -96,7 +110,8 @@ def test_kto_tp2_with_sequence_parallel_and_dp2_equal_one_process(tmp_path, smal
     one = _train(tmp_path / "one", small_corpus, trained_checkpoint, 1, gradient_accumulation_steps=2, **keys)
     tp2 = _train(tmp_path / "tp2", small_corpus, trained_checkpoint, 2, gradient_accumulation_steps=2,
                  model_parallel_size=2, sequence_parallel=True, **keys)
-    dp2 = _train(tmp_path / "dp2", small_corpus, trained_checkpoint, 2, **keys)
+    dp2 = _train(tmp_path / "dp2", small_corpus, trained_checkpoint, 2, exit_interval=STOP, **keys)
+    _resume(dp2, 2)
     assert read_metrics(one, "kl")[1] == 0.0 and read_metrics(one, "kl")[STEPS] != 0.0  # the policy moved
     # the KL estimate (clamped at 0) is at work: a desirable example's log-ratio is above 0 at some step
     pos, ref = read_metrics(one, "pos_policy_logp"), read_metrics(one, "pos_ref_logp")
