@@ -27,12 +27,21 @@ def _context():
     return ctx
 
 
-def _worker(rank, world_size, port, fn, args, results, env, cwd):
+def _local_rank_env(env, rank, world_size, port):
+    """`env` plus what torchrun sets for local rank `rank` of `world_size` (the master on this machine)."""
+    return dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port))
+
+
+def _adopt(env, cwd):
+    """In a forked child: the test's environment and folder now, not the server's when it started."""
     os.environ.clear()
-    os.environ.update(env)  # the test's environment now, not the server's when it started
+    os.environ.update(env)
     os.chdir(cwd)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+
+
+def _worker(rank, fn, args, results, env, cwd):
+    _adopt(env, cwd)
     try:
         results[rank] = ("ok", fn(rank, *args))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
@@ -67,9 +76,9 @@ def run_distributed(fn, world_size: int, *args):
     ctx = _context()
     with ctx.Manager() as manager:
         results = manager.dict()
-        port = free_port()
-        env, cwd = dict(os.environ), os.getcwd()
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, env, cwd))
+        port, cwd = free_port(), os.getcwd()
+        procs = [ctx.Process(target=_worker, args=(r, fn, args, results,
+                                                   _local_rank_env(os.environ, r, world_size, port), cwd))
                  for r in range(world_size)]
         for p in procs:
             p.start()
@@ -86,9 +95,7 @@ def run_distributed(fn, world_size: int, *args):
 
 def _run_script(script, argv, env, cwd, out_path, err_path):
     """In a forked child: what `python SCRIPT ARGV...` does after its interpreter has started."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
+    _adopt(env, cwd)
     if env.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # read at startup by a fresh interpreter
     for fd, path in ((1, out_path), (2, err_path)):  # appended to: every rank writes to the same two files
@@ -110,21 +117,24 @@ def run_script(script, argv, env, cwd, timeout, nproc=1):
     command = [str(script), *map(str, argv)]
     with tempfile.TemporaryDirectory() as folder:
         out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        for path in (out, err):  # there to read even if every rank dies before writing
+            open(path, "w").close()
         port, ctx, procs = free_port(), _context(), []
         for rank in range(nproc):
-            rank_env = env if nproc == 1 else dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            rank_env = env if nproc == 1 else _local_rank_env(env, rank, nproc, port)
             procs.append(ctx.Process(target=_run_script, args=(command[0], command[1:], rank_env, str(cwd), out, err)))
             procs[-1].start()
-        deadline, failed_at = time.monotonic() + timeout, None
+        deadline, failed_at, timed_out = time.monotonic() + timeout, None, False
         while any(p.exitcode is None for p in procs):
-            if time.monotonic() > deadline or (failed_at and time.monotonic() > failed_at + FAILED_RANK_GRACE):
+            now = time.monotonic()
+            timed_out = timed_out or now > deadline
+            if timed_out or (failed_at is not None and now > failed_at + FAILED_RANK_GRACE):
                 for p in procs:
                     p.kill()
             if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
-                failed_at = time.monotonic()
+                failed_at = now
             time.sleep(0.05)
-        if time.monotonic() > deadline and failed_at is None:
+        if timed_out:  # even if a rank ended, or was killed, before the others
             raise subprocess.TimeoutExpired(command, timeout)
         codes = [p.exitcode for p in procs]
         status = codes[0] if nproc == 1 else int(any(codes))
