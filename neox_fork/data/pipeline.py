@@ -86,6 +86,7 @@ def _init_worker(make_encoder: Callable, init_args: tuple) -> None:
     # Pool.terminate() kill the worker instead of running the parent's handler inherited by fork.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork (_encoded_chunks)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker_encoder
     _worker_encoder = make_encoder(*init_args)
@@ -178,9 +179,17 @@ def _encoded_chunks(
         for chunk in chunks:
             yield encoder(chunk)
         return
-    pool = multiprocessing.get_context("fork").Pool(
-        workers, initializer=_init_worker, initargs=(make_encoder, init_args)
-    )
+    # Workers are forked with SIGTERM blocked and unblock it in _init_worker once it kills them: a
+    # Pool.terminate() that reaches a worker still starting (the first chunk can fail before every worker
+    # is up) stays pending instead of tripping the parent's handler copied by fork, whose call the switch
+    # to SIG_DFL can drop, leaving the worker alive and terminate() waiting for it forever.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = multiprocessing.get_context("fork").Pool(
+            workers, initializer=_init_worker, initargs=(make_encoder, init_args)
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     pool_holder.append(pool)
     pending: collections.deque = collections.deque()
     for chunk in chunks:
