@@ -20,6 +20,7 @@ fp32 rounding, and the bounds below hold on any machine:
 import pytest
 import torch
 
+from checkpoint_bytes import assert_files_hold_only_their_tensors
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
 
@@ -84,6 +85,7 @@ def test_dp2_zero1_equals_one_process_with_the_same_global_batch(tmp_path, small
     dp2 = train(tmp_path, small_corpus, "dp2", 2, train_micro_batch_size_per_gpu=2)
     folder = checkpoint.resolve(dp2)
     assert len(list(folder.glob("*zero_pp_rank_*_optim_states.pt"))) == 2  # optimizer sharded over DP
+    assert_files_hold_only_their_tensors(folder)  # tests/checkpoint_bytes.py
     assert_same_losses(dp2, single)
     assert_same_weights(dp2, single)
 

@@ -18,6 +18,7 @@ import numpy
 import pytest
 import torch
 
+from checkpoint_bytes import assert_files_hold_only_their_tensors
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.data.pairwise import PairFiles, PairwiseSamples
@@ -83,6 +84,7 @@ def test_exported_policy_prefers_chosen_by_its_implicit_reward(dpo_run, preferen
 
     step = checkpoint.step_dir(dpo_run, STEPS)
     saved_ref, _, _ = checkpoint.load_merged(step / "reference")
+    assert_files_hold_only_their_tensors(step)  # the reference's files too (tests/checkpoint_bytes.py)
     start, _, _ = checkpoint.load_merged(trained_checkpoint)
     for name in start:  # the checkpoint carries the starting weights as the reference
         torch.testing.assert_close(saved_ref[name], start[name], rtol=0, atol=0, msg=name)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from checkpoint_bytes import assert_files_hold_only_their_tensors
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.checkpoint import universal
@@ -72,6 +73,7 @@ def test_sp_and_zero2_on_tp2_by_dp2_match_one_process_and_reshard(tmp_path, smal
     run_training(run, nproc=4)
     folder = checkpoint.resolve(tmp_path / "run" / "ckpt")
     assert len(list(folder.glob("*zero_pp_rank_*_optim_states.pt"))) == 4  # optimizer sharded over DP
+    assert_files_hold_only_their_tensors(folder)  # ZeRO-2 shards and SP weights (tests/checkpoint_bytes.py)
     out = _resume(run, 2, model_parallel_size=1, sequence_parallel=False, zero_optimization={"stage": 1},
                   load_universal=True)
     assert "(saved at TP=2 x DP=2) at TP=1 x DP=2, iteration 3 (12 samples consumed)" in out.stdout

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import StableLmConfig, StableLmForCausalLM
 
+from checkpoint_bytes import assert_files_hold_only_their_tensors
 from conftest import read_metrics, run_cli, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.config.loading import load_config
@@ -25,6 +26,7 @@ def test_finetune_starts_from_the_imported_weights(tmp_path, small_corpus):
     done = run_cli("tools/ckpts/convert_hf_llama_to_neox.py", "--hf-dir", str(tmp_path / "hf"),
                    "--output-dir", str(tmp_path / "imported"))
     assert done.returncode == 0, done.stderr
+    assert assert_files_hold_only_their_tensors(tmp_path / "imported") >= 1  # the weights (tests/checkpoint_bytes.py)
 
     text = config_path.read_text() + f"load: {tmp_path / 'imported'}\nfinetune: true\n"
     config_path.write_text(text)

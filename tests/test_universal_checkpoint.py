@@ -31,6 +31,7 @@ import pytest
 import torch
 import yaml
 
+from checkpoint_bytes import assert_files_hold_only_their_tensors
 from conftest import PYTHON, REPO, read_metrics, run_training, tiny_keys, write_train_config
 from distributed import run_distributed
 from neox_fork.checkpoint import store as checkpoint
@@ -171,6 +172,16 @@ def test_deepspeeds_converter_runs_unchanged_and_merges_as_our_layout(runs, tmp_
         saved = checkpoint.read_file(out / "zero" / name / "fp32.pt")
         assert saved["param"].dtype == torch.float32
         assert torch.equal(saved["param"].to(weight.dtype), weight), name
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_universal_folders_store_only_their_tensors(runs):
+    """tools/ckpts/to_universal.py's output (tests/checkpoint_bytes.py): per-parameter files, no whole buffers."""
+    root, _, _ = runs
+    for name in ("down", "up"):
+        folder = checkpoint.universal_dir(root / name / "ckpt", checkpoint.read_latest_universal(root / name / "ckpt"))
+        assert assert_files_hold_only_their_tensors(folder) > 10
 
 
 @pytest.mark.slow

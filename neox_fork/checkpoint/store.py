@@ -501,9 +501,57 @@ def neox_weights(state: dict[str, torch.Tensor], config: NeoXConfig, tp: int) ->
     return neox_layout.to_sequential(layers), {}
 
 
+# What share of a storage the tensors viewing it must cover before a save may write that storage whole: torch.save
+# writes every storage a tensor views in full, so a layer's weights viewing DeepSpeed's flat parameter buffer would
+# write the whole buffer into each layer's file. Below this share the views are copied out first (compact).
+_COVERED = 0.97
+
+
+def compact(tree):
+    """`tree` (tensors in dicts, lists and tuples) with the tensors that view a storage mostly not theirs replaced by
+    copies of their own bytes, so that torch.save writes only them (at most 1/_COVERED of their bytes). Views that
+    together cover their storage (all of a flat buffer's parameters in one file) are kept: no copy is made."""
+    views: dict[int, dict[tuple, torch.Tensor]] = {}  # storage -> distinct views of it
+
+    def collect(node):
+        if isinstance(node, torch.Tensor):
+            key = (node.data_ptr(), tuple(node.shape), node.stride(), node.dtype)
+            views.setdefault(node.untyped_storage().data_ptr(), {})[key] = node
+        elif isinstance(node, dict):
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                collect(value)
+
+    collect(tree)
+    copied: dict[int, torch.Tensor] = {}  # id(view) -> its copy
+    for group in views.values():
+        first = next(iter(group.values()))
+        own = sum(t.numel() * t.element_size() for t in group.values())
+        if own < _COVERED * first.untyped_storage().nbytes():
+            copied.update({id(t): t.clone(memory_format=torch.contiguous_format) for t in group.values()})
+
+    def rebuild(node):
+        if isinstance(node, torch.Tensor):
+            return copied.get(id(node), node)
+        if isinstance(node, dict):
+            return type(node)((k, rebuild(v)) for k, v in node.items())
+        if isinstance(node, (list, tuple)):
+            return type(node)(rebuild(v) for v in node)
+        return node
+
+    return rebuild(tree) if copied else tree
+
+
+def save_tensors(tree, path: str | os.PathLike) -> None:
+    """torch.save of `tree` writing only its tensors' own bytes (compact): every weights file goes through here."""
+    torch.save(compact(tree), path)
+
+
 def save_layer_files(folder: Path, rank: int, layers: dict[int, dict[str, torch.Tensor]]) -> None:
     for idx, tensors in layers.items():
-        torch.save(tensors, folder / LAYER_FILE.format(idx, rank))
+        save_tensors(tensors, folder / LAYER_FILE.format(idx, rank))
 
 
 def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[dict[str, torch.Tensor]],
@@ -515,8 +563,8 @@ def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[d
     with full_disk_is_one_line(ckpt_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), needed=needed):
         for rank, shard in enumerate(shards):
             module, layers = neox_weights(shard, config, len(shards))
-            torch.save({"module": module, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
-                       tmp / MODEL_FILE.format(rank))
+            save_tensors({"module": module, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
+                         tmp / MODEL_FILE.format(rank))
             save_layer_files(tmp, rank, layers)
         save_config(tmp, config)
         copy_tokenizer(tmp, tokenizer_file)
@@ -555,7 +603,7 @@ def save_reference(step_folder: Path, reference: torch.nn.Module, c: NeoXConfig,
     folder = Path(step_folder) / REFERENCE_DIR
     folder.mkdir(exist_ok=True)
     module, layers = neox_weights(model_state(reference), c, tp_size)
-    torch.save({"module": module}, folder / MODEL_FILE.format(tp_rank))
+    save_tensors({"module": module}, folder / MODEL_FILE.format(tp_rank))
     if layers:
         save_layer_files(folder, tp_rank, {**layers, 1: {}})
     if tp_rank == 0:

@@ -17,10 +17,29 @@ from neox_fork.model.transformer import build_model
 DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
 
 
-def checkpoint_bytes(parameters: int, dtype_name: str) -> int:
-    """One checkpoint's size: the weights in the training dtype + ZeRO's fp32 master weights and Adam moments
-    (12 bytes per parameter)."""
-    return parameters * ((2 if dtype_name in ("bf16", "fp16") else 4) + 12)
+def checkpoint_bytes(config, elements: int) -> int:
+    """One checkpoint's bytes, as a save writes them, for `elements` weight elements (checkpoint_elements): each in
+    the training dtype, plus its optimizer state: Adam's two fp32 moments and, where the optimizer keeps one, an fp32
+    master copy (ZeRO, and DeepSpeed's bf16/fp16 optimizers; fp32 weights without ZeRO are their own master).
+    Config, tokenizer and RNG files add a few KB a rank."""
+    weights = 2 if config.dtype_name in ("bf16", "fp16") else 4
+    if config.no_save_optim:
+        return elements * weights
+    master = 4 if config.zero_stage >= 1 or weights == 2 else 0
+    return elements * (weights + master + 8)
+
+
+def checkpoint_elements(numels: dict[str, int], config) -> int:
+    """The weight elements one checkpoint holds, from the whole (TP=1) model's {parameter name: elements}: each
+    tensor-parallel rank writes its own copy of the replicated parameters (norms, row-parallel biases), and with
+    pipe_parallel_size > 1 a tied embedding is held by the first and the last stage."""
+    from neox_fork.checkpoint.store import sharding
+
+    tp = config.model_parallel_size
+    total = sum(n if sharding(name) is not None else n * tp for name, n in numels.items())
+    if config.pipe_parallel_size > 1 and config.tie_word_embeddings:
+        total += numels.get("word_embeddings.weight", 0)
+    return total
 
 
 def meta_model(config, vocab: int | None):
@@ -89,7 +108,8 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     ]
     if config.pipe_parallel_size > 1:
         lines += pipeline_lines(config, model, memory_at, config.activation_recompute == "full")
-    ckpt_bytes = checkpoint_bytes(n, config.dtype_name)
+    ckpt_bytes = checkpoint_bytes(config, checkpoint_elements({k: p.numel() for k, p in model.named_parameters()},
+                                                               config))
     lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // n} bytes per parameter); "
                  f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "
                  "(compare signal_grace_seconds)")

@@ -84,7 +84,11 @@ def checkpoint_size(c: NeoXConfig, model) -> tuple[int, str]:
     from neox_fork.model.shape import count_parameters
     from neox_fork.perf.summary import checkpoint_bytes
 
-    return checkpoint_bytes(count_parameters(model.shape), c.dtype_name), "one checkpoint (model_summary's estimate)"
+    # every TP rank writes its replicated parameters (norms, row-parallel biases): this rank's, counted once more
+    # for each other TP rank (perf.summary.checkpoint_elements does this exactly from the whole model's names)
+    replicated = sum(p.numel() for name, p in model.named_parameters() if checkpoint.sharding(name) is None)
+    elements = count_parameters(model.shape) + (parallel.tp_size() - 1) * replicated
+    return checkpoint_bytes(c, elements), "one checkpoint (model_summary's estimate)"
 
 
 def warn_if_no_room(c: NeoXConfig, model) -> None:
@@ -132,7 +136,8 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     # what DeepSpeed's ds_to_universal needs to merge each parameter's tensor-parallel slices
     info = getattr(engine.module, "universal_info", None) or universal.checkpoint_info(  # pipelined: whole model's
         dict(model.named_parameters()), model.shape.vocab_size)
-    client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "module": module,
+    client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+                    "module": checkpoint.compact(module),  # DeepSpeed's torch.save would write whole flat buffers
                     universal.INFO_KEY: info}
     if c.pipe_parallel_size > 1:  # DeepSpeed's pipeline engine saves `module: None` (each stage's layer files)
         del client_state["module"]
