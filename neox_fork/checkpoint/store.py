@@ -99,11 +99,12 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-rank states -> the state a TP=1 model would have."""
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], specs: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per-rank states -> the state a TP=1 model would have. `specs` ({name: (dim, stride) or None}) gives the split
+    of names the table does not know (LoRA adapters: model/adapters.py)."""
     merged = {}
     for name, first in shards[0].items():
-        spec = sharding(name, shards[0])
+        spec = specs[name] if specs and name in specs else sharding(name, shards[0])
         if spec is None or len(shards) == 1:
             merged[name] = first
             continue
@@ -113,11 +114,11 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return merged
 
 
-def split_tp(full: dict[str, torch.Tensor], tp: int) -> list[dict[str, torch.Tensor]]:
+def split_tp(full: dict[str, torch.Tensor], tp: int, specs: dict | None = None) -> list[dict[str, torch.Tensor]]:
     """A TP=1 state -> the states of `tp` ranks (the inverse of merge_tp_shards)."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for name, tensor in full.items():
-        spec = sharding(name, full)
+        spec = specs[name] if specs and name in specs else sharding(name, full)
         for rank in range(tp):
             if spec is None:
                 shards[rank][name] = tensor
