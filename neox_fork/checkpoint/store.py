@@ -326,8 +326,56 @@ def _loadable_note(ckpt_dir: Path, broken: Path | None = None) -> str:
     return f"; step folders in '{ckpt_dir}' that load: {', '.join(good)} (pick one with --step or 'latest')"
 
 
+# ---------------------------------------------------------------------- LoRA checkpoints
+# A LoRA run (adapter: lora, model/adapters.py) saves only its adapter tensors (in our names, in each mp_rank file's
+# `module`) and this file, naming the step folder of the frozen base weights and how each adapter tensor splits
+# over TP ranks; readers below return base + adapters, so a LoRA step folder reads like any other.
+LORA_FILE = "lora_adapters.json"
+
+
+def lora_info(folder: Path) -> dict | None:
+    """{"base": base step folder, "sharding": {name: [dim, stride] or None}} of a LoRA step folder; None otherwise."""
+    import json
+
+    path = Path(folder) / LORA_FILE
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    info["sharding"] = {k: tuple(v) if v else None for k, v in info["sharding"].items()}
+    return info
+
+
+def lora_base_of(folder: Path) -> Path:
+    """The base weights' step folder of a LoRA step folder (one line when it is gone)."""
+    base = Path(lora_info(folder)["base"])
+    if not base.is_dir():
+        raise UserError(f"{Path(folder) / LORA_FILE}: the base checkpoint {base} it adapts is missing; a LoRA "
+                        "checkpoint holds only its adapters: restore the base folder there")
+    return base
+
+
+def save_lora_info(folder: Path, base: Path, sharding: dict) -> None:
+    import json
+
+    (Path(folder) / LORA_FILE).write_text(json.dumps({"base": str(Path(base).resolve()), "sharding": sharding},
+                                                     indent=1, sort_keys=True) + "\n")
+
+
+def _specs(folder: Path) -> dict | None:
+    info = lora_info(folder)
+    return info["sharding"] if info else None
+
+
 def _load_shard(folder: Path, rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
-    """TP rank `rank`'s weights in our names, from any of the three layouts (see module docstring)."""
+    """TP rank `rank`'s weights in our names, from any of the three layouts (see module docstring); a LoRA
+    folder's are its base's at this TP size plus its adapters."""
+    adapters = _load_own_shard(folder, rank, trust)
+    if lora_info(folder) is None:
+        return adapters
+    return {**load_rank_shard(lora_base_of(folder), tp_size_of(folder), rank, trust), **adapters}
+
+
+def _load_own_shard(folder: Path, rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
     layer_files = _layer_files(folder).get(rank)
     if layer_files:
         return neox_layout.from_neox({idx: _tensors(read_file(path, trust), path) for idx, path in layer_files.items()},
@@ -363,14 +411,15 @@ def load_rank_shard(folder: Path, tp: int, rank: int, trust: bool = False) -> di
     that size, else the merged weights split again."""
     if tp_size_of(folder) == tp:
         return _load_shard(folder, rank, trust)
-    return split_tp(merge_tp_shards(load_model_shards(folder, trust)), tp)[rank]
+    specs = _specs(folder)
+    return split_tp(merge_tp_shards(load_model_shards(folder, trust), specs), tp, specs)[rank]
 
 
 def load_merged(path: str | os.PathLike, step: int | None = None, trust: bool = False):
     """(merged TP=1 state, config, step folder) of a checkpoint saved at any TP size."""
     folder = resolve(path, step)
     config = load_config_of(folder)
-    return merge_tp_shards(load_model_shards(folder, trust)), config, folder
+    return merge_tp_shards(load_model_shards(folder, trust), _specs(folder)), config, folder
 
 
 # ---------------------------------------------------------------------- writing

@@ -290,7 +290,7 @@ class NeoXConfig:
     lora_alpha: float = _key(16, "adapter scale numerator: the update is (lora_alpha / lora_r) B A x, or "
                                  "lora_alpha / sqrt(lora_r) with use_rslora")
     lora_dropout: float = _key(0.0, "dropout on the adapters' input (the base layer sees the input undropped)")
-    lora_target_modules: list = _key(factory=lambda: ["query_key_value", "dense", "linear1", "linear2"],
+    lora_target_modules: list | str = _key(factory=lambda: ["query_key_value", "dense", "linear1", "linear2"],
                                      doc="linears given adapters: query_key_value (fused QKV; HF q_proj/k_proj/"
                                          "v_proj), dense (attention output; o_proj), linear1 (MLP in; "
                                          "dense_h_to_4h, gate_proj/up_proj), linear2 (MLP out; dense_4h_to_h, "
