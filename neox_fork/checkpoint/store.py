@@ -605,18 +605,21 @@ def save_layer_files(folder: Path, rank: int, layers: dict[int, dict[str, torch.
 
 
 def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[dict[str, torch.Tensor]],
-                          config: NeoXConfig, tokenizer_file=None) -> Path:
-    """Write model states only (no optimizer), e.g. for a converted Hugging Face model."""
+                          config: NeoXConfig, tokenizer_file=None, lora: tuple[Path, dict] | None = None) -> Path:
+    """Write model states only (no optimizer), e.g. for a converted Hugging Face model. `lora` (base step folder,
+    adapter sharding): the shards are LoRA adapters on that base, written as a LoRA run saves them."""
     ckpt_dir = Path(ckpt_dir)
     tmp = start_partial(ckpt_dir, step)
     needed = sum(t.numel() * t.element_size() for shard in shards for t in shard.values()), "the converted model"
     with full_disk_is_one_line(ckpt_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), needed=needed):
         for rank, shard in enumerate(shards):
-            module, layers = neox_weights(shard, config, len(shards))
+            module, layers = (shard, {}) if lora else neox_weights(shard, config, len(shards))
             save_tensors({"module": module, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
                          tmp / MODEL_FILE.format(rank))
             save_layer_files(tmp, rank, layers)
         save_config(tmp, config)
+        if lora:
+            save_lora_info(tmp, *lora)
         copy_tokenizer(tmp, tokenizer_file)
         return publish(tmp, ckpt_dir, step)
 
