@@ -385,10 +385,11 @@ def _adapters(c: NeoXConfig, fail) -> None:
     if isinstance(targets, str):
         fail("lora_target_modules", f"lora_target_modules: {targets}")
     not_yet = [(k, why) for k, why in (
-        ("pipe_parallel_size", "pipeline stages"), ("sequence_parallel", "sequence parallelism"),
-        ("partition_activations", "partition_activations (sequence parallelism)"),
+        ("pipe_parallel_size", "pipeline stages"), ("sequence_parallel", "sequence parallelism at TP > 1"),
+        ("partition_activations", "partition_activations (sequence parallelism) at TP > 1"),
         ("use_bnb_optimizer", "bitsandbytes' optimizer"), ("load_universal", "universal checkpoints"))
-        if (getattr(c, k) > 1 if k == "pipe_parallel_size" else getattr(c, k))]
+        if (getattr(c, k) > 1 if k == "pipe_parallel_size" else getattr(c, k) and (
+            c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations")))]
     if c.train_impl != "normal":
         not_yet.insert(0, ("train_impl", f"train_impl {c.train_impl}"))
     if not_yet:
