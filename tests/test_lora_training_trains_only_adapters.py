@@ -102,3 +102,20 @@ def test_tp2_trains_like_tp1(tmp_path, small_corpus, trained_checkpoint, uninter
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+
+
+def test_dp2_zero1_trains_like_one_process(tmp_path, small_corpus, trained_checkpoint):
+    """Two data-parallel ranks (ZeRO-1, micro-batch 2 each) against one process (micro-batch 4): the same global
+    batches. Dropout off in both: data-parallel ranks draw their own masks (as in test_parallel_equivalence)."""
+    keys = dict(lora_dropout=0.0, hidden_dropout=0.0, zero_optimization={"stage": 1})
+    one = lora_run(tmp_path, small_corpus, trained_checkpoint, "dp1", **keys)
+    two = lora_run(tmp_path, small_corpus, trained_checkpoint, "dp2", nproc=2, train_micro_batch_size_per_gpu=2,
+                   **keys)
+    la, lb = read_metrics(one), read_metrics(two)
+    for it in range(1, STEPS + 1):
+        assert abs(la[it] - lb[it]) <= LOSS_RTOL * max(abs(la[it]), 1.0), (it, la[it], lb[it])
+    a, _, _ = checkpoint.load_merged(one)
+    b, _, _ = checkpoint.load_merged(two)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+    assert len(list(checkpoint.resolve(two).glob("*zero_pp_rank_*_optim_states.pt"))) == 2
