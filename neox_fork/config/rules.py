@@ -390,9 +390,9 @@ def _adapters(c: NeoXConfig, fail) -> None:
         ("use_bnb_optimizer", "bitsandbytes' optimizer"), ("load_universal", "universal checkpoints"))
         if (getattr(c, k) > 1 if k == "pipe_parallel_size" else getattr(c, k) and (
             c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations")))]
-    if c.train_impl != "normal":
-        not_yet.insert(0, ("train_impl", f"train_impl {c.train_impl}"))
+    if c.train_impl == "rm":
+        not_yet.insert(0, ("train_impl", "train_impl rm (its new reward head would need to train whole)"))
     if not_yet:
         key, what = not_yet[0]
-        fail(key, f"adapter lora with {what} is not built yet; use adapter lora with train_impl normal, tensor and "
-             "data parallelism (pipe_parallel_size 0 or 1), or train the whole model (adapter: null)")
+        fail(key, f"adapter lora with {what} is not built yet; use adapter lora with train_impl normal, dpo or kto, "
+             "tensor and data parallelism (pipe_parallel_size 0 or 1), or train the whole model (adapter: null)")

@@ -159,7 +159,7 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         layers = stage_files(engine, layers)
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
-        if state.reference is not None:
+        if state.reference is not None and not c.adapter:  # LoRA's reference is the base the folder names
             checkpoint.save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank())
     if not c.no_save_rng:
         save_rng(partial / checkpoint.RNG_FILE.format(dist.get_rank()))
