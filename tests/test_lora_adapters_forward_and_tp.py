@@ -64,7 +64,7 @@ def test_only_adapters_train_and_base_is_unchanged_by_adding_them(one_process):
 def test_bad_lora_keys_are_one_line():
     for keys, words in ((dict(lora_r=0), "lora_r"), (dict(lora_target_modules=["q_proj", "v_proj"]), "k_proj"),
                         (dict(lora_target_modules=["attn"]), "unknown target 'attn'"),
-                        (dict(adapter="qlora"), "not built"), (dict(lora_dropout=1.0), "lora_dropout"),
+                        (dict(adapter="dora"), "not built"), (dict(lora_dropout=1.0), "lora_dropout"),
                         (dict(train_impl="rm", dataset_impl="pairwise", pos_train_data_paths=["a"],
                               neg_train_data_paths=["b"]), "train_impl rm")):
         with pytest.raises(UserError, match=words):

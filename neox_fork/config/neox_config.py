@@ -285,7 +285,9 @@ class NeoXConfig:
 
     # --- LoRA adapters (neox_fork/model/adapters.py; the names peft and axolotl use) ---
     adapter: str | None = _key(None, "not upstream: `lora` trains low-rank adapters on the lora_target_modules and "
-                                     "freezes every other weight (axolotl's key); null trains the whole model")
+                                     "freezes every other weight (axolotl's key); `qlora` the same with the base "
+                                     "linears in bitsandbytes' 4-bit NF4 while training; null trains the whole "
+                                     "model")
     lora_r: int = _key(8, "adapter rank r: each adapted W (out x in) gets B (out x r) @ A (r x in)")
     lora_alpha: float = _key(16, "adapter scale numerator: the update is (lora_alpha / lora_r) B A x, or "
                                  "lora_alpha / sqrt(lora_r) with use_rslora")

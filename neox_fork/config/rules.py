@@ -76,9 +76,8 @@ LORA_TARGETS = {
     "linear1": ("linear1", "dense_h_to_4h", "gate_up_proj"), "linear2": ("linear2", "dense_4h_to_h", "down_proj"),
 }
 LORA_FUSED = {"query_key_value": ("q_proj", "k_proj", "v_proj"), "linear1": ("gate_proj", "up_proj")}
-ADAPTERS = ("lora",)
-ADAPTERS_NOT_BUILT = {"qlora": "QLoRA (a 4-bit base) is not built yet; use lora",
-                      "dora": "DoRA is not built; use lora"}
+ADAPTERS = ("lora", "qlora")
+ADAPTERS_NOT_BUILT = {"dora": "DoRA is not built; use lora"}
 
 
 def lora_targets(names) -> tuple[str, ...] | str:
@@ -390,6 +389,14 @@ def _adapters(c: NeoXConfig, fail) -> None:
         ("use_bnb_optimizer", "bitsandbytes' optimizer"), ("load_universal", "universal checkpoints"))
         if (getattr(c, k) > 1 if k == "pipe_parallel_size" else getattr(c, k) and (
             c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations")))]
+    if c.adapter == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            fail("adapter", "adapter qlora needs bitsandbytes (its 4-bit NF4 base), which is not installed; "
+                 "`pip install bitsandbytes` or use adapter: lora")
+        if c.torch_compile:
+            fail("torch_compile", "adapter qlora with torch_compile is not built; set torch_compile: false")
     if c.train_impl == "rm":
         not_yet.insert(0, ("train_impl", "train_impl rm (its new reward head would need to train whole)"))
     if not_yet:

@@ -18,6 +18,10 @@ same way, so they train alike with dropout on.
 The adapter is a child module `lora` of the linear it adapts (parameters `...query_key_value.lora.A` and
 `.lora.B`), applied by a forward hook, so the base weights keep their names and every checkpoint and export
 of the base model reads them unchanged.
+
+QLoRA (`adapter: qlora`): while training, the base linears are held in bitsandbytes' 4-bit NF4 (quantize_base,
+after the base weights are loaded); the adapters train in the training dtype. Checkpoints, generation and the
+export use the full-precision base the checkpoint names (as peft merges onto a dequantized base).
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ class LoraSpec:
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    quantize_base: bool = False  # QLoRA: the frozen base linears in NF4 while training (quantize_base)
+
     @classmethod
     def from_config(cls, c) -> "LoraSpec | None":
         if not c.adapter:
             return None
         return cls(r=c.lora_r, alpha=float(c.lora_alpha), dropout=c.lora_dropout, targets=c.lora_targets,
-                   rslora=c.use_rslora, seed=c.seed)
+                   rslora=c.use_rslora, seed=c.seed, quantize_base=c.adapter == "qlora")
 
 
 def is_adapter(name: str) -> bool:
@@ -137,6 +143,45 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> list[nn.Module]:
             linear.register_forward_hook(_add_adapter)
             adapted.append(linear)
     return adapted
+
+
+def _forward_4bit(self, x: torch.Tensor, weight=None, **_):
+    """A megatron-core parallel linear's forward on its NF4 weight (bitsandbytes' matmul_4bit, which runs on the
+    CPU too), with the same tensor-parallel communication: a column-parallel layer's input gradient is summed over
+    the TP group, a row-parallel layer's partial outputs are. Returns (output, None) with any bias added."""
+    import bitsandbytes as bnb
+
+    w = self.weight
+    row = isinstance(self, tp.RowParallelLinear)
+    if not row:
+        x = tp.copy_to_tensor_model_parallel_region(x)
+    out = bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state)
+    if row:
+        out = tp.reduce_from_tensor_model_parallel_region(out)
+    if self.bias is not None:
+        out = out + self.bias
+    return out, None
+
+
+def quantize_base(model: nn.Module) -> int:
+    """QLoRA: every linear of every transformer layer (adapted or not) keeps its weight in bitsandbytes' 4-bit NF4
+    (blocks of 64, as QLoRA) and computes through it; the embeddings, norms and output head stay as they are.
+    Run after the base weights are loaded (it replaces them). Returns the number of weights quantized."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for layer in model.layers:
+        for linear in (layer.attention.query_key_value, layer.attention.dense, layer.mlp.linear1, layer.mlp.linear2):
+            w = linear.weight
+            q = bnb.nn.Params4bit(w.detach().clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+            q = q.to(w.device)  # quantizes
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(w, attr):
+                    setattr(q, attr, getattr(w, attr))
+            linear.weight = q
+            linear.forward = _forward_4bit.__get__(linear)
+            count += 1
+    return count
 
 
 def adapters_of(model: nn.Module) -> list[LoRA]:
