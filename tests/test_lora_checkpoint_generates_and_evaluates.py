@@ -39,3 +39,15 @@ def test_generation_at_tp2_loads_base_and_adapters(one_process, tmp_path):
         ours = model(TOKENS)
     for logits in run_distributed(_logits_at_tp2, 2, str(lora)):
         torch.testing.assert_close(logits, ours, rtol=0, atol=1e-5)
+
+
+def test_reshard_and_universal_of_a_lora_checkpoint_are_one_line(one_process, tmp_path):
+    from neox_fork.checkpoint import store as checkpoint
+    from neox_fork.checkpoint import universal
+    from neox_fork.errors import UserError
+
+    _, _, lora = lora_checkpoints("llama-gqa", tmp_path)
+    with pytest.raises(UserError, match="LoRA checkpoint"):
+        checkpoint.reshard(lora, tmp_path / "out", 2)
+    with pytest.raises(UserError, match="LoRA checkpoint"):
+        universal.convert(lora)

@@ -642,6 +642,10 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
     training state moves to another layout through DeepSpeed's Universal Checkpointing (checkpoint/universal.py).
     """
     state, config, folder = load_merged(path, step, trust)
+    if lora_info(folder) is not None:
+        raise UserError(f"checkpoint {folder} is a LoRA checkpoint (adapters on the base it names): resharding it "
+                        "is not built; generation and evaluation load it at any TP size, and tools/convert_to_hf.py "
+                        "exports it merged")
     keys = config.to_dict()
     keys.update(vocab_keys_for(state["word_embeddings.weight"].shape[0], tp, str(folder)))
     keys.update(num_gpus=None, num_nodes=-1, load=None)  # launch settings belong to the next run
