@@ -71,10 +71,13 @@ def test_bad_lora_keys_are_one_line():
             from_dict(tiny_keys(**{**LORA, **keys}))
 
 
-def _train_two_steps(rank, keys):
+def _train_two_steps(rank, keys, weights=None):
     """Forward+backward, an SGD step on the adapters, forward+backward again, with dropout on the adapters:
-    the losses, logits and this rank's adapter tensors and gradients (with their TP split) of each step."""
-    from neox_fork.model.adapters import adapter_sharding
+    the losses, logits and this rank's adapter tensors and gradients (with their TP split) of each step.
+    `weights` (whole, TP=1) replace those of the seeded model first. For tests/test_lora_qlora_trains_on_cpu.py:
+    `adapter: qlora` quantizes the base, and the dequantized weights of this rank come back too."""
+    from neox_fork.checkpoint.store import split_tp
+    from neox_fork.model.adapters import adapter_sharding, quantize_base
     from neox_fork.model.transformer import build_model
     from neox_fork.parallel import groups as parallel
 
@@ -82,8 +85,20 @@ def _train_two_steps(rank, keys):
     parallel.initialize(config.model_parallel_size, backend="gloo")
     parallel.seed_everything(config.seed)
     model = build_model(config)
-    tokens = _tokens()
     out = {"specs": adapter_sharding(model), "steps": []}
+    if weights is not None:
+        mine = split_tp(weights, config.model_parallel_size)[rank]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in mine:
+                    p.copy_(mine[name])
+    if config.adapter == "qlora":
+        import bitsandbytes as bnb
+
+        quantize_base(model)
+        out["dequantized"] = {name: bnb.functional.dequantize_4bit(p.data, p.quant_state)
+                              for name, p in model.named_parameters() if p.dtype == torch.uint8}
+    tokens = _tokens()
     for _ in range(2):
         model.train()
         parallel.seed_everything(11)  # the same dropout masks at both sizes

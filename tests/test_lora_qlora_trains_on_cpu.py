@@ -4,6 +4,8 @@ CPU (bitsandbytes 0.50 runs matmul_4bit forward and backward there).
 * the quantized model computes what the same model computes with each linear's weight replaced by bitsandbytes'
   own dequantisation of it (fp32; the 4-bit matmul dequantises and multiplies: 1e-5 on logits of order 1), and
   not what the full-precision base computes;
+* at TP=2 it trains like TP=1 LoRA on the TP=2 ranks' dequantized weights (the 4-bit forward's tensor-parallel
+  communication; bounds of tests/test_lora_adapters_forward_and_tp.py);
 * through train.py the loss falls below the quantized base's on the same batches (a run at lr 1e-12), and the
   checkpoint holds the adapters only, as LoRA's.
 """
@@ -68,3 +70,26 @@ def test_qlora_trains_through_train_py_and_its_loss_falls(tmp_path, small_corpus
     step = checkpoint.resolve(trained)
     saved = torch.load(step / checkpoint.MODEL_FILE.format(0), weights_only=False)
     assert saved["module"] and all(".lora." in n for n in saved["module"])
+
+
+@pytest.mark.multiproc
+def test_qlora_at_tp2_trains_like_lora_on_its_dequantized_weights():
+    """Each TP rank quantizes its own slice (bitsandbytes' double quantization scales the block maxima over the
+    whole tensor, so slices quantize unlike the whole): TP=2 QLoRA is compared with TP=1 LoRA on the TP=2 ranks'
+    dequantized weights, merged. That checks the 4-bit forward's tensor-parallel communication exactly."""
+    from distributed import run_distributed
+    from neox_fork.checkpoint.store import merge_tp_shards
+    from test_lora_adapters_forward_and_tp import _train_two_steps
+
+    keys = tiny_keys(lora_r=4, lora_alpha=8, lora_dropout=0.2, lora_target_modules="all-linear", seed=9)
+    two = run_distributed(_train_two_steps, 2, dict(keys, adapter="qlora", model_parallel_size=2))
+    dequantized = merge_tp_shards([t["dequantized"] for t in two])
+    assert len(dequantized) == 8
+    one = run_distributed(_train_two_steps, 1, dict(keys, adapter="lora", model_parallel_size=1), dequantized)[0]
+    for step in range(2):
+        loss1, logits1, _, grads1 = one["steps"][step]
+        assert abs(loss1 - two[0]["steps"][step][0]) < 1e-5
+        torch.testing.assert_close(two[0]["steps"][step][1], logits1, rtol=0, atol=1e-5)
+        merged = merge_tp_shards([t["steps"][step][3] for t in two], two[0]["specs"])
+        for name, tensor in grads1.items():
+            torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
