@@ -139,3 +139,25 @@ def test_tp2_trains_like_tp1_with_adapter_dropout():
             for name, tensor in (values1 if i == 2 else grads1).items():
                 torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
     assert any(torch.count_nonzero(g) for g in one["steps"][1][3].values() if g.dim())  # A gets gradients once B != 0
+
+
+def test_activation_checkpointing_replays_the_adapter_dropout(one_process):
+    """The 3B recipe recomputes each layer in the backward: the adapters' dropout masks must be drawn again alike,
+    so the gradients equal those of the run that keeps its activations (the same fp32 operations: equal)."""
+    from neox_fork.model.transformer import build_model
+    from neox_fork.parallel import groups as parallel
+
+    grads = []
+    for recompute in (False, True):
+        parallel.seed_everything(4)
+        model = build_model(from_dict(tiny_keys(**LORA, lora_dropout=0.3, checkpoint_activations=recompute))).train()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".lora.B"):
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
+        parallel.seed_everything(5)
+        tokens = _tokens()
+        model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
