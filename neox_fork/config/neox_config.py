@@ -355,6 +355,16 @@ class NeoXConfig:
     signal_grace_seconds: float = _key(600.0, "not upstream: one-node runs: after SIGUSR1/SIGTERM/SIGINT, deepy "
                                               "gives the ranks this long to finish their step and save before it "
                                               "SIGKILLs them")
+    # Hang detection (training/watchdog.py, launch/hangs.py): torchtitan's names for the first two. 0 turns one off.
+    init_timeout_seconds: float = _key(1800.0, "not upstream (torchtitan's name): a rank that has not finished "
+                                               "start-up (model, checkpoint load, data) and its first step in this "
+                                               "long dumps every thread's stack and exits; deepy names it and exits "
+                                               "75 (slurm/common.sh requeues); 0 = off")
+    train_timeout_seconds: float = _key(600.0, "not upstream (torchtitan's name): the same for each later step "
+                                               "(its data read, forward, backward, update and logging); 0 = off")
+    save_timeout_seconds: float = _key(1800.0, "not upstream: the same for one checkpoint save; 0 = off")
+    eval_timeout_seconds: float = _key(1800.0, "not upstream: the same for one evaluation (eval_iters batches "
+                                               "and eval_tasks); 0 = off")
 
     # Where each key came from (key -> file), for messages; not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)

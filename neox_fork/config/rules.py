@@ -187,6 +187,9 @@ def _optimizer_and_loading(c: NeoXConfig, fail) -> None:
              "from any tensor-parallel size already: set one of them")
     if c.signal_grace_seconds <= 0:
         fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
+    for key in ("init_timeout_seconds", "train_timeout_seconds", "save_timeout_seconds", "eval_timeout_seconds"):
+        if getattr(c, key) < 0:
+            fail(key, f"{key} must be a number of seconds >= 0 (0 turns the check off), got {getattr(c, key)}")
     if c.learning_rate <= 0:
         fail("optimizer", f"learning rate must be positive, got {c.learning_rate}")
     if not 0 <= c.warmup <= 1:

@@ -37,6 +37,7 @@ from neox_fork.training.optim import build_engine
 from neox_fork.training.preference import Objective, reference_for_run
 from neox_fork.training.step_logging import Profilers, StepLogger
 from neox_fork.training.state import TrainState, fail_if_asked, resume, save, test_failure, warn_if_no_room
+from neox_fork.training.watchdog import Watchdog, hang_if_asked
 
 log = logging.getLogger("neox_fork")
 placement_log = logging.getLogger("neox_fork.placement")
@@ -441,6 +442,8 @@ def pretrain(c: NeoXConfig) -> int:
     launcher_environment(c.deepspeed_slurm, c.deepspeed_mpi)
     setup_logging()
     stop = StopSignal()  # before the slow start-up, so a signal during it still ends in a save
+    watchdog = Watchdog(c, int(os.environ.get("RANK", "0")))
+    watchdog.arm("init", "start-up and the first step")
     run = setup(c)
     c, engine, state = run.c, run.engine, run.state
     if state.iteration >= c.train_iters:
@@ -454,7 +457,10 @@ def pretrain(c: NeoXConfig) -> int:
     step_log, profilers = StepLogger(c, engine, metrics, c.global_batch_size(run.world)), Profilers(c)
     if state.iteration == 0 and 0 in (c.extra_save_iters or []):
         save(engine, c, state)
+    first_step = state.iteration + 1
     while state.iteration < c.train_iters:
+        if state.iteration + 1 > first_step:
+            watchdog.arm("train", f"step {state.iteration + 1}")
         profilers.before_step()
         step_metrics: dict = {}
         step_loss, skipped = train_step(engine, c, train_iter, params, step_log.before_update, run.objective,
@@ -463,13 +469,17 @@ def pretrain(c: NeoXConfig) -> int:
         state.iteration += 1
         step_log.after_update(state.iteration)
         fail_if_asked("step", state.iteration)
+        hang_if_asked(dist.get_rank(), state.iteration, "step")
         state.consumed_samples += c.global_batch_size(run.world)
         check_nan_steps(run, skipped, metrics)  # a skipped step still saves and checks signals below
         progress.add(None if skipped else step_loss, step_metrics)
         progress.maybe_report()
         if state.iteration % c.eval_interval == 0 and not skipped:
+            watchdog.arm("eval", f"evaluation at step {state.iteration}")
             run_evaluations(run, metrics)
         if (c.save_every and state.iteration % c.save_every == 0) or state.iteration in (c.extra_save_iters or []):
+            watchdog.arm("save", f"save at step {state.iteration}")
+            hang_if_asked(dist.get_rank(), state.iteration, "save")
             save(engine, c, state)
         if c.exit_interval and state.iteration % c.exit_interval == 0:
             log.info("exit_interval %d reached at step %d", c.exit_interval, state.iteration)
@@ -479,7 +489,9 @@ def pretrain(c: NeoXConfig) -> int:
             break
 
     profilers.stop()
+    watchdog.arm("save", f"save at step {state.iteration}")
     save(engine, c, state)
+    watchdog.close()
     stop.finished()
     metrics.close()
     return state.iteration
