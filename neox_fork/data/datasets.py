@@ -13,7 +13,8 @@ Each dataset item is a dict of torch tensors:
                                     eod_mask_loss is set)
     dataset_id int64 []             which entry of the blend the sample came from (0 without blend)
 
-Index caches (document/sample/shuffle orders) are written once under `cache_dir` and reused. Under
+Index caches (document/sample/shuffle orders) are written once under `cache_dir` and reused (checked first:
+data/index_cache.py). Under
 torch.distributed rank 0 builds them while the other ranks wait at a barrier, then load them; a
 single process without a process group needs no initialisation (the blend's own index, which is
 cheap, is then rebuilt in memory instead of cached, since megatron-core asks for the rank there).
@@ -31,6 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from neox_fork.data import _megatron
+from neox_fork.data.index_cache import check_index_cache
 from neox_fork.data.validate import (
     check_token_ids,
     check_weights,
@@ -313,10 +315,14 @@ def build_datasets(
     if settings.own_samples:
         return _build_own(settings, plan, tokenizer)
     _, _, GPTDataset, GPTDatasetConfig = _megatron_modules()
+    cache = settings.cache_dir or _default_cache_dir(plan)
+    check_index_cache(cache)  # every rank, before rank 0 may write there: one line for a damaged file
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     common = dict(
         random_seed=int(settings.seed),
         sequence_length=int(settings.seq_length),
-        path_to_cache=settings.cache_dir or _default_cache_dir(plan),
+        path_to_cache=cache,
         tokenizer=_TokenizerForMegatron(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
