@@ -1,6 +1,6 @@
 """skip_train_iteration_ranges: the steps of a range read and train nothing, the step counter, data position and
 LR schedule advance over them (docs/fault-handling.md), and a run resumed inside the range, or run on two
-data-parallel ranks, skips exactly what one uninterrupted process skips.
+data-parallel ranks or two pipeline stages, skips exactly what one uninterrupted process skips.
 
 Six steps with global batch 2 skipping [[3, 4]]: step 5 trains samples 8-9 (its place in the data order) on the
 weights of step 2. That is checked against a forward pass of the step-2 checkpoint, computed here, on samples 8-9
@@ -110,12 +110,17 @@ def test_resume_inside_the_range_equals_the_uninterrupted_run(runs, small_corpus
 
 
 @pytest.mark.multiproc
-def test_two_data_parallel_ranks_skip_what_one_process_skips(runs, small_corpus):
+@pytest.mark.parametrize("name, keys", [
+    ("dp2", dict(train_micro_batch_size_per_gpu=1)),
+    ("pp2", dict(pipe_parallel_size=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2)),
+])
+def test_two_ranks_skip_what_one_process_skips(runs, small_corpus, name, keys):
+    """The same global batch of 2 as two data-parallel ranks, or two pipeline stages with two micro-batches."""
     tmp, _ = runs
-    train(tmp, small_corpus, "dp2", nproc=2, train_micro_batch_size_per_gpu=1, skip_train_iteration_ranges=SKIP)
-    one, two = read_metrics(tmp / "skipped" / "ckpt"), read_metrics(tmp / "dp2" / "ckpt")
+    train(tmp, small_corpus, name, nproc=2, skip_train_iteration_ranges=SKIP, **keys)
+    one, two = read_metrics(tmp / "skipped" / "ckpt"), read_metrics(tmp / name / "ckpt")
     assert sorted(two) == sorted(one) == [1, 2, 5, 6]
     for step in one:  # the same global batches summed in another order (bound: test_parallel_equivalence.py)
         assert abs(one[step] - two[step]) <= LOSS_RTOL * one[step], (step, one[step], two[step])
-    assert read_metrics(tmp / "dp2" / "ckpt", "batch_skipped") == {3: 1, 4: 1}
-    assert client_state(tmp / "dp2" / "ckpt", STEPS)["skipped_iterations"] == [[3, 4]]
+    assert read_metrics(tmp / name / "ckpt", "batch_skipped") == {3: 1, 4: 1}
+    assert client_state(tmp / name / "ckpt", STEPS)["skipped_iterations"] == [[3, 4]]

@@ -284,9 +284,8 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
     if before_update is not None:
         before_update()
     engine.step()
-    skipped = "loss is NaN/inf on some rank" if bad_loss else "gradients are NaN/inf" if bad_grads else None
-    if deepspeed_skipped_update(engine, _device()):
-        skipped = skipped or "gradients are NaN/inf (DeepSpeed skipped the update)"
+    by_deepspeed = deepspeed_skipped_update(engine, _device())  # every rank, every step: a collective
+    skipped = "loss is NaN/inf on some rank" if bad_loss else "gradients are NaN/inf" if bad_grads else by_deepspeed
     return sum(loss / n for loss in losses), skipped
 
 

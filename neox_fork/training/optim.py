@@ -148,19 +148,22 @@ def skip_update(engine, zero_grads_of=()) -> None:
         group["lr"] = 0.0
 
 
-def deepspeed_skipped_update(engine, device) -> bool:
-    """Whether DeepSpeed skipped this step's update on any rank: it does when the gradients are non-finite (an
-    fp16 loss-scale overflow; an inf/NaN gradient norm under bf16 or ZeRO 1/2). DeepSpeed then leaves the LR
-    schedule where it was; it is stepped here, so the LR of every step is the schedule's value at its number
-    (as for the other skips: docs/fault-handling.md)."""
+def deepspeed_skipped_update(engine, device) -> str | None:
+    """Why DeepSpeed skipped this step's update on some rank (None if it did not): it does when the gradients are
+    non-finite (an fp16 loss-scale overflow; an inf/NaN gradient norm under bf16 or ZeRO 1/2). DeepSpeed then
+    leaves the LR schedule where it was; it is stepped here, so the LR of every step is the schedule's value at
+    its number (as for the other skips: docs/fault-handling.md)."""
     import torch.distributed as dist
 
     flag = torch.tensor([0.0 if engine.was_step_applied() else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():
-        return False
+        return None
     engine.lr_scheduler.step()
-    return True
+    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+    if engine.fp16_enabled() and isinstance(scale, (int, float)):
+        return f"gradients are NaN/inf (DeepSpeed skipped the update; fp16 loss scale now {scale:g})"
+    return "gradients are NaN/inf (DeepSpeed skipped the update)"
 
 
 def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):

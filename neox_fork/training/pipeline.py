@@ -404,10 +404,8 @@ def train_step(engine, micro_batches, before_update=None) -> tuple[float, str | 
     engine.module.nonfinite = False
     engine.before_update = before_update
     engine.train_batch(_pipe_batches(micro_batches))
-    skipped = engine.skipped
-    if deepspeed_skipped_update(engine, engine.device):
-        skipped = skipped or "gradients are NaN/inf (DeepSpeed skipped the update)"
-    return float(engine.dp_group_loss), skipped
+    by_deepspeed = deepspeed_skipped_update(engine, engine.device)  # every rank, every step: a collective
+    return float(engine.dp_group_loss), engine.skipped or by_deepspeed
 
 
 @torch.no_grad()
