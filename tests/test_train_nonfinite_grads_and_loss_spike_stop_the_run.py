@@ -16,6 +16,7 @@ import yaml
 
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
+from neox_fork.errors import UserError
 
 pytestmark = [pytest.mark.slow]
 
@@ -55,6 +56,35 @@ def test_nonfinite_gradients_are_counted_and_stop_the_run_at_max_nan_steps(tmp_p
         assert torch.equal(before["module"][name], after["module"][name]), name
     # the LR schedule moved on over the skipped steps (DeepSpeed's own skip leaves it behind)
     assert after["lr_scheduler"]["last_epoch"] == 4
+
+
+def test_fp16_overflow_skips_stop_with_a_hint_about_the_loss_scale():
+    """DeepSpeed's fp16 skips (no fp16 on this CPU: the reason as the loop receives it) count like the others,
+    and the stop line says that a loss scale still settling needs a larger max_nan_steps."""
+    from neox_fork.config.loading import from_dict
+    from neox_fork.training.faults import check_nan_steps
+    from neox_fork.training.state import TrainState
+
+    class Metrics:
+        rows = []
+
+        def write(self, row):
+            self.rows.append(row)
+
+        def close(self):
+            pass
+
+    c, state = from_dict({"max_nan_steps": 2}), TrainState(iteration=7, last_saved=5)
+    reason = "gradients are NaN/inf (DeepSpeed skipped the update; fp16 loss scale now 1024)"
+    check_nan_steps(c, state, reason, Metrics())
+    state.iteration = 8
+    with pytest.raises(UserError) as err:
+        check_nan_steps(c, state, reason, Metrics())
+    assert str(err.value) == (f"2 updates in a row skipped (max_nan_steps 2) at step 8, the last because {reason}; "
+                              "last good checkpoint: step 5; if the fp16 loss scale is still settling (early in a "
+                              "run), raise max_nan_steps or lower fp16.initial_scale_power; else lower the learning "
+                              "rate or check the data")
+    assert Metrics.rows == [{"iteration": 7, "update_skipped": 1}, {"iteration": 8, "update_skipped": 1}]
 
 
 def test_loss_spike_saves_stops_and_its_skip_range_resumes(tmp_path, small_corpus):

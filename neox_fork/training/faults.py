@@ -38,10 +38,13 @@ def check_nan_steps(c: NeoXConfig, state: TrainState, skipped: str | None, metri
     metrics.write({"iteration": state.iteration, "update_skipped": 1})
     if state.nan_steps_in_a_row >= c.max_nan_steps:
         metrics.close()
+        hint = "lower the learning rate or check the data"
+        if "fp16 loss scale" in skipped:  # DeepSpeed lowering its loss scale skips steps on purpose
+            hint = ("if the fp16 loss scale is still settling (early in a run), raise max_nan_steps or lower "
+                    f"fp16.initial_scale_power; else {hint}")
         raise UserError(f"{state.nan_steps_in_a_row} updates in a row skipped (max_nan_steps {c.max_nan_steps}) at "
                         f"step {state.iteration}, the last because {skipped}; last good checkpoint: "
-                        f"{'step ' + str(state.last_saved) if state.last_saved is not None else 'none'}; "
-                        "lower the learning rate or check the data")
+                        f"{'step ' + str(state.last_saved) if state.last_saved is not None else 'none'}; {hint}")
 
 
 # ---------------------------------------------------------------------- skipped batches
