@@ -140,7 +140,8 @@ def spike_message(c: NeoXConfig, step: int, loss: float, mean: float, before: in
 # ---------------------------------------------------------------------- test-only faults
 def injected_fault(iteration: int) -> str | None:
     """Test-only (state.TEST_FAIL_ENV, "RANK:STEP:grads" or "RANK:STEP:spike"): "grads" on this rank's steps from
-    STEP on (NaN gradients behind a finite loss), "spike" at step STEP (the loss x 50); None almost always."""
+    STEP on (NaN gradients behind a finite loss), "spike" at step STEP (the loss x 50); None almost always.
+    loop._forward_backward applies them (not in pipelined runs)."""
     at = test_failure("grads")
     if at is not None and iteration >= at:
         return "grads"
