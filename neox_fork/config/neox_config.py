@@ -183,7 +183,18 @@ class NeoXConfig:
     train_epochs: int | None = _key(None, "passes over the training data: sets train_iters to epochs x one epoch's "
                                           "samples // global batch (give it instead of train_iters)")
     eod_mask_loss: bool = _key(False, "no loss where the input token is the end-of-document id")
-    max_nan_steps: int = _key(3, "not upstream: stop after this many non-finite losses in a row")
+    max_nan_steps: int = _key(3, "not upstream: stop after this many skipped updates in a row (a non-finite loss, "
+                                 "or non-finite gradients DeepSpeed or the loop skips; docs/fault-handling.md)")
+    # skipping data and stopping on a loss spike (docs/fault-handling.md)
+    skip_train_iteration_ranges: list | None = _key(None, "Stability's fork, not upstream GPT-NeoX: [[first, last], "
+                                                    "...] steps (inclusive, as the log numbers them) whose batches "
+                                                    "are never read or trained; the step counter, data position "
+                                                    "and LR schedule still advance over them")
+    loss_spike_factor: float | None = _key(None, "not upstream: save and stop when a step's loss exceeds this many "
+                                                 "times the mean loss of the last loss_spike_window trained steps; "
+                                                 "null: off")
+    loss_spike_window: int = _key(100, "not upstream: trained steps whose mean loss loss_spike_factor compares "
+                                       "with (judged once that many are seen since the start or the resume)")
     exit_interval: int | None = _key(None, "save and stop once the step is a multiple of this")
     num_workers: int = _key(2, "data-loader worker processes (at most 2 used)")
     distributed_backend: str = _key("nccl", "nccl or gloo")

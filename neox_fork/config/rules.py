@@ -76,7 +76,7 @@ def validate(c: NeoXConfig) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
     for check in (_choices, _architecture, _counts, _sizes, _attention_config, _optimizer_and_loading, _data,
-                  _training_and_logging, _post_training):
+                  _training_and_logging, _post_training, _skips_and_spikes):
         check(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
@@ -264,6 +264,22 @@ def _training_and_logging(c: NeoXConfig, fail) -> None:
         fail("pack_impl", "train_epochs works with pack_impl packed only (as upstream)")
     if c.weighted_sampler_alpha < 0:
         fail("weighted_sampler_alpha", f"weighted_sampler_alpha must be >= 0, got {c.weighted_sampler_alpha}")
+
+
+def _skips_and_spikes(c: NeoXConfig, fail) -> None:
+    """skip_train_iteration_ranges holds [first, last] pairs of steps; the loss-spike rule's numbers."""
+    for entry in c.skip_train_iteration_ranges or []:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in entry) and 1 <= entry[0] <= entry[1]):
+            fail("skip_train_iteration_ranges", f"skip_train_iteration_ranges entry {entry!r} is not [first, last] "
+                 "with 1 <= first <= last (steps as the log numbers them, both skipped), e.g. [[101, 200]]")
+    if c.loss_spike_factor is not None and not c.loss_spike_factor > 1:
+        fail("loss_spike_factor", f"loss_spike_factor must be above 1 (a multiple of the recent mean loss) or null "
+             f"(off), got {c.loss_spike_factor}")
+    if c.loss_spike_window < 1:
+        fail("loss_spike_window", f"loss_spike_window must be at least 1, got {c.loss_spike_window}")
+    if c.max_nan_steps < 1:
+        fail("max_nan_steps", f"max_nan_steps must be at least 1, got {c.max_nan_steps}")
 
 
 def _post_training(c: NeoXConfig, fail) -> None:

@@ -128,6 +128,44 @@ def build_optimizer(c: NeoXConfig, model: torch.nn.Module) -> torch.optim.Optimi
                              eps=c.adam_eps, fused=fused, foreach=None if fused else True)
 
 
+def unchecked_nonfinite_grads(engine, params) -> bool:
+    """Whether this rank's gradients hold an inf/NaN that DeepSpeed would apply: its fp16, bf16 and ZeRO
+    optimizers skip such a step themselves (they have `overflow`), the plain optimizer (fp32, ZeRO stage 0)
+    would write NaN into the weights."""
+    if hasattr(engine.optimizer, "overflow"):
+        return False
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+def skip_update(engine, zero_grads_of=()) -> None:
+    """Make this step's update leave the weights as they are: lr 0 (AdamW's decoupled decay is lr x wd), and
+    zero gradients for the parameters `zero_grads_of` (non-finite ones: 0 x NaN would still be NaN)."""
+    for p in zero_grads_of:
+        if p.grad is not None:
+            p.grad.zero_()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+
+
+def deepspeed_skipped_update(engine, device) -> str | None:
+    """Why DeepSpeed skipped this step's update on some rank (None if it did not): it does when the gradients are
+    non-finite (an fp16 loss-scale overflow; an inf/NaN gradient norm under bf16 or ZeRO 1/2). DeepSpeed then
+    leaves the LR schedule where it was; it is stepped here, so the LR of every step is the schedule's value at
+    its number (as for the other skips: docs/fault-handling.md)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if engine.was_step_applied() else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    engine.lr_scheduler.step()
+    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+    if engine.fp16_enabled() and isinstance(scale, (int, float)):
+        return f"gradients are NaN/inf (DeepSpeed skipped the update; fp16 loss scale now {scale:g})"
+    return "gradients are NaN/inf (DeepSpeed skipped the update)"
+
+
 def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):
     """The DeepSpeed engine training runs: AdamW + the LR schedule, ZeRO, bf16 with fp32 masters, clipping."""
     import deepspeed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,11 +50,13 @@ class TrainState:
     last_saved: int | None = None
     resumed_from: Path | None = None  # the step folder a full resume read (not a finetune's `load`)
     reference: object = None  # training/preference.py's frozen reference model, saved with each step
+    skipped_iterations: list = field(default_factory=list)  # [first, last] steps skip_train_iteration_ranges skipped
 
 
 # Test-only: NEOX_FORK_TEST_FAIL="RANK:STEP:WHERE" makes global rank RANK raise a RuntimeError at step STEP
 # in WHERE (step, save, eval or data: a data-loader worker), so that tests can fail a real run where a bug, a
-# broken file or a broken task would (tests/test_train_failing_rank_or_full_disk_ends_the_run.py).
+# broken file or a broken task would (tests/test_train_failing_rank_or_full_disk_ends_the_run.py); WHERE grads
+# or spike injects a bad step instead (training/faults.py injected_fault).
 TEST_FAIL_ENV = "NEOX_FORK_TEST_FAIL"
 
 
@@ -138,7 +140,7 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         dict(model.named_parameters()), model.shape.vocab_size)
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
                     "module": checkpoint.compact(module),  # DeepSpeed's torch.save would write whole flat buffers
-                    universal.INFO_KEY: info}
+                    universal.INFO_KEY: info, SKIPPED_KEY: state.skipped_iterations}
     if c.pipe_parallel_size > 1:  # DeepSpeed's pipeline engine saves `module: None` (each stage's layer files)
         del client_state["module"]
     elif c.checkpoint_validation_with_forward_pass:
@@ -173,6 +175,7 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
 
 
 VALIDATION_KEY = "checkpoint_validation_logits"  # upstream's name in the saved state
+SKIPPED_KEY = "skipped_iterations"  # ours: the steps whose batches skip_train_iteration_ranges skipped so far
 NO_OPTIMIZER_FILE = "no_optimizer_states"  # marks a step saved with no_save_optim
 
 
@@ -330,6 +333,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
                                               state.iteration * c.global_batch_size(dist.get_world_size()))
     state.last_saved = state.iteration
     state.resumed_from = folder
+    state.skipped_iterations = [list(r) for r in client_state.get(SKIPPED_KEY) or ()]
     rng_file = folder / checkpoint.RNG_FILE.format(dist.get_rank())
     if c.no_load_rng:
         log.info("no_load_rng: the RNG states of %s are not restored", folder)
@@ -353,6 +357,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
     state.resumed_from = folder  # tools/ckpts/to_universal.py copies the step's reference/ into it
+    state.skipped_iterations = [list(r) for r in client_state.get(SKIPPED_KEY) or ()]
     saved_tp = checkpoint.tp_size_of(folder)
     saved_dp = len(checkpoint.rng_files(folder)) // (saved_tp * checkpoint.pp_size_of(folder))  # stage 0's first
     if saved_dp:
