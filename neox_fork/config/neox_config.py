@@ -206,6 +206,9 @@ class NeoXConfig:
     save_interval: int | None = _key(None, "Megatron's name for checkpoint_factor")
     extra_save_iters: list | None = _key(None, "further steps at which to save")
     keep_last_n_checkpoints: int | None = _key(None, "delete older step folders beyond this many")
+    async_save: bool = _key(False, "not upstream (Megatron's name): copy a save's tensors to host memory and write "
+                                   "them in a background thread while training goes on; the step folder becomes "
+                                   "`latest` once every rank has written it (checkpoint/async_writer.py)")
     finetune: bool = _key(False, "load weights only: optimizer, schedule and data start fresh")
     trust_checkpoint: bool = _key(False, "not upstream: unpickle `load` without restriction (a checkpoint needing "
                                          "types beyond tensors and DeepSpeed's own can then run code): only for "

@@ -37,7 +37,8 @@ from neox_fork.model.transformer import build_model
 from neox_fork.training.optim import build_engine, deepspeed_skipped_update, skip_update, unchecked_nonfinite_grads
 from neox_fork.training.preference import Objective, reference_for_run
 from neox_fork.training.step_logging import Profilers, StepLogger
-from neox_fork.training.state import TrainState, fail_if_asked, resume, save, test_failure, warn_if_no_room
+from neox_fork.training.state import (TrainState, fail_if_asked, finish_pending, resume, save, test_failure,
+                                     warn_if_no_room)
 from neox_fork.training.watchdog import Watchdog, hang_if_asked
 
 log = logging.getLogger("neox_fork")
@@ -482,6 +483,7 @@ def pretrain(c: NeoXConfig) -> int:
             mean_loss = progress.add(None if skipped else step_loss, step_metrics)
             progress.maybe_report()
             spikes.check(engine, state, mean_loss, metrics)  # a spike saves and stops
+        finish_pending(c, state, wait=False)  # an async_save whose files every rank has written is published
         if state.iteration % c.eval_interval == 0 and not skipped:
             watchdog.arm("eval", f"evaluation at step {state.iteration}")
             run_evaluations(run, metrics)
