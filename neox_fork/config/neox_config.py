@@ -122,10 +122,13 @@ class NeoXConfig:
 
     # --- optimisation ---
     optimizer: dict = _key(factory=lambda: {"type": "Adam", "params": {"lr": 1e-3}},
-                           doc="{type: Adam|AdamW, params: {lr, betas, eps}}; always AdamW with decoupled decay "
-                               "(upstream: required)")
-    use_bnb_optimizer: bool = _key(False, "bitsandbytes' Adam8bit (8-bit moments, decoupled decay) instead of torch's "
-                                          "AdamW; one line if bitsandbytes is not installed")
+                           doc="{type, params}: type Adam/AdamW (torch's AdamW, decoupled decay), cpu_adam "
+                               "(DeepSpeed's CPU Adam, with ZeRO-Offload), cpu_torch_adam (torch's AdamW, with "
+                               "ZeRO-Offload), sgd (torch's SGD), lion (lion-pytorch), madgrad_wd (madgrad), sm3 "
+                               "(pytorch-optimizer); params: lr and the type's own (docs/optimizers.md); onebitadam "
+                               "is refused (not in DeepSpeed 0.19); upstream: required")
+    use_bnb_optimizer: bool = _key(False, "type adam: bitsandbytes' Adam8bit (8-bit moments, decoupled decay) instead "
+                                          "of torch's AdamW, as upstream; one line if bitsandbytes is not installed")
     lr: float | None = _key(None, "learning rate if optimizer.params has none")
     min_lr: float = _key(0.0, "floor of the decayed learning rate")
     lr_decay_style: str = _key("linear", "linear, cosine or constant after warmup")
@@ -334,8 +337,9 @@ class NeoXConfig:
     log_grad_norm: bool = _key(False, "log each parameter's gradient norm (before clipping) every step: "
                                       "gradient_norms/NAME")
     log_param_norm: bool = _key(False, "log each parameter's norm after the update every step: parameter_norms/NAME")
-    log_optimizer_states: bool = _key(False, "log the norm of each Adam moment every step: "
-                                             "optimizer_state_norms/INDEX_exp_avg(_sq)")
+    log_optimizer_states: bool = _key(False, "log the norm of each optimizer state tensor every step: "
+                                             "optimizer_state_norms/INDEX_KEY (Adam: exp_avg, exp_avg_sq; lion: "
+                                             "exp_avg; sgd/sm3: momentum_buffer; madgrad_wd: grad_sum_sq, s, x0)")
     log_grad_pct_zeros: bool = _key(False, "log the percentage of zero gradient entries: pct_grad_zeros/NAME")
     log_gradient_noise_scale: bool = _key(False, "log the gradient noise scale B_simple (arXiv:1812.06162) as "
                                                  "noise_scale (upstream: train/noise_scale)")
@@ -452,6 +456,18 @@ class NeoXConfig:
     @property
     def adam_eps(self) -> float:
         return float(self.optimizer.get("params", {}).get("eps", 1e-8))
+
+    @property
+    def optimizer_kind(self) -> str:
+        """optimizer.type lower-cased, as upstream compares it: adam, sgd, lion, ..."""
+        return str(self.optimizer.get("type", "adam")).lower()
+
+    @property
+    def optimizer_offload(self) -> bool:
+        """ZeRO-Offload of the optimizer: zero_optimization offload_optimizer (or upstream's cpu_offload: true)."""
+        offload = self.zero_optimization.get("offload_optimizer")
+        device = offload.get("device", "none") if isinstance(offload, dict) else offload
+        return bool(self.zero_optimization.get("cpu_offload")) or device not in ("none", None, False)
 
     @property
     def zero_stage(self) -> int:
