@@ -23,6 +23,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "bnb": ["bitsandbytes"],
+        "optimizers": ["lion-pytorch==0.2.5", "madgrad==1.3", "pytorch-optimizer==4.1.0"],
         "eval": ["lm-eval[hf]>=0.4.9,<0.5"],
         "logging": ["tensorboard", "wandb", "comet_ml"],
         "test": ["pytest", "pytest-timeout", "pytest-xdist"],

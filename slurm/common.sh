@@ -42,10 +42,24 @@ export TOKENIZERS_PARALLELISM=false
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s) x $TASKS_PER_NODE ranks;" \
     "configs: $CONFIGS $OVERLAY"
 LATEST_BEFORE=$(cat "$SAVE/latest" 2>/dev/null || echo none)
+STARTED=$(date +%s)
 set +e
 # shellcheck disable=SC2086  # CONFIGS is a list of files
 "$PYTHON" deepy.py train.py $CONFIGS "$OVERLAY"
 rc=$?
+# A hang (a rank's phase deadline passed: neox_fork/launch/hangs.py) is usually the node, not the code: requeue, at
+# most MAX_HANG_REQUEUES times (the stacks of each hang stay in $SAVE/stacks). deepy says 75 itself when it
+# supervised the ranks; after srun the ranks' stacks files tell.
+# shellcheck disable=SC2086
+if [ "$rc" != 0 ] && { [ "$rc" = 75 ] || "$PYTHON" -m neox_fork.launch hung "$STARTED" $CONFIGS "$OVERLAY" >&2; }; then
+    if [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_HANG_REQUEUES:-2}" ]; then
+        echo "job $SLURM_JOB_ID hung: requeueing (restart ${SLURM_RESTART_COUNT:-0} of at most ${MAX_HANG_REQUEUES:-2})" >&2
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 75
+    fi
+    echo "job $SLURM_JOB_ID hung again after ${SLURM_RESTART_COUNT:-0} requeues (MAX_HANG_REQUEUES): not requeueing" >&2
+    exit 75
+fi
 # Ranks save and exit 0 on USR1 (sent 120 s before the time limit, or by `scancel -s USR1`): requeue
 # until save/latest reaches train_iters. A plain scancel (TERM) ends this shell too, so no requeue.
 # shellcheck disable=SC2086

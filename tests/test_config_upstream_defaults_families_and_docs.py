@@ -6,6 +6,7 @@ import io
 import re
 
 import pytest
+import torch
 
 from conftest import REPO
 from neox_fork.config.neox_config import NeoXConfig
@@ -31,6 +32,25 @@ def summary_parameters(*configs):
 ])
 def test_upstream_pythia_configs_build_the_released_parameter_counts(one_process, config, released):
     assert summary_parameters(UPSTREAM / config) == released
+
+
+def test_upstream_test_setup_yml_loads_and_steps_its_sm3(one_process):
+    """Upstream's own tests/config/test_setup.yml: optimizer type sm3 with `params: {}`, fp16, `use_wandb: False`,
+    `hostfile: "None"`. It loads, and its model takes SM3 steps at upstream's default lr (0.001): with every
+    gradient 1, SM3's first update is g / sqrt(g^2) = 1 per weight, so each moves by exactly the lr."""
+    from neox_fork.model.transformer import build_model
+    from neox_fork.training.optim import build_optimizer
+
+    c = load_config(UPSTREAM / "test_setup.yml")
+    assert (c.optimizer_kind, c.dtype_name, c.learning_rate, c.use_wandb) == ("sm3", "fp16", 1e-3, False)
+    model = build_model(c)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = build_optimizer(c, model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for b, p in zip(before, model.parameters()):
+        torch.testing.assert_close(b - p.detach(), torch.full_like(b, 1e-3), rtol=1e-4, atol=1e-7)
 
 
 def test_upstream_llama2_7b_builds_llama_2_7b_shapes(one_process, tmp_path):

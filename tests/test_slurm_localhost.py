@@ -54,14 +54,15 @@ def client(env):
     return functools.partial(sh, env)
 
 
-def submit_one_node(env, tmp_path, save, train_iters, **keys):
-    """sbatch slurm/one-node.sbatch on CPU: 2 tasks on this node, the tiny config made faster."""
+def submit_one_node(env, tmp_path, save, train_iters, exports="", **keys):
+    """sbatch slurm/one-node.sbatch on CPU: 2 tasks on this node, the tiny config made faster; `exports` adds
+    environment variables (",NAME=VALUE...")."""
     overlay = tmp_path / "fast.yml"
     overlay.write_text(json.dumps({
         "train_iters": train_iters, "train_micro_batch_size_per_gpu": 2, "seq_length": 128, "log_interval": 1,
         "eval_interval": 1000, "eval_iters": 0, "checkpoint_factor": 1000, "keep_last_n_checkpoints": None,
         **keys}))
-    exports = f"ALL,CONFIGS=configs/tiny.yml {overlay},SAVE={save}"
+    exports = f"ALL,CONFIGS=configs/tiny.yml {overlay},SAVE={save}{exports}"
     return sh(env, "sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
               f"--output={tmp_path}/slurm-%j.out", f"--export={exports}", "slurm/one-node.sbatch")
 
@@ -100,6 +101,24 @@ def test_slurm_one_node_sbatch_saves_on_usr1_requeues_and_resumes(slurm, tmp_pat
 
     rerun_now_and_wait(run, job, nodes=1, timeout=150)
     assert_resumed_to_the_end(run, job, job_output(tmp_path, job), save, stopped, total)
+
+
+def test_slurm_a_hung_rank_makes_the_job_requeue_once_and_finish(slurm, tmp_path):
+    """Rank 1 stops (SIGSTOP) after step 3 of the first run: rank 0's step deadline (8 s) passes in the collective,
+    srun ends the step, the script finds the hang in SAVE/stacks, names rank 1 and requeues; the rerun (no injected
+    hang in a requeued job) resumes from step 2 and finishes."""
+    save, total, run = tmp_path / "ckpt", 6, client(slurm)
+    job = submit_one_node(slurm, tmp_path, save, total, exports=",NEOX_FORK_TEST_HANG=1:3:stop",
+                          train_timeout_seconds=8, checkpoint_factor=2)
+    wait_until(lambda: job_field(run, job, "Restarts") == "1", 240, "the hung job to requeue itself")
+    out = job_output(tmp_path, job)
+    assert "hang: rank 1 stopped answering (step 3" in out and f"job {job} hung: requeueing" in out, out[-3000:]
+    assert "Timeout (0:00:08)!" in (save / "stacks" / "rank00000.txt").read_text()
+    assert latest_step(save) == 2
+    rerun_now_and_wait(run, job, nodes=1, timeout=150)
+    rerun = job_output(tmp_path, job)
+    assert job_field(run, job, "JobState") == "COMPLETED", rerun[-3000:]
+    assert "global_step2 at iteration 2" in rerun and latest_step(save) == total
 
 
 def test_slurm_scancel_leaves_a_checkpoint_a_resubmitted_job_resumes_from(slurm, tmp_path):

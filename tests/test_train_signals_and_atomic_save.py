@@ -144,7 +144,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     run = run_training(config, check=False)
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert "loss was NaN/inf for 2 steps in a row (max_nan_steps 2)" in last
+    assert "2 updates in a row skipped (max_nan_steps 2)" in last
+    assert "the last because loss is NaN/inf on some rank" in last
     assert "last good checkpoint: step 0" in last
     assert "Traceback" not in run.stderr
     assert checkpoint.read_latest(tmp_path / "ckpt") == 0

@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--compare", choices=["hf"], help="also time transformers' StableLmForCausalLM (--path model)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="--path engine: also save a checkpoint every N steps (to a temporary folder; async_save as the "
+                        "config says), timed as part of the step")
     p.add_argument("--micro-batch", type=int, help="override train_micro_batch_size_per_gpu")
     p.add_argument("--seq-length", type=int, help="override seq-length (and max positions)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
     config = load_config(*args.config, overrides=overrides_from(args))
     with stdout_to_stderr(args.json):
         result = run(config, path=args.path, steps=args.steps, warmup=args.warmup, compare_hf=args.compare == "hf",
-                     dtype=args.dtype)
+                     dtype=args.dtype, save_every=args.save_every)
     if os.environ.get("RANK", "0") != "0":  # a pipelined engine run: every stage measured, rank 0 reports
         return 0
     if args.json:

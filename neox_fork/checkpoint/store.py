@@ -594,14 +594,18 @@ def compact(tree):
     return rebuild(tree) if copied else tree
 
 
-def save_tensors(tree, path: str | os.PathLike) -> None:
-    """torch.save of `tree` writing only its tensors' own bytes (compact): every weights file goes through here."""
-    torch.save(compact(tree), path)
+def save_tensors(tree, path: str | os.PathLike, writer=None) -> None:
+    """torch.save of `tree` writing only its tensors' own bytes (compact): every weights file goes through here.
+    With `writer` (an async_writer.AsyncWriter) the file is copied now and written by the writer's thread."""
+    if writer is not None:
+        writer.add(tree, path)
+    else:
+        torch.save(compact(tree), path)
 
 
-def save_layer_files(folder: Path, rank: int, layers: dict[int, dict[str, torch.Tensor]]) -> None:
+def save_layer_files(folder: Path, rank: int, layers: dict[int, dict[str, torch.Tensor]], writer=None) -> None:
     for idx, tensors in layers.items():
-        save_tensors(tensors, folder / LAYER_FILE.format(idx, rank))
+        save_tensors(tensors, folder / LAYER_FILE.format(idx, rank), writer)
 
 
 def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[dict[str, torch.Tensor]],
@@ -654,14 +658,15 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
                                  tokenizer_of(folder, config))
 
 
-def save_reference(step_folder: Path, reference: torch.nn.Module, c: NeoXConfig, tp_size: int, tp_rank: int) -> None:
+def save_reference(step_folder: Path, reference: torch.nn.Module, c: NeoXConfig, tp_size: int, tp_rank: int,
+                   writer=None) -> None:
     """This TP rank's reference weights into STEP/reference/, written as the policy's are (GPT-NeoX's layout,
     with the config), so load_rank_shard reads them back at any tensor-parallel size."""
     folder = Path(step_folder) / REFERENCE_DIR
     folder.mkdir(exist_ok=True)
     module, layers = neox_weights(model_state(reference), c, tp_size)
-    save_tensors({"module": module}, folder / MODEL_FILE.format(tp_rank))
+    save_tensors({"module": module}, folder / MODEL_FILE.format(tp_rank), writer)
     if layers:
-        save_layer_files(folder, tp_rank, {**layers, 1: {}})
+        save_layer_files(folder, tp_rank, {**layers, 1: {}}, writer)
     if tp_rank == 0:
         save_config(folder, c)

@@ -13,8 +13,8 @@ def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config derived from ours: batch sizes, ZeRO, precision, clipping, and the DeepSpeed
     sections upstream passes through (config_upstream.DEEPSPEED keys, then deepspeed_extra_args).
 
-    The optimizer and LR schedule are built by neox_fork.training.loop (AdamW with no decay on norms and
-    biases, warmup + cosine), so they are not in this dict. `torch_adam` keeps optimizer steps
+    The optimizer and LR schedule are built by neox_fork.training.optim (optimizer.type with no decay on norms
+    and biases, warmup + decay), so they are not in this dict. `torch_adam` keeps optimizer steps
     bit-identical across a resume (DeepSpeed's CPU FusedAdam recomputes beta^t after a step jump).
     """
     zero = {k: v for k, v in c.zero_optimization.items() if k != "cpu_offload"}
@@ -31,6 +31,8 @@ def deepspeed_config(c: NeoXConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": c.wall_clock_breakdown,
         "zero_allow_untested_optimizer": True,
     }
+    if c.optimizer_offload and c.optimizer_kind != "cpu_adam":  # cpu_torch_adam: torch's AdamW on the CPU
+        ds["zero_force_ds_cpu_optimizer"] = False
     if c.load_universal:
         ds["checkpoint"] = {"load_universal": True}
     if c.pipe_parallel_size > 1:  # stages pass whole activations: each TP rank's own under sequence parallelism

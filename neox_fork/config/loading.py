@@ -1,6 +1,8 @@
 """GPT-NeoX YAML files -> one `NeoXConfig`: read and merge them in order (a later file overrides an
 earlier one, logged), `-`/`_` spellings, each key checked against its field, the whole-config
-checks (config/rules.py), and the keys accepted with no effect here."""
+checks (config/rules.py), and the keys accepted with no effect here. As upstream, `key: null` for a key whose
+upstream default is None means unset (the key's default here; a later file's null undoes an earlier value),
+except for the sizes a model needs (config_upstream.REQUIRED), where it is one line."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ _Loader.add_implicit_resolver(
 
 
 _HINTS = typing.get_type_hints(NeoXConfig)
+_DEFAULTS = NeoXConfig()
 
 
 def normalize_key(key: str) -> str:
@@ -90,6 +93,9 @@ def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
+UNSET = object()  # _check_key's answer for `key: null` where upstream's default is None: the key is not given
+
+
 def _check_key(key: str, value: Any, source: str) -> Any:
     if key in config_upstream.KEYS and key not in _FIELDS:
         return config_upstream.check_type(key, value, source)
@@ -98,6 +104,11 @@ def _check_key(key: str, value: Any, source: str) -> Any:
         hint = f"; did you mean '{close[0]}'?" if close else "; see neox_fork/config/neox_config.py for the known keys"
         raise UserError(f"{source}: unknown key '{key}'{hint}")
     hint = _HINTS[key]
+    if value is None and key in config_upstream.REQUIRED:
+        raise UserError(f"{source}: key '{key}' is null, but a model needs it (upstream requires it too); give a "
+                        f"number, or leave the key out for this project's default {getattr(_DEFAULTS, key)!r}")
+    if value is None and key in config_upstream.NULL_DEFAULT_FIELDS and not _type_ok(None, hint):
+        return UNSET  # as upstream, whose default is None: this key's default here
     if not _type_ok(value, hint):
         raise UserError(
             f"{source}: key '{key}' must be {_type_name(hint)}, got {value!r} ({type(value).__name__})"
@@ -116,6 +127,11 @@ def merge_files(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], dict[st
     for path in paths:
         for key, value in read_yaml(path).items():
             value = _check_key(key, value, str(path))
+            if value is UNSET:  # null: as if no file so far had given the key
+                if key in values:
+                    log.info("config: %s unsets %s (null; was %r from %s)", path, key, values.pop(key),
+                             sources.pop(key))
+                continue
             if key in values and values[key] != value:
                 log.info("config: %s overrides %s = %r (was %r from %s)", path, key, value, values[key], sources[key])
             values[key] = value
@@ -130,6 +146,10 @@ def from_dict(values: dict[str, Any], sources: dict[str, str] | None = None, sou
     for key, value in values.items():
         key = normalize_key(key)
         checked[key] = _check_key(key, value, sources.get(key, source))
+        if checked[key] is UNSET:  # null where upstream's default is None: not given
+            del checked[key]
+            sources.pop(key, None)
+            continue
         sources.setdefault(key, source)
     if checked.get("gas") is not None:  # upstream's alias: one value, whichever name carried it
         steps = checked.setdefault("gradient_accumulation_steps", checked["gas"])

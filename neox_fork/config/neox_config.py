@@ -122,10 +122,13 @@ class NeoXConfig:
 
     # --- optimisation ---
     optimizer: dict = _key(factory=lambda: {"type": "Adam", "params": {"lr": 1e-3}},
-                           doc="{type: Adam|AdamW, params: {lr, betas, eps}}; always AdamW with decoupled decay "
-                               "(upstream: required)")
-    use_bnb_optimizer: bool = _key(False, "bitsandbytes' Adam8bit (8-bit moments, decoupled decay) instead of torch's "
-                                          "AdamW; one line if bitsandbytes is not installed")
+                           doc="{type, params}: type Adam/AdamW (torch's AdamW, decoupled decay), cpu_adam "
+                               "(DeepSpeed's CPU Adam, with ZeRO-Offload), cpu_torch_adam (torch's AdamW, with "
+                               "ZeRO-Offload), sgd (torch's SGD), lion (lion-pytorch), madgrad_wd (madgrad), sm3 "
+                               "(pytorch-optimizer); params: lr and the type's own (docs/optimizers.md); onebitadam "
+                               "is refused (not in DeepSpeed 0.19); upstream: required")
+    use_bnb_optimizer: bool = _key(False, "type adam: bitsandbytes' Adam8bit (8-bit moments, decoupled decay) instead "
+                                          "of torch's AdamW, as upstream; one line if bitsandbytes is not installed")
     lr: float | None = _key(None, "learning rate if optimizer.params has none")
     min_lr: float = _key(0.0, "floor of the decayed learning rate")
     lr_decay_style: str = _key("linear", "linear, cosine or constant after warmup")
@@ -183,7 +186,18 @@ class NeoXConfig:
     train_epochs: int | None = _key(None, "passes over the training data: sets train_iters to epochs x one epoch's "
                                           "samples // global batch (give it instead of train_iters)")
     eod_mask_loss: bool = _key(False, "no loss where the input token is the end-of-document id")
-    max_nan_steps: int = _key(3, "not upstream: stop after this many non-finite losses in a row")
+    max_nan_steps: int = _key(3, "not upstream: stop after this many skipped updates in a row (a non-finite loss, "
+                                 "or non-finite gradients DeepSpeed or the loop skips; docs/fault-handling.md)")
+    # skipping data and stopping on a loss spike (docs/fault-handling.md)
+    skip_train_iteration_ranges: list | None = _key(None, "Stability's fork, not upstream GPT-NeoX: [[first, last], "
+                                                    "...] steps (inclusive, as the log numbers them) whose batches "
+                                                    "are never read or trained; the step counter, data position "
+                                                    "and LR schedule still advance over them")
+    loss_spike_factor: float | None = _key(None, "not upstream: save and stop when a step's loss exceeds this many "
+                                                 "times the mean loss of the last loss_spike_window trained steps; "
+                                                 "null: off")
+    loss_spike_window: int = _key(100, "not upstream: trained steps whose mean loss loss_spike_factor compares "
+                                       "with (judged once that many are seen since the start or the resume)")
     exit_interval: int | None = _key(None, "save and stop once the step is a multiple of this")
     num_workers: int = _key(2, "data-loader worker processes (at most 2 used)")
     distributed_backend: str = _key("nccl", "nccl or gloo")
@@ -195,6 +209,9 @@ class NeoXConfig:
     save_interval: int | None = _key(None, "Megatron's name for checkpoint_factor")
     extra_save_iters: list | None = _key(None, "further steps at which to save")
     keep_last_n_checkpoints: int | None = _key(None, "delete older step folders beyond this many")
+    async_save: bool = _key(False, "not upstream (Megatron's name): copy a save's tensors to host memory and write "
+                                   "them in a background thread while training goes on; the step folder becomes "
+                                   "`latest` once every rank has written it (checkpoint/async_writer.py)")
     finetune: bool = _key(False, "load weights only: optimizer, schedule and data start fresh")
     trust_checkpoint: bool = _key(False, "not upstream: unpickle `load` without restriction (a checkpoint needing "
                                          "types beyond tensors and DeepSpeed's own can then run code): only for "
@@ -336,8 +353,9 @@ class NeoXConfig:
     log_grad_norm: bool = _key(False, "log each parameter's gradient norm (before clipping) every step: "
                                       "gradient_norms/NAME")
     log_param_norm: bool = _key(False, "log each parameter's norm after the update every step: parameter_norms/NAME")
-    log_optimizer_states: bool = _key(False, "log the norm of each Adam moment every step: "
-                                             "optimizer_state_norms/INDEX_exp_avg(_sq)")
+    log_optimizer_states: bool = _key(False, "log the norm of each optimizer state tensor every step: "
+                                             "optimizer_state_norms/INDEX_KEY (Adam: exp_avg, exp_avg_sq; lion: "
+                                             "exp_avg; sgd/sm3: momentum_buffer; madgrad_wd: grad_sum_sq, s, x0)")
     log_grad_pct_zeros: bool = _key(False, "log the percentage of zero gradient entries: pct_grad_zeros/NAME")
     log_gradient_noise_scale: bool = _key(False, "log the gradient noise scale B_simple (arXiv:1812.06162) as "
                                                  "noise_scale (upstream: train/noise_scale)")
@@ -371,6 +389,16 @@ class NeoXConfig:
     signal_grace_seconds: float = _key(600.0, "not upstream: one-node runs: after SIGUSR1/SIGTERM/SIGINT, deepy "
                                               "gives the ranks this long to finish their step and save before it "
                                               "SIGKILLs them")
+    # Hang detection (training/watchdog.py, launch/hangs.py): torchtitan's names for the first two. 0 turns one off.
+    init_timeout_seconds: float = _key(1800.0, "not upstream (torchtitan's name): a rank that has not finished "
+                                               "start-up (model, checkpoint load, data) and its first step in this "
+                                               "long dumps every thread's stack and exits; deepy names it and exits "
+                                               "75 (slurm/common.sh requeues); 0 = off")
+    train_timeout_seconds: float = _key(600.0, "not upstream (torchtitan's name): the same for each later step "
+                                               "(its data read, forward, backward, update and logging); 0 = off")
+    save_timeout_seconds: float = _key(1800.0, "not upstream: the same for one checkpoint save; 0 = off")
+    eval_timeout_seconds: float = _key(1800.0, "not upstream: the same for one evaluation (eval_iters batches "
+                                               "and eval_tasks); 0 = off")
 
     # Where each key came from (key -> file), for messages; not a config key.
     sources: dict = field(default_factory=dict, repr=False, compare=False)
@@ -450,6 +478,18 @@ class NeoXConfig:
     @property
     def adam_eps(self) -> float:
         return float(self.optimizer.get("params", {}).get("eps", 1e-8))
+
+    @property
+    def optimizer_kind(self) -> str:
+        """optimizer.type lower-cased, as upstream compares it: adam, sgd, lion, ..."""
+        return str(self.optimizer.get("type", "adam")).lower()
+
+    @property
+    def optimizer_offload(self) -> bool:
+        """ZeRO-Offload of the optimizer: zero_optimization offload_optimizer (or upstream's cpu_offload: true)."""
+        offload = self.zero_optimization.get("offload_optimizer")
+        device = offload.get("device", "none") if isinstance(offload, dict) else offload
+        return bool(self.zero_optimization.get("cpu_offload")) or device not in ("none", None, False)
 
     @property
     def zero_stage(self) -> int:

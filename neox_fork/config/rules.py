@@ -59,6 +59,25 @@ MUST_BE_FALSE = {
     "rotary_interleaved": "rotary is rotate-half, as gpt-neox",
     "gpt_j_tied": "one norm shared by attention and MLP (gpt_j_tied) is not built; two norms are (gpt_j_residual)",
 }
+# optimizer.type (any case, as upstream's optimizer_type) -> the optimizer.params it takes besides lr; weight decay
+# is the top-level weight_decay, as upstream passes it. None: Adam, which reads lr, betas and eps (anything else in
+# its params is ignored, as before). neox_fork/training/optim.py builds each; docs/optimizers.md says from what.
+OPTIMIZER_PARAMS = {
+    "adam": None,
+    "adamw": None,
+    "cpu_adam": ("betas", "eps", "bias_correction", "adamw_mode"),
+    "cpu_torch_adam": ("betas", "eps"),
+    "sgd": ("momentum", "dampening", "nesterov"),
+    "lion": ("betas",),
+    "madgrad_wd": ("momentum", "eps"),
+    "sm3": ("momentum", "beta", "eps"),
+}
+OPTIMIZERS_NOT_BUILT = {
+    "onebitadam": "DeepSpeed 0.19 (requirements.txt) no longer has 1-bit Adam (DeepSpeed deleted its 1-bit "
+                  "optimizers); use adam",
+}
+OFFLOADED_OPTIMIZERS = ("cpu_adam", "cpu_torch_adam")  # step on the CPU: they need ZeRO-Offload
+_BOOL_PARAMS = ("nesterov", "bias_correction", "adamw_mode")
 ATTENTION_TYPES = ("flash", "global")
 ATTENTION_NOT_BUILT = {
     "local": "local attention layers are not built (Mistral's sliding window is sliding_window_width)",
@@ -113,7 +132,7 @@ def validate(c: NeoXConfig) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
     for check in (_choices, _architecture, _counts, _sizes, _attention_config, _optimizer_and_loading, _data,
-                  _training_and_logging, _post_training, _adapters):
+                  _training_and_logging, _post_training, _skips_and_spikes, _adapters):
         check(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
@@ -211,9 +230,7 @@ def _attention_config(c: NeoXConfig, fail) -> None:
 
 def _optimizer_and_loading(c: NeoXConfig, fail) -> None:
     """The optimizer, ZeRO stage, universal/finetune loading, the signal grace period, LR and warmup."""
-    opt_type = str(c.optimizer.get("type", "")).lower()
-    if opt_type not in ("adam", "adamw"):
-        fail("optimizer", f"optimizer type {c.optimizer.get('type')!r} is not supported; valid: Adam, AdamW")
+    _optimizer(c, fail)
     if c.zero_stage not in (0, 1, 2):
         fail("zero_optimization", f"zero_optimization stage {c.zero_stage} is not supported; valid: 0, 1, 2")
     if c.load_universal and c.zero_stage not in (1, 2):
@@ -224,11 +241,56 @@ def _optimizer_and_loading(c: NeoXConfig, fail) -> None:
              "from any tensor-parallel size already: set one of them")
     if c.signal_grace_seconds <= 0:
         fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
+    for key in ("init_timeout_seconds", "train_timeout_seconds", "save_timeout_seconds", "eval_timeout_seconds"):
+        if getattr(c, key) < 0:
+            fail(key, f"{key} must be a number of seconds >= 0 (0 turns the check off), got {getattr(c, key)}")
     if c.learning_rate <= 0:
         fail("optimizer", f"learning rate must be positive, got {c.learning_rate}")
     if not 0 <= c.warmup <= 1:
         fail("warmup", f"warmup is a fraction of lr_decay_iters in [0, 1], got {c.warmup}; "
              "use warmup_iters for a step count")
+
+
+def _optimizer(c: NeoXConfig, fail) -> None:
+    """optimizer.type is one we build, its params are its own, and ZeRO-Offload goes with a CPU optimizer."""
+    kind, given = c.optimizer_kind, c.optimizer.get("type")
+    valid = ", ".join(OPTIMIZER_PARAMS)
+    if kind in OPTIMIZERS_NOT_BUILT:
+        fail("optimizer", f"optimizer type {given!r} is not supported: {OPTIMIZERS_NOT_BUILT[kind]}; valid: {valid}")
+    if kind not in OPTIMIZER_PARAMS:
+        fail("optimizer", f"optimizer type {given!r} is not supported; valid: {valid}")
+    params = c.optimizer.get("params") or {}
+    if not isinstance(params, dict):
+        fail("optimizer", f"optimizer params must be a mapping like {{lr: 0.001}}, got {params!r}")
+    takes = OPTIMIZER_PARAMS[kind]
+    for name, value in params.items() if takes is not None else ():
+        if name == "lr":
+            continue
+        if name not in takes:
+            hint = "weight decay is the top-level key weight_decay" if name == "weight_decay" else \
+                f"it takes lr, {', '.join(takes)}"
+            fail("optimizer", f"optimizer type {kind} has no parameter {name!r} ({hint})")
+        pair = isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value)
+        ok = isinstance(value, bool) if name in _BOOL_PARAMS else pair if name == "betas" else _number(value)
+        if not ok:
+            want = "true or false" if name in _BOOL_PARAMS else "two numbers" if name == "betas" else "a number"
+            fail("optimizer", f"optimizer {kind} parameter {name} must be {want}, got {value!r}")
+    if c.load_universal and kind not in ("adam", "adamw", "cpu_adam", "cpu_torch_adam"):
+        fail("load_universal", f"load_universal with optimizer type {kind}: DeepSpeed's universal checkpoints "
+             f"carry Adam's exp_avg and exp_avg_sq only, not {kind}'s state; resume at the saved layout, or take "
+             "the weights with finetune: true")
+    offload = c.optimizer_offload
+    if kind in OFFLOADED_OPTIMIZERS and not (offload and c.zero_stage in (1, 2)):
+        fail("optimizer", f"optimizer type {kind} steps on the CPU: it needs ZeRO-Offload, zero_optimization "
+             "{stage: 1 or 2, offload_optimizer: {device: cpu}} (upstream's spelling: cpu_offload: true)")
+    if offload and kind not in OFFLOADED_OPTIMIZERS:
+        fail("zero_optimization", f"zero_optimization offloads the optimizer to the CPU, where optimizer type {kind} "
+             "does not step (DeepSpeed refuses it); use optimizer type cpu_adam or cpu_torch_adam, or drop the "
+             "offload")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _data(c: NeoXConfig, fail) -> None:
@@ -298,6 +360,22 @@ def _training_and_logging(c: NeoXConfig, fail) -> None:
         fail("pack_impl", "train_epochs works with pack_impl packed only (as upstream)")
     if c.weighted_sampler_alpha < 0:
         fail("weighted_sampler_alpha", f"weighted_sampler_alpha must be >= 0, got {c.weighted_sampler_alpha}")
+
+
+def _skips_and_spikes(c: NeoXConfig, fail) -> None:
+    """skip_train_iteration_ranges holds [first, last] pairs of steps; the loss-spike rule's numbers."""
+    for entry in c.skip_train_iteration_ranges or []:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in entry) and 1 <= entry[0] <= entry[1]):
+            fail("skip_train_iteration_ranges", f"skip_train_iteration_ranges entry {entry!r} is not [first, last] "
+                 "with 1 <= first <= last (steps as the log numbers them, both skipped), e.g. [[101, 200]]")
+    if c.loss_spike_factor is not None and not c.loss_spike_factor > 1:
+        fail("loss_spike_factor", f"loss_spike_factor must be above 1 (a multiple of the recent mean loss) or null "
+             f"(off), got {c.loss_spike_factor}")
+    if c.loss_spike_window < 1:
+        fail("loss_spike_window", f"loss_spike_window must be at least 1, got {c.loss_spike_window}")
+    if c.max_nan_steps < 1:
+        fail("max_nan_steps", f"max_nan_steps must be at least 1, got {c.max_nan_steps}")
 
 
 def _post_training(c: NeoXConfig, fail) -> None:

@@ -197,6 +197,32 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     "autotuning_run": (REFUSED, None, str, "deepy does not run DeepSpeed's autotuner"),
 }
 
+
+# NeoXConfig fields whose upstream default is None (NeoXArgs at ea7aefd8; tests/upstream_neox_null_defaults.txt lists
+# them with the table's). Upstream's validate_types skips a None value, so `key: null` means unset there; here it
+# means the key is not given (its default), config/loading.py. REQUIRED are the ones a model cannot be built
+# without (upstream's validate_values requires the first three; seq_length sizes everything): a null for one is
+# one line. max_position_embeddings, which upstream also requires, keeps its null here: seq_length.
+NULL_DEFAULT_FIELDS = frozenset({
+    "precision", "num_layers", "hidden_size", "intermediate_size", "expansion_factor", "num_attention_heads",
+    "num_kv_heads", "seq_length", "sliding_window_width", "max_position_embeddings", "attention_config", "lr",
+    "lr_decay_iters", "lr_decay_fraction", "use_wandb", "wandb_group", "wandb_team", "log_dir", "tensorboard_dir",
+    "use_comet", "comet_workspace", "comet_project", "comet_experiment_name", "comet_tags", "comet_others",
+    "memory_profiling_path", "data_path", "train_data_paths", "train_label_data_paths", "train_reward_data_paths",
+    "test_data_paths", "test_label_data_paths", "test_reward_data_paths", "valid_data_paths",
+    "valid_label_data_paths", "valid_reward_data_paths", "pos_train_data_paths", "neg_train_data_paths",
+    "pos_train_label_data_paths", "neg_train_label_data_paths", "pos_valid_data_paths", "neg_valid_data_paths",
+    "pos_valid_label_data_paths", "neg_valid_label_data_paths", "pos_test_data_paths", "neg_test_data_paths",
+    "pos_test_label_data_paths", "neg_test_label_data_paths", "train_data_weights", "valid_data_weights",
+    "test_data_weights", "save", "s3_path", "load", "checkpoint_factor", "extra_save_iters", "train_iters",
+    "train_epochs", "keep_last_n_checkpoints", "vocab_file", "merge_file", "exit_interval", "text_gen_type",
+    "precompute_model_name", "sample_input_file", "eval_tasks", "train_batch_size",
+    "train_micro_batch_size_per_gpu", "optimizer", "fp16", "bf16", "zero_optimization", "hostfile", "include",
+    "exclude", "num_gpus", "master_addr", "comment", "account"
+})
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+
+
 def _off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
 

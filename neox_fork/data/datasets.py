@@ -13,7 +13,8 @@ Each dataset item is a dict of torch tensors:
                                     eod_mask_loss is set)
     dataset_id int64 []             which entry of the blend the sample came from (0 without blend)
 
-Index caches (document/sample/shuffle orders) are written once under `cache_dir` and reused. Under
+Index caches (document/sample/shuffle orders) are written once under `cache_dir` and reused (checked first:
+data/index_cache.py). Under
 torch.distributed rank 0 builds them while the other ranks wait at a barrier, then load them; a
 single process without a process group needs no initialisation (the blend's own index, which is
 cheap, is then rebuilt in memory instead of cached, since megatron-core asks for the rank there).
@@ -31,6 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from neox_fork.data import _megatron
+from neox_fork.data.index_cache import check_index_cache
 from neox_fork.data.validate import (
     check_token_ids,
     check_weights,
@@ -313,10 +315,14 @@ def build_datasets(
     if settings.own_samples:
         return _build_own(settings, plan, tokenizer)
     _, _, GPTDataset, GPTDatasetConfig = _megatron_modules()
+    cache = settings.cache_dir or _default_cache_dir(plan)
+    check_index_cache(cache)  # every rank, before rank 0 may write there: one line for a damaged file
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     common = dict(
         random_seed=int(settings.seed),
         sequence_length=int(settings.seq_length),
-        path_to_cache=settings.cache_dir or _default_cache_dir(plan),
+        path_to_cache=cache,
         tokenizer=_TokenizerForMegatron(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -376,7 +382,9 @@ class PretrainingBatchSampler:
     G = micro_batch_size * data_parallel_size, and rank r takes the r-th micro_batch_size slice.
 
     Starting at `consumed_samples` (a multiple of G when resuming a run) yields exactly what an
-    uninterrupted run would yield from there; a last incomplete global batch is dropped.
+    uninterrupted run would yield from there; a last incomplete global batch is dropped. Samples in
+    `skip_sample_ranges` (half-open [start, end) ranges of the global order, multiples of G: see
+    `skipped_sample_ranges`) are never yielded, so never read: later steps keep their samples.
     """
 
     def __init__(
@@ -386,6 +394,7 @@ class PretrainingBatchSampler:
         micro_batch_size: int,
         data_parallel_rank: int,
         data_parallel_size: int,
+        skip_sample_ranges: Sequence[tuple[int, int]] = (),
     ):
         if micro_batch_size < 1 or data_parallel_size < 1 or not 0 <= data_parallel_rank < data_parallel_size:
             raise ValueError(
@@ -402,15 +411,36 @@ class PretrainingBatchSampler:
         self.micro_batch_size = int(micro_batch_size)
         self.data_parallel_rank = int(data_parallel_rank)
         self.global_batch_size = self.micro_batch_size * int(data_parallel_size)
+        self.skip_sample_ranges = sorted((int(a), int(b)) for a, b in skip_sample_ranges)
+
+    def _step_starts(self) -> Iterator[int]:
+        """The first global sample of each step this sampler yields."""
+        start, skips = self.consumed_samples, iter(self.skip_sample_ranges)
+        skip = next(skips, None)
+        while start + self.global_batch_size <= self.total_samples:
+            while skip is not None and skip[1] <= start:
+                skip = next(skips, None)
+            if skip is not None and skip[0] <= start:
+                start = skip[1]
+                continue
+            yield start
+            start += self.global_batch_size
 
     def __len__(self) -> int:
-        return (self.total_samples - self.consumed_samples) // self.global_batch_size
+        if not self.skip_sample_ranges:
+            return (self.total_samples - self.consumed_samples) // self.global_batch_size
+        return sum(1 for _ in self._step_starts())
 
     def __iter__(self) -> Iterator[list[int]]:
-        first = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
-        for step in range(len(self)):
-            start = first + step * self.global_batch_size
-            yield list(range(start, start + self.micro_batch_size))
+        for start in self._step_starts():
+            first = start + self.data_parallel_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def skipped_sample_ranges(iteration_ranges, global_batch_size: int) -> list[tuple[int, int]]:
+    """skip_train_iteration_ranges ([first, last] steps, 1-based, inclusive) as half-open ranges of the global
+    sample order: step i trains samples [(i - 1) * global_batch_size, i * global_batch_size)."""
+    return [((first - 1) * global_batch_size, last * global_batch_size) for first, last in iteration_ranges or ()]
 
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "ref", "reward")
@@ -444,13 +474,15 @@ def build_batch_iterator(
     data_parallel_rank: int,
     data_parallel_size: int,
     num_workers: int = 0,
+    skip_sample_ranges: Sequence[tuple[int, int]] = (),
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Micro-batches for this data-parallel rank, from `consumed_samples` on (see PretrainingBatchSampler).
+    """Micro-batches for this data-parallel rank, from `consumed_samples` on, never those in
+    `skip_sample_ranges` (see PretrainingBatchSampler).
 
     Each batch: {"tokens": int64 [b, seq], "labels": int64 [b, seq], "loss_mask": float32 [b, seq]}.
     """
     sampler = PretrainingBatchSampler(
-        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size, skip_sample_ranges
     )
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neox_fork.config.neox_config import NeoXConfig
+from neox_fork.launch import hangs
 from neox_fork.errors import UserError
 from neox_fork.launch.multihost import RANK_ENV_DEFAULTS, mpi_environment
 
@@ -250,6 +251,7 @@ class LaunchPlan:
     master_port: int
     notes: list[str] = field(default_factory=list)
     grace_seconds: float | None = None  # "local": signal to SIGKILL (signal_grace_seconds)
+    stacks_dir: str | None = None  # "local": where the ranks' watchdogs write their stacks (launch/hangs.py)
 
     @property
     def world_size(self) -> int:
@@ -438,6 +440,8 @@ def _plan_local(c, user_script, config_paths, environ, python) -> LaunchPlan:
     resources = collections.OrderedDict(localhost=list(range(count)))
     plan = LaunchPlan("local", command, {}, [], resources, c.master_addr or "127.0.0.1", port, notes)
     plan.grace_seconds = c.signal_grace_seconds
+    folder = hangs.stacks_dir(c.save, {})
+    plan.stacks_dir = str(folder) if folder else None
     return plan
 
 
@@ -573,8 +577,17 @@ def _main(argv: list[str]) -> int:
         finished = exit_on_user_error(lambda: training_finished(load_config(*commands[1:])))()
         print("finished" if finished else "unfinished")
         return 0 if finished else 1
-    print("usage: python -m neox_fork.launch rank|watch SCRIPT [ARGS...] | finished CONFIG [CONFIG...]",
-          file=sys.stderr)
+    if commands[:1] == ["hung"] and len(commands) > 2:
+        from neox_fork.config.loading import load_config
+        from neox_fork.errors import exit_on_user_error
+
+        config = exit_on_user_error(lambda: load_config(*commands[2:]))()
+        line = hangs.find_hang(hangs.stacks_dir(config.save), float(commands[1]))
+        if line:
+            print(line)
+        return 0 if line else 1
+    print("usage: python -m neox_fork.launch rank|watch SCRIPT [ARGS...] | finished CONFIG [CONFIG...] | "
+          "hung SINCE CONFIG [CONFIG...]", file=sys.stderr)
     return 2
 
 

@@ -15,12 +15,16 @@ of every rank:
   rank and its cause, which each rank leaves in a file deepy names (errors.ERROR_FILE_ENV); when several
   have failed by the time deepy looks, the one that failed first is named (a peer's failure makes the
   others fail too).
+* A rank whose phase deadline passed (a hang: launch/hangs.py) leaves its stacks and ends; deepy waits up to
+  HANG_SETTLE_SECONDS for its peers' own deadlines, asks the ranks still alive for their stacks (SIGUSR2, and
+  SIGCONT for a stopped one), ends them, names the rank(s) that stopped answering and exits hangs.HANG_STATUS.
 * Ranks run in their own process group (a terminal's Ctrl-C reaches deepy, which passes one SIGINT on) and
   get SIGTERM if deepy itself dies (PR_SET_PDEATHSIG), so none trains on as an orphan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -33,9 +37,12 @@ import time
 from pathlib import Path
 
 from neox_fork.errors import ERROR_FILE_ENV
+from neox_fork.launch import hangs
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 FAILURE_GRACE_SECONDS = 10.0
+HANG_SETTLE_SECONDS = 15.0  # after one rank's deadline passed, how long its peers get for theirs (same limits)
+STACKS_WAIT_SECONDS = 3.0  # how long a rank asked with SIGUSR2 gets to write its stacks
 POLL_SECONDS = 0.2
 _PR_SET_PDEATHSIG = 1
 
@@ -74,6 +81,8 @@ class Supervisor:
         self.received: list[int] = []
         self.kill_at: float | None = None
         self.error_dir = Path(tempfile.mkdtemp(prefix="deepy-errors-"))
+        # every rank's watchdog writes its stacks here (SAVE/stacks; without `save`, a folder deepy keeps)
+        self.stacks_dir = Path(plan.stacks_dir or tempfile.mkdtemp(prefix="neox_fork-stacks-"))
 
     def error_file(self, rank: int) -> Path:
         return self.error_dir / f"rank{rank}.json"
@@ -106,7 +115,8 @@ class Supervisor:
     def start(self) -> None:
         base = self.plan.environment()
         for info in self.plan.ranks():
-            env = dict(base, **self.plan.rank_env(info), **{ERROR_FILE_ENV: str(self.error_file(info.rank))})
+            env = dict(base, **self.plan.rank_env(info), **{ERROR_FILE_ENV: str(self.error_file(info.rank)),
+                                                             hangs.STACKS_ENV: str(self.stacks_dir)})
             command = [*self.plan.command, f"--local_rank={info.local_rank}"]
             self.procs[info.rank] = subprocess.Popen(command, env=env, preexec_fn=_rank_preexec)
             if self.received:  # a signal that came while ranks were starting reaches the late ones too
@@ -122,6 +132,33 @@ class Supervisor:
             line += f"; stopping the other {len(running)} rank(s)"
         _say(line)
 
+    def _timed_out(self, rank: int) -> bool:
+        report = hangs.read_stacks(self.stacks_dir, rank)
+        return report is not None and report.timed_out
+
+    def _end_hang(self, first: int) -> int:
+        """Rank `first` timed out: let its peers' deadlines pass, collect every rank's stacks, end the ranks, say
+        which stopped answering; returns hangs.HANG_STATUS."""
+        settle = time.monotonic() + HANG_SETTLE_SECONDS
+        while time.monotonic() < settle and any(p.poll() is None for p in self.procs.values()):
+            time.sleep(POLL_SECONDS)
+        alive = [r for r, p in self.procs.items() if p.poll() is None]
+        for rank in alive:  # their stacks too: SIGUSR2 runs faulthandler's dump; SIGCONT wakes a stopped rank
+            with contextlib.suppress(ProcessLookupError):
+                self.procs[rank].send_signal(signal.SIGUSR2)
+                self.procs[rank].send_signal(signal.SIGCONT)
+        if alive:
+            time.sleep(STACKS_WAIT_SECONDS)
+        reports = [r for rank in self.procs if (r := hangs.read_stacks(self.stacks_dir, rank)) is not None]
+        stuck = hangs.culprits(reports, alive)
+        for rank in alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.procs[rank].kill()
+        for proc in self.procs.values():
+            proc.wait()
+        _say(hangs.hang_line(self.stacks_dir, reports, stuck or [first]))
+        return hangs.HANG_STATUS
+
     def wait(self) -> int:
         """Until every rank has exited; returns deepy's exit status."""
         failed: tuple[int, int] | None = None
@@ -130,6 +167,9 @@ class Supervisor:
             running = [p for p in self.procs.values() if p.poll() is None]
             if failed is None:
                 ended = [r for r, p in self.procs.items() if p.returncode not in (None, 0)]
+                hung = [r for r in ended if self._timed_out(r)]
+                if hung and not self.received:
+                    return self._end_hang(min(hung, key=lambda r: hangs.read_stacks(self.stacks_dir, r).modified))
                 if ended:
                     rank = min(ended, key=lambda r: self.cause(r)[0])  # the first to fail; ties: lowest rank
                     failed = rank, self.procs[rank].returncode
@@ -172,3 +212,5 @@ def supervise(plan) -> int:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(sup.error_dir, ignore_errors=True)
+        if not sup.plan.stacks_dir and all(f.stat().st_size <= hangs.HEADER_BYTES for f in sup.stacks_dir.glob("*")):
+            shutil.rmtree(sup.stacks_dir, ignore_errors=True)

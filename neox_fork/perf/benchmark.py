@@ -136,8 +136,9 @@ def build_hf(config: NeoXConfig, vocab: int, dtype: torch.dtype, device: torch.d
     return model, step
 
 
-def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
-    """The train.py step on `batch` (one micro-batch, reused for every accumulation step)."""
+def build_engine_step(config: NeoXConfig, vocab: int, batch: dict, save_every: int = 0):
+    """The train.py step on `batch` (one micro-batch, reused for every accumulation step); with `save_every`, a
+    checkpoint save every that many steps, timed as part of its step."""
     from neox_fork.model.transformer import build_model
     from neox_fork.training.optim import build_engine
     from neox_fork.training.preference import Objective, make_reference
@@ -157,7 +158,33 @@ def build_engine_step(config: NeoXConfig, vocab: int, batch: dict):
     micro_batches = itertools.repeat(batch)
     # train_impl dpo/kto: the frozen reference copy is built here too, so its memory and forward are measured
     objective = Objective(config, make_reference(engine.module) if Objective(config).needs_reference else None)
-    return model, lambda: train_step(engine, config, micro_batches, params, objective=objective)[0]
+    step = lambda: train_step(engine, config, micro_batches, params, objective=objective)[0]  # noqa: E731
+    return model, _saving_every(step, engine, config, save_every) if save_every else step
+
+
+def _saving_every(step, engine, config: NeoXConfig, every: int):
+    """`step`, then a checkpoint save every `every` steps as train.py saves (async_save as configured) into a
+    temporary folder removed at exit: the time of a step that saves, and of those that overlap an async save."""
+    import atexit
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from neox_fork.training.state import TrainState, finish_pending, save
+
+    folder = tempfile.mkdtemp(prefix="neox_fork-benchmark-saves-")
+    atexit.register(shutil.rmtree, folder, True)
+    c, state = dataclasses.replace(config, save=folder, keep_last_n_checkpoints=1), TrainState()
+
+    def step_and_save():
+        loss = step()
+        state.iteration += 1
+        finish_pending(c, state, wait=False)
+        if state.iteration % every == 0:
+            save(engine, c, state)
+        return loss
+
+    return step_and_save
 
 
 def _timed(step, device) -> tuple[float, float]:
@@ -182,7 +209,7 @@ def check_comparable(config: NeoXConfig, path: str, compare_hf: bool) -> None:
 
 
 def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int = 3, compare_hf: bool = False,
-        dtype: str | None = None, seed: int = 0) -> dict:
+        dtype: str | None = None, seed: int = 0, save_every: int = 0) -> dict:
     """Measure and return a result dict (see `format_text` for the fields). On the engine path the
     precision is the config's (DeepSpeed's); `dtype` applies to the model path."""
     check_comparable(config, path, compare_hf)
@@ -194,7 +221,9 @@ def run(config: NeoXConfig, *, path: str = "model", steps: int = 10, warmup: int
     vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type,
                                                                  config.merge_file))
     tokens, labels = _random_batch(config, vocab, seed)
-    builders = _builders(config, path, compare_hf, vocab, dtype, device, tokens, labels)
+    if save_every and path != "engine":
+        raise UserError("--save-every needs --path engine (saves are the train.py step's)")
+    builders = _builders(config, path, compare_hf, vocab, dtype, device, tokens, labels, save_every)
     runs = _measure(builders, device, steps, warmup, seed)
     out = _report(config, path, dtype, device, runs, steps, warmup)
     del runs
@@ -234,11 +263,11 @@ def _random_batch(config: NeoXConfig, vocab: int, seed: int) -> tuple[torch.Tens
     return data[..., :-1].contiguous(), data[..., 1:].contiguous()
 
 
-def _builders(config, path, compare_hf, vocab, dtype, device, tokens, labels) -> list:
+def _builders(config, path, compare_hf, vocab, dtype, device, tokens, labels, save_every=0) -> list:
     """(name, build) pairs, ours first; build() returns (model, step()) with the batch bound."""
     if path == "engine":
         micro = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
-        return [("ours", lambda: build_engine_step(config, vocab, micro))]
+        return [("ours", lambda: build_engine_step(config, vocab, micro, save_every))]
     batch = (tokens.to(device), labels.to(device))
     builders = [("ours", build_ours)] + ([("hf", build_hf)] if compare_hf else [])
     return [(name, _bind(build, config, vocab, torch_dtype(dtype), device, batch)) for name, build in builders]

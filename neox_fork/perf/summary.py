@@ -20,14 +20,29 @@ DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one 
 
 def checkpoint_bytes(config, elements: int) -> int:
     """One checkpoint's bytes, as a save writes them, for `elements` weight elements (checkpoint_elements): each in
-    the training dtype, plus its optimizer state: Adam's two fp32 moments and, where the optimizer keeps one, an fp32
-    master copy (ZeRO, and DeepSpeed's bf16/fp16 optimizers; fp32 weights without ZeRO are their own master).
+    the training dtype, plus its optimizer state (Adam's two fp32 moments: optimizer_state_bytes) and, where the
+    optimizer keeps one, an fp32 master copy (ZeRO, and DeepSpeed's bf16/fp16 optimizers; fp32 weights without ZeRO are their own master).
     Config, tokenizer and RNG files add a few KB a rank."""
     weights = 2 if config.dtype_name in ("bf16", "fp16") else 4
     if config.no_save_optim:
         return elements * weights
     master = 4 if config.zero_stage >= 1 or weights == 2 else 0
-    return elements * (weights + master + 8)
+    return elements * (weights + master + optimizer_state_bytes(config))
+
+
+def optimizer_state_bytes(config) -> int:
+    """fp32 optimizer state per parameter (docs/optimizers.md): Adam's two moments, Lion's one, SGD's momentum when
+    it has one, MADGRAD's three buffers; SM3 keeps per-row and per-column sums only (about nothing per parameter)."""
+    kind = config.optimizer_kind
+    if kind == "lion":
+        return 4
+    if kind == "sgd":
+        return 4 if float(config.optimizer.get("params", {}).get("momentum", 0) or 0) else 0
+    if kind == "madgrad_wd":
+        return 12
+    if kind == "sm3":
+        return 0
+    return 8  # adam, adamw, cpu_adam, cpu_torch_adam
 
 
 def checkpoint_elements(numels: dict[str, int], config) -> int:

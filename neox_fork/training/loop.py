@@ -30,13 +30,16 @@ from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.config.loading import log_ignored_settings
 from neox_fork.errors import UserError
 from neox_fork.launch.launcher import launcher_environment
+from neox_fork.training import faults
 from neox_fork.training.metrics import MetricsWriter, progress_line
 from neox_fork.model.shape import count_parameters
 from neox_fork.model.transformer import build_model
-from neox_fork.training.optim import build_engine
+from neox_fork.training.optim import build_engine, deepspeed_skipped_update, skip_update, unchecked_nonfinite_grads
 from neox_fork.training.preference import Objective, reference_for_run
 from neox_fork.training.step_logging import Profilers, StepLogger
-from neox_fork.training.state import TrainState, fail_if_asked, resume, save, test_failure, warn_if_no_room
+from neox_fork.training.state import (TrainState, fail_if_asked, finish_pending, resume, save, test_failure,
+                                     warn_if_no_room)
+from neox_fork.training.watchdog import Watchdog, hang_if_asked
 
 log = logging.getLogger("neox_fork")
 placement_log = logging.getLogger("neox_fork.placement")
@@ -48,9 +51,14 @@ def _device() -> torch.device:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any."""
-    t = torch.tensor([1.0 if flag else 0.0], device=_device())
+    return _any_ranks(flag)[0]
+
+
+def _any_ranks(*flags: bool) -> list[bool]:
+    """Each flag true on every rank when it is true on any (one all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 # ---------------------------------------------------------------------- signals
@@ -139,8 +147,10 @@ class _FailingSamples(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def batches(dataset, c: NeoXConfig, consumed_samples: int):
-    from neox_fork.data.datasets import build_batch_iterator
+def batches(dataset, c: NeoXConfig, consumed_samples: int, skip: bool = False):
+    """This rank's micro-batches from `consumed_samples` on; with `skip`, never those of the steps in
+    skip_train_iteration_ranges."""
+    from neox_fork.data.datasets import build_batch_iterator, skipped_sample_ranges
 
     if not parallel.reads_data():  # a middle pipeline stage: activations come from the stage before
         return iter(())
@@ -150,7 +160,10 @@ def batches(dataset, c: NeoXConfig, consumed_samples: int):
     return build_batch_iterator(dataset, consumed_samples=consumed_samples,
                                 micro_batch_size=c.train_micro_batch_size_per_gpu,
                                 data_parallel_rank=parallel.dp_rank(), data_parallel_size=parallel.dp_size(),
-                                num_workers=min(c.num_workers, 2))
+                                num_workers=min(c.num_workers, 2),
+                                skip_sample_ranges=skipped_sample_ranges(
+                                    c.skip_train_iteration_ranges if skip else (),
+                                    c.global_batch_size(dist.get_world_size())))
 
 
 
@@ -218,15 +231,20 @@ def evaluate_tasks(engine, c: NeoXConfig, tokenizer) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- the step
-def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter],
-                      objective: Objective, denominator: float | None = None) -> tuple[float, bool, dict]:
+def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter], objective: Objective,
+                      denominator: float | None = None, fault: str | None = None) -> tuple[float, bool, dict]:
     """One micro-batch's loss (the `train_impl` objective: training/preference.py, or the language-modelling loss),
-    its metrics and gradient; a non-finite loss backpropagates zeros instead of NaNs."""
+    its metrics and gradient; a non-finite loss backpropagates zeros instead of NaNs. `fault` (tests only,
+    faults.injected_fault): "grads" makes the gradients NaN behind a finite loss, "spike" multiplies the loss by 50."""
     batch = {k: v.to(_device()) for k, v in batch.items()}
     if objective.impl == "normal":
         loss, metrics = _model_loss(engine, batch, denominator), {}
     else:
         loss, metrics = objective(engine, batch)
+    if fault == "grads":
+        loss = faults.NanGradient.apply(loss)
+    elif fault == "spike":
+        loss = loss * 50.0
     finite = bool(torch.isfinite(loss))
     if not finite:
         loss = sum(p.sum() * 0.0 for p in params)
@@ -235,13 +253,14 @@ def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter],
 
 
 def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Parameter],
-               before_update=None, objective: Objective | None = None, metrics: dict | None = None
-               ) -> tuple[float, bool]:
+               before_update=None, objective: Objective | None = None, metrics: dict | None = None,
+               fault: str | None = None) -> tuple[float, str | None]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches from the iterator `micro_batches`
-    (dicts of tokens, labels, loss_mask). A non-finite loss on any rank makes the update run at lr 0, so
-    every rank stays in step. `before_update()` runs once the step's gradients are complete (train_logging).
-    The objective's metrics (DPO's rewards...), averaged over the micro-batches, go into `metrics`.
-    Returns (mean loss on this rank, whether the update was skipped).
+    (dicts of tokens, labels, loss_mask). A non-finite loss, or non-finite gradients that DeepSpeed would apply
+    (fp32 without ZeRO), on any rank makes the update run at lr 0 on zero gradients, so every rank stays in
+    step; DeepSpeed skips the others itself. `before_update()` runs once the step's gradients are complete
+    (train_logging). The objective's metrics (DPO's rewards...), averaged over the micro-batches, go into
+    `metrics`. Returns (mean loss on this rank, why the update was skipped or None).
     tools/benchmark.py --path engine times exactly this."""
     if c.pipe_parallel_size > 1:  # the micro-batches run in DeepSpeed's pipeline schedule
         from neox_fork.training import pipeline as pipeline_stages
@@ -253,7 +272,7 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
     step_batches = [next(micro_batches) for _ in range(n)]
     denominator = _masked_denominator(step_batches)
     for batch in step_batches:
-        loss, ok, micro = _forward_backward(engine, batch, params, objective, denominator)
+        loss, ok, micro = _forward_backward(engine, batch, params, objective, denominator, fault)
         if metrics is not None:
             for key, value in micro.items():
                 metrics[key] = metrics.get(key, 0.0) + value / n
@@ -261,13 +280,14 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
         finite.append(ok)
         if len(losses) < n:
             engine.step()  # DeepSpeed counts micro-batches here and updates only at the boundary
-    skipped = _any_rank(not all(finite))
-    if skipped:
-        for group in engine.optimizer.param_groups:  # lr 0 leaves the weights unchanged
-            group["lr"] = 0.0
+    bad_loss, bad_grads = _any_ranks(not all(finite), unchecked_nonfinite_grads(engine, params))
+    if bad_loss or bad_grads:
+        skip_update(engine, params if bad_grads else ())
     if before_update is not None:
         before_update()
     engine.step()
+    by_deepspeed = deepspeed_skipped_update(engine, _device())  # every rank, every step: a collective
+    skipped = "loss is NaN/inf on some rank" if bad_loss else "gradients are NaN/inf" if bad_grads else by_deepspeed
     return sum(loss / n for loss in losses), skipped
 
 
@@ -364,8 +384,9 @@ class Progress:
                      c.model_parallel_size, parallel.dp_size(), c.global_batch_size(run.world), c.seq_length,
                      c.dtype_name, self.flops_per_token.model, self.flops_per_token.hardware, c.activation_recompute)
 
-    def add(self, step_loss: float | None, metrics: dict | None = None) -> None:
-        """One step done; its loss (None for a skipped step) and the objective's metrics join the average."""
+    def add(self, step_loss: float | None, metrics: dict | None = None) -> float | None:
+        """One step done; its loss (None for a skipped step) and the objective's metrics join the average.
+        Returns the loss averaged over data-parallel ranks (None for a skipped step)."""
         self.steps += 1
         if step_loss is not None:
             keys = sorted(metrics or {})
@@ -375,6 +396,8 @@ class Progress:
             for k, v in zip(keys, means[1:]):
                 self.extra[k] = self.extra.get(k, 0.0) + v
             self.count += 1
+            return means[0]
+        return None
 
     def maybe_report(self) -> None:
         c, state, now = self.run.c, self.run.state, time.time()
@@ -400,23 +423,6 @@ class Progress:
             log.info(progress_line(m, c.train_iters))
         self.metrics.write(m)
         self.window_start, self.steps, self.count, self.loss, self.extra = now, 0, 0, 0.0, {}
-
-
-def check_nan_steps(run: Run, skipped: bool, metrics: MetricsWriter) -> None:
-    """Count NaN/inf steps in a row; `max_nan_steps` of them end the run with one line."""
-    state, c = run.state, run.c
-    if not skipped:
-        state.nan_steps_in_a_row = 0
-        return
-    state.nan_steps_in_a_row += 1
-    log.warning("step %d: loss is NaN/inf on some rank; update skipped (%d in a row)", state.iteration,
-                state.nan_steps_in_a_row)
-    if state.nan_steps_in_a_row >= c.max_nan_steps:
-        metrics.close()
-        raise UserError(f"loss was NaN/inf for {state.nan_steps_in_a_row} steps in a row (max_nan_steps "
-                        f"{c.max_nan_steps}) at step {state.iteration}; last good checkpoint: "
-                        f"{'step ' + str(state.last_saved) if state.last_saved is not None else 'none'}; "
-                        "lower the learning rate or check the data")
 
 
 def run_evaluations(run: Run, metrics: MetricsWriter) -> None:
@@ -445,6 +451,8 @@ def pretrain(c: NeoXConfig) -> int:
     launcher_environment(c.deepspeed_slurm, c.deepspeed_mpi)
     setup_logging()
     stop = StopSignal()  # before the slow start-up, so a signal during it still ends in a save
+    watchdog = Watchdog(c, int(os.environ.get("RANK", "0")))
+    watchdog.arm("init", "start-up and the first step")
     run = setup(c)
     c, engine, state = run.c, run.engine, run.state
     if state.iteration >= c.train_iters:
@@ -453,27 +461,39 @@ def pretrain(c: NeoXConfig) -> int:
     warn_if_no_room(c, run.model)
     metrics = MetricsWriter(c, enabled=_rank0())
     progress = Progress(run, metrics)
-    train_iter = batches(run.train_data, c, state.consumed_samples)
+    train_iter = batches(run.train_data, c, state.consumed_samples, skip=True)
     params = [p for p in run.model.parameters() if p.requires_grad]
     step_log, profilers = StepLogger(c, engine, metrics, c.global_batch_size(run.world)), Profilers(c)
+    skipper, spikes = faults.BatchSkipper(c, c.global_batch_size(run.world)), faults.LossSpikes(c)
     if state.iteration == 0 and 0 in (c.extra_save_iters or []):
         save(engine, c, state)
+    first_step = state.iteration + 1
     while state.iteration < c.train_iters:
-        profilers.before_step()
-        step_metrics: dict = {}
-        step_loss, skipped = train_step(engine, c, train_iter, params, step_log.before_update, run.objective,
-                                        step_metrics)
-        profilers.after_step()
-        state.iteration += 1
-        step_log.after_update(state.iteration)
-        fail_if_asked("step", state.iteration)
-        state.consumed_samples += c.global_batch_size(run.world)
-        check_nan_steps(run, skipped, metrics)  # a skipped step still saves and checks signals below
-        progress.add(None if skipped else step_loss, step_metrics)
-        progress.maybe_report()
+        if state.iteration + 1 > first_step:
+            watchdog.arm("train", f"step {state.iteration + 1}")
+        skipped = None
+        if not skipper.skip(engine, state, metrics):  # a step of skip_train_iteration_ranges reads and trains nothing
+            profilers.before_step()
+            step_metrics: dict = {}
+            step_loss, skipped = train_step(engine, c, train_iter, params, step_log.before_update, run.objective,
+                                            step_metrics, faults.injected_fault(state.iteration + 1))
+            profilers.after_step()
+            state.iteration += 1
+            step_log.after_update(state.iteration)
+            fail_if_asked("step", state.iteration)
+            hang_if_asked(dist.get_rank(), state.iteration, "step")
+            state.consumed_samples += c.global_batch_size(run.world)
+            faults.check_nan_steps(c, state, skipped, metrics)  # a skipped step still saves and checks signals below
+            mean_loss = progress.add(None if skipped else step_loss, step_metrics)
+            progress.maybe_report()
+            spikes.check(engine, state, mean_loss, metrics)  # a spike saves and stops
+        finish_pending(c, state, wait=False)  # an async_save whose files every rank has written is published
         if state.iteration % c.eval_interval == 0 and not skipped:
+            watchdog.arm("eval", f"evaluation at step {state.iteration}")
             run_evaluations(run, metrics)
         if (c.save_every and state.iteration % c.save_every == 0) or state.iteration in (c.extra_save_iters or []):
+            watchdog.arm("save", f"save at step {state.iteration}")
+            hang_if_asked(dist.get_rank(), state.iteration, "save")
             save(engine, c, state)
         if c.exit_interval and state.iteration % c.exit_interval == 0:
             log.info("exit_interval %d reached at step %d", c.exit_interval, state.iteration)
@@ -483,7 +503,9 @@ def pretrain(c: NeoXConfig) -> int:
             break
 
     profilers.stop()
+    watchdog.arm("save", f"save at step {state.iteration}")
     save(engine, c, state)
+    watchdog.close()
     stop.finished()
     metrics.close()
     return state.iteration

@@ -30,6 +30,7 @@ from torch import nn
 
 from neox_fork.parallel import groups as parallel
 from neox_fork.parallel.groups import checkpoint
+from neox_fork.training.optim import deepspeed_skipped_update, skip_update, unchecked_nonfinite_grads
 
 ENTRY_NAMES = ("EmbeddingPipe", "_pre_transformer_block", "ParallelTransformerLayerPipe", "_post_transformer_block",
                "NormPipe", "ParallelLinearPipe")
@@ -333,12 +334,6 @@ class NeoXPipe(_pipe_module_class()):
         return loss
 
 
-def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def _engine_class():
     from deepspeed.runtime.pipe import schedule
     from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -348,13 +343,18 @@ def _engine_class():
         on any rank runs the update at lr 0 (every rank stays in step), then `before_update` runs."""
 
         before_update = None
-        skipped = False
+        skipped = None  # why this step's update was skipped
 
         def _exec_optimizer_step(self, lr_kwargs=None):
-            self.skipped = _any_rank(self.module.nonfinite, self.device)
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            flags = torch.tensor([float(self.module.nonfinite), float(unchecked_nonfinite_grads(self, params))],
+                                 device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad_loss, bad_grads = flags.tolist()
+            self.skipped = "loss is NaN/inf on some rank" if bad_loss else "gradients are NaN/inf" if bad_grads \
+                else None
             if self.skipped:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = 0.0
+                skip_update(self, params if bad_grads else ())
             if self.before_update is not None:
                 self.before_update()
             super()._exec_optimizer_step(lr_kwargs)
@@ -397,13 +397,15 @@ def _pipe_batches(micro_batches):
         yield batch["tokens"], (batch["labels"], batch["loss_mask"])
 
 
-def train_step(engine, micro_batches, before_update=None) -> tuple[float, bool]:
+def train_step(engine, micro_batches, before_update=None) -> tuple[float, str | None]:
     """One optimizer step of the pipeline over `gradient_accumulation_steps` micro-batches (the first and
-    last stages read them from `micro_batches`). Returns (this data-parallel rank's mean loss, skipped)."""
+    last stages read them from `micro_batches`). Returns (this data-parallel rank's mean loss, why the update
+    was skipped or None)."""
     engine.module.nonfinite = False
     engine.before_update = before_update
     engine.train_batch(_pipe_batches(micro_batches))
-    return float(engine.dp_group_loss), engine.skipped
+    by_deepspeed = deepspeed_skipped_update(engine, engine.device)  # every rank, every step: a collective
+    return float(engine.dp_group_loss), engine.skipped or by_deepspeed
 
 
 @torch.no_grad()

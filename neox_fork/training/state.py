@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from neox_fork import errors
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.parallel import groups as parallel
 from neox_fork.checkpoint import universal
+from neox_fork.checkpoint.async_writer import AsyncWriter
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.data.tokenizer import TokenizerSource
 from neox_fork.errors import UserError
@@ -52,11 +53,14 @@ class TrainState:
     resumed_from: Path | None = None  # the step folder a full resume read (not a finetune's `load`)
     reference: object = None  # training/preference.py's frozen reference model, saved with each step
     adapter_base: Path | None = None  # adapter lora: the step folder of the frozen base weights (what saves name)
+    skipped_iterations: list = field(default_factory=list)  # [first, last] steps skip_train_iteration_ranges skipped
+    pending: object = None  # an async_save still being written: PendingSave
 
 
 # Test-only: NEOX_FORK_TEST_FAIL="RANK:STEP:WHERE" makes global rank RANK raise a RuntimeError at step STEP
 # in WHERE (step, save, eval or data: a data-loader worker), so that tests can fail a real run where a bug, a
-# broken file or a broken task would (tests/test_train_failing_rank_or_full_disk_ends_the_run.py).
+# broken file or a broken task would (tests/test_train_failing_rank_or_full_disk_ends_the_run.py); WHERE grads
+# or spike injects a bad step instead (training/faults.py injected_fault).
 TEST_FAIL_ENV = "NEOX_FORK_TEST_FAIL"
 
 
@@ -112,23 +116,99 @@ def _latest_note(ckpt_dir: Path) -> str:
         "; free some space or point `save` at a larger filesystem"
 
 
+@dataclass
+class PendingSave:
+    """A step folder whose files this rank's writer thread is still writing (async_save)."""
+    iteration: int
+    partial: Path
+    writer: AsyncWriter
+
+
+# Test-only: NEOX_FORK_TEST_SLOW_ASYNC_SAVE=SECONDS makes each async save's writer wait that long before writing.
+TEST_SLOW_ASYNC_ENV = "NEOX_FORK_TEST_SLOW_ASYNC_SAVE"
+
+
 def save(engine, c: NeoXConfig, state: TrainState) -> None:
     """Everything needed to resume, written under global_stepN.partial and published when complete.
 
-    A no-op without `save`, or when this iteration is already saved. On any failure this rank removes the
-    partial folder (`latest` keeps naming the last complete step); a full filesystem is one line."""
-    if not c.save or state.last_saved == state.iteration:
+    A no-op without `save`, or when this iteration is already saved. With async_save the files are copied to host
+    memory here and written by a thread while training goes on; finish_pending publishes them once every rank's
+    writer is done (a save waits for the previous one first). On any failure this rank removes the partial folder
+    (`latest` keeps naming the last complete step); a full filesystem is one line."""
+    if not c.save:
+        return
+    finish_pending(c, state, wait=True)
+    if state.last_saved == state.iteration:
         return
     ckpt_dir = Path(c.save)
     partial = checkpoint.partial_dir(ckpt_dir, state.iteration)
-    with errors.full_disk_is_one_line(ckpt_dir, cleanup=lambda: shutil.rmtree(partial, ignore_errors=True),
-                                      needed=lambda: checkpoint_size(c, engine.module),
-                                      note=lambda: _latest_note(ckpt_dir)):
-        _write_step(engine, c, state, ckpt_dir, partial)
+    writer = AsyncWriter() if c.async_save else None
+    with _disk_errors(c, engine, ckpt_dir, partial):
+        _write_step(engine, c, state, ckpt_dir, partial, writer)
+        if writer is None:
+            _publish_step(c, ckpt_dir, partial, state.iteration)
+        else:
+            writer.start(float(os.environ.get(TEST_SLOW_ASYNC_ENV, "0")))
+            state.pending = PendingSave(state.iteration, partial, writer)
+            log.info("saving checkpoint %s in the background (async_save)",
+                     checkpoint.step_dir(ckpt_dir, state.iteration))
     state.last_saved = state.iteration
 
 
-def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partial: Path) -> None:
+def finish_pending(c: NeoXConfig, state: TrainState, wait: bool) -> None:
+    """Publish the async save in flight once every rank's writer is done: at once with `wait`, else only if they
+    all are (one small all-reduce, at each step boundary while a save is in flight)."""
+    pending = state.pending
+    if pending is None:
+        return
+    if not wait:
+        done = torch.tensor([1.0 if pending.writer.done() else 0.0], device=_device_of(c))
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if not done.item():
+            return
+    ckpt_dir = Path(c.save)
+    with _disk_errors(c, None, ckpt_dir, pending.partial):
+        pending.writer.wait()
+        _publish_step(c, ckpt_dir, pending.partial, pending.iteration)
+    state.pending = None
+
+
+def _device_of(c: NeoXConfig) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _disk_errors(c: NeoXConfig, engine, ckpt_dir: Path, partial: Path):
+    return errors.full_disk_is_one_line(ckpt_dir, cleanup=lambda: shutil.rmtree(partial, ignore_errors=True),
+                                        needed=lambda: checkpoint_size(c, engine.module) if engine else None,
+                                        note=lambda: _latest_note(ckpt_dir))
+
+
+class _SavesThrough:
+    """engine.checkpoint_engine with its saves handed to `writer` (DeepSpeed writes its files through it)."""
+
+    def __init__(self, engine, writer):
+        self.engine, self.writer = engine, writer
+
+    def __enter__(self):
+        self.inner = self.engine.checkpoint_engine
+        if self.writer is not None:
+            outer = self
+
+            class Captured:
+                def save(self, state_dict, path):
+                    outer.writer.add(state_dict, path)
+
+                def __getattr__(self, name):
+                    return getattr(outer.inner, name)
+
+            self.engine.checkpoint_engine = Captured()
+
+    def __exit__(self, *exc):
+        self.engine.checkpoint_engine = self.inner
+
+
+def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partial: Path, writer=None) -> None:
+    """This rank's files of the step (through `writer` when it is an async save; else written here)."""
     if _rank0():
         checkpoint.start_partial(ckpt_dir, state.iteration)
     dist.barrier()
@@ -142,12 +222,12 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         dict(model.named_parameters()), model.shape.vocab_size)
     client_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
                     "module": checkpoint.compact(module),  # DeepSpeed's torch.save would write whole flat buffers
-                    universal.INFO_KEY: info}
+                    universal.INFO_KEY: info, SKIPPED_KEY: state.skipped_iterations}
     if c.pipe_parallel_size > 1:  # DeepSpeed's pipeline engine saves `module: None` (each stage's layer files)
         del client_state["module"]
     elif c.checkpoint_validation_with_forward_pass:
         client_state[VALIDATION_KEY] = validation_logits(engine.module, c)
-    with _without_optimizer_states(engine, c.no_save_optim):
+    with _without_optimizer_states(engine, c.no_save_optim), _SavesThrough(engine, writer):
         engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=bool(c.adapter))  # ZeRO-2 would copy the frozen base
     fail_if_asked("save", state.iteration)
@@ -158,11 +238,17 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
 
         layers = stage_files(engine, layers)
     if parallel.dp_rank() == 0:
-        checkpoint.save_layer_files(partial, parallel.tp_rank(), layers)
+        checkpoint.save_layer_files(partial, parallel.tp_rank(), layers, writer)
         if state.reference is not None and not c.adapter:  # LoRA's reference is the base the folder names
-            checkpoint.save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank())
+            checkpoint.save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank(), writer)
+    if c.adapter and _rank0():  # the base the adapters are on, and how each adapter tensor splits over TP ranks
+        checkpoint.save_lora_info(partial, state.adapter_base, adapter_sharding(model))
     if not c.no_save_rng:
-        save_rng(partial / checkpoint.RNG_FILE.format(dist.get_rank()))
+        save_rng(partial / checkpoint.RNG_FILE.format(dist.get_rank()), writer)
+
+
+def _publish_step(c: NeoXConfig, ckpt_dir: Path, partial: Path, iteration: int) -> None:
+    """Once every rank wrote its files: rank 0 adds the config and tokenizer and publishes the step folder."""
     if not _rank0() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         checkpoint.fsync_tree(partial)  # this node's writes reach the disk before rank 0 publishes
     dist.barrier()
@@ -170,16 +256,15 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         if c.no_save_optim:
             (partial / NO_OPTIMIZER_FILE).write_text("saved with no_save_optim: no optimizer states\n")
         checkpoint.save_config(partial, c)
-        if c.adapter:
-            checkpoint.save_lora_info(partial, state.adapter_base, adapter_sharding(model))
         checkpoint.copy_tokenizer(partial, TokenizerSource.of_config(c))
-        checkpoint.publish(partial, ckpt_dir, state.iteration)
+        checkpoint.publish(partial, ckpt_dir, iteration)
         prune_checkpoints(ckpt_dir, c.keep_last_n_checkpoints)
-        log.info("saved checkpoint %s", checkpoint.step_dir(ckpt_dir, state.iteration))
+        log.info("saved checkpoint %s", checkpoint.step_dir(ckpt_dir, iteration))
     dist.barrier()
 
 
 VALIDATION_KEY = "checkpoint_validation_logits"  # upstream's name in the saved state
+SKIPPED_KEY = "skipped_iterations"  # ours: the steps whose batches skip_train_iteration_ranges skipped so far
 NO_OPTIMIZER_FILE = "no_optimizer_states"  # marks a step saved with no_save_optim
 
 
@@ -258,10 +343,11 @@ class SafeLoads:
             engine.checkpoint_engine = cls(engine.checkpoint_engine, trust)
 
 
-def save_rng(path: Path) -> None:
+def save_rng(path: Path, writer=None) -> None:
     """This rank's RNG streams (the default generators and the tracker's, which attention dropout draws from),
     read back by `restore_rng`."""
-    torch.save({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()}, path)
+    checkpoint.save_tensors({"rng": parallel.get_rng_state(), "tracker": parallel.RNG_TRACKER.state_dict()}, path,
+                            writer)
 
 
 def restore_rng(path: Path, trust: bool, tracker: bool = True) -> None:
@@ -354,6 +440,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
                                               state.iteration * c.global_batch_size(dist.get_world_size()))
     state.last_saved = state.iteration
     state.resumed_from = folder
+    state.skipped_iterations = [list(r) for r in client_state.get(SKIPPED_KEY) or ()]
     rng_file = folder / checkpoint.RNG_FILE.format(dist.get_rank())
     if c.no_load_rng:
         log.info("no_load_rng: the RNG states of %s are not restored", folder)
@@ -377,6 +464,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
     state.resumed_from = folder  # tools/ckpts/to_universal.py copies the step's reference/ into it
+    state.skipped_iterations = [list(r) for r in client_state.get(SKIPPED_KEY) or ()]
     saved_tp = checkpoint.tp_size_of(folder)
     saved_dp = len(checkpoint.rng_files(folder)) // (saved_tp * checkpoint.pp_size_of(folder))  # stage 0's first
     if saved_dp:

@@ -5,8 +5,9 @@
     log_grad_norm            gradient_norms/NAME         the parameter's gradient norm, before clipping
     log_grad_pct_zeros       pct_grad_zeros/NAME         100 x the fraction of its gradient entries that are 0
     log_param_norm           parameter_norms/NAME        the parameter's norm after the update
-    log_optimizer_states     optimizer_state_norms/I_KEY the norm of Adam's exp_avg / exp_avg_sq of parameter I
-                                                         (I counts parameters in the optimizer's group order)
+    log_optimizer_states     optimizer_state_norms/I_KEY the norm of each state tensor of parameter I (Adam's
+                                                         exp_avg / exp_avg_sq, other types': optim.state_keys;
+                                                         I counts parameters in the optimizer's group order)
     log_gradient_noise_scale noise_scale                 B_simple of arXiv:1812.06162 (upstream: train/noise_scale)
 
 NAME is the parameter's name in this model. Gradients are read between the last backward and the update, so
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from neox_fork.parallel import groups as parallel
+from neox_fork.training.optim import state_keys
 
 log = logging.getLogger("neox_fork")
 
@@ -151,7 +153,7 @@ class StepLogger:
         if self.c.log_optimizer_states:
             ordered = [p for group in self.engine.optimizer.param_groups for p in group["params"]]
             index = {id(p): i for i, p in enumerate(ordered)}
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in state_keys(self.c):
                 found = [(name, p, _optimizer_state(self.engine, p, key)) for name, p in self.named]
                 sq = self._per_param([float(s.float().pow(2).sum()) if s is not None else 0.0 for _, _, s in found])
                 for (name, p, s), v in zip(found, sq):
