@@ -51,8 +51,10 @@ def test_adapters_lower_the_loss_below_the_base(uninterrupted, frozen):
     lora, base = read_metrics(uninterrupted), read_metrics(frozen)
     assert sorted(lora) == sorted(base) == list(range(1, STEPS + 1))
     assert abs(lora[1] - base[1]) < 1e-6
-    assert all(lora[i] < base[i] for i in range(3, STEPS + 1)), (lora, base)
-    assert lora[STEPS] < base[STEPS] - 0.02, (lora, base)
+    # one batch's loss moves by ~0.05 from step to step, so the mean gap over steps 2-6 is what is bounded (it is
+    # about -0.04 here; a run whose adapters did not train has 0)
+    gap = sum(lora[i] - base[i] for i in range(2, STEPS + 1)) / (STEPS - 1)
+    assert gap < -0.02, (lora, base)
 
 
 def test_checkpoint_holds_adapters_and_names_its_base(uninterrupted, trained_checkpoint):
