@@ -89,6 +89,11 @@ class NeoXConfig:
     rotary_pct: float = _key(1.0, "fraction of each head's dims that rotary rotates")
     rotary_emb_base: int = _key(10000, "rotary frequency base")
     rotary_interleaved: bool = _key(False, "Stability's fork: only false (rotate-half, as gpt-neox)")
+    rope_scaling: dict | None = _key(None, "not upstream (the name upstream's PR #1001 proposed): RoPE scaling as "
+                                           "transformers' rope_parameters, e.g. {rope_type: yarn, factor: 4, "
+                                           "original_max_position_embeddings: 4096}; rope_type linear, dynamic, "
+                                           "yarn, longrope or llama3 with transformers' field names; null: plain "
+                                           "rotary (docs/rope-scaling.md)")
     mlp_type: str = _key("regular", "regular (upstream: gated when `activation` is swiglu/geglu/reglu/bilinear/glu);"
                                     " gated (Stability's fork: activation(gate) x up, width from mlp_multiple_of); "
                                     "llama (older upstream: the same, width rounded to 256)")
