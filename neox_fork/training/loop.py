@@ -202,12 +202,12 @@ def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -
 
 
 def _model_loss(engine, batch: dict, denominator=None) -> torch.Tensor:
-    """The model's loss on a batch on the device; masked batches (data/labeled.py) bring positions and
-    segments, and a `denominator` replaces the batch's own trained-token count."""
-    extra = {}
+    """The model's loss on a batch on the device; masked batches (data/labeled.py, or pretraining with
+    reset_attention_mask / reset_position_ids) bring segments and positions, and a `denominator` replaces the
+    batch's own trained-token count where there are segments."""
+    extra = {key: batch[key] for key in ("position_ids", "segment_ids") if key in batch}
     if "segment_ids" in batch:
-        extra = dict(position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
-                     loss_denominator=denominator)
+        extra["loss_denominator"] = denominator
     return engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"], **extra)
 
 
