@@ -131,3 +131,47 @@ def test_flash_varlen_equals_the_dense_document_mask(window):
     torch.testing.assert_close(fast.float(), slow.float(), rtol=0, atol=2e-2)
     sdpa = attention(q, k, v, backend="global", mask=DocumentMask(segments), window=window)
     torch.testing.assert_close(sdpa.float(), slow.float(), rtol=0, atol=2e-2)
+
+
+def _varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, causal=False, window_size=(-1, -1)):
+    """flash_attn_varlen_func's contract written out: [total, heads, d] inputs, each document cut at cu_seqlens
+    attends causally (within window_size[0] keys back) to itself only; fp32 softmax."""
+    assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and dropout_p == 0.0
+    assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qa, ka, va = (t[a:b].transpose(0, 1).float() for t in (q, k, v))
+        scores = qa @ ka.transpose(-1, -2) / qa.shape[-1] ** 0.5
+        i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None, :]
+        allowed = (j <= i) & ((j >= i - window_size[0]) if window_size[0] >= 0 else True)
+        out[a:b] = (torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ va).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("packed documents must not reach flash_attn_func")
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_the_varlen_path_hands_the_kernel_each_document(monkeypatch, window):
+    """The GPU dispatch on the CPU: the device check stood in for and flash-attn's varlen kernel replaced by its
+    contract written out (_varlen_stand_in), so the batch's flattening, cu_seqlens and the window reach it as the
+    kernel expects; its output equals the reference on the dense mask. bf16 inputs, both fp32 inside: atol 1e-2
+    is about a bf16 ulp of outputs of magnitude < 2 (the two sum in another order)."""
+    from neox_fork.model import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "on_cuda", lambda t: True)
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", _varlen_stand_in)
+    monkeypatch.setattr(attention_module, "flash_attn_func", _never)  # flash-attn "installed"; never called
+    torch.manual_seed(0)
+    tokens, _, _ = _packed(False)
+    segments = documents_of(tokens, EOD)[0]
+    q, k, v = (torch.randn(2, S, 4, 16, dtype=torch.bfloat16) for _ in range(3))
+    documents = DocumentMask(segments)
+    fast = attention(q, k, v, backend="flash", mask=documents, window=window)
+    assert documents._dense is None  # the varlen path ran, not the dense fallback
+    slow = attention(q, k, v, backend="reference", mask=DocumentMask(segments), window=window)
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=0, atol=1e-2)
+    # the stand-in can tell a wrong cut: documents one position off differ
+    shifted = DocumentMask(torch.cat([segments[:, :1], segments[:, :-1]], 1))
+    assert (attention(q, k, v, backend="flash", mask=shifted, window=window).float() - slow.float()).abs().max() > 0.1
