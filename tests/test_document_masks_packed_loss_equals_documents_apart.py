@@ -12,6 +12,9 @@ plain causal attention), in float64 from the model's fp32 logits. Tolerance: the
 forwards go through the same fp32 ops on a different mask, and the loss sums at most 2 x 96 terms: rtol 1e-5
 (about 80 fp32 unit roundoffs). With the keys off the packed loss differs by far more (cross-document attention
 and positions that run on across documents), so the comparison can fail.
+
+The GPU path (flash-attn's varlen kernel, cu_seqlens) is checked on the CPU against the kernel's contract written
+out, and on a GPU (marked gpu) against the dense mask.
 """
 
 import pytest

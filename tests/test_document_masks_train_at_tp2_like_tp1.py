@@ -1,7 +1,7 @@
 """train.py with document masks (reset_attention_mask + reset_position_ids, eod_mask_loss) on short documents
 (5 to 40 tokens and an end-of-document token, so every 64-token sample packs several; the demo tokenizer's ids):
 TP=2 takes, loss for loss and weight for weight, the steps one process takes, and the keys change what is
-trained (from the same weights and data, the losses with them off part).
+trained (from the same weights and data, the losses with them off part). Validation at the last step agrees too.
 
 Tolerances as tests/test_parallel_equivalence.py (TP sums the same numbers in another order): losses within
 1e-5 relative, weights within 1e-3 of one step's lr per step with Adam's eps at 1e-5.
@@ -38,13 +38,18 @@ DOCUMENT_MASKS = dict(reset_attention_mask=True, reset_position_ids=True, eod_ma
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, small_corpus, short_documents):
-    return train(tmp_path_factory.mktemp("docmask"), small_corpus, "tp1", 1, **short_documents, **DOCUMENT_MASKS)
+    return train(tmp_path_factory.mktemp("docmask"), small_corpus, "tp1", 1, eval_interval=STEPS, **short_documents,
+                 **DOCUMENT_MASKS)
 
 
 def test_tp2_with_document_masks_equals_one_process(tmp_path, small_corpus, short_documents, single):
-    tp2 = train(tmp_path, small_corpus, "tp2", 2, model_parallel_size=2, **short_documents, **DOCUMENT_MASKS)
+    tp2 = train(tmp_path, small_corpus, "tp2", 2, model_parallel_size=2, eval_interval=STEPS, **short_documents,
+                **DOCUMENT_MASKS)
     assert_same_losses(tp2, single)
     assert_same_weights(tp2, single)
+    # validation (the same samples, masked the same way)
+    evals, want = read_metrics(tp2, "eval_lm_loss"), read_metrics(single, "eval_lm_loss")
+    assert list(evals) == list(want) == [STEPS] and evals[STEPS] == pytest.approx(want[STEPS], rel=LOSS_RTOL)
 
 
 def test_the_keys_change_what_is_trained(tmp_path, small_corpus, short_documents, single):
