@@ -292,11 +292,11 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
 
 
 def _masked_denominator(step_batches: list[dict]) -> float | None:
-    """For masked batches (data/labeled.py): the trained tokens of the whole global batch (all micro-batches,
-    all data-parallel ranks) over n x dp. DeepSpeed averages the micro-batches' gradients over n and the ranks,
-    so each micro-batch's masked sum divided by this makes the step's loss the sum over every trained token
-    of the global batch over their number, whatever the split into micro-batches and ranks. None for
-    pretraining batches (each micro-batch's own mean, as upstream)."""
+    """For batches with segments (data/labeled.py, or pretraining with reset_attention_mask): the trained tokens
+    of the whole global batch (all micro-batches, all data-parallel ranks) over n x dp. DeepSpeed averages the
+    micro-batches' gradients over n and the ranks, so each micro-batch's masked sum divided by this makes the
+    step's loss the sum over every trained token of the global batch over their number, whatever the split into
+    micro-batches and ranks. None for other pretraining batches (each micro-batch's own mean, as upstream)."""
     if "segment_ids" not in step_batches[0]:
         return None
     count = torch.tensor([float(sum(b["loss_mask"].sum().item() for b in step_batches))], device=_device())
