@@ -191,6 +191,12 @@ class NeoXConfig:
     train_epochs: int | None = _key(None, "passes over the training data: sets train_iters to epochs x one epoch's "
                                           "samples // global batch (give it instead of train_iters)")
     eod_mask_loss: bool = _key(False, "no loss where the input token is the end-of-document id")
+    # document masks for packed pretraining samples (docs/long-context.md#document-masks)
+    reset_attention_mask: bool = _key(False, "not upstream (Megatron-LM's name): packed documents do not attend "
+                                             "to each other; a document ends at each end-of-document token (flash-attn "
+                                             "varlen on GPUs, a block-diagonal causal mask elsewhere)")
+    reset_position_ids: bool = _key(False, "not upstream (Megatron-LM's name): positions (rotary or learned) restart "
+                                           "at 0 after each end-of-document token")
     max_nan_steps: int = _key(3, "not upstream: stop after this many skipped updates in a row (a non-finite loss, "
                                  "or non-finite gradients DeepSpeed or the loop skips; docs/fault-handling.md)")
     # skipping data and stopping on a loss spike (docs/fault-handling.md)

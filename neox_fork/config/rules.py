@@ -461,6 +461,10 @@ def _pipeline(c: NeoXConfig, fail) -> None:
         fail("checkpoint_validation_with_forward_pass", "checkpoint_validation_with_forward_pass with "
              f"pipe_parallel_size {c.pipe_parallel_size}: the check runs the whole model on one rank, which a "
              "pipeline stage does not hold; unset it")
+    for key in ("reset_attention_mask", "reset_position_ids"):
+        if getattr(c, key):
+            fail(key, f"{key} with pipe_parallel_size {c.pipe_parallel_size} is not built: the pipeline stages do "
+                 "not carry document positions or masks; use pipe_parallel_size 1 (tensor and data parallelism)")
     if c.train_impl != "normal" or c.dataset_impl != "gpt2" or c.train_label_data_paths or c.pack_impl != "packed":
         key = "train_impl" if c.train_impl != "normal" else "dataset_impl" if c.dataset_impl != "gpt2" else (
             "train_label_data_paths" if c.train_label_data_paths else "pack_impl")

@@ -29,7 +29,7 @@ from megatron.core import tensor_parallel as tp
 from torch import nn
 
 from neox_fork.model import fused, rope_scaling
-from neox_fork.model.attention import attention
+from neox_fork.model.attention import DocumentMask, attention
 from neox_fork.model.shape import ModelShape
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.config.rules import check_runnable
@@ -341,11 +341,14 @@ class NeoXModel(nn.Module):
     def hidden_states(self, tokens, position_ids=None, kv_cache=None, attention_mask=None, segment_ids=None):
         """Final-norm hidden states [b, s, h]. `kv_cache` (from new_kv_cache) enables cached decoding;
         `attention_mask` [b, 1, s, k] (bool, True = attend) replaces the causal mask (left padding).
-        `segment_ids` [b, s] (packed documents, data/labeled.py): a position attends only to earlier positions
-        of its own segment (a block-diagonal causal mask); give `position_ids` restarting per segment with it."""
+        `segment_ids` [b, s] (packed documents: data/labeled.py, reset_attention_mask): a position attends only
+        to earlier positions of its own segment (flash-attn varlen or a block-diagonal causal mask, see
+        model/attention.py); give `position_ids` restarting per segment with it."""
         full_sequence = kv_cache is None and attention_mask is None
         if segment_ids is not None:
-            attention_mask = segment_mask(segment_ids)
+            # Context parallelism (not built) hook: a CP rank holds a slice of the sequence, so the segment ids
+            # and position ids of the whole sequence must be all-gathered over the CP group here, before the mask.
+            attention_mask = DocumentMask(segment_ids)
         if position_ids is None:  # one [1, s] row for the whole batch: cos/sin broadcast over it
             start = kv_cache[0].length if kv_cache else 0
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
@@ -512,13 +515,6 @@ class NeoXModel(nn.Module):
             logits = logits.float()
         losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
         return (losses.float() * mask).sum()
-
-
-def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[b, 1, s, s] bool, True = attend: causal and within the same segment (a block-diagonal causal mask)."""
-    s = segment_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
 
 
 def mark_sequence_parallel_parameters(model: NeoXModel) -> None:
