@@ -57,6 +57,8 @@ class NeoXConfig:
     pipe_partition_method: str = _key("type:transformer|mlp", "how pipeline stages split GPT-NeoX's layer list: "
                                       "type:REGEX (balance the layers whose class name matches), parameters, uniform")
     model_parallel_size: int = _key(1, "tensor-parallel size: ranks that split each weight matrix (megatron-core)")
+    context_parallel_size: int = _key(1, "not upstream (the key of gpt-neox PR #1299): ranks that split each sequence; "
+                                         "context parallelism is not built yet, so only 1 is valid")
     sequence_parallel: bool = _key(False, "split norm/dropout/residual activations over the tensor-parallel group "
                                           "along the sequence (megatron-core's sequence-parallel mode)")
 

@@ -268,6 +268,10 @@ def _optimizer_and_loading(c: NeoXConfig, fail) -> None:
     if c.load_universal and c.finetune:
         fail("load_universal", "load_universal resumes the full training state; finetune: true takes weights only "
              "from any tensor-parallel size already: set one of them")
+    if c.context_parallel_size != 1:
+        fail("context_parallel_size", f"context_parallel_size {c.context_parallel_size}: context parallelism (each "
+             "sequence split over ranks) is not built yet; valid: 1 (sequence_parallel splits activations over the "
+             "tensor-parallel ranks)")
     if c.signal_grace_seconds <= 0:
         fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
     for key in ("init_timeout_seconds", "train_timeout_seconds", "save_timeout_seconds", "eval_timeout_seconds"):
