@@ -28,7 +28,7 @@ from neox_fork.data.tokenizer import train_bpe_tokenizer
 _SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "__pycache__"}
 _MAX_DOC_BYTES = 1 << 20
 _MIN_PROSE_CHARS = 400
-VALID_FRACTION = 0.02
+VALID_FRACTION = 0.02  # of the corpus bytes go to the validation split (at least one document)
 
 
 def _read_text(path: Path) -> str | None:
@@ -138,7 +138,12 @@ def build_demo_data(
             kept.append(document)
             total += len(document[1].encode("utf-8"))
         documents = kept
-    num_valid = max(1, round(len(documents) * VALID_FRACTION))
+    # the validation split is VALID_FRACTION of the bytes, not of the documents: which files a Python installation
+    # carries decides the shuffle, and one short document (a few dozen tokens) is no validation set
+    want, num_valid, size = VALID_FRACTION * sum(len(d[1].encode("utf-8")) for d in documents), 0, 0
+    while num_valid < len(documents) - 1 and (num_valid == 0 or size < want):
+        size += len(documents[num_valid][1].encode("utf-8"))
+        num_valid += 1
     valid, train = documents[:num_valid], documents[num_valid:]
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "valid.jsonl", valid)
