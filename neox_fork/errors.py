@@ -11,7 +11,7 @@ free space, after the writer's own cleanup ran.
 
 A training rank (train.py) ends through `exit_on_rank_failure`: whatever fails (a step, a save, an
 evaluation, a data-loader worker), it prints its error, tells deepy the cause (ERROR_FILE_ENV), kills its
-data-loader workers (which ignore SIGTERM) and exits at once, never waiting on a peer or a worker.
+data-loader workers and exits at once, never waiting on a peer or a worker.
 """
 
 import contextlib
@@ -149,9 +149,9 @@ def report_failure(cause: str) -> None:
 
 
 def end_now(status: int) -> None:
-    """Kill this process's multiprocessing children (data-loader workers ignore SIGTERM, so the normal exit,
-    which terminates and joins them, would wait forever) and exit with `status` without waiting on anything
-    else (a collective a dead peer will never join, a stuck communicator's destructor)."""
+    """Kill the multiprocessing children this process still has (data-loader workers not ended yet) and exit
+    with `status` without waiting on anything else (a collective a dead peer will never join, a stuck
+    communicator's destructor)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # deepy's SIGTERM to the other ranks must not interrupt this
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise about the workers killed here

@@ -34,10 +34,14 @@ def _local_rank_env(env, rank, world_size, port):
 
 
 def _adopt(env, cwd):
-    """In a forked child: the test's environment and folder now, not the server's when it started."""
+    """In a forked child: the test's environment and folder now, not the server's when it started; and the
+    platform's default start method for the child's own children, as in a fresh interpreter (multiprocessing
+    sets the server's forkserver in each child it forks: a rank's data-loader workers would then be children
+    of a forkserver of the rank's own, and outlive a rank that is killed)."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    mp.set_start_method(None, force=True)
 
 
 def _worker(rank, fn, args, results, env, cwd):

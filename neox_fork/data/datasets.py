@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -35,6 +34,7 @@ import torch
 
 from neox_fork.data import _megatron
 from neox_fork.data.index_cache import check_index_cache
+from neox_fork.data.loader_workers import leave_signals_to_the_rank, start_workers
 from neox_fork.data.validate import (
     check_token_ids,
     check_weights,
@@ -482,18 +482,6 @@ def collate_samples(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
     return {key: torch.stack([item[key] for item in items]) for key in BATCH_KEYS if key in items[0]}
 
 
-def _leave_signals_to_the_trainer(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM/SIGUSR1/SIGINT: Slurm's scancel signals every process of the job,
-    and the training process must outlive them long enough to save at the next step boundary. So they never
-    outlive it, the kernel kills them when it dies, however it dies; a rank that fails kills them itself
-    (errors.end_now), as its normal exit would wait for them forever."""
-    from neox_fork.launch.supervisor import die_with_parent
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    die_with_parent(signal.SIGKILL)
-
-
 def build_batch_iterator(
     dataset: torch.utils.data.Dataset,
     *,
@@ -508,6 +496,8 @@ def build_batch_iterator(
     `skip_sample_ranges` (see PretrainingBatchSampler).
 
     Each batch: {"tokens": int64 [b, seq], "labels": int64 [b, seq], "loss_mask": float32 [b, seq]}.
+    Its worker processes drop stop signals not sent by this rank, and end with the work that built the iterator
+    (data/loader_workers.py).
     """
     sampler = PretrainingBatchSampler(
         len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size, skip_sample_ranges
@@ -521,6 +511,6 @@ def build_batch_iterator(
         # its own generator: creating an iterator must not draw from the global RNG, whose state a
         # resumed run restores (dropout would otherwise differ from an uninterrupted run)
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_leave_signals_to_the_trainer,
+        worker_init_fn=leave_signals_to_the_rank,
     )
-    return iter(loader)
+    return start_workers(loader)

@@ -28,6 +28,7 @@ from neox_fork.parallel import groups as parallel
 from neox_fork.checkpoint import universal
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.config.loading import log_ignored_settings
+from neox_fork.data.loader_workers import ends_loader_workers
 from neox_fork.errors import UserError
 from neox_fork.launch.launcher import launcher_environment
 from neox_fork.training import faults
@@ -168,6 +169,7 @@ def batches(dataset, c: NeoXConfig, consumed_samples: int, skip: bool = False):
 
 
 # ---------------------------------------------------------------------- evaluation
+@ends_loader_workers  # the validation batches' workers
 @torch.no_grad()
 def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -> float | None:
     if valid is None or not c.eval_iters:
@@ -446,6 +448,7 @@ def run_evaluations(run: Run, metrics: MetricsWriter) -> None:
         metrics.write({"iteration": iteration, **task_metrics})
 
 
+@ends_loader_workers  # whoever holds the iterators (DeepSpeed's pipeline engine does): data/loader_workers.py
 def pretrain(c: NeoXConfig) -> int:
     """Train as the config says; returns the last iteration. Run on every rank."""
     launcher_environment(c.deepspeed_slurm, c.deepspeed_mpi)
