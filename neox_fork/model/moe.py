@@ -2,9 +2,9 @@
 as the MLP of the layers `ModelShape.moe` names; the rest of the model is unchanged (model/transformer.py).
 
 Upstream gpt-neox's semantics (megatron/model/router.py, moe.py), mapped onto megatron-core's options:
-- sinkhorn: training picks each token's k experts by Sinkhorn-balanced scores and weights them by the sigmoid
-  (k = 1) or softmax (k > 1) of its logits; evaluation picks the top k of those (megatron-core's sinkhorn router
-  is the same algorithm, three iterations). No load-balancing loss: Sinkhorn balances.
+- sinkhorn: training picks each token's k experts by Sinkhorn-balanced scores (upstream's three iterations,
+  `upstream_sinkhorn`; megatron-core's own iterates to convergence) and weights them by the sigmoid (k = 1) or
+  softmax (k > 1) of its logits; evaluation picks the top k of those. No load-balancing loss: Sinkhorn balances.
 - topk: softmax over all experts, the k largest, their raw weights (upstream); `normalize_weights` renormalises
   the k weights to sum 1 (Mixtral's), which is megatron-core's top-k-then-softmax.
 - `aux_loss_coeff` > 0 (topk): the Switch load-balancing loss of each MoE layer, times the coefficient, is added
@@ -56,6 +56,41 @@ def transformer_config(s: ModelShape, mp: ModelParallelConfig, init, output_init
     )
 
 
+def upstream_sinkhorn(cost: torch.Tensor, tol: float = 1e-4, max_iter: int = 3) -> torch.Tensor:
+    """Upstream gpt-neox's Sinkhorn normalisation (megatron/model/router.py): columns start at
+    1 / (experts x column sum) and it stops after three iterations. megatron-core's starts from ones and
+    iterates to convergence, which can pick other experts: training routes as upstream does."""
+    cost = torch.exp(cost)
+    d0 = torch.ones(cost.size(0), device=cost.device, dtype=cost.dtype)
+    d1 = 1 / (cost.size(1) * torch.sum(cost, 0))
+    d1_old = d1
+    for _ in range(max_iter):
+        d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + 1e-8)
+        d1 = (1 / d1.size(0)) * 1 / (torch.sum(d0.unsqueeze(1) * cost, 0) + 1e-8)
+        converged = torch.mean(torch.abs(d1_old - d1)) < tol
+        d1_old = d1
+        if converged:
+            break
+    return d1 * cost * d0.unsqueeze(1)
+
+
+class Router(TopKRouter):
+    """megatron-core's TopKRouter, with upstream's Sinkhorn iterations (`upstream_sinkhorn`) choosing the
+    experts in training; the weights (sigmoid for k = 1, softmax for k > 1, of the logits) are the same."""
+
+    def sinkhorn_load_balancing(self, logits: torch.Tensor):
+        if not self.training:
+            return super().sinkhorn_load_balancing(logits)
+        with torch.no_grad():
+            _, indices = torch.topk(upstream_sinkhorn(logits.float()), k=self.topk, dim=1)
+        if self.topk == 1:
+            scores = torch.sigmoid(logits)
+        else:
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+        routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, indices, True)
+        return scores * routing_map, routing_map
+
+
 class MoEMLP(nn.Module):
     """An MoE layer in the MLP's place: [b, s, h] -> [b, s, h]. After each forward it holds `tokens_per_expert`
     (this rank's tokens routed to each expert) and `load_balancing_loss` (unscaled; None without one); an
@@ -67,7 +102,7 @@ class MoEMLP(nn.Module):
         config = transformer_config(s, mp, init, output_init, activation)
         experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
             linear_fc1=tp.ColumnParallelLinear, linear_fc2=tp.RowParallelLinear))
-        self.moe = MoELayer(config, MoESubmodules(router=TopKRouter, experts=experts), layer_number=layer_number)
+        self.moe = MoELayer(config, MoESubmodules(router=Router, experts=experts), layer_number=layer_number)
         self.moe.set_layer_number(layer_number + 1)  # megatron-core counts layers from 1
         self.layer_index = layer_number
         self.tokens_per_expert: torch.Tensor | None = None
