@@ -49,7 +49,7 @@ NOT_BUILT = {
     ("norm", "crmsnorm"): "CRMSNorm is not built",
     ("norm", "te_layernorm"): "Transformer Engine layers are not used here; use layernorm",
     ("norm", "te_rmsnorm"): "Transformer Engine layers are not used here; use rmsnorm",
-    ("mlp_type", "moe"): "mixture of experts is not built",
+    ("mlp_type", "moe"): "mixture of experts is moe_num_experts > 1 (upstream's key), not an MLP type",
     ("train_impl", "reinforce"): "online REINFORCE needs upstream's separate generation server and is not built",
     ("dataset_impl", "online"): "the online dataset (an RL data server) is not built",
     ("output_layer_parallelism", "row"): "only the vocabulary-parallel output layer is built (upstream's row "
