@@ -28,6 +28,7 @@ def test_upstream_defaults_are_dense_sinkhorn_top1():
     (dict(expert_model_parallel_size=2), "expert parallelism is not built"),
     (dict(moe_num_experts=4, model_parallel_size=2), "experts split over tensor parallelism"),
     (dict(moe_num_experts=4, pipe_parallel_size=2), "pipeline stages with MoE layers"),
+    (dict(moe_num_experts=4, load_universal=True), "universal checkpoints of MoE models are not built"),
     (dict(moe_num_experts=4, moe_router_type="topk", moe_aux_loss_coeff=0.01, precision="fp16"),
      "the fp16 loss scale"),
 ])

@@ -434,6 +434,9 @@ def _moe(c: NeoXConfig, fail) -> None:
         if getattr(c, key) > 1:
             fail(key, f"{key} {getattr(c, key)} with moe_num_experts {c.moe_num_experts} is not supported yet: "
                       f"{what} are not built; use {key} 1")
+    if c.load_universal:
+        fail("load_universal", "load_universal with moe_num_experts > 1 is not supported yet (universal checkpoints "
+             "of MoE models are not built); resume at the saved layout")
     if c.moe_aux_loss_coeff and c.dtype_name == "fp16":
         fail("moe_aux_loss_coeff", "moe_aux_loss_coeff with fp16 is not supported yet (the load-balancing loss's "
              "gradient would miss the fp16 loss scale); use bf16 or fp32, or moe_aux_loss_coeff 0")
