@@ -70,8 +70,8 @@ def reference_block(x, router_w, experts, k, router, normalize, training, gated,
     return torch.stack(out), lbl
 
 
-def block_and_weights(k, router, normalize=False, coeff=0.0, activation="silu", mlp_type="gated"):
-    c = from_dict(tiny_keys(moe_num_experts=E, moe_top_k=k, moe_router_type=router,
+def block_and_weights(k, router, normalize=False, coeff=0.0, activation="silu", mlp_type="gated", jitter=None):
+    c = from_dict(tiny_keys(moe_num_experts=E, moe_top_k=k, moe_router_type=router, moe_jitter_eps=jitter,
                             moe_normalize_expert_weights=normalize, moe_aux_loss_coeff=coeff,
                             activation=activation, mlp_type=mlp_type, num_layers=1))
     torch.manual_seed(3)
@@ -143,3 +143,11 @@ def test_upstream_sinkhorn_is_three_iterations_not_megatron_cores_converged_one(
     logits = torch.randn(64, E, dtype=torch.float64) * 4
     torch.testing.assert_close(moe.upstream_sinkhorn(logits), reference_sinkhorn(logits), rtol=1e-12, atol=1e-15)
     assert not torch.allclose(moe.upstream_sinkhorn(logits), converged(logits), rtol=1e-3)
+
+
+def test_jitter_only_in_training_as_upstream(one_process):
+    """Evaluation equals the reference without noise; training draws the noise (so differs from it)."""
+    block, gated = block_and_weights(2, "topk", jitter=0.5)
+    run_both(block, gated, 2, "topk", False, training=False)
+    with pytest.raises(AssertionError):
+        run_both(block, gated, 2, "topk", False, training=True)

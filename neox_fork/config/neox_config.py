@@ -120,7 +120,7 @@ class NeoXConfig:
     moe_aux_loss_coeff: float = _key(0.0, "topk only: coefficient of the Switch load-balancing loss added to the "
                                           "training loss (per MoE layer); upstream has none (sinkhorn balances)")
     moe_lbl_in_fp32: bool = _key(False, "compute the router logits, and so the load-balancing loss, in fp32")
-    moe_jitter_eps: float | None = _key(None, "multiply router inputs by noise from U(1-eps, 1+eps) in training")
+    moe_jitter_eps: float | None = _key(None, "topk: router inputs times noise from U(1-eps, 1+eps), in training")
     expert_model_parallel_size: int = _key(1, "only 1 for now (expert parallelism is not built yet)")
     hidden_dropout: float = _key(0.0, "dropout on the embeddings and on each residual branch")
     attention_dropout: float = _key(0.0, "dropout on attention probabilities")

@@ -422,10 +422,10 @@ def _moe(c: NeoXConfig, fail) -> None:
     if c.moe_aux_loss_coeff < 0:
         fail("moe_aux_loss_coeff", f"moe_aux_loss_coeff must be 0 or more, got {c.moe_aux_loss_coeff}")
     if c.moe_router_type == "sinkhorn":
-        for key in ("moe_aux_loss_coeff", "moe_normalize_expert_weights"):
+        for key in ("moe_aux_loss_coeff", "moe_normalize_expert_weights", "moe_jitter_eps"):
             if getattr(c, key):
-                fail(key, f"{key} applies to moe_router_type topk; the sinkhorn router balances the load itself "
-                          "and keeps its own weights (as upstream); set it to its default or use topk")
+                fail(key, f"{key} applies to moe_router_type topk; the sinkhorn router balances the load itself, "
+                          "keeps its own weights and takes no jitter (as upstream); leave it unset or use topk")
     if c.moe_jitter_eps is not None and not 0 < c.moe_jitter_eps < 1:
         fail("moe_jitter_eps", f"moe_jitter_eps must be between 0 and 1 (or null), got {c.moe_jitter_eps}")
     later = {"model_parallel_size": "experts split over tensor parallelism",

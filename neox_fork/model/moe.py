@@ -76,7 +76,12 @@ def upstream_sinkhorn(cost: torch.Tensor, tol: float = 1e-4, max_iter: int = 3) 
 
 class Router(TopKRouter):
     """megatron-core's TopKRouter, with upstream's Sinkhorn iterations (`upstream_sinkhorn`) choosing the
-    experts in training; the weights (sigmoid for k = 1, softmax for k > 1, of the logits) are the same."""
+    experts in training (the weights, sigmoid for k = 1 and softmax for k > 1 of the logits, are the same), and
+    upstream's jitter: in training only."""
+
+    def apply_input_jitter(self, input: torch.Tensor) -> torch.Tensor:
+        """Upstream jitters in training only; megatron-core's would in evaluation too."""
+        return super().apply_input_jitter(input) if self.training else input
 
     def sinkhorn_load_balancing(self, logits: torch.Tensor):
         if not self.training:
