@@ -10,7 +10,7 @@ from conftest import tiny_keys
 from neox_fork.parallel import groups as parallel
 from neox_fork.config.loading import from_dict
 from neox_fork.model.transformer import build_model
-from reference_adamw import adamw_float64
+from reference_adamw import adamw_float64, three_random_steps
 
 B, S = 2, 32
 
@@ -89,21 +89,10 @@ def test_cached_decoding_stays_eager_when_compiled(one_process, monkeypatch):
 def test_training_optimizer_is_adamw_with_decay_on_matrices_only(one_process):
     """build_optimizer (what the training loop steps) against AdamW written out: the config's lr, betas,
     eps and weight decay, decoupled decay on matrices, none on norms and biases."""
-    from neox_fork.training.optim import build_optimizer
-
     lr, (b1, b2), eps, wd = 1e-2, (0.8, 0.9), 1e-3, 0.3
     config = from_dict(tiny_keys(optimizer={"type": "Adam", "params": {"lr": lr, "betas": [b1, b2], "eps": eps}},
                                  weight_decay=wd, use_bias_in_norms=True))
-    torch.manual_seed(0)
-    model = build_model(config)
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = build_optimizer(config, model)
-    g = torch.Generator().manual_seed(1)
-    grads = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(3)]
-    for step in grads:
-        for n, p in model.named_parameters():
-            p.grad = step[n].clone()
-        opt.step()
+    model, start, grads, opt = three_random_steps(config)
     for n, p in model.named_parameters():
         w = adamw_float64(start, grads, n, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd if p.dim() >= 2 else 0.0)
         torch.testing.assert_close(p.detach().double(), w, atol=1e-6, rtol=1e-6, msg=n)

@@ -135,15 +135,20 @@ def test_flash_attn_package_matches_reference(dtype):
     _check_attention(functools.partial(flash_attn.flash_attn_func, causal=True), dtype)
 
 
+# YaRN past its original length: the tables carry its attention factor (1.14 here), so cos/sin exceed 1
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": S // 4}
+
+
+@pytest.mark.parametrize("scaling", [None, YARN], ids=["plain", "yarn"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_flash_rotary_kernel_matches_reference(dtype):
+def test_flash_rotary_kernel_matches_reference(dtype, scaling):
     pytest.importorskip("flash_attn", reason="flash-attn is not installed (optional GPU extra)")
     from neox_fork.model import fused
     from neox_fork.model.transformer import Rotary
 
     assert fused.flash_rotary is not None
     qkv = _leaf((B, S, HEADS, 3, HEAD_DIM), dtype, 3)
-    cos, sin = Rotary(20, 10000.0)(torch.arange(S, device="cuda").unsqueeze(0))
+    cos, sin = Rotary(20, 10000.0, scaling, S)(torch.arange(S, device="cuda").unsqueeze(0))
     assert fused.flash_rotary_usable(qkv, cos)
 
     def stacked(fn):
@@ -154,6 +159,24 @@ def test_flash_rotary_kernel_matches_reference(dtype):
     # the kernel takes tables in the input's dtype (one more rounding in bf16) and rounds its result
     assert_close_rel(out, ref, bound(dtype, 3), "rotary")
     assert_close_rel(grad, ref_grad, bound(dtype, 3), "rotary grad")
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_length_dependent_rope_tables_on_cuda_equal_the_cpu_ones(kind):
+    """dynamic recomputes its frequencies on the positions' device, longrope switches tables there: the CUDA
+    tables equal the CPU ones to fp32 rounding of the angle (position x frequency, below S): a frequency a few
+    ulps apart (pow on another device) and the product's rounding, each up to S x eps32, and cos/sin's own."""
+    from neox_fork.model.transformer import Rotary
+
+    fields = {"dynamic": {"factor": 4.0}, "longrope": {"short_factor": [1.0] * 10, "long_factor": [4.0] * 10}}[kind]
+    scaling = {"rope_type": kind, "original_max_position_embeddings": S // 4, **fields}
+    positions = torch.arange(S).unsqueeze(0)
+    rotary = Rotary(20, 10000.0, scaling, S)
+    for length in (S // 8, S):  # before and past the original length
+        cpu = rotary(positions[:, :length])
+        cuda = rotary(positions[:, :length].cuda())
+        for ours, ref in zip(cuda, cpu):
+            torch.testing.assert_close(ours.cpu(), ref, rtol=0, atol=8 * S * EPS32)
 
 
 # ---------------------------------------------------------------------- SwiGLU, head + loss, AdamW

@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_keys
 from distributed import run_distributed
-from reference_adamw import adamw_float64
+from reference_adamw import adamw_float64, three_random_steps
 from neox_fork.config.loading import from_dict
 from neox_fork.errors import UserError
 from neox_fork.model.transformer import build_model

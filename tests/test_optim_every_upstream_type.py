@@ -19,7 +19,7 @@ import torch
 
 from conftest import tiny_keys
 from distributed import run_distributed
-from reference_adamw import adamw_float64
+from reference_adamw import adamw_float64, three_random_steps
 from reference_optimizers import lion_float64, madgrad_wd_float64, sgd_float64, sm3_float64
 from neox_fork.config.ds_config import deepspeed_config
 from neox_fork.config.loading import from_dict
@@ -66,16 +66,7 @@ def test_each_type_steps_as_upstreams_update(one_process, case):
     params, reference = UPDATES[case]
     config = config_of(kind, params, weight_decay=WD, use_bias_in_attn_linear=True, use_bias_in_mlp=True,
                        vocab_size=100, num_layers=1)
-    torch.manual_seed(0)
-    model = build_model(config)
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = build_optimizer(config, model)
-    g = torch.Generator().manual_seed(1)
-    grads = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(3)]
-    for step in grads:
-        for n, p in model.named_parameters():
-            p.grad = step[n].clone()
-        opt.step()
+    model, start, grads, opt = three_random_steps(config)
     decayed = set()
     for n, p in model.named_parameters():
         wd = WD if decays(n, p) else 0.0

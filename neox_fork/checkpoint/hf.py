@@ -12,7 +12,9 @@ The layouts that need care:
 - our fused `query_key_value` holds one [q heads of the group..., k, v] block of rows per key/value head;
   GPTNeoX keeps that fused tensor (multi-head: per head [q, k, v]); Llama and StableLm split q, k, v;
 - our gated `mlp.linear1` is [up; gate]: HF's `up_proj` is the first half and `gate_proj` the second;
-- our RMSNorm weight is `scale` (as upstream gpt-neox), HF's is `weight`.
+- our RMSNorm weight is `scale` (as upstream gpt-neox), HF's is `weight`;
+- `rope_parameters` is rotary_emb_base, rotary_pct and `rope_scaling` (its type and transformers' fields); for
+  dynamic scaling HF's max_position_embeddings is our original_max_position_embeddings (docs/rope-scaling.md).
 Everything else is a rename. Tensor-parallel shards are merged before this mapping (see checkpoint/store.py).
 """
 
@@ -28,6 +30,8 @@ from neox_fork.data.tokenizer_export import save_hf_tokenizer
 from neox_fork.config.dtypes import dtype_name, hf_dtype_name, neox_precision, torch_dtype
 from neox_fork.errors import UserError
 from neox_fork.checkpoint.neox_layout import QKVGroups, fuse_qkv, split_qkv
+from neox_fork.config.rules import ROPE_NOT_BUILT, ROPE_SCALING_FIELDS
+from neox_fork.model import rope_scaling
 
 CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
            "stablelm": "StableLmForCausalLM"}
@@ -188,7 +192,21 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str, 
 
 
 def _rope(c: NeoXConfig) -> dict:
-    return {"rope_type": "default", "rope_theta": float(c.rotary_emb_base), "partial_rotary_factor": c.rotary_pct}
+    """rope_parameters: the base, the rotary fraction and rope_scaling's type and fields as transformers names them.
+    dynamic's threshold is HF's max_position_embeddings (see `_max_positions`), not a field."""
+    kind = rope_scaling.rope_type(c.rope_scaling)
+    fields = {k: v for k, v in (c.rope_scaling or {}).items() if k not in ("rope_type", "type")}
+    if kind == "dynamic":
+        fields.pop("original_max_position_embeddings", None)
+    return {"rope_type": kind, "rope_theta": float(c.rotary_emb_base), "partial_rotary_factor": c.rotary_pct, **fields}
+
+
+def _max_positions(c: NeoXConfig) -> int:
+    """HF's max_position_embeddings: ours, but for dynamic scaling the length where the scaling starts
+    (transformers' dynamic threshold is max_position_embeddings)."""
+    if rope_scaling.rope_type(c.rope_scaling) == "dynamic":
+        return c.rope_scaling.get("original_max_position_embeddings", c.max_positions)
+    return c.max_positions
 
 
 def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_id: int = 0,
@@ -206,7 +224,7 @@ def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_
         "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_attention_heads,
         "hidden_act": c.mlp_activation,
-        "max_position_embeddings": c.max_positions,
+        "max_position_embeddings": _max_positions(c),
         "initializer_range": c.init_method_std,
         "use_cache": True,
         "tie_word_embeddings": c.tie_word_embeddings,
@@ -240,20 +258,22 @@ def config_from_hf(hf: dict) -> dict:
     if kind not in CLASSES:
         raise UserError(f"config.json model_type is {kind!r}; importable: {', '.join(CLASSES)}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"config.json rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; only "
-                        "plain rotary is built")
+    scaling = _rope_scaling_from_hf(hf, rope)
     heads = hf["num_attention_heads"]
     if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
         raise UserError(f"config.json head_dim {hf['head_dim']} is not hidden_size / num_attention_heads; "
                         "such models are not supported")
+    positions = hf["max_position_embeddings"]
+    if scaling and scaling["rope_type"] == "dynamic":  # HF's max_position_embeddings is where scaling starts
+        positions = int(positions * scaling.get("factor", 1))
     keys = {
         "num_layers": hf["num_hidden_layers"],
         "hidden_size": hf["hidden_size"],
         "num_attention_heads": heads,
         "intermediate_size": hf["intermediate_size"],
-        "seq_length": hf["max_position_embeddings"],
-        "max_position_embeddings": hf["max_position_embeddings"],
+        "seq_length": positions,
+        "max_position_embeddings": positions,
+        "rope_scaling": scaling,
         "vocab_size": hf["vocab_size"],
         "pos_emb": "rotary",
         "rotary_emb_base": int(rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000)))),
@@ -289,6 +309,25 @@ def config_from_hf(hf: dict) -> dict:
     return {**gated, "norm": "layernorm", "layernorm_epsilon": hf.get("layer_norm_eps", 1e-5),
             "use_bias_in_norms": True, "use_bias_in_mlp": False, "use_bias_in_attn_linear": False,
             "rotary_pct": rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))}
+
+
+def _rope_scaling_from_hf(hf: dict, rope: dict) -> dict | None:
+    """Our rope_scaling for config.json's rope_parameters (or transformers 4's rope_scaling): its type and
+    fields, less rope_theta and partial_rotary_factor (rotary_emb_base and rotary_pct here); None for plain RoPE.
+    A dynamic model's max_position_embeddings becomes its original_max_position_embeddings (`_max_positions`)."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_SCALING_FIELDS:
+        why = f" ({ROPE_NOT_BUILT[kind]})" if kind in ROPE_NOT_BUILT else ""
+        raise UserError(f"config.json rope type {kind!r} is not supported{why}; built: "
+                        f"{', '.join(ROPE_SCALING_FIELDS)}")
+    if kind == "default":
+        return None
+    fields = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")}
+    if kind == "dynamic":
+        fields["original_max_position_embeddings"] = hf["max_position_embeddings"]
+    elif "original_max_position_embeddings" in hf:  # transformers prefers a top-level one (Phi-3 style)
+        fields["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    return {"rope_type": kind, **fields}
 
 
 # ---------------------------------------------------------------------- folders

@@ -12,7 +12,7 @@ import json
 from neox_fork.config import upstream as up
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.config.loading import no_effect_keys
-from neox_fork.config.rules import CHOICES, NOT_BUILT
+from neox_fork.config.rules import CHOICES, NOT_BUILT, ROPE_SCALING_FIELDS
 
 HEADER = """# Config keys
 
@@ -38,6 +38,10 @@ def render() -> str:
         doc = f.metadata["doc"]
         if f.name in CHOICES:
             doc += f" (accepted: {', '.join(CHOICES[f.name])})"
+        if f.name == "rope_scaling":  # its fields per rope_type, [optional] ones in brackets
+            doc += " (fields: " + "; ".join(
+                f"{kind}: {', '.join(required)}" + (f" [{', '.join(optional)}]" if optional else "")
+                for kind, (required, optional) in ROPE_SCALING_FIELDS.items() if kind != "default") + ")"
         refused = [v for (k, v) in NOT_BUILT if k == f.name]
         if refused:
             doc += f"; refused: {', '.join(refused)}"

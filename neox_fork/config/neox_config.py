@@ -57,6 +57,8 @@ class NeoXConfig:
     pipe_partition_method: str = _key("type:transformer|mlp", "how pipeline stages split GPT-NeoX's layer list: "
                                       "type:REGEX (balance the layers whose class name matches), parameters, uniform")
     model_parallel_size: int = _key(1, "tensor-parallel size: ranks that split each weight matrix (megatron-core)")
+    context_parallel_size: int = _key(1, "not upstream (the key of gpt-neox PR #1299): ranks that split each sequence; "
+                                         "context parallelism is not built yet, so only 1 is valid")
     sequence_parallel: bool = _key(False, "split norm/dropout/residual activations over the tensor-parallel group "
                                           "along the sequence (megatron-core's sequence-parallel mode)")
 
@@ -89,6 +91,11 @@ class NeoXConfig:
     rotary_pct: float = _key(1.0, "fraction of each head's dims that rotary rotates")
     rotary_emb_base: int = _key(10000, "rotary frequency base")
     rotary_interleaved: bool = _key(False, "Stability's fork: only false (rotate-half, as gpt-neox)")
+    rope_scaling: dict | None = _key(None, "not upstream (the name upstream's PR #1001 proposed): RoPE scaling as "
+                                           "transformers' rope_parameters, e.g. {rope_type: yarn, factor: 4, "
+                                           "original_max_position_embeddings: 4096}; rope_type linear, dynamic, "
+                                           "yarn, longrope or llama3 with transformers' field names; null: plain "
+                                           "rotary (docs/rope-scaling.md)")
     mlp_type: str = _key("regular", "regular (upstream: gated when `activation` is swiglu/geglu/reglu/bilinear/glu);"
                                     " gated (Stability's fork: activation(gate) x up, width from mlp_multiple_of); "
                                     "llama (older upstream: the same, width rounded to 256)")
@@ -198,6 +205,12 @@ class NeoXConfig:
     train_epochs: int | None = _key(None, "passes over the training data: sets train_iters to epochs x one epoch's "
                                           "samples // global batch (give it instead of train_iters)")
     eod_mask_loss: bool = _key(False, "no loss where the input token is the end-of-document id")
+    # document masks for packed pretraining samples (docs/long-context.md#document-masks)
+    reset_attention_mask: bool = _key(False, "not upstream (Megatron-LM's name): packed documents do not attend "
+                                             "to each other; a document ends at each end-of-document token (flash-attn "
+                                             "varlen on GPUs, a block-diagonal causal mask elsewhere)")
+    reset_position_ids: bool = _key(False, "not upstream (Megatron-LM's name): positions (rotary or learned) restart "
+                                           "at 0 after each end-of-document token")
     max_nan_steps: int = _key(3, "not upstream: stop after this many skipped updates in a row (a non-finite loss, "
                                  "or non-finite gradients DeepSpeed or the loop skips; docs/fault-handling.md)")
     # skipping data and stopping on a loss spike (docs/fault-handling.md)

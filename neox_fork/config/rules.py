@@ -78,6 +78,18 @@ OPTIMIZERS_NOT_BUILT = {
 }
 OFFLOADED_OPTIMIZERS = ("cpu_adam", "cpu_torch_adam")  # step on the CPU: they need ZeRO-Offload
 _BOOL_PARAMS = ("nesterov", "bias_correction", "adamw_mode")
+# rope_scaling: per rope_type, (required, optional) fields, with transformers' names (model/rope_scaling.py
+# computes them). original_max_position_embeddings defaults to max_position_embeddings, as in transformers.
+ROPE_SCALING_FIELDS = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ("original_max_position_embeddings",)),
+    "yarn": (("factor",), ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                           "mscale", "mscale_all_dim", "truncate")),
+    "longrope": (("short_factor", "long_factor"), ("original_max_position_embeddings", "factor", "attention_factor")),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor"), ("original_max_position_embeddings",)),
+}
+ROPE_NOT_BUILT = {"proportional": "transformers' proportional RoPE (Gemma) is not built"}
 ATTENTION_TYPES = ("flash", "global")
 ATTENTION_NOT_BUILT = {
     "local": "local attention layers are not built (Mistral's sliding window is sliding_window_width)",
@@ -94,8 +106,8 @@ def validate(c: NeoXConfig) -> None:
     def fail(key: str, message: str) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
-    for check in (_choices, _architecture, _counts, _sizes, _attention_config, _optimizer_and_loading, _data,
-                  _training_and_logging, _post_training, _skips_and_spikes, _moe):
+    for check in (_choices, _architecture, _counts, _sizes, _rope_scaling, _attention_config, _optimizer_and_loading,
+                  _data, _training_and_logging, _post_training, _skips_and_spikes, _moe):
         check(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
@@ -170,6 +182,60 @@ def _sizes(c: NeoXConfig, fail) -> None:
              f"seq_length {c.seq_length}")
 
 
+def _rope_scaling(c: NeoXConfig, fail) -> None:
+    """rope_scaling: a type that is built, its required fields, no others, and values the formulas can take."""
+    scaling = c.rope_scaling
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if "rope_type" in scaling and "type" in scaling and scaling["type"] != kind:
+        fail("rope_scaling", f"rope_scaling gives rope_type {kind!r} and type {scaling['type']!r}; give one")
+    if not isinstance(kind, str) or kind in ROPE_NOT_BUILT or kind not in ROPE_SCALING_FIELDS:
+        why = f": {ROPE_NOT_BUILT[kind]}" if isinstance(kind, str) and kind in ROPE_NOT_BUILT else ""
+        fail("rope_scaling", f"rope_scaling rope_type {kind!r} is not supported{why}; valid: "
+             f"{', '.join(ROPE_SCALING_FIELDS)}")
+    if kind != "default" and c.pos_emb != "rotary":
+        fail("rope_scaling", f"rope_scaling {kind} scales rotary frequencies, but pos_emb is {c.pos_emb!r}; set "
+             "pos_emb: rotary")
+    required, optional = ROPE_SCALING_FIELDS[kind]
+    fields = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
+    elsewhere = {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}
+    for key in fields:
+        if key in elsewhere:
+            fail("rope_scaling", f"rope_scaling {key}: give it as the config key {elsewhere[key]}")
+        if key not in required and key not in optional:
+            fail("rope_scaling", f"rope_scaling field {key!r} is not read by rope_type {kind}; its fields: "
+                 f"{', '.join(required + optional)}")
+    missing = [k for k in required if fields.get(k) is None]
+    if missing:
+        fail("rope_scaling", f"rope_scaling rope_type {kind} needs {', '.join(missing)}")
+    for key, value in fields.items():
+        if key in ("short_factor", "long_factor"):
+            n = c.rotary_dim // 2
+            ok = isinstance(value, list) and len(value) == n and all(_positive(v) for v in value)
+            what = f"a list of {n} positive numbers (one per rotary frequency: rotary dims {c.rotary_dim} / 2)"
+        elif key == "truncate":
+            ok, what = isinstance(value, bool), "true or false"
+        elif key == "original_max_position_embeddings":
+            ok, what = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+        elif key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):  # 0 or null: transformers' default
+            ok = value is None or _positive(value) or (value == 0 and not isinstance(value, bool))
+            what = "a positive number, 0 or null"
+        else:
+            ok, what = (value is None and key not in required) or _positive(value), "a positive number"
+        if not ok:
+            fail("rope_scaling", f"rope_scaling {key} must be {what}, got {value!r}")
+    if kind == "llama3" and fields["low_freq_factor"] == fields["high_freq_factor"]:
+        fail("rope_scaling", "rope_scaling llama3 needs high_freq_factor different from low_freq_factor (their "
+             "difference divides the ramp)")
+    if kind == "dynamic" and c.rotary_dim <= 2:
+        fail("rope_scaling", f"rope_scaling dynamic needs more than 2 rotary dims, got {c.rotary_dim}")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _attention_config(c: NeoXConfig, fail) -> None:
     """attention_config: its shape, its layer count and the attention types built."""
     attn = c.attention_config
@@ -199,6 +265,10 @@ def _optimizer_and_loading(c: NeoXConfig, fail) -> None:
     if c.load_universal and c.finetune:
         fail("load_universal", "load_universal resumes the full training state; finetune: true takes weights only "
              "from any tensor-parallel size already: set one of them")
+    if c.context_parallel_size != 1:
+        fail("context_parallel_size", f"context_parallel_size {c.context_parallel_size}: context parallelism (each "
+             "sequence split over ranks) is not built yet; valid: 1 (sequence_parallel splits activations over the "
+             "tensor-parallel ranks)")
     if c.signal_grace_seconds <= 0:
         fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
     for key in ("init_timeout_seconds", "train_timeout_seconds", "save_timeout_seconds", "eval_timeout_seconds"):
@@ -392,6 +462,10 @@ def _pipeline(c: NeoXConfig, fail) -> None:
         fail("checkpoint_validation_with_forward_pass", "checkpoint_validation_with_forward_pass with "
              f"pipe_parallel_size {c.pipe_parallel_size}: the check runs the whole model on one rank, which a "
              "pipeline stage does not hold; unset it")
+    for key in ("reset_attention_mask", "reset_position_ids"):
+        if getattr(c, key):
+            fail(key, f"{key} with pipe_parallel_size {c.pipe_parallel_size} is not built: the pipeline stages do "
+                 "not carry document positions or masks; use pipe_parallel_size 1 (tensor and data parallelism)")
     if c.train_impl != "normal" or c.dataset_impl != "gpt2" or c.train_label_data_paths or c.pack_impl != "packed":
         key = "train_impl" if c.train_impl != "normal" else "dataset_impl" if c.dataset_impl != "gpt2" else (
             "train_label_data_paths" if c.train_label_data_paths else "pack_impl")

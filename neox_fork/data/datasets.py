@@ -12,6 +12,8 @@ Each dataset item is a dict of torch tensors:
     loss_mask  float32 [seq_length] 1.0 where the label counts (0 at end-of-document ids when
                                     eod_mask_loss is set)
     dataset_id int64 []             which entry of the blend the sample came from (0 without blend)
+With `reset_attention_mask` / `reset_position_ids` (Megatron-LM's keys) a packed sample's documents are told
+apart at its end-of-document tokens (`documents_of`): items also carry segment_ids / position_ids [seq_length].
 
 Index caches (document/sample/shuffle orders) are written once under `cache_dir` and reused (checked first:
 data/index_cache.py). Under
@@ -76,6 +78,8 @@ class DataSettings:
     test_label_data_paths: Sequence[str] = ()
     pack_impl: str = "packed"
     allow_chopped: bool = True
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
 
     @property
     def own_samples(self) -> bool:
@@ -100,6 +104,7 @@ class DataSettings:
             weight_by_num_documents=c.weight_by_num_documents, weighted_sampler_alpha=c.weighted_sampler_alpha,
             train_label_data_paths=c.train_label_data_paths, valid_label_data_paths=c.valid_label_data_paths,
             test_label_data_paths=c.test_label_data_paths, pack_impl=c.pack_impl, allow_chopped=c.allow_chopped,
+            reset_attention_mask=c.reset_attention_mask, reset_position_ids=c.reset_position_ids,
         )
 
 
@@ -240,23 +245,45 @@ class _TokenizerForMegatron:
         self.unique_identifiers = {"class": type(tokenizer).__name__, "eod": self.eod, "vocab_size": self.vocab_size}
 
 
-class GPTSamples(torch.utils.data.Dataset):
-    """A megatron-core GPTDataset or BlendedDataset reduced to tokens/labels/loss_mask/dataset_id."""
+def documents_of(tokens: torch.Tensor, eod: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment_ids, position_ids) of packed `tokens` [..., s] cut after each end-of-document token, as
+    Megatron-LM's get_ltor_masks_and_position_ids cuts them: the eod token ends its document (it belongs to
+    the one before it) and the next position starts a new segment at position 0."""
+    is_eod = (tokens == eod).to(torch.int64)
+    segments = is_eod.cumsum(-1) - is_eod  # eods strictly before each position
+    index = torch.arange(tokens.shape[-1], dtype=torch.int64).expand_as(tokens)
+    after_eod = torch.where(is_eod.bool(), index + 1, torch.zeros_like(index)).cummax(-1).values
+    start = torch.cat([torch.zeros_like(index[..., :1]), after_eod[..., :-1]], -1)  # of each position's document
+    return segments, index - start
 
-    def __init__(self, megatron_dataset):
+
+class GPTSamples(torch.utils.data.Dataset):
+    """A megatron-core GPTDataset or BlendedDataset reduced to tokens/labels/loss_mask/dataset_id, and
+    segment_ids / position_ids (`documents_of`) when `reset_attention_mask` / `reset_position_ids`."""
+
+    def __init__(self, megatron_dataset, eod: int | None = None, reset_attention_mask: bool = False,
+                 reset_position_ids: bool = False):
         self.megatron_dataset = megatron_dataset
+        self.eod, self.reset_attention_mask, self.reset_position_ids = eod, reset_attention_mask, reset_position_ids
 
     def __len__(self) -> int:
         return len(self.megatron_dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.megatron_dataset[int(index)]
-        return {
+        out = {
             "tokens": item["tokens"].to(torch.int64),
             "labels": item["labels"].to(torch.int64),
             "loss_mask": item["loss_mask"].to(torch.float32),
             "dataset_id": torch.tensor(int(item.get("dataset_id", 0)), dtype=torch.int64),
         }
+        if self.reset_attention_mask or self.reset_position_ids:
+            segments, positions = documents_of(out["tokens"], self.eod)
+            if self.reset_attention_mask:
+                out["segment_ids"] = segments
+            if self.reset_position_ids:
+                out["position_ids"] = positions
+        return out
 
 
 def _default_cache_dir(plan: DataPlan) -> str:
@@ -339,7 +366,8 @@ def build_datasets(
         sizes = list(plan.samples)
     built = _builder_class()(GPTDataset, sizes, lambda: True, config).build()
     return tuple(
-        GPTSamples(dataset) if dataset is not None and wanted > 0 else None
+        GPTSamples(dataset, int(tokenizer.eod), settings.reset_attention_mask, settings.reset_position_ids)
+        if dataset is not None and wanted > 0 else None
         for dataset, wanted in zip(built, plan.samples)
     )
 

@@ -9,21 +9,26 @@ On Hopper and later (compute capability 9.0+) SDPA tries cuDNN's attention first
 (its Hopper kernels are FlashAttention-3-style, faster than SDPA's FlashAttention-2 there), then flash,
 memory-efficient and math: a backend that cannot take the inputs hands them to the next. Elsewhere SDPA
 keeps torch's own order. `pytest -m gpu` checks every backend against `reference`.
+
+Packed documents (`DocumentMask`, from segment ids): flash-attn's varlen kernel where flash runs (the batch
+flattened into one sequence cut at `cu_seqlens`), a dense block-diagonal causal mask elsewhere (CPU, SDPA,
+reference, a sliding window).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional GPU extra
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except Exception:  # noqa: BLE001 - any import failure means "not available"
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
 
 
 def on_cuda(t: torch.Tensor) -> bool:
@@ -46,6 +51,37 @@ def sdpa_priority(q: torch.Tensor):
     if q.is_cuda and not torch.compiler.is_compiling() and torch.cuda.get_device_capability(q.device) >= (9, 0):
         return sdpa_kernel(HOPPER_SDPA_ORDER, set_priority=True)
     return contextlib.nullcontext()
+
+
+@dataclass
+class DocumentMask:
+    """Packed documents: `segment_ids` [b, s] (int), a position attends to the earlier positions of its own
+    segment only. The two forms the kernels take are made on first use and kept for every layer:
+    `dense()` [b, 1, s, s] bool (True = attend) and `varlen()` (cu_seqlens, max_seqlen) over the flattened
+    batch. Segment ids must be contiguous runs in each row (a document is one run), as packing makes them."""
+
+    segment_ids: torch.Tensor
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+    _varlen: tuple | None = field(default=None, repr=False)
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            ids, s = self.segment_ids, self.segment_ids.shape[1]
+            causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
+            self._dense = (ids[:, None, :, None] == ids[:, None, None, :]) & causal
+        return self._dense
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens int32 [documents + 1], longest document): a document starts at each row's first
+        position and wherever the segment id changes; one host sync for the maximum."""
+        if self._varlen is None:
+            ids = self.segment_ids
+            starts = torch.ones_like(ids, dtype=torch.bool)
+            starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+            begin = starts.flatten().nonzero().flatten()
+            cu = torch.cat([begin, begin.new_tensor([ids.numel()])]).to(torch.int32)
+            self._varlen = (cu, int((cu[1:] - cu[:-1]).max()))
+        return self._varlen
 
 
 def band(sq: int, sk: int, window: int, device, causal: bool = True) -> torch.Tensor:
@@ -83,12 +119,29 @@ def reference(q, k, v, *, causal: bool, dropout_p: float = 0.0, mask: torch.Tens
     return (probs @ v).transpose(1, 2).to(dtype)
 
 
+def varlen(q, k, v, documents: DocumentMask, dropout_p: float = 0.0, window: int | None = None):
+    """flash-attn's varlen kernel over packed documents: [b, s, heads, d] flattened to [b*s, heads, d] and
+    cut at `cu_seqlens`, causal inside each document (and within `window` when given); no position attends
+    across a cut."""
+    b, s = q.shape[:2]
+    cu, longest = documents.varlen()
+    out = flash_attn_varlen_func(*(t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)), cu, cu, longest, longest,
+                                 dropout_p=dropout_p, causal=True,
+                                 window_size=(-1, -1) if window is None else (window, 0))
+    return out.view(b, s, *out.shape[1:])
+
+
 def attention(q, k, v, *, backend: str = "flash", causal: bool = True, dropout_p: float = 0.0,
-              mask: torch.Tensor | None = None, window: int | None = None):
+              mask: torch.Tensor | DocumentMask | None = None, window: int | None = None):
     """Dispatch to a backend. `mask` (bool, True = attend, broadcastable to [b, heads, q, k]) replaces the
-    causal mask: cached decoding with several queries, left-padded batches. `window` (sliding window) is
-    applied on top of either, aligned bottom-right as the causal mask."""
+    causal mask: cached decoding with several queries, left-padded batches. A `DocumentMask` (packed
+    documents, a full sequence) goes to flash-attn's varlen kernel where flash runs, else to its dense mask.
+    `window` (sliding window) is applied on top of either, aligned bottom-right as the causal mask."""
     sq, sk = q.shape[1], k.shape[1]
+    if isinstance(mask, DocumentMask):
+        if backend == "flash" and flash_attn_varlen_func is not None and flash_available(q):
+            return varlen(q, k, v, mask, dropout_p, window)
+        mask = mask.dense()
     if window is not None and sk > window + 1:  # shorter: the band hides nothing the causal mask does not
         if backend == "flash" and mask is None and flash_available(q):
             return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal,

@@ -73,6 +73,7 @@ class ModelShape:
     sliding_window: int | None = None  # each query sees itself and this many keys before it
     qk_norm: bool = False  # upstream's use_qk_layernorm: `norm` over [heads, head_dim] of q and k, before rotary
     reward_model: bool = False  # train_impl rm: a one-output head (rm_linear) replaces the LM head
+    rope_scaling: dict | None = None  # the config's rope_scaling (model/rope_scaling.py); None: plain rotary
     moe: MoEShape | None = None  # None: dense MLPs in every layer
 
     @property
@@ -104,6 +105,7 @@ class ModelShape:
             attn_bias=c.use_bias_in_attn_linear, mlp_bias=c.use_bias_in_mlp, parallel_residual=c.gpt_j_residual,
             learned_positions=c.pos_emb == "learned", mlp_out=c.mlp_widths[0],
             sliding_window=c.sliding_window_width, qk_norm=c.use_qk_layernorm, reward_model=c.train_impl == "rm",
+            rope_scaling=c.rope_scaling,
             moe=MoEShape.from_config(c),
         )
 

@@ -28,8 +28,8 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core import tensor_parallel as tp
 from torch import nn
 
-from neox_fork.model import fused, moe
-from neox_fork.model.attention import attention
+from neox_fork.model import fused, moe, rope_scaling
+from neox_fork.model.attention import DocumentMask, attention
 from neox_fork.model.shape import ModelShape
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.config.rules import check_runnable
@@ -56,18 +56,50 @@ def init_method(name: str, std: float, num_layers: int, hidden_size: int):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for the first `dim` dims of each head (frequencies duplicated, rotate-half)."""
+    """cos/sin tables for the first `dim` dims of each head (frequencies duplicated, rotate-half), scaled as the
+    config's `rope_scaling` says (model/rope_scaling.py): cos and sin are multiplied by the type's attention
+    factor, as transformers does. `dynamic` and `longrope` depend on the call's longest position (transformers:
+    max(position_ids) + 1), so a forward picks or recomputes its frequencies; the others are fixed.
 
-    def __init__(self, dim: int, base: float):
+    The frequencies stay fp32 whatever the model is cast to (`model.to(bfloat16)` for generation), as
+    transformers' and DeepSpeed's casts keep them: they are plain attributes, moved to the positions' device
+    on first use, not buffers."""
+
+    def __init__(self, dim: int, base: float, scaling: dict | None = None, max_positions: int = 0):
         super().__init__()
-        self.dim = dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.base, self.scaling, self.max_positions = dim, base, scaling, max_positions
+        self.kind = rope_scaling.rope_type(scaling)
+        self.inv_freq, self.attention_factor = rope_scaling.frequencies(scaling, dim, base, max_positions)
+        self.original = rope_scaling.resolve(scaling, max_positions).get("original_max_position_embeddings")
+        if self.kind == "longrope":  # long_factor's frequencies, used once a call passes the original length
+            self.long_inv_freq, _ = rope_scaling.frequencies(scaling, dim, base, max_positions,
+                                                             seq_len=self.original + 1)
+
+    def _on(self, name: str, device) -> torch.Tensor:
+        table = getattr(self, name)
+        if table.device != device:
+            table = table.to(device)
+            setattr(self, name, table)
+        return table
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        device = position_ids.device
+        inv_freq = self._on("inv_freq", device)
+        if self.kind == "longrope":
+            return torch.where(position_ids.max() + 1 > self.original, self._on("long_inv_freq", device), inv_freq)
+        if self.kind == "dynamic":
+            seq_len = position_ids.max() + 1
+            if seq_len > self.original:  # a host sync, as in transformers
+                inv_freq, _ = rope_scaling.frequencies(self.scaling, self.dim, self.base, self.max_positions,
+                                                       seq_len=seq_len, device=device)
+        return inv_freq
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)  # [b, s, dim/2]
+        freqs = position_ids.float()[..., None] * self.frequencies(position_ids)  # [b, s, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [b, s, 1, dim]
-        return emb.cos(), emb.sin()
+        if self.attention_factor == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
 
 
 class Attention(nn.Module):
@@ -302,7 +334,7 @@ class NeoXModel(nn.Module):
                 skip_weight_param_allocation=s.tie_word_embeddings,
                 init_method=init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
             )
-        self.rotary = Rotary(s.rotary_dim, s.rotary_base)
+        self.rotary = Rotary(s.rotary_dim, s.rotary_base, s.rope_scaling, s.max_positions)
         if mp.sequence_parallel:
             mark_sequence_parallel_parameters(self)
 
@@ -312,11 +344,14 @@ class NeoXModel(nn.Module):
     def hidden_states(self, tokens, position_ids=None, kv_cache=None, attention_mask=None, segment_ids=None):
         """Final-norm hidden states [b, s, h]. `kv_cache` (from new_kv_cache) enables cached decoding;
         `attention_mask` [b, 1, s, k] (bool, True = attend) replaces the causal mask (left padding).
-        `segment_ids` [b, s] (packed documents, data/labeled.py): a position attends only to earlier positions
-        of its own segment (a block-diagonal causal mask); give `position_ids` restarting per segment with it."""
+        `segment_ids` [b, s] (packed documents: data/labeled.py, reset_attention_mask): a position attends only
+        to earlier positions of its own segment (flash-attn varlen or a block-diagonal causal mask, see
+        model/attention.py); give `position_ids` restarting per segment with it."""
         full_sequence = kv_cache is None and attention_mask is None
         if segment_ids is not None:
-            attention_mask = segment_mask(segment_ids)
+            # Context parallelism (not built) hook: a CP rank holds a slice of the sequence, so the segment ids
+            # and position ids of the whole sequence must be all-gathered over the CP group here, before the mask.
+            attention_mask = DocumentMask(segment_ids)
         if position_ids is None:  # one [1, s] row for the whole batch: cos/sin broadcast over it
             start = kv_cache[0].length if kv_cache else 0
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
@@ -483,13 +518,6 @@ class NeoXModel(nn.Module):
             logits = logits.float()
         losses = tp.vocab_parallel_cross_entropy(logits.contiguous(), labels)
         return (losses.float() * mask).sum()
-
-
-def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[b, 1, s, s] bool, True = attend: causal and within the same segment (a block-diagonal causal mask)."""
-    s = segment_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
 
 
 def mark_sequence_parallel_parameters(model: NeoXModel) -> None:

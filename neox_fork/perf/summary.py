@@ -11,6 +11,7 @@ from neox_fork.parallel import groups as parallel
 from neox_fork.config.loading import load_config
 from neox_fork.data.tokenizer import tokenizer_file_vocab_size
 from neox_fork.errors import UserError
+from neox_fork.model import rope_scaling
 from neox_fork.model.shape import ModelShape, count_parameters
 from neox_fork.model.transformer import build_model
 
@@ -102,6 +103,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     if peak is None:
         raise UserError(f"--gpu {gpu!r} is not in the peak table; valid: {', '.join(flops.PEAK_FLOPS)}")
     tokens_per_gpu = assumed_mfu * peak / model_fpt
+    rope = f" (rope_scaling {rope_scaling.describe(config.rope_scaling)})" if config.rope_scaling else ""
     gib = 2**30
     lines = [
         f"config: {' + '.join(map(str, paths))}",
@@ -109,7 +111,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"active_parameters: {count_parameters(shape, active=True)}  (used per token: MoE layers' top-k experts)",
         f"non_embedding_parameters: {fpt.non_embedding_params}",
         f"layers: {config.num_layers}  hidden: {config.hidden_size}  heads: {config.num_attention_heads}  "
-        f"head_dim: {config.head_dim}  ffn: {config.ffn_hidden_size}  rotary_dims: {config.rotary_dim}  "
+        f"head_dim: {config.head_dim}  ffn: {config.ffn_hidden_size}  rotary_dims: {config.rotary_dim}{rope}  "
         f"vocab(padded): {shape.vocab_size}  seq: {seq}",
         f"flops_per_token: {model_fpt}  ({model_fpt / 1e9:.2f} GFLOP = 6*N_non_embedding + 12*L*h*s + 6*V*h)",
         f"hardware_flops_per_token: {fpt.hardware}  (recompute: {fpt.recompute})",

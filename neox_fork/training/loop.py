@@ -203,12 +203,12 @@ def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -
 
 
 def _model_loss(engine, batch: dict, denominator=None) -> torch.Tensor:
-    """The model's loss on a batch on the device; masked batches (data/labeled.py) bring positions and
-    segments, and a `denominator` replaces the batch's own trained-token count."""
-    extra = {}
+    """The model's loss on a batch on the device; masked batches (data/labeled.py, or pretraining with
+    reset_attention_mask / reset_position_ids) bring segments and positions, and a `denominator` replaces the
+    batch's own trained-token count where there are segments."""
+    extra = {key: batch[key] for key in ("position_ids", "segment_ids") if key in batch}
     if "segment_ids" in batch:
-        extra = dict(position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
-                     loss_denominator=denominator)
+        extra["loss_denominator"] = denominator
     return engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"], **extra)
 
 
@@ -297,11 +297,11 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
 
 
 def _masked_denominator(step_batches: list[dict]) -> float | None:
-    """For masked batches (data/labeled.py): the trained tokens of the whole global batch (all micro-batches,
-    all data-parallel ranks) over n x dp. DeepSpeed averages the micro-batches' gradients over n and the ranks,
-    so each micro-batch's masked sum divided by this makes the step's loss the sum over every trained token
-    of the global batch over their number, whatever the split into micro-batches and ranks. None for
-    pretraining batches (each micro-batch's own mean, as upstream)."""
+    """For batches with segments (data/labeled.py, or pretraining with reset_attention_mask): the trained tokens
+    of the whole global batch (all micro-batches, all data-parallel ranks) over n x dp. DeepSpeed averages the
+    micro-batches' gradients over n and the ranks, so each micro-batch's masked sum divided by this makes the
+    step's loss the sum over every trained token of the global batch over their number, whatever the split into
+    micro-batches and ranks. None for other pretraining batches (each micro-batch's own mean, as upstream)."""
     if "segment_ids" not in step_batches[0]:
         return None
     count = torch.tensor([float(sum(b["loss_mask"].sum().item() for b in step_batches))], device=_device())
