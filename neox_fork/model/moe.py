@@ -119,11 +119,12 @@ class MoEMLP(nn.Module):
         self.tokens_per_expert = routing_map.sum(dim=0).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tracked = moe_utils.get_moe_layer_wise_logging_tracker().get(LBL)
-        if tracked is not None:
-            tracked["values"][self.layer_index] = 0.0
+        # megatron-core adds each layer's loss into a process-wide tracker; here it holds this forward's only
+        # (a recompute repeats the same value; another model in the process may have left other layer counts)
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        tracker.pop(LBL, None)
         out, _ = self.moe(x)  # token order does not matter to routing: [b, s, h] is taken as is
-        tracked = moe_utils.get_moe_layer_wise_logging_tracker().get(LBL)
+        tracked = tracker.pop(LBL, None)
         self.load_balancing_loss = tracked["values"][self.layer_index].clone() if tracked is not None else None
         return out
 
