@@ -151,3 +151,11 @@ def test_jitter_only_in_training_as_upstream(one_process):
     run_both(block, gated, 2, "topk", False, training=False)
     with pytest.raises(AssertionError):
         run_both(block, gated, 2, "topk", False, training=True)
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_moe_lbl_in_fp32_computes_the_router_logits_in_fp32(one_process, fp32):
+    c = from_dict(tiny_keys(moe_num_experts=E, moe_top_k=2, moe_router_type="topk", moe_lbl_in_fp32=fp32))
+    block = build_model(c).layers[0].mlp.to(torch.bfloat16)
+    logits = block.moe.router.gating(torch.randn(2, 8, 64, dtype=torch.bfloat16))
+    assert logits.dtype == (torch.float32 if fp32 else torch.bfloat16)
