@@ -109,7 +109,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"config: {' + '.join(map(str, paths))}",
         f"parameters: {n}",
         f"active_parameters: {count_parameters(shape, active=True)}  (used per token: MoE layers' top-k experts)",
-        f"non_embedding_parameters: {fpt.non_embedding_params}",
+        f"non_embedding_parameters: {fpt.non_embedding_params}" + ("  (active)" if shape.moe else ""),
         f"layers: {config.num_layers}  hidden: {config.hidden_size}  heads: {config.num_attention_heads}  "
         f"head_dim: {config.head_dim}  ffn: {config.ffn_hidden_size}  rotary_dims: {config.rotary_dim}{rope}  "
         f"vocab(padded): {shape.vocab_size}  seq: {seq}",
