@@ -30,6 +30,7 @@ def test_upstream_defaults_are_dense_sinkhorn_top1():
     (dict(moe_num_experts=4, model_parallel_size=2), "experts split over tensor parallelism"),
     (dict(moe_num_experts=4, pipe_parallel_size=2), "pipeline stages with MoE layers"),
     (dict(moe_num_experts=4, load_universal=True), "universal checkpoints of MoE models are not built"),
+    (dict(moe_num_experts=4, adapter="lora"), "adapters on the experts are not built"),
     (dict(moe_num_experts=4, moe_router_type="topk", moe_aux_loss_coeff=0.01, precision="fp16"),
      "the fp16 loss scale"),
 ])

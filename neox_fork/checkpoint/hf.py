@@ -32,6 +32,7 @@ from neox_fork.errors import UserError
 from neox_fork.checkpoint.neox_layout import QKVGroups, fuse_qkv, split_qkv
 from neox_fork.config.rules import ROPE_NOT_BUILT, ROPE_SCALING_FIELDS
 from neox_fork.model import rope_scaling
+from neox_fork.model.adapters import ADAPTER_NAME, LoraSpec, is_adapter, merge_into
 
 CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
            "stablelm": "StableLmForCausalLM"}
@@ -337,8 +338,9 @@ MAX_SHARD_SIZE = "5GB"
 def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | None = None,
                   trust: bool = False, *, config_file=None, architecture: str | None = None,
                   save_tokenizer: bool = True, tokenizer_is_hf_folder: bool = False,
-                  pad_token_id: int | None = None) -> Path:
-    """A checkpoint (any TP size) -> a Hugging Face folder of its family's class, written atomically.
+                  pad_token_id: int | None = None, peft_adapter=None) -> Path:
+    """A checkpoint (any TP size) -> a Hugging Face folder of its family's class, written atomically. A LoRA
+    checkpoint exports merged (W + s B A); `peft_adapter` names a folder for its PEFT adapter as well.
 
     `config_file` replaces the step folder's config; `architecture` (upstream's neox/llama/mistral) must be the
     family the config exports as; the other keywords are upstream's converter flags (see checkpoint/hf_cli.py). A
@@ -360,6 +362,10 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
         raise UserError(f"checkpoint {folder}: moe_num_experts {config.moe_num_experts}: exporting mixture-of-experts "
                         "models to Hugging Face (MixtralForCausalLM) is not built yet")
     check_architecture(config, architecture)
+    if peft_adapter is not None:
+        export_peft_adapter(state, config, peft_adapter, dtype)
+    if any(is_adapter(k) for k in state):  # a LoRA checkpoint: the merged model W + s B A
+        state = merge_into(state, lora_scale(config))
     tensors = to_hf_state_dict(state, config)
     if dtype is None:
         dtype = dtype_name(state["word_embeddings.weight"].dtype)
@@ -394,6 +400,58 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
         if tokenizer and save_tokenizer:
             save_hf_tokenizer(tokenizer, tmp, config.max_positions, pad_token_id=pad_token_id,
                               from_hf_folder=tokenizer_is_hf_folder or chat)
+    return Path(output_dir)
+
+
+def lora_scale(c: NeoXConfig) -> float:
+    spec = LoraSpec.from_config(c)
+    if spec is None:
+        raise UserError(f"{c.where('adapter')}: the checkpoint holds LoRA adapters but its config has no adapter: lora; "
+                        "give the config it was trained with (--config-file)")
+    return spec.scale
+
+
+def peft_adapter_tensors(state: dict[str, torch.Tensor], c: NeoXConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our merged adapters -> (peft's adapter_model tensors for the config's HF class, its target_modules).
+
+    Each HF module gets its own (A, B): where the HF class splits a fused matrix (Llama/StableLm/Mistral's
+    q/k/v and up/gate), each part keeps the whole A and takes its rows of B, split exactly as the full export
+    splits W's rows (B's rows are W's), so every part's update is its rows of s B A."""
+    out, targets = {}, set()
+    for name in sorted(state):
+        if not name.endswith(f".{ADAPTER_NAME}.A"):
+            continue
+        prefix = name[: -len(f".{ADAPTER_NAME}.A")]
+        a, b = state[name], state[f"{prefix}.{ADAPTER_NAME}.B"]
+        for hf_name, b_part in to_hf_state_dict({f"{prefix}.weight": b}, c).items():
+            module = hf_name[: -len(".weight")]
+            targets.add(module.rsplit(".", 1)[1])
+            out[f"base_model.model.{module}.lora_A.weight"] = a.clone()  # each its own copy (safetensors)
+            out[f"base_model.model.{module}.lora_B.weight"] = b_part.contiguous()
+    if not out:
+        raise UserError("--peft-adapter: the checkpoint holds no LoRA adapters (train with adapter: lora)")
+    return out, sorted(targets)
+
+
+def export_peft_adapter(state: dict[str, torch.Tensor], c: NeoXConfig, output_dir, dtype: str | None = None) -> Path:
+    """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained
+    loads on top of this checkpoint's base exported to Hugging Face."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from neox_fork.checkpoint import store as checkpoint
+
+    tensors, targets = peft_adapter_tensors(state, c)
+    if dtype is not None:
+        tensors = {k: v.to(torch_dtype(dtype)) for k, v in tensors.items()}
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.lora_r, "lora_alpha": c.lora_alpha,
+                   "lora_dropout": c.lora_dropout, "use_rslora": c.use_rslora, "target_modules": targets,
+                   "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+                   "modules_to_save": None, "use_dora": False, "base_model_name_or_path": None}
+    with checkpoint.atomic_folder(output_dir) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
     return Path(output_dir)
 
 

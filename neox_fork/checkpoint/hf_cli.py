@@ -1,7 +1,7 @@
 """Command lines of the Hugging Face converters, in our flag spellings and upstream gpt-neox's.
 
     tools/convert_to_hf.py and tools/ckpts/convert_neox_to_hf.py      -> export_main
-        ours: --input-dir --output-dir --dtype --step --trust-checkpoint
+        ours: --input-dir --output-dir --dtype --step --trust-checkpoint --peft-adapter (LoRA checkpoints)
         upstream's: --input_dir --config_file --output_dir --precision {auto,fp16,bf16,fp32}
                     --architecture {neox,llama,mistral} --no_save_tokenizer --vocab-is-hf-tokenizer --pad-token-id
     tools/ckpts/convert_hf_llama_to_neox.py                            -> import_main
@@ -46,6 +46,10 @@ def export_parser() -> argparse.ArgumentParser:
                              "tokenizer")
     parser.add_argument("--pad-token-id", "--pad_token_id", dest="pad_token_id", type=int, default=-1,
                         help="pad token id for config.json and the tokenizer (default -1: none)")
+    parser.add_argument("--peft-adapter", "--peft_adapter", dest="peft_adapter", default=None,
+                        help="a LoRA checkpoint: also write its adapters here as a PEFT folder (adapter_config.json, "
+                             "adapter_model.safetensors) for peft.PeftModel.from_pretrained on the base's export; "
+                             "--output-dir gets the merged model")
     add_trust_argument(parser)
     return parser
 
@@ -58,8 +62,9 @@ def export_main(argv=None) -> None:
     out = export_folder(args.input_dir, args.output_dir, None if args.dtype == "auto" else args.dtype, args.step,
                         trust=args.trust_checkpoint, config_file=args.config_file, architecture=args.architecture,
                         save_tokenizer=not args.no_save_tokenizer, tokenizer_is_hf_folder=args.vocab_is_hf_tokenizer,
-                        pad_token_id=None if args.pad_token_id == -1 else args.pad_token_id)
-    print(f"wrote {out}")
+                        pad_token_id=None if args.pad_token_id == -1 else args.pad_token_id,
+                        peft_adapter=args.peft_adapter)
+    print(f"wrote {out}" + (f" and the PEFT adapter {args.peft_adapter}" if args.peft_adapter else ""))
 
 
 def import_parser() -> argparse.ArgumentParser:

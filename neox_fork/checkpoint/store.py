@@ -99,11 +99,12 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-rank states -> the state a TP=1 model would have."""
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], specs: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per-rank states -> the state a TP=1 model would have. `specs` ({name: (dim, stride) or None}) gives the split
+    of names the table does not know (LoRA adapters: model/adapters.py)."""
     merged = {}
     for name, first in shards[0].items():
-        spec = sharding(name, shards[0])
+        spec = specs[name] if specs and name in specs else sharding(name, shards[0])
         if spec is None or len(shards) == 1:
             merged[name] = first
             continue
@@ -113,11 +114,11 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return merged
 
 
-def split_tp(full: dict[str, torch.Tensor], tp: int) -> list[dict[str, torch.Tensor]]:
+def split_tp(full: dict[str, torch.Tensor], tp: int, specs: dict | None = None) -> list[dict[str, torch.Tensor]]:
     """A TP=1 state -> the states of `tp` ranks (the inverse of merge_tp_shards)."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for name, tensor in full.items():
-        spec = sharding(name, full)
+        spec = specs[name] if specs and name in specs else sharding(name, full)
         for rank in range(tp):
             if spec is None:
                 shards[rank][name] = tensor
@@ -325,8 +326,56 @@ def _loadable_note(ckpt_dir: Path, broken: Path | None = None) -> str:
     return f"; step folders in '{ckpt_dir}' that load: {', '.join(good)} (pick one with --step or 'latest')"
 
 
+# ---------------------------------------------------------------------- LoRA checkpoints
+# A LoRA run (adapter: lora, model/adapters.py) saves only its adapter tensors (in our names, in each mp_rank file's
+# `module`) and this file, naming the step folder of the frozen base weights and how each adapter tensor splits
+# over TP ranks; readers below return base + adapters, so a LoRA step folder reads like any other.
+LORA_FILE = "lora_adapters.json"
+
+
+def lora_info(folder: Path) -> dict | None:
+    """{"base": base step folder, "sharding": {name: [dim, stride] or None}} of a LoRA step folder; None otherwise."""
+    import json
+
+    path = Path(folder) / LORA_FILE
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    info["sharding"] = {k: tuple(v) if v else None for k, v in info["sharding"].items()}
+    return info
+
+
+def lora_base_of(folder: Path) -> Path:
+    """The base weights' step folder of a LoRA step folder (one line when it is gone)."""
+    base = Path(lora_info(folder)["base"])
+    if not base.is_dir():
+        raise UserError(f"{Path(folder) / LORA_FILE}: the base checkpoint {base} it adapts is missing; a LoRA "
+                        "checkpoint holds only its adapters: restore the base folder there")
+    return base
+
+
+def save_lora_info(folder: Path, base: Path, sharding: dict) -> None:
+    import json
+
+    (Path(folder) / LORA_FILE).write_text(json.dumps({"base": str(Path(base).resolve()), "sharding": sharding},
+                                                     indent=1, sort_keys=True) + "\n")
+
+
+def _specs(folder: Path) -> dict | None:
+    info = lora_info(folder)
+    return info["sharding"] if info else None
+
+
 def _load_shard(folder: Path, rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
-    """TP rank `rank`'s weights in our names, from any of the three layouts (see module docstring)."""
+    """TP rank `rank`'s weights in our names, from any of the three layouts (see module docstring); a LoRA
+    folder's are its base's at this TP size plus its adapters."""
+    adapters = _load_own_shard(folder, rank, trust)
+    if lora_info(folder) is None:
+        return adapters
+    return {**load_rank_shard(lora_base_of(folder), tp_size_of(folder), rank, trust), **adapters}
+
+
+def _load_own_shard(folder: Path, rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
     layer_files = _layer_files(folder).get(rank)
     if layer_files:
         return neox_layout.from_neox({idx: _tensors(read_file(path, trust), path) for idx, path in layer_files.items()},
@@ -362,14 +411,15 @@ def load_rank_shard(folder: Path, tp: int, rank: int, trust: bool = False) -> di
     that size, else the merged weights split again."""
     if tp_size_of(folder) == tp:
         return _load_shard(folder, rank, trust)
-    return split_tp(merge_tp_shards(load_model_shards(folder, trust)), tp)[rank]
+    specs = _specs(folder)
+    return split_tp(merge_tp_shards(load_model_shards(folder, trust), specs), tp, specs)[rank]
 
 
 def load_merged(path: str | os.PathLike, step: int | None = None, trust: bool = False):
     """(merged TP=1 state, config, step folder) of a checkpoint saved at any TP size."""
     folder = resolve(path, step)
     config = load_config_of(folder)
-    return merge_tp_shards(load_model_shards(folder, trust)), config, folder
+    return merge_tp_shards(load_model_shards(folder, trust), _specs(folder)), config, folder
 
 
 # ---------------------------------------------------------------------- writing
@@ -559,18 +609,21 @@ def save_layer_files(folder: Path, rank: int, layers: dict[int, dict[str, torch.
 
 
 def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, shards: list[dict[str, torch.Tensor]],
-                          config: NeoXConfig, tokenizer_file=None) -> Path:
-    """Write model states only (no optimizer), e.g. for a converted Hugging Face model."""
+                          config: NeoXConfig, tokenizer_file=None, lora: tuple[Path, dict] | None = None) -> Path:
+    """Write model states only (no optimizer), e.g. for a converted Hugging Face model. `lora` (base step folder,
+    adapter sharding): the shards are LoRA adapters on that base, written as a LoRA run saves them."""
     ckpt_dir = Path(ckpt_dir)
     tmp = start_partial(ckpt_dir, step)
     needed = sum(t.numel() * t.element_size() for shard in shards for t in shard.values()), "the converted model"
     with full_disk_is_one_line(ckpt_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), needed=needed):
         for rank, shard in enumerate(shards):
-            module, layers = neox_weights(shard, config, len(shards))
+            module, layers = (shard, {}) if lora else neox_weights(shard, config, len(shards))
             save_tensors({"module": module, "iteration": step, "mp_world_size": len(shards), "dp_world_size": 1},
                          tmp / MODEL_FILE.format(rank))
             save_layer_files(tmp, rank, layers)
         save_config(tmp, config)
+        if lora:
+            save_lora_info(tmp, *lora)
         copy_tokenizer(tmp, tokenizer_file)
         return publish(tmp, ckpt_dir, step)
 
@@ -593,6 +646,10 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
     training state moves to another layout through DeepSpeed's Universal Checkpointing (checkpoint/universal.py).
     """
     state, config, folder = load_merged(path, step, trust)
+    if lora_info(folder) is not None:
+        raise UserError(f"checkpoint {folder} is a LoRA checkpoint (adapters on the base it names): resharding it "
+                        "is not built; generation and evaluation load it at any TP size, and tools/convert_to_hf.py "
+                        "exports it merged")
     keys = config.to_dict()
     keys.update(vocab_keys_for(state["word_embeddings.weight"].shape[0], tp, str(folder)))
     keys.update(num_gpus=None, num_nodes=-1, load=None)  # launch settings belong to the next run

@@ -105,6 +105,10 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
                         "are not built yet")
     n = checkpoint.folder_step(folder)
     tp = checkpoint.tp_size_of(folder)
+    if checkpoint.lora_info(folder) is not None:
+        raise UserError(f"checkpoint {folder} is a LoRA checkpoint (adapters on a base it names): universal "
+                        "checkpoints of LoRA runs are not built; resume it at its own TP size, or load it for "
+                        "generation/evaluation at any TP size")
     if checkpoint.dp_size_of(folder) is None:
         raise UserError(f"checkpoint {folder} has no ZeRO optimizer shards (saved with zero_optimization stage 0?); "
                         "Universal Checkpointing converts checkpoints of ZeRO stage 1 or 2")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neox_fork.config import upstream as config_upstream
-from neox_fork.config.rules import GATED_ACTIVATIONS
+from neox_fork.config.rules import GATED_ACTIVATIONS, lora_targets
 from neox_fork.errors import UserError
 
 # The GPT-NeoX-20B tokenizer has 50,277 entries; used only to size a model whose tokenizer file is absent.
@@ -325,6 +325,22 @@ class NeoXConfig:
                                                    "tools/datasets/precompute_reference.py) instead of a frozen "
                                                    "reference model (kto: not read yet)")
 
+    # --- LoRA adapters (neox_fork/model/adapters.py; the names peft and axolotl use) ---
+    adapter: str | None = _key(None, "not upstream: `lora` trains low-rank adapters on the lora_target_modules and "
+                                     "freezes every other weight (axolotl's key); `qlora` the same with the base "
+                                     "linears in bitsandbytes' 4-bit NF4 while training; null trains the whole "
+                                     "model")
+    lora_r: int = _key(8, "adapter rank r: each adapted W (out x in) gets B (out x r) @ A (r x in)")
+    lora_alpha: float = _key(16, "adapter scale numerator: the update is (lora_alpha / lora_r) B A x, or "
+                                 "lora_alpha / sqrt(lora_r) with use_rslora")
+    lora_dropout: float = _key(0.0, "dropout on the adapters' input (the base layer sees the input undropped)")
+    lora_target_modules: list | str = _key(factory=lambda: ["query_key_value", "dense", "linear1", "linear2"],
+                                     doc="linears given adapters: query_key_value (fused QKV; HF q_proj/k_proj/"
+                                         "v_proj), dense (attention output; o_proj), linear1 (MLP in; "
+                                         "dense_h_to_4h, gate_proj/up_proj), linear2 (MLP out; dense_4h_to_h, "
+                                         "down_proj), or all-linear")
+    use_rslora: bool = _key(False, "rank-stabilised LoRA: scale lora_alpha / sqrt(lora_r) (peft's use_rslora)")
+
     # --- text generation (generate.py / eval.py with configs; neox_fork/inference/generation.py) ---
     text_gen_type: str | None = _key(None, "generate.py: unconditional (num_samples from an empty context), "
                                            "input-file (sample_input_file) or interactive (stdin); upstream's "
@@ -459,6 +475,12 @@ class NeoXConfig:
     def ffn_hidden_size(self) -> int:
         """Width of the MLP's hidden layer (of each branch when gated): linear2's input."""
         return self.mlp_widths[1]
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The linears that get LoRA adapters, in our names (query_key_value, dense, linear1, linear2); () without
+        `adapter`."""
+        return lora_targets(self.lora_target_modules) if self.adapter else ()
 
     @property
     def max_positions(self) -> int:

@@ -100,6 +100,43 @@ ATTENTION_NOT_BUILT = {
 }
 
 
+# LoRA target names: ours (GPT-NeoX's parameter names) and the Hugging Face names peft/axolotl users give, per linear.
+# A fused matrix is adapted whole: q/k/v and gate/up must be named together (or by the fused name).
+LORA_TARGETS = {
+    "query_key_value": ("query_key_value",), "dense": ("dense", "o_proj"),
+    "linear1": ("linear1", "dense_h_to_4h", "gate_up_proj"), "linear2": ("linear2", "dense_4h_to_h", "down_proj"),
+}
+LORA_FUSED = {"query_key_value": ("q_proj", "k_proj", "v_proj"), "linear1": ("gate_proj", "up_proj")}
+ADAPTERS = ("lora", "qlora")
+ADAPTERS_NOT_BUILT = {"dora": "DoRA is not built; use lora"}
+
+
+def lora_targets(names) -> tuple[str, ...] | str:
+    """Our linear names for `lora_target_modules` (ours, Hugging Face's, or all-linear), in layer order; a str
+    says what is wrong."""
+    names = list(names) if isinstance(names, (list, tuple)) else [names]
+    if names == ["all-linear"]:
+        return tuple(LORA_TARGETS)
+    chosen = set()
+    for ours, fused in LORA_FUSED.items():
+        given = [n for n in fused if n in names]
+        if given and len(given) != len(fused):
+            return (f"{', '.join(given)} without {', '.join(n for n in fused if n not in given)}: they are one fused "
+                    f"matrix here ({ours}), adapted whole; name all of {', '.join(fused)} or {ours}")
+        if given:
+            chosen.add(ours)
+    for name in names:
+        ours = next((k for k, v in LORA_TARGETS.items() if name in v), None)
+        if ours is None and not any(name in fused for fused in LORA_FUSED.values()):
+            valid = sorted({n for v in LORA_TARGETS.values() for n in v} | {n for v in LORA_FUSED.values() for n in v})
+            return f"unknown target {name!r}; valid: {', '.join(valid)} or all-linear"
+        if ours:
+            chosen.add(ours)
+    if not chosen:
+        return "names no linear; give e.g. [query_key_value, dense, linear1, linear2] or all-linear"
+    return tuple(k for k in LORA_TARGETS if k in chosen)
+
+
 def validate(c: NeoXConfig) -> None:
     """Checks that need only the config itself. Each failure names the file and the key."""
 
@@ -107,7 +144,7 @@ def validate(c: NeoXConfig) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
     for check in (_choices, _architecture, _counts, _sizes, _rope_scaling, _attention_config, _optimizer_and_loading,
-                  _data, _training_and_logging, _post_training, _skips_and_spikes, _moe):
+                  _data, _training_and_logging, _post_training, _skips_and_spikes, _adapters, _moe):
         check(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
@@ -478,6 +515,45 @@ def _pipeline(c: NeoXConfig, fail) -> None:
              f"entries of a {c.num_layers}-layer model's layer list; use at most {entries} stages")
 
 
+def _adapters(c: NeoXConfig, fail) -> None:
+    """`adapter: lora` (neox_fork/model/adapters.py): its sizes, targets, and the combinations that are built."""
+    if c.adapter is None:
+        return
+    if c.adapter in ADAPTERS_NOT_BUILT:
+        fail("adapter", f"adapter {c.adapter!r} is not supported: {ADAPTERS_NOT_BUILT[c.adapter]}")
+    if c.adapter not in ADAPTERS:
+        fail("adapter", f"adapter {c.adapter!r} is not supported; valid: {', '.join(ADAPTERS)} or null")
+    if not isinstance(c.lora_r, int) or c.lora_r < 1:
+        fail("lora_r", f"lora_r must be a positive integer, got {c.lora_r!r}")
+    if not c.lora_alpha > 0:
+        fail("lora_alpha", f"lora_alpha must be positive, got {c.lora_alpha!r}")
+    if not 0.0 <= c.lora_dropout < 1.0:
+        fail("lora_dropout", f"lora_dropout must be in [0, 1), got {c.lora_dropout!r}")
+    targets = lora_targets(c.lora_target_modules)
+    if isinstance(targets, str):
+        fail("lora_target_modules", f"lora_target_modules: {targets}")
+    not_yet = [(k, why) for k, why in (
+        ("pipe_parallel_size", "pipeline stages"), ("sequence_parallel", "sequence parallelism at TP > 1"),
+        ("partition_activations", "partition_activations (sequence parallelism) at TP > 1"),
+        ("use_bnb_optimizer", "bitsandbytes' optimizer"), ("load_universal", "universal checkpoints"))
+        if (getattr(c, k) > 1 if k == "pipe_parallel_size" else getattr(c, k) and (
+            c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations")))]
+    if c.adapter == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            fail("adapter", "adapter qlora needs bitsandbytes (its 4-bit NF4 base), which is not installed; "
+                 "`pip install bitsandbytes` or use adapter: lora")
+        if c.torch_compile:
+            fail("torch_compile", "adapter qlora with torch_compile is not built; set torch_compile: false")
+    if c.train_impl == "rm":
+        not_yet.insert(0, ("train_impl", "train_impl rm (its new reward head would need to train whole)"))
+    if not_yet:
+        key, what = not_yet[0]
+        fail(key, f"adapter lora with {what} is not built yet; use adapter lora with train_impl normal, dpo or kto, "
+             "tensor and data parallelism (pipe_parallel_size 0 or 1), or train the whole model (adapter: null)")
+
+
 def _moe(c: NeoXConfig, fail) -> None:
     """Mixture of experts (neox_fork/model/moe.py): upstream's keys; what is not built yet is one line each."""
     if c.moe_num_experts < 1:
@@ -508,6 +584,9 @@ def _moe(c: NeoXConfig, fail) -> None:
         if getattr(c, key) > 1:
             fail(key, f"{key} {getattr(c, key)} with moe_num_experts {c.moe_num_experts} is not supported yet: "
                       f"{what} are not built; use {key} 1")
+    if c.adapter is not None:
+        fail("adapter", f"adapter {c.adapter} with moe_num_experts > 1 is not supported yet (adapters on the experts "
+             "are not built); train the whole model (adapter: null)")
     if c.load_universal:
         fail("load_universal", "load_universal with moe_num_experts > 1 is not supported yet (universal checkpoints "
              "of MoE models are not built); resume at the saved layout")

@@ -79,7 +79,7 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
     else:
         tp = 1
         parallel.initialize(1)
-        state = checkpoint.merge_tp_shards(checkpoint.load_model_shards(folder, trust))
+        state, _, _ = checkpoint.load_merged(folder, trust=trust)  # a LoRA folder: base + adapters
     source = checkpoint.tokenizer_of(folder, config)
     tokenizer = source.build() if source else None
     # the run's config at this TP size, with the padded vocabulary the weights were saved with

@@ -29,6 +29,7 @@ from megatron.core import tensor_parallel as tp
 from torch import nn
 
 from neox_fork.model import fused, moe, rope_scaling
+from neox_fork.model.adapters import LoraSpec, add_lora
 from neox_fork.model.attention import DocumentMask, attention
 from neox_fork.model.shape import ModelShape
 from neox_fork.config.neox_config import NeoXConfig
@@ -562,4 +563,8 @@ def build_model(config: NeoXConfig, tokenizer_vocab_size: int | None = None, *,
     mp = model_parallel_config(parallel_state.get_tensor_model_parallel_world_size(), config.dtype_name,
                                shape.sequence_parallel)
     mp.perform_initialization = perform_initialization
-    return NeoXModel(shape, mp)
+    model = NeoXModel(shape, mp)
+    spec = LoraSpec.from_config(config)
+    if spec is not None:  # adapters on the target linears, every other weight frozen (model/adapters.py)
+        add_lora(model, spec)
+    return model

@@ -122,7 +122,7 @@ def mfu(tokens_per_sec: float, flops_per_token: float, num_devices: int, peak: f
 def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int, seq_length: int,
                           micro_batch: int, tp: int, dp: int, zero_stage: int, dtype: str,
                           checkpoint_activations: bool, vocab_size: int,
-                          sequence_parallel: bool = False) -> dict[str, float]:
+                          sequence_parallel: bool = False, trainable_params: int | None = None) -> dict[str, float]:
     """Bytes per GPU for one training step, by part (Rajbhandari et al. for ZeRO, Korthikanti et al.
     for activations with a fused attention kernel that keeps no s x s scores).
 
@@ -132,13 +132,15 @@ def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int,
     - fp32 gradient buffer (`fp32_gradient_buffer_bytes`): DeepSpeed's bf16 optimizer accumulates gradients
       in an fp32 copy of the whole model on every rank;
     - activations: see `activation_memory_bytes`; plus the logits chunk of the loss.
+    `trainable_params` (LoRA: the adapters; default all): only they have gradients and optimizer states.
     """
     half = dtype in ("bf16", "fp16")
     p = num_params / tp
+    t = (num_params if trainable_params is None else trainable_params) / tp
     weights = p * (2 if half else 4)
-    grads = p * (2 if half else 4)
-    optim = p * (12 if half else 8) / (dp if zero_stage >= 1 else 1)
-    grad_buffer = fp32_gradient_buffer_bytes(p, dp=dp, zero_stage=zero_stage, dtype=dtype)
+    grads = t * (2 if half else 4)
+    optim = t * (12 if half else 8) / (dp if zero_stage >= 1 else 1)
+    grad_buffer = fp32_gradient_buffer_bytes(t, dp=dp, zero_stage=zero_stage, dtype=dtype)
     activations = activation_memory_bytes(num_layers=num_layers, hidden_size=hidden_size, seq_length=seq_length,
                                           micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
                                           checkpoint_activations=checkpoint_activations)

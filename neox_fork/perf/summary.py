@@ -13,6 +13,7 @@ from neox_fork.data.tokenizer import tokenizer_file_vocab_size
 from neox_fork.errors import UserError
 from neox_fork.model import rope_scaling
 from neox_fork.model.shape import ModelShape, count_parameters
+from neox_fork.model.adapters import is_adapter
 from neox_fork.model.transformer import build_model
 
 DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
@@ -76,7 +77,10 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     vocab = tokenizer_file_vocab_size(config.vocab_file, config.tokenizer_type, config.merge_file)
     shape = ModelShape.from_config(config, vocab)
     model = meta_model(config, vocab)
-    n = sum(p.numel() for p in model.parameters())
+    numels = {k: p.numel() for k, p in model.named_parameters() if not is_adapter(k)}  # the model (LoRA: its base)
+    adapters = {k: p.numel() for k, p in model.named_parameters() if is_adapter(k)}
+    n, n_adapters = sum(numels.values()), sum(adapters.values())
+    trainable = n_adapters if config.adapter else n
     if n != count_parameters(shape):
         raise AssertionError(f"meta build has {n} parameters, formula says {count_parameters(shape)}")
     tp, dp = config.model_parallel_size, config.data_parallel_size(world)
@@ -87,10 +91,11 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     def memory_at(micro_batch: int, checkpoint_activations: bool, params: int = n, layers: int = config.num_layers,
                   in_flight: int = 1) -> dict[str, float]:
         return flops.training_memory_bytes(
-            params, num_layers=layers * in_flight, hidden_size=config.hidden_size, seq_length=seq,
+            params + n_adapters, num_layers=layers * in_flight, hidden_size=config.hidden_size, seq_length=seq,
             micro_batch=micro_batch, tp=tp, dp=dp, zero_stage=config.zero_stage, dtype=config.dtype_name,
             checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size,
-            sequence_parallel=shape.sequence_parallel and tp > 1)
+            sequence_parallel=shape.sequence_parallel and tp > 1,
+            trainable_params=n_adapters if config.adapter else None)
 
     mem = memory_at(config.train_micro_batch_size_per_gpu, config.activation_recompute == "full")
     act = {sp: flops.activation_memory_bytes(
@@ -109,6 +114,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"config: {' + '.join(map(str, paths))}",
         f"parameters: {n}",
         f"active_parameters: {count_parameters(shape, active=True)}  (used per token: MoE layers' top-k experts)",
+        f"trainable_parameters: {trainable}" + (
+            f" ({trainable / n:.3%} of the model: LoRA r={config.lora_r} on {', '.join(config.lora_targets)}; "
+            "the base is frozen: no gradients or optimizer states)" if config.adapter else ""),
         f"non_embedding_parameters: {fpt.non_embedding_params}" + ("  (active)" if shape.moe else ""),
         f"layers: {config.num_layers}  hidden: {config.hidden_size}  heads: {config.num_attention_heads}  "
         f"head_dim: {config.head_dim}  ffn: {config.ffn_hidden_size}  rotary_dims: {config.rotary_dim}{rope}  "
@@ -126,9 +134,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     ]
     if config.pipe_parallel_size > 1:
         lines += pipeline_lines(config, model, memory_at, config.activation_recompute == "full")
-    ckpt_bytes = checkpoint_bytes(config, checkpoint_elements({k: p.numel() for k, p in model.named_parameters()},
-                                                               config))
-    lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // n} bytes per parameter); "
+    ckpt_bytes = checkpoint_bytes(config, checkpoint_elements(adapters if config.adapter else numels, config))
+    saved = "adapter parameter; the base is named, not copied" if config.adapter else "parameter"
+    lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // trainable} bytes per {saved}); "
                  f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "
                  "(compare signal_grace_seconds)")
     if config.train_iters:
@@ -140,7 +148,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if mem['total'] <= budget else 'NO'}")
         lines.append(no_recompute_line(lambda b: memory_at(b, False), budget, gpu_memory_gb))
     print("\n".join(lines))
-    return {"parameters": n, "active_parameters": count_parameters(shape, active=True), "flops_per_token": model_fpt, "memory": mem, "checkpoint_bytes": ckpt_bytes,
+    return {"parameters": n, "trainable_parameters": trainable,
+            "active_parameters": count_parameters(shape, active=True), "flops_per_token": model_fpt, "memory": mem,
+            "checkpoint_bytes": ckpt_bytes,
             "activations_by_sequence_parallel": act}
 
 

@@ -360,6 +360,10 @@ def setup(c: NeoXConfig) -> Run:
         engine = build_engine(c, model, world)
     state = TrainState()
     resume(engine, model, c, state)
+    if c.adapter == "qlora":  # the loaded base into 4-bit NF4 (model/adapters.py); the adapters stay as they are
+        from neox_fork.model.adapters import quantize_base
+
+        log.info("qlora: %d base linears in 4-bit NF4", quantize_base(model))
     state.reference = reference_for_run(c, engine.module, state.resumed_from)
     return Run(c, engine, model, tokenizer, train_data, valid_data, state, world, Objective(c, state.reference),
                flops_per_token)

@@ -17,7 +17,8 @@ upstream's `forward_step` (megatron/training.py at ea7aefd8), with its metric na
 * RM: the one-output head's value at each answer's last trained position; `-logsigmoid(r_c - r_r) +
   z_loss x (r_c^2 + r_r^2)`. Metrics pos_values, neg_values, margin, accuracy.
 
-The reference model of DPO/KTO is a frozen copy of the policy sharded like it (same tensor-parallel layout),
+With LoRA (`adapter: lora`) the reference is the policy with its adapters off (AdaptersOff): the frozen base.
+Otherwise the reference model of DPO/KTO is a frozen copy of the policy sharded like it (same tensor-parallel layout),
 in eval mode (no dropout), made from the policy's weights when training starts from `load` with
 `finetune: true`; its weights are saved in every checkpoint (`checkpoint.REFERENCE_DIR`), so a resume takes them from
 there and not from a path that may have changed. With `precompute_model_name` no reference model is built:
@@ -124,11 +125,35 @@ def _copy_into(reference: torch.nn.Module, saved: dict[str, torch.Tensor], where
             v.copy_(saved[k])
 
 
-def reference_for_run(c, model: torch.nn.Module, resumed_from: Path | None) -> torch.nn.Module | None:
+class AdaptersOff:
+    """The reference of a LoRA run (`adapter: lora`): the policy itself with its adapters off, which is the frozen
+    base it started from, in eval mode (no dropout). No second copy of the weights, and nothing to save: the
+    LoRA checkpoint already names its base."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        from neox_fork.model.adapters import adapters_disabled
+
+        training = self.model.training
+        self.model.eval()
+        try:
+            with adapters_disabled(self.model):
+                return self.model(*args, **kwargs)
+        finally:
+            self.model.train(training)
+
+
+def reference_for_run(c, model: torch.nn.Module, resumed_from: Path | None):
     """The frozen reference of a run: from the checkpoint it resumed (`resumed_from`, any TP size), else the
-    policy's weights now (the start of fine-tuning from `load`); None when the objective needs none."""
+    policy's weights now (the start of fine-tuning from `load`); a LoRA run's is its base (AdaptersOff); None
+    when the objective needs none."""
     if not Objective(c).needs_reference:
         return None
+    if c.adapter:
+        log.info("reference model: the policy with its LoRA adapters off (the frozen base)")
+        return AdaptersOff(model)
     from megatron.core import parallel_state
 
     reference = make_reference(model)

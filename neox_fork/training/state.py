@@ -26,6 +26,7 @@ from neox_fork.checkpoint.async_writer import AsyncWriter
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.data.tokenizer import TokenizerSource
 from neox_fork.errors import UserError
+from neox_fork.model.adapters import adapter_sharding, is_adapter
 
 log = logging.getLogger("neox_fork")
 
@@ -51,6 +52,7 @@ class TrainState:
     last_saved: int | None = None
     resumed_from: Path | None = None  # the step folder a full resume read (not a finetune's `load`)
     reference: object = None  # training/preference.py's frozen reference model, saved with each step
+    adapter_base: Path | None = None  # adapter lora: the step folder of the frozen base weights (what saves name)
     skipped_iterations: list = field(default_factory=list)  # [first, last] steps skip_train_iteration_ranges skipped
     pending: object = None  # an async_save still being written: PendingSave
 
@@ -211,8 +213,10 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         checkpoint.start_partial(ckpt_dir, state.iteration)
     dist.barrier()
     model = _model_of(engine, c)
-    # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
-    module, layers = checkpoint.neox_weights(checkpoint.model_state(model), c, parallel.tp_size())
+    if c.adapter:  # only the adapters (our names) and, in lora_adapters.json, the base they adapt
+        module, layers = {k: v for k, v in checkpoint.model_state(model).items() if is_adapter(k)}, {}
+    else:  # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
+        module, layers = checkpoint.neox_weights(checkpoint.model_state(model), c, parallel.tp_size())
     # what DeepSpeed's ds_to_universal needs to merge each parameter's tensor-parallel slices
     info = getattr(engine.module, "universal_info", None) or universal.checkpoint_info(  # pipelined: whole model's
         dict(model.named_parameters()), model.shape.vocab_size)
@@ -224,7 +228,8 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     elif c.checkpoint_validation_with_forward_pass:
         client_state[VALIDATION_KEY] = validation_logits(engine.module, c)
     with _without_optimizer_states(engine, c.no_save_optim), _SavesThrough(engine, writer):
-        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=bool(c.adapter))  # ZeRO-2 would copy the frozen base
     fail_if_asked("save", state.iteration)
     if layers:  # index 1 is a function, so GPT-NeoX writes no file for it; ds_to_universal refuses a folder without
         layers = {**layers, 1: {}}  # a layer_01 file, so an empty one is written (every reader skips it)
@@ -234,8 +239,10 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         layers = stage_files(engine, layers)
     if parallel.dp_rank() == 0:
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers, writer)
-        if state.reference is not None:
+        if state.reference is not None and not c.adapter:  # LoRA's reference is the base the folder names
             checkpoint.save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank(), writer)
+    if c.adapter and _rank0():  # the base the adapters are on, and how each adapter tensor splits over TP ranks
+        checkpoint.save_lora_info(partial, state.adapter_base, adapter_sharding(model))
     if not c.no_save_rng:
         save_rng(partial / checkpoint.RNG_FILE.format(dist.get_rank()), writer)
 
@@ -353,7 +360,12 @@ def restore_rng(path: Path, trust: bool, tracker: bool = True) -> None:
 
 def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     """Continue from `load` (full state), or take weights only with `finetune: true`."""
+    no_base = ("adapter lora trains adapters on frozen base weights, and a LoRA checkpoint names them instead of "
+               "copying them: set load to a base checkpoint (e.g. one tools/ckpts/convert_hf_llama_to_neox.py "
+               "imported) with finetune: true")
     if not c.load:
+        if c.adapter:
+            raise UserError(f"{c.where('adapter')}: {no_base}")
         return
     if c.trust_checkpoint:
         log.warning("trust_checkpoint is on: files of %s are unpickled without restriction and can run code",
@@ -364,11 +376,22 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     step = checkpoint.read_latest(c.load)
     if step is None:
         if Path(c.load) == Path(c.save or ""):  # first start of a run that saves and loads in one place
+            if c.adapter:
+                raise UserError(f"load: '{c.load}' has no checkpoint yet; {no_base}")
             log.info("no checkpoint in %s yet: starting from scratch", c.load)
             return
         raise UserError(f"load: '{c.load}' has no 'latest' file; point it at a checkpoint folder")
     folder = checkpoint.resolve(c.load, step)
     saved_tp = checkpoint.tp_size_of(folder)
+    lora = checkpoint.lora_info(folder) is not None
+    if c.adapter:  # the base the adapters train on: a LoRA checkpoint's own base, else the folder itself
+        if not (lora or c.finetune):
+            raise UserError(f"load: {folder} holds no LoRA adapters; start a LoRA run from a base checkpoint with "
+                            "finetune: true")
+        state.adapter_base = checkpoint.lora_base_of(folder) if lora else folder.resolve()
+    elif lora:
+        raise UserError(f"load: {folder} is a LoRA checkpoint (adapters on a base): resume it with its config's "
+                        "adapter keys, or export the merged model (tools/convert_to_hf.py) and train that")
     if c.finetune:
         load_weights_only(model, folder, c.trust_checkpoint)
         # ZeRO (and bf16) optimizers keep fp32 masters copied from the weights when the engine was built; the
@@ -394,7 +417,8 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
 
     def load_weights(src, dst):  # DeepSpeed's `module` (sequential or our names), else the layer files
         path = folder / checkpoint.MODEL_FILE.format(parallel.tp_rank())
-        copy_weights(dst, checkpoint.weights_of_module(src, path) if src else None, folder, c.trust_checkpoint)
+        mine = checkpoint.weights_of_module(src, path) if src and not lora else None  # LoRA: base + adapters
+        copy_weights(dst, mine, folder, c.trust_checkpoint)
 
     load_optim = not c.no_load_optim
     if load_optim and (folder / NO_OPTIMIZER_FILE).is_file():
@@ -468,6 +492,9 @@ def copy_weights(model, mine: dict | None, folder: Path, trust: bool = False, fr
     if fresh_reward_head and "rm_linear.weight" in own and "rm_linear.weight" not in mine:
         log.info("reward model from %s, a language model: rm_linear starts from its initialisation", folder)
         own.pop("rm_linear.weight")
+    if not any(is_adapter(k) for k in mine) and any(is_adapter(k) for k in own):
+        log.info("LoRA adapters start from their initialisation on the weights of %s", folder)
+        own = {k: v for k, v in own.items() if not is_adapter(k)}
     problems = [k for k in own if k not in mine or mine[k].shape != own[k].shape]
     if problems:
         k = problems[0]
