@@ -49,7 +49,8 @@ def test_dash_and_underscore_keys_are_the_same_and_later_files_override(tmp_path
      "train_batch_size 10 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 1 x data-parallel size 2"),
     ("num_gpus: 3\nmodel_parallel_size: 2\n", "model_parallel_size 2 does not divide the world size 3"),
     ("num_layers: [1,\n", "YAML syntax error at line"),
-    ("mlp_type: moe\n", "mlp_type 'moe' is not supported: mixture of experts is not built; valid: regular, gated, llama"),
+    ("mlp_type: moe\n", "mlp_type 'moe' is not supported: mixture of experts is moe_num_experts > 1 (upstream's "
+                       "key), not an MLP type; valid: regular, gated, llama"),
     ("train_data_paths: [a, b]\ntrain_data_weights: [1.0]\n", "train_data_weights has 1 entries but train_data_paths has 2"),
     ("context_parallel_size: 2\n", "context_parallel_size 2: context parallelism (each sequence split over ranks) is "
                                    "not built yet; valid: 1"),

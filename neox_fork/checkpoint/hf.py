@@ -358,6 +358,9 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
         from neox_fork.config.loading import load_config
 
         config = load_config(config_file)
+    if config.moe_num_experts > 1:
+        raise UserError(f"checkpoint {folder}: moe_num_experts {config.moe_num_experts}: exporting mixture-of-experts "
+                        "models to Hugging Face (MixtralForCausalLM) is not built yet")
     check_architecture(config, architecture)
     if peft_adapter is not None:
         export_peft_adapter(state, config, peft_adapter, dtype)

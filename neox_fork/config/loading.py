@@ -99,6 +99,8 @@ UNSET = object()  # _check_key's answer for `key: null` where upstream's default
 def _check_key(key: str, value: Any, source: str) -> Any:
     if key in config_upstream.KEYS and key not in _FIELDS:
         return config_upstream.check_type(key, value, source)
+    if key in config_upstream.REMOVED_MOE_KEYS:
+        raise UserError(f"{source}: key '{key}' was removed upstream: {config_upstream.REMOVED_MOE_KEYS[key]}")
     if key not in _FIELDS:
         close = difflib.get_close_matches(key, [*_FIELDS, *config_upstream.KEYS], n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else "; see neox_fork/config/neox_config.py for the known keys"

@@ -116,7 +116,19 @@ class NeoXConfig:
                                                   "HF Mistral's sliding_window is W + 1)")
     attention_config: list = _key(factory=list, doc="[[[type, ...], repeat], ...] per layer: flash or global "
                                                     "(both exact attention); default flash everywhere")
-    moe_num_experts: int = _key(1, "only 1 (mixture of experts is not built)")
+    # --- mixture of experts (neox_fork/model/moe.py: megatron-core's MoELayer, dropless) ---
+    moe_num_experts: int = _key(1, "experts per MoE layer; 1: dense MLPs everywhere")
+    moe_expert_interval: int = _key(1, "layer i (from 0) is MoE when i % interval == 0, as upstream")
+    moe_top_k: int = _key(1, "experts each token is routed to")
+    moe_router_type: str = _key("sinkhorn", "sinkhorn (training picks experts by Sinkhorn-balanced scores; "
+                                            "evaluation by top-k, as upstream) or topk (softmax top-k)")
+    moe_normalize_expert_weights: bool = _key(False, "topk only: the k chosen softmax weights are renormalised to "
+                                                     "sum 1 (Mixtral's); false: upstream's raw softmax weights")
+    moe_aux_loss_coeff: float = _key(0.0, "topk only: coefficient of the Switch load-balancing loss added to the "
+                                          "training loss (per MoE layer); upstream has none (sinkhorn balances)")
+    moe_lbl_in_fp32: bool = _key(False, "compute the router logits, and so the load-balancing loss, in fp32")
+    moe_jitter_eps: float | None = _key(None, "topk: router inputs times noise from U(1-eps, 1+eps), in training")
+    expert_model_parallel_size: int = _key(1, "only 1 for now (expert parallelism is not built yet)")
     hidden_dropout: float = _key(0.0, "dropout on the embeddings and on each residual branch")
     attention_dropout: float = _key(0.0, "dropout on attention probabilities")
 

@@ -49,7 +49,7 @@ NOT_BUILT = {
     ("norm", "crmsnorm"): "CRMSNorm is not built",
     ("norm", "te_layernorm"): "Transformer Engine layers are not used here; use layernorm",
     ("norm", "te_rmsnorm"): "Transformer Engine layers are not used here; use rmsnorm",
-    ("mlp_type", "moe"): "mixture of experts is not built",
+    ("mlp_type", "moe"): "mixture of experts is moe_num_experts > 1 (upstream's key), not an MLP type",
     ("train_impl", "reinforce"): "online REINFORCE needs upstream's separate generation server and is not built",
     ("dataset_impl", "online"): "the online dataset (an RL data server) is not built",
     ("output_layer_parallelism", "row"): "only the vocabulary-parallel output layer is built (upstream's row "
@@ -144,7 +144,7 @@ def validate(c: NeoXConfig) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
     for check in (_choices, _architecture, _counts, _sizes, _rope_scaling, _attention_config, _optimizer_and_loading,
-                  _data, _training_and_logging, _post_training, _skips_and_spikes, _adapters):
+                  _data, _training_and_logging, _post_training, _skips_and_spikes, _adapters, _moe):
         check(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
@@ -161,9 +161,6 @@ def _choices(c: NeoXConfig, fail) -> None:
     for key, why in MUST_BE_FALSE.items():
         if getattr(c, key):
             fail(key, f"{key} true is not supported ({why}); set it to false")
-    if c.moe_num_experts != 1:
-        fail("moe_num_experts", f"moe_num_experts {c.moe_num_experts} is not supported: mixture of experts is not "
-             "built; use 1")
 
 
 def _architecture(c: NeoXConfig, fail) -> None:
@@ -555,3 +552,44 @@ def _adapters(c: NeoXConfig, fail) -> None:
         key, what = not_yet[0]
         fail(key, f"adapter lora with {what} is not built yet; use adapter lora with train_impl normal, dpo or kto, "
              "tensor and data parallelism (pipe_parallel_size 0 or 1), or train the whole model (adapter: null)")
+
+
+def _moe(c: NeoXConfig, fail) -> None:
+    """Mixture of experts (neox_fork/model/moe.py): upstream's keys; what is not built yet is one line each."""
+    if c.moe_num_experts < 1:
+        fail("moe_num_experts", f"moe_num_experts must be 1 (dense) or more, got {c.moe_num_experts}")
+    if c.expert_model_parallel_size != 1:
+        fail("expert_model_parallel_size", f"expert_model_parallel_size {c.expert_model_parallel_size} is not "
+             "supported yet: expert parallelism is not built; use 1 (every rank holds every expert)")
+    if c.moe_num_experts == 1:
+        return
+    if not 1 <= c.moe_top_k <= c.moe_num_experts:
+        fail("moe_top_k", f"moe_top_k must be from 1 to moe_num_experts {c.moe_num_experts}, got {c.moe_top_k}")
+    if c.moe_expert_interval < 1:
+        fail("moe_expert_interval", f"moe_expert_interval must be 1 or more, got {c.moe_expert_interval}")
+    if c.moe_router_type not in ("sinkhorn", "topk"):
+        fail("moe_router_type", f"moe_router_type {c.moe_router_type!r} is not supported; valid: sinkhorn, topk")
+    if c.moe_aux_loss_coeff < 0:
+        fail("moe_aux_loss_coeff", f"moe_aux_loss_coeff must be 0 or more, got {c.moe_aux_loss_coeff}")
+    if c.moe_router_type == "sinkhorn":
+        for key in ("moe_aux_loss_coeff", "moe_normalize_expert_weights", "moe_jitter_eps"):
+            if getattr(c, key):
+                fail(key, f"{key} applies to moe_router_type topk; the sinkhorn router balances the load itself, "
+                          "keeps its own weights and takes no jitter (as upstream); leave it unset or use topk")
+    if c.moe_jitter_eps is not None and not 0 < c.moe_jitter_eps < 1:
+        fail("moe_jitter_eps", f"moe_jitter_eps must be between 0 and 1 (or null), got {c.moe_jitter_eps}")
+    later = {"model_parallel_size": "experts split over tensor parallelism",
+             "pipe_parallel_size": "pipeline stages with MoE layers"}
+    for key, what in later.items():
+        if getattr(c, key) > 1:
+            fail(key, f"{key} {getattr(c, key)} with moe_num_experts {c.moe_num_experts} is not supported yet: "
+                      f"{what} are not built; use {key} 1")
+    if c.adapter is not None:
+        fail("adapter", f"adapter {c.adapter} with moe_num_experts > 1 is not supported yet (adapters on the experts "
+             "are not built); train the whole model (adapter: null)")
+    if c.load_universal:
+        fail("load_universal", "load_universal with moe_num_experts > 1 is not supported yet (universal checkpoints "
+             "of MoE models are not built); resume at the saved layout")
+    if c.moe_aux_loss_coeff and c.dtype_name == "fp16":
+        fail("moe_aux_loss_coeff", "moe_aux_loss_coeff with fp16 is not supported yet (the load-balancing loss's "
+             "gradient would miss the fp16 loss scale); use bf16 or fp32, or moe_aux_loss_coeff 0")

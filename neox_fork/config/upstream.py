@@ -156,12 +156,6 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     "mup_width_scale": (NO_EFFECT, 2, int, MUP),
     # --- text generation ---
     "return_logits": (NO_EFFECT, False, bool, "return logits with the samples"),
-    # --- mixture of experts (moe_num_experts > 1 is refused) ---
-    "moe_expert_interval": (NO_EFFECT, 1, int, "only used by mixture of experts (not built)"),
-    "moe_top_k": (NO_EFFECT, 1, int, "only used by mixture of experts (not built)"),
-    "moe_router_type": (NO_EFFECT, "sinkhorn", str, "only used by mixture of experts (not built)"),
-    "moe_lbl_in_fp32": (NO_EFFECT, False, bool, "only used by mixture of experts (not built)"),
-    "moe_jitter_eps": (NO_EFFECT, None, float, "only used by mixture of experts (not built)"),
     # --- DeepSpeed config ---
     "deepspeed": (DERIVED, True, bool, "DeepSpeed is always used"),
     "scheduler": (REFUSED, None, dict, "DeepSpeed's LR schedulers are not used: the schedule is lr_decay_style, "
@@ -195,6 +189,23 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     # --- DeepSpeed runner ---
     "force_multi": (NO_EFFECT, False, bool, "force DeepSpeed's multi-node runner on one node (deepy picks)"),
     "autotuning_run": (REFUSED, None, str, "deepy does not run DeepSpeed's autotuner"),
+}
+
+# Older upstream's DeepSpeed-MoE keys (gpt-neox #1129), removed by its dropless MoE (#1210): what replaced each.
+REMOVED_MOE_KEYS = {
+    "moe_type": "MoE is dropless: megatron-core's MoELayer (neither DeepSpeed-MoE nor megablocks); remove the key",
+    "moe_loss_coeff": "replaced by moe_aux_loss_coeff (the topk router's load-balancing loss; sinkhorn needs none)",
+    "moe_train_capacity_factor": "MoE is dropless (no expert capacity, no dropped tokens); remove the key",
+    "moe_eval_capacity_factor": "MoE is dropless (no expert capacity, no dropped tokens); remove the key",
+    "moe_min_capacity": "MoE is dropless (no expert capacity, no dropped tokens); remove the key",
+    "moe_token_dropping": "MoE is dropless (no expert capacity, no dropped tokens); remove the key",
+    "moe_use_residual": "DeepSpeed's residual MoE was removed upstream and is not built; remove the key",
+    "create_moe_param_group": "experts' parameters are in the ordinary parameter groups; remove the key",
+    "moe_expert_parallel_size": "renamed expert_model_parallel_size (megatron-core's name)",
+    "enable_expert_tensor_parallelism": "replaced by expert_model_parallel_size; remove the key",
+    "use_tutel": "Tutel kernels of DeepSpeed-MoE were removed; remove the key",
+    "moe_glu": "experts are gated when the MLP is (activation swiglu, or mlp_type gated); remove the key",
+    "expert_interval": "renamed moe_expert_interval",
 }
 
 

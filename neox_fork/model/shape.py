@@ -8,6 +8,31 @@ from dataclasses import dataclass
 from neox_fork.config.neox_config import NeoXConfig
 
 
+@dataclass(frozen=True)
+class MoEShape:
+    """Mixture of experts (neox_fork/model/moe.py): which layers, how many experts, how tokens are routed."""
+
+    num_experts: int
+    top_k: int
+    interval: int  # layer i (from 0) has experts when i % interval == 0, as upstream
+    router_type: str  # sinkhorn or topk
+    normalize_weights: bool  # topk: the k chosen softmax weights renormalised to sum 1
+    aux_loss_coeff: float  # topk: Switch load-balancing loss coefficient, per MoE layer
+    router_fp32: bool  # moe_lbl_in_fp32: router logits (and the balancing loss) in fp32
+    jitter_eps: float | None
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        return layer_number % self.interval == 0
+
+    @classmethod
+    def from_config(cls, c: NeoXConfig) -> "MoEShape | None":
+        if c.moe_num_experts <= 1:
+            return None
+        return cls(num_experts=c.moe_num_experts, top_k=c.moe_top_k, interval=c.moe_expert_interval,
+                   router_type=c.moe_router_type, normalize_weights=c.moe_normalize_expert_weights,
+                   aux_loss_coeff=c.moe_aux_loss_coeff, router_fp32=c.moe_lbl_in_fp32, jitter_eps=c.moe_jitter_eps)
+
+
 @dataclass
 class ModelShape:
     """What the model needs from the config, resolved (padded vocabulary included)."""
@@ -49,6 +74,7 @@ class ModelShape:
     qk_norm: bool = False  # upstream's use_qk_layernorm: `norm` over [heads, head_dim] of q and k, before rotary
     reward_model: bool = False  # train_impl rm: a one-output head (rm_linear) replaces the LM head
     rope_scaling: dict | None = None  # the config's rope_scaling (model/rope_scaling.py); None: plain rotary
+    moe: MoEShape | None = None  # None: dense MLPs in every layer
 
     @property
     def head_dim(self) -> int:
@@ -80,11 +106,13 @@ class ModelShape:
             learned_positions=c.pos_emb == "learned", mlp_out=c.mlp_widths[0],
             sliding_window=c.sliding_window_width, qk_norm=c.use_qk_layernorm, reward_model=c.train_impl == "rm",
             rope_scaling=c.rope_scaling,
+            moe=MoEShape.from_config(c),
         )
 
 
-def count_parameters(shape: ModelShape) -> int:
-    """Parameters of the whole (unsharded) model, by formula; checked against a meta-device build."""
+def count_parameters(shape: ModelShape, active: bool = False) -> int:
+    """Parameters of the whole (unsharded) model, by formula; checked against a meta-device build. `active`:
+    those one token uses (an MoE layer's router and its top-k experts; embeddings and head count in both)."""
     s = shape
     h, f, L, v, d = s.hidden_size, s.ffn_hidden_size, s.num_layers, s.vocab_size, s.head_dim
     norm = 2 * h if s.norm_bias else h
@@ -95,4 +123,10 @@ def count_parameters(shape: ModelShape) -> int:
     heads = 1 if s.tie_word_embeddings or s.reward_model else 2
     positions = s.max_positions * h if s.learned_positions else 0
     qk_norm = (2 if s.norm != "rmsnorm" else 1) * s.num_heads * d if s.qk_norm else 0
-    return L * (attention + mlp + 2 * norm + qk_norm) + heads * v * h + positions + norm + (h if s.reward_model else 0)
+    mlps = L * mlp
+    if s.moe is not None:  # experts have no biases (as upstream's); the router is a [experts, h] weight
+        moe_layers = sum(s.moe.is_moe_layer(i) for i in range(L))
+        expert = h * linear1 + f * h
+        used = s.moe.top_k if active else s.moe.num_experts
+        mlps = (L - moe_layers) * mlp + moe_layers * (used * expert + s.moe.num_experts * h)
+    return L * (attention + 2 * norm + qk_norm) + mlps + heads * v * h + positions + norm + (h if s.reward_model else 0)

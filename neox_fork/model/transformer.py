@@ -28,7 +28,7 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core import tensor_parallel as tp
 from torch import nn
 
-from neox_fork.model import fused, rope_scaling
+from neox_fork.model import fused, moe, rope_scaling
 from neox_fork.model.adapters import LoraSpec, add_lora
 from neox_fork.model.attention import DocumentMask, attention
 from neox_fork.model.shape import ModelShape
@@ -269,7 +269,10 @@ class TransformerLayer(nn.Module):
         self.input_layernorm = make_norm(s)
         self.attention = Attention(s, mp, layer_number)
         self.post_attention_layernorm = make_norm(s)
-        self.mlp = MLP(s, mp)
+        self.mlp = MLP(s, mp) if s.moe is None or not s.moe.is_moe_layer(layer_number) else moe.MoEMLP(
+            s, mp, layer_number, init_method(s.init_method, s.init_std, s.num_layers, s.hidden_size),
+            init_method(s.output_layer_init_method, s.init_std, s.num_layers, s.hidden_size),
+            _ACTIVATIONS[s.activation])
         self.dropout = HiddenDropout(s.hidden_dropout)
 
     def forward(self, x, rotary, cos, sin, kv_cache=None, mask=None):

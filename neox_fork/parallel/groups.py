@@ -66,6 +66,7 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=False,
     )
+    _megatron_moe_without_transformer_engine()
     if not torch.cuda.is_available():
         _megatron_buffers_on_cpu()
 
@@ -100,10 +101,24 @@ def _megatron_buffers_on_cpu() -> None:
     """
     from megatron.core import utils
     from megatron.core.tensor_parallel import layers, mappings
+    from megatron.core.transformer.moe import router
 
-    for module in (mappings, layers, utils):
+    # router: the MoE router moves its weight to torch.cuda.current_device() at its first forward
+    for module in (mappings, layers, utils, router):
         if module.torch is torch:
             module.torch = _TorchWithCpuCuda()
+
+
+def _megatron_moe_without_transformer_engine() -> None:
+    """megatron-core's MoE router gating (moe_utils.RouterGatingLinearFunction) tests `te_general_gemm is not
+    None`, a name moe_utils defines only when TransformerEngine imports: without it (any CPU build, a GPU build
+    without TE) the name is undefined. Defined as None there, the gating takes its own torch matmul path.
+    The MoE token dispatcher is always the all-gather one (model/moe.py): the all-to-all one creates a
+    torch.cuda.Stream. tests/test_moe_cpu_shims_match_megatron_core.py fails when megatron-core changes these."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def sum_sequence_parallel_grads(model: torch.nn.Module) -> int:

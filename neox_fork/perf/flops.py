@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from neox_fork.model.moe import moe_layers
+
 # Dense bf16/fp16 tensor-core peaks in FLOP/s (no sparsity), from the vendors' data sheets.
 PEAK_FLOPS = {
     "H200": 989e12,
@@ -65,6 +67,15 @@ def _whole_model_numel(module: torch.nn.Module, tp_size: int) -> int:
                for p in module.parameters())
 
 
+def _idle_expert_numel(module: torch.nn.Module, tp_size: int) -> int:
+    """Parameters a token does not use: in each MoE layer, the experts beyond its top k (all experts are alike)."""
+    idle = 0
+    for layer in moe_layers(module):
+        experts = layer.moe.experts.local_experts
+        idle += (len(experts) - layer.moe.router.topk) * _whole_model_numel(experts[0], tp_size)
+    return idle
+
+
 @dataclass(frozen=True)
 class FlopsPerToken:
     model: int  # for MFU
@@ -77,8 +88,9 @@ def training_flops_per_token(model: torch.nn.Module, seq_length: int, recompute:
                              tp_size: int = 1) -> FlopsPerToken:
     """The FLOPs per token of one training step of `model` (this rank's shard of a TP=`tp_size` model, or a
     meta-device build): the one function model_summary, the training log, metrics.jsonl and the benchmark
-    use. N_non_embedding is counted on the model: `model.layers` plus `model.final_norm`."""
-    layer_params = _whole_model_numel(model.layers, tp_size)
+    use. N_non_embedding is counted on the model: `model.layers` plus `model.final_norm`; with MoE layers, the
+    active ones (the router and top-k experts of each), so MFU counts the FLOPs a token really costs."""
+    layer_params = _whole_model_numel(model.layers, tp_size) - _idle_expert_numel(model.layers, tp_size)
     non_embedding = layer_params + _whole_model_numel(model.final_norm, tp_size)
     s = model.shape
     flops = model_flops_per_token(non_embedding, s.num_layers, s.hidden_size, seq_length, s.vocab_size)

@@ -113,10 +113,11 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     lines = [
         f"config: {' + '.join(map(str, paths))}",
         f"parameters: {n}",
+        f"active_parameters: {count_parameters(shape, active=True)}  (used per token: MoE layers' top-k experts)",
         f"trainable_parameters: {trainable}" + (
             f" ({trainable / n:.3%} of the model: LoRA r={config.lora_r} on {', '.join(config.lora_targets)}; "
             "the base is frozen: no gradients or optimizer states)" if config.adapter else ""),
-        f"non_embedding_parameters: {fpt.non_embedding_params}",
+        f"non_embedding_parameters: {fpt.non_embedding_params}" + ("  (active)" if shape.moe else ""),
         f"layers: {config.num_layers}  hidden: {config.hidden_size}  heads: {config.num_attention_heads}  "
         f"head_dim: {config.head_dim}  ffn: {config.ffn_hidden_size}  rotary_dims: {config.rotary_dim}{rope}  "
         f"vocab(padded): {shape.vocab_size}  seq: {seq}",
@@ -147,7 +148,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if mem['total'] <= budget else 'NO'}")
         lines.append(no_recompute_line(lambda b: memory_at(b, False), budget, gpu_memory_gb))
     print("\n".join(lines))
-    return {"parameters": n, "trainable_parameters": trainable, "flops_per_token": model_fpt, "memory": mem, "checkpoint_bytes": ckpt_bytes,
+    return {"parameters": n, "trainable_parameters": trainable,
+            "active_parameters": count_parameters(shape, active=True), "flops_per_token": model_fpt, "memory": mem,
+            "checkpoint_bytes": ckpt_bytes,
             "activations_by_sequence_parallel": act}
 
 

@@ -33,6 +33,7 @@ from neox_fork.errors import UserError
 from neox_fork.launch.launcher import launcher_environment
 from neox_fork.training import faults
 from neox_fork.training.metrics import MetricsWriter, progress_line
+from neox_fork.model import moe
 from neox_fork.model.shape import count_parameters
 from neox_fork.model.transformer import build_model
 from neox_fork.training.optim import build_engine, deepspeed_skipped_update, skip_update, unchecked_nonfinite_grads
@@ -273,11 +274,15 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
     losses, finite = [], []
     step_batches = [next(micro_batches) for _ in range(n)]
     denominator = _masked_denominator(step_batches)
+    if c.moe_num_experts > 1:
+        moe.set_aux_loss_scale(1.0 / n)
     for batch in step_batches:
         loss, ok, micro = _forward_backward(engine, batch, params, objective, denominator, fault)
         if metrics is not None:
             for key, value in micro.items():
                 metrics[key] = metrics.get(key, 0.0) + value / n
+            if c.moe_num_experts > 1:
+                moe.add_step_metrics(metrics, engine.module, n)
         losses.append(loss)
         finite.append(ok)
         if len(losses) < n:

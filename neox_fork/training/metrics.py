@@ -32,6 +32,12 @@ def progress_line(m: dict, total_iters: int) -> str:
         parts.append(f"mfu {m['mfu']:.1%}")
     if m.get("hfu") is not None:
         parts.append(f"hfu {m['hfu']:.1%}")
+    if m.get("moe_lbl") is not None:
+        parts.append(f"moe_lbl {m['moe_lbl']:.4f}")
+    loads = [v for k, v in m.items() if k.startswith("moe_tokens/")]
+    if loads:  # the busiest expert's share over an even share (1.00: perfectly balanced)
+        experts = len({k.rsplit("/", 1)[1] for k in m if k.startswith("moe_tokens/")})
+        parts.append(f"moe_max_load {max(loads) * experts / max(sum(loads) / (len(loads) / experts), 1e-9):.2f}")
     parts.append(f"elapsed {format_duration(m['elapsed_sec'])}")
     parts.append(f"eta {format_duration(m['eta_sec'])}")
     return " | ".join(parts)

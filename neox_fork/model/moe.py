@@ -1,0 +1,156 @@
+"""Mixture of experts: megatron-core's dropless `MoELayer` (its router, all-gather token dispatcher and experts)
+as the MLP of the layers `ModelShape.moe` names; the rest of the model is unchanged (model/transformer.py).
+
+Upstream gpt-neox's semantics (megatron/model/router.py, moe.py), mapped onto megatron-core's options:
+- sinkhorn: training picks each token's k experts by Sinkhorn-balanced scores (upstream's three iterations,
+  `upstream_sinkhorn`; megatron-core's own iterates to convergence) and weights them by the sigmoid (k = 1) or
+  softmax (k > 1) of its logits; evaluation picks the top k of those. No load-balancing loss: Sinkhorn balances.
+- topk: softmax over all experts, the k largest, their raw weights (upstream); `normalize_weights` renormalises
+  the k weights to sum 1 (Mixtral's), which is megatron-core's top-k-then-softmax.
+- `aux_loss_coeff` > 0 (topk): the Switch load-balancing loss of each MoE layer, times the coefficient, is added
+  to the training loss (megatron-core attaches its gradient to the routing weights; `set_aux_loss_scale`).
+- every token reaches its experts (dropless; no capacity factor). Experts have no biases (as upstream's).
+Experts run one after another (megatron-core's SequentialMLP) on every device for now; the CPU shims for
+megatron-core's CUDA-only calls are in neox_fork/parallel/groups.py, with the dense layers' ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from megatron.core import ModelParallelConfig
+from megatron.core import tensor_parallel as tp
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from neox_fork.model.shape import ModelShape
+
+LBL = "load_balancing_loss"  # megatron-core's tracker name for the topk router's loss
+
+
+def transformer_config(s: ModelShape, mp: ModelParallelConfig, init, output_init,
+                       activation: Callable) -> TransformerConfig:
+    """megatron-core's config for one MoE layer of this shape (upstream's keys mapped as the module doc says)."""
+    m = s.moe
+    topk = m.router_type == "topk"
+    return TransformerConfig(
+        num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_heads,
+        ffn_hidden_size=s.ffn_hidden_size, moe_ffn_hidden_size=s.ffn_hidden_size,
+        gated_linear_unit=s.mlp_gated, activation_func=activation, add_bias_linear=False,
+        bias_activation_fusion=False, init_method=init, output_layer_init_method=output_init,
+        use_cpu_initialization=True, perform_initialization=mp.perform_initialization,
+        params_dtype=mp.params_dtype, bf16=mp.bf16, fp16=mp.fp16,
+        tensor_model_parallel_size=1, sequence_parallel=False,
+        num_moe_experts=m.num_experts, moe_router_topk=m.top_k,
+        moe_router_load_balancing_type=("aux_loss" if m.aux_loss_coeff else "none") if topk else "sinkhorn",
+        moe_aux_loss_coeff=m.aux_loss_coeff, moe_router_pre_softmax=not m.normalize_weights,
+        moe_router_dtype="fp32" if m.router_fp32 else None, moe_input_jitter_eps=m.jitter_eps,
+        moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+    )
+
+
+def upstream_sinkhorn(cost: torch.Tensor, tol: float = 1e-4, max_iter: int = 3) -> torch.Tensor:
+    """Upstream gpt-neox's Sinkhorn normalisation (megatron/model/router.py): columns start at
+    1 / (experts x column sum) and it stops after three iterations. megatron-core's starts from ones and
+    iterates to convergence, which can pick other experts: training routes as upstream does."""
+    cost = torch.exp(cost)
+    d0 = torch.ones(cost.size(0), device=cost.device, dtype=cost.dtype)
+    d1 = 1 / (cost.size(1) * torch.sum(cost, 0))
+    d1_old = d1
+    for _ in range(max_iter):
+        d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + 1e-8)
+        d1 = (1 / d1.size(0)) * 1 / (torch.sum(d0.unsqueeze(1) * cost, 0) + 1e-8)
+        converged = torch.mean(torch.abs(d1_old - d1)) < tol
+        d1_old = d1
+        if converged:
+            break
+    return d1 * cost * d0.unsqueeze(1)
+
+
+class Router(TopKRouter):
+    """megatron-core's TopKRouter, with upstream's Sinkhorn iterations (`upstream_sinkhorn`) choosing the
+    experts in training (the weights, sigmoid for k = 1 and softmax for k > 1 of the logits, are the same), and
+    upstream's jitter: in training only."""
+
+    def apply_input_jitter(self, input: torch.Tensor) -> torch.Tensor:
+        """Upstream jitters in training only; megatron-core's would in evaluation too."""
+        return super().apply_input_jitter(input) if self.training else input
+
+    def sinkhorn_load_balancing(self, logits: torch.Tensor):
+        if not self.training:
+            return super().sinkhorn_load_balancing(logits)
+        with torch.no_grad():
+            _, indices = torch.topk(upstream_sinkhorn(logits.float()), k=self.topk, dim=1)
+        if self.topk == 1:
+            scores = torch.sigmoid(logits)
+        else:
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+        routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, indices, True)
+        return scores * routing_map, routing_map
+
+
+class MoEMLP(nn.Module):
+    """An MoE layer in the MLP's place: [b, s, h] -> [b, s, h]. After each forward it holds `tokens_per_expert`
+    (this rank's tokens routed to each expert) and `load_balancing_loss` (unscaled; None without one); an
+    activation-checkpoint recompute repeats the same values, so they are kept, not summed."""
+
+    def __init__(self, s: ModelShape, mp: ModelParallelConfig, layer_number: int, init, output_init,
+                 activation: Callable):
+        super().__init__()
+        config = transformer_config(s, mp, init, output_init, activation)
+        experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
+            linear_fc1=tp.ColumnParallelLinear, linear_fc2=tp.RowParallelLinear))
+        self.moe = MoELayer(config, MoESubmodules(router=Router, experts=experts), layer_number=layer_number)
+        self.moe.set_layer_number(layer_number + 1)  # megatron-core counts layers from 1
+        self.layer_index = layer_number
+        self.tokens_per_expert: torch.Tensor | None = None
+        self.load_balancing_loss: torch.Tensor | None = None
+        self.moe.router.register_forward_hook(self._count_tokens)
+
+    def _count_tokens(self, router, inputs, outputs) -> None:
+        _, routing_map = outputs
+        self.tokens_per_expert = routing_map.sum(dim=0).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # megatron-core adds each layer's loss into a process-wide tracker; here it holds this forward's only
+        # (a recompute repeats the same value; another model in the process may have left other layer counts)
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        tracker.pop(LBL, None)
+        out, _ = self.moe(x)  # token order does not matter to routing: [b, s, h] is taken as is
+        tracked = tracker.pop(LBL, None)
+        self.load_balancing_loss = tracked["values"][self.layer_index].clone() if tracked is not None else None
+        return out
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    """The factor the load-balancing loss's gradient gets, to match the language-model loss's: DeepSpeed divides
+    that by the gradient-accumulation steps inside its backward, which megatron-core's attached gradient skips."""
+    moe_utils.MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale))
+
+
+def moe_layers(model: nn.Module) -> list[MoEMLP]:
+    return [m for m in model.modules() if isinstance(m, MoEMLP)]
+
+
+def add_step_metrics(metrics: dict, model: nn.Module, micro_batches: int) -> None:
+    """After a micro-batch's forward and backward: add its MoE numbers into the step's `metrics`.
+    moe_lbl: the load-balancing loss (unscaled) summed over MoE layers, as the loss adds it, averaged over
+    micro-batches; moe_tokens/layer{i}/expert{e}: tokens routed to that expert in this step on this rank."""
+    layers = moe_layers(model)
+    losses = [m.load_balancing_loss for m in layers if m.load_balancing_loss is not None]
+    if losses:
+        metrics["moe_lbl"] = metrics.get("moe_lbl", 0.0) + float(sum(losses)) / micro_batches
+    for m in layers:
+        if m.tokens_per_expert is None:
+            continue
+        for e, count in enumerate(m.tokens_per_expert.tolist()):
+            key = f"moe_tokens/layer{m.layer_index}/expert{e}"
+            metrics[key] = metrics.get(key, 0.0) + float(count)
+        m.tokens_per_expert = m.load_balancing_loss = None
