@@ -51,10 +51,11 @@ def test_adapters_lower_the_loss_below_the_base(uninterrupted, frozen):
     lora, base = read_metrics(uninterrupted), read_metrics(frozen)
     assert sorted(lora) == sorted(base) == list(range(1, STEPS + 1))
     assert abs(lora[1] - base[1]) < 1e-6
-    # one batch's loss moves by ~0.05 from step to step, so the mean gap over steps 2-6 is what is bounded (it is
-    # about -0.04 here; a run whose adapters did not train has 0)
+    # adapters that do not train leave the base's losses (B = 0): the frozen run (lr 1e-12) stays within 1e-6 of
+    # them, as step 1 shows. So a mean gap over steps 2-6 below -1e-3 (1000x that) is training that lowers the loss;
+    # its size depends on the corpus's batches (-0.015 to -0.04 seen), not on the code, so it is not bounded further
     gap = sum(lora[i] - base[i] for i in range(2, STEPS + 1)) / (STEPS - 1)
-    assert gap < -0.02, (lora, base)
+    assert gap < -1e-3, (lora, base)
 
 
 def test_checkpoint_holds_adapters_and_names_its_base(uninterrupted, trained_checkpoint):

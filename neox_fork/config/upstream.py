@@ -215,7 +215,7 @@ REMOVED_MOE_KEYS = {
 # without (upstream's validate_values requires the first three; seq_length sizes everything): a null for one is
 # one line. max_position_embeddings, which upstream also requires, keeps its null here: seq_length.
 NULL_DEFAULT_FIELDS = frozenset({
-    "precision", "num_layers", "hidden_size", "intermediate_size", "expansion_factor", "num_attention_heads",
+    "moe_jitter_eps", "precision", "num_layers", "hidden_size", "intermediate_size", "expansion_factor", "num_attention_heads",
     "num_kv_heads", "seq_length", "sliding_window_width", "max_position_embeddings", "attention_config", "lr",
     "lr_decay_iters", "lr_decay_fraction", "use_wandb", "wandb_group", "wandb_team", "log_dir", "tensorboard_dir",
     "use_comet", "comet_workspace", "comet_project", "comet_experiment_name", "comet_tags", "comet_others",
