@@ -557,6 +557,15 @@ def training_finished(config: NeoXConfig) -> bool:
     return step is not None and step >= config.train_iters
 
 
+def _with_config(paths: list[str], use):
+    """use(the merged config of `paths`) for slurm/common.sh's checks; a bad config or checkpoint pointer is the
+    usual one line and status 2."""
+    from neox_fork.config.loading import load_config
+    from neox_fork.errors import exit_on_user_error
+
+    return exit_on_user_error(lambda: use(load_config(*paths)))()
+
+
 def _main(argv: list[str]) -> int:
     commands = [a for a in argv if not a.startswith("--local_rank")]
     if commands[:1] == ["rank"] and len(commands) > 1:
@@ -571,18 +580,11 @@ def _main(argv: list[str]) -> int:
 
         return watch_rank(rest)
     if commands[:1] == ["finished"] and len(commands) > 1:
-        from neox_fork.config.loading import load_config
-        from neox_fork.errors import exit_on_user_error
-
-        finished = exit_on_user_error(lambda: training_finished(load_config(*commands[1:])))()
+        finished = _with_config(commands[1:], training_finished)
         print("finished" if finished else "unfinished")
         return 0 if finished else 1
     if commands[:1] == ["hung"] and len(commands) > 2:
-        from neox_fork.config.loading import load_config
-        from neox_fork.errors import exit_on_user_error
-
-        config = exit_on_user_error(lambda: load_config(*commands[2:]))()
-        line = hangs.find_hang(hangs.stacks_dir(config.save), float(commands[1]))
+        line = _with_config(commands[2:], lambda c: hangs.find_hang(hangs.stacks_dir(c.save), float(commands[1])))
         if line:
             print(line)
         return 0 if line else 1

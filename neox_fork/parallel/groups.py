@@ -155,6 +155,23 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def device() -> torch.device:
+    """This rank's device: its current CUDA device, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def any_ranks(*flags: bool) -> list[bool]:
+    """Each flag true on every rank when it is true on any (one all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any."""
+    return any_ranks(flag)[0]
+
+
 def tp_rank() -> int:
     return parallel_state.get_tensor_model_parallel_rank()
 

@@ -16,10 +16,10 @@ import collections
 import logging
 
 import torch
-import torch.distributed as dist
 
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.errors import UserError
+from neox_fork.parallel import groups as parallel
 from neox_fork.training.metrics import MetricsWriter
 from neox_fork.training.state import TrainState, save, test_failure
 
@@ -106,11 +106,7 @@ class LossSpikes:
             return
         full = len(self.recent) == self.recent.maxlen
         mean = sum(self.recent) / max(len(self.recent), 1)
-        flag = torch.tensor([1.0 if full and mean_loss > c.loss_spike_factor * mean else 0.0],
-                            device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                            else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops together
-        if not flag.item():
+        if not parallel.any_rank(full and mean_loss > c.loss_spike_factor * mean):  # every rank stops together
             self.recent.append(mean_loss)
             return
         before = state.last_saved

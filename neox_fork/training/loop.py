@@ -47,22 +47,6 @@ log = logging.getLogger("neox_fork")
 placement_log = logging.getLogger("neox_fork.placement")
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any."""
-    return _any_ranks(flag)[0]
-
-
-def _any_ranks(*flags: bool) -> list[bool]:
-    """Each flag true on every rank when it is true on any (one all-reduce)."""
-    t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
 # ---------------------------------------------------------------------- signals
 class StopSignal:
     """SIGTERM/SIGUSR1 (Slurm preemption) and SIGINT (Ctrl-C, or deepy passing one on) ask for a checkpoint
@@ -86,7 +70,7 @@ class StopSignal:
             signal.signal(sig, signal.SIG_IGN)
 
     def any_rank(self) -> bool:
-        return _any_rank(self.received is not None)
+        return parallel.any_rank(self.received is not None)
 
 
 def _rank0() -> bool:
@@ -94,14 +78,14 @@ def _rank0() -> bool:
 
 
 def _dp_mean(value: torch.Tensor) -> float:
-    value = value.detach().float().clone().to(_device())
+    value = value.detach().float().clone().to(parallel.device())
     dist.all_reduce(value, group=parallel.parallel_state.get_data_parallel_group())
     return value.item() / parallel.dp_size()
 
 
 def _dp_means(values: torch.Tensor) -> list[float]:
     """Each entry averaged over the data-parallel ranks, in one all-reduce."""
-    values = values.detach().float().to(_device())
+    values = values.detach().float().to(parallel.device())
     dist.all_reduce(values, group=parallel.parallel_state.get_data_parallel_group())
     return (values / parallel.dp_size()).tolist()
 
@@ -187,7 +171,7 @@ def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -
             batch = next(it)
         except StopIteration:
             break
-        batch = {k: v.to(_device()) for k, v in batch.items()}
+        batch = {k: v.to(parallel.device()) for k, v in batch.items()}
         if objective is not None and objective.impl != "normal":  # training/preference.py: the objective's mean
             losses.append(objective(engine, batch)[0].float())
         elif "segment_ids" in batch:  # masked: the sum over trained tokens, divided by their count below
@@ -198,7 +182,7 @@ def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -
     if not losses:
         return None
     if losses[0].dim():  # the mean over every rank's trained tokens, as the training loss
-        total = torch.stack(losses).sum(0).to(_device())
+        total = torch.stack(losses).sum(0).to(parallel.device())
         dist.all_reduce(total, group=parallel.parallel_state.get_data_parallel_group())
         return (total[0] / total[1].clamp(min=1.0)).item()
     return _dp_mean(torch.stack(losses).mean())
@@ -239,7 +223,7 @@ def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter], obj
     """One micro-batch's loss (the `train_impl` objective: training/preference.py, or the language-modelling loss),
     its metrics and gradient; a non-finite loss backpropagates zeros instead of NaNs. `fault` (tests only,
     faults.injected_fault): "grads" makes the gradients NaN behind a finite loss, "spike" multiplies the loss by 50."""
-    batch = {k: v.to(_device()) for k, v in batch.items()}
+    batch = {k: v.to(parallel.device()) for k, v in batch.items()}
     if objective.impl == "normal":
         loss, metrics = _model_loss(engine, batch, denominator), {}
     else:
@@ -287,13 +271,13 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
         finite.append(ok)
         if len(losses) < n:
             engine.step()  # DeepSpeed counts micro-batches here and updates only at the boundary
-    bad_loss, bad_grads = _any_ranks(not all(finite), unchecked_nonfinite_grads(engine, params))
+    bad_loss, bad_grads = parallel.any_ranks(not all(finite), unchecked_nonfinite_grads(engine, params))
     if bad_loss or bad_grads:
         skip_update(engine, params if bad_grads else ())
     if before_update is not None:
         before_update()
     engine.step()
-    by_deepspeed = deepspeed_skipped_update(engine, _device())  # every rank, every step: a collective
+    by_deepspeed = deepspeed_skipped_update(engine, parallel.device())  # every rank, every step: a collective
     skipped = "loss is NaN/inf on some rank" if bad_loss else "gradients are NaN/inf" if bad_grads else by_deepspeed
     return sum(loss / n for loss in losses), skipped
 
@@ -306,7 +290,7 @@ def _masked_denominator(step_batches: list[dict]) -> float | None:
     micro-batches and ranks. None for other pretraining batches (each micro-batch's own mean, as upstream)."""
     if "segment_ids" not in step_batches[0]:
         return None
-    count = torch.tensor([float(sum(b["loss_mask"].sum().item() for b in step_batches))], device=_device())
+    count = torch.tensor([float(sum(b["loss_mask"].sum().item() for b in step_batches))], device=parallel.device())
     dist.all_reduce(count, group=parallel.parallel_state.get_data_parallel_group())
     return max(count.item(), 1.0) / (len(step_batches) * parallel.dp_size())
 

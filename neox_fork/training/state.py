@@ -9,6 +9,7 @@ DeepSpeed's Universal Checkpointing (checkpoint/universal.py, `load_universal: t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -161,20 +162,13 @@ def finish_pending(c: NeoXConfig, state: TrainState, wait: bool) -> None:
     pending = state.pending
     if pending is None:
         return
-    if not wait:
-        done = torch.tensor([1.0 if pending.writer.done() else 0.0], device=_device_of(c))
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        if not done.item():
-            return
+    if not wait and parallel.any_rank(not pending.writer.done()):
+        return
     ckpt_dir = Path(c.save)
     with _disk_errors(c, None, ckpt_dir, pending.partial):
         pending.writer.wait()
         _publish_step(c, ckpt_dir, pending.partial, pending.iteration)
     state.pending = None
-
-
-def _device_of(c: NeoXConfig) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _disk_errors(c: NeoXConfig, engine, ckpt_dir: Path, partial: Path):
@@ -183,28 +177,32 @@ def _disk_errors(c: NeoXConfig, engine, ckpt_dir: Path, partial: Path):
                                         note=lambda: _latest_note(ckpt_dir))
 
 
-class _SavesThrough:
-    """engine.checkpoint_engine with its saves handed to `writer` (DeepSpeed writes its files through it)."""
+class _SavesTo:
+    """engine.checkpoint_engine with its saves handed to an AsyncWriter (DeepSpeed writes its files through it); the
+    save-side twin of SafeLoads."""
 
-    def __init__(self, engine, writer):
-        self.engine, self.writer = engine, writer
+    def __init__(self, inner, writer: AsyncWriter):
+        self.inner, self.writer = inner, writer
 
-    def __enter__(self):
-        self.inner = self.engine.checkpoint_engine
-        if self.writer is not None:
-            outer = self
+    def save(self, state_dict, path):
+        self.writer.add(state_dict, path)
 
-            class Captured:
-                def save(self, state_dict, path):
-                    outer.writer.add(state_dict, path)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-                def __getattr__(self, name):
-                    return getattr(outer.inner, name)
 
-            self.engine.checkpoint_engine = Captured()
-
-    def __exit__(self, *exc):
-        self.engine.checkpoint_engine = self.inner
+@contextlib.contextmanager
+def _saves_through(engine, writer: AsyncWriter | None):
+    """DeepSpeed's saves inside the block go to `writer` (nothing changes without one)."""
+    if writer is None:
+        yield
+        return
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _SavesTo(inner, writer)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
 
 
 def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partial: Path, writer=None) -> None:
@@ -227,7 +225,7 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         del client_state["module"]
     elif c.checkpoint_validation_with_forward_pass:
         client_state[VALIDATION_KEY] = validation_logits(engine.module, c)
-    with _without_optimizer_states(engine, c.no_save_optim), _SavesThrough(engine, writer):
+    with _without_optimizer_states(engine, c.no_save_optim), _saves_through(engine, writer):
         engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=bool(c.adapter))  # ZeRO-2 would copy the frozen base
     fail_if_asked("save", state.iteration)

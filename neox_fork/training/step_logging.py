@@ -116,7 +116,7 @@ class StepLogger:
         self.row: dict = {}
 
     def _per_param(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=_device())
+        t = torch.tensor(values, dtype=torch.float64, device=parallel.device())
         return _tp_sum(t, self.split.to(t.device)).tolist()
 
     def _sq_norm(self, tensors: list[torch.Tensor]) -> float:
@@ -166,8 +166,6 @@ class StepLogger:
         self.row = {}
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class Profilers:
