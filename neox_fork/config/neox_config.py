@@ -57,8 +57,9 @@ class NeoXConfig:
     pipe_partition_method: str = _key("type:transformer|mlp", "how pipeline stages split GPT-NeoX's layer list: "
                                       "type:REGEX (balance the layers whose class name matches), parameters, uniform")
     model_parallel_size: int = _key(1, "tensor-parallel size: ranks that split each weight matrix (megatron-core)")
-    context_parallel_size: int = _key(1, "not upstream (the key of gpt-neox PR #1299): ranks that split each sequence; "
-                                         "context parallelism is not built yet, so only 1 is valid")
+    context_parallel_size: int = _key(1, "not upstream (the key of gpt-neox PR #1299): ranks that split each sequence "
+                                         "(DeepSpeed-Ulysses all-to-all over heads; docs/long-context.md); training "
+                                         "only, with tensor and data parallelism and ZeRO 0-2")
     sequence_parallel: bool = _key(False, "split norm/dropout/residual activations over the tensor-parallel group "
                                           "along the sequence (megatron-core's sequence-parallel mode)")
 
@@ -572,7 +573,8 @@ class NeoXConfig:
                                  self.model_parallel_size)
 
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.model_parallel_size * max(self.pipe_parallel_size, 1))
+        """Ranks that read different samples: the world over tensor x pipeline x context parallel sizes."""
+        return world_size // (self.model_parallel_size * max(self.pipe_parallel_size, 1) * self.context_parallel_size)
 
     def global_batch_size(self, world_size: int) -> int:
         return (
@@ -606,6 +608,13 @@ class NeoXConfig:
             raise UserError(
                 f"{self.where('pipe_parallel_size')}: pipe_parallel_size {pp} x model_parallel_size {tp} does not "
                 f"divide the world size {world_size} (num_nodes x num_gpus); use sizes whose product divides it"
+            )
+        cp = self.context_parallel_size
+        if world_size % (tp * pp * cp):
+            raise UserError(
+                f"{self.where('context_parallel_size')}: context_parallel_size {cp} x model_parallel_size {tp} x "
+                f"pipe_parallel_size {pp} does not divide the world size {world_size} (num_nodes x num_gpus); use "
+                "sizes whose product divides it"
             )
         dp = self.data_parallel_size(world_size)
         if self.train_batch_size is not None and self.train_batch_size != self.global_batch_size(world_size):

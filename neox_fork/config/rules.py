@@ -144,7 +144,8 @@ def validate(c: NeoXConfig) -> None:
         raise UserError(f"{c.where(key)}: {message}")
 
     for check in (_choices, _architecture, _counts, _sizes, _rope_scaling, _attention_config, _optimizer_and_loading,
-                  _data, _training_and_logging, _post_training, _skips_and_spikes, _adapters, _moe):
+                  _data, _training_and_logging, _post_training, _skips_and_spikes, _adapters, _moe,
+                  _context_parallel):
         check(c, fail)
     if c.num_gpus is not None:
         c.check_world_size(c.num_gpus * max(c.num_nodes, 1))
@@ -302,10 +303,6 @@ def _optimizer_and_loading(c: NeoXConfig, fail) -> None:
     if c.load_universal and c.finetune:
         fail("load_universal", "load_universal resumes the full training state; finetune: true takes weights only "
              "from any tensor-parallel size already: set one of them")
-    if c.context_parallel_size != 1:
-        fail("context_parallel_size", f"context_parallel_size {c.context_parallel_size}: context parallelism (each "
-             "sequence split over ranks) is not built yet; valid: 1 (sequence_parallel splits activations over the "
-             "tensor-parallel ranks)")
     if c.signal_grace_seconds <= 0:
         fail("signal_grace_seconds", f"signal_grace_seconds must be positive, got {c.signal_grace_seconds}")
     for key in ("init_timeout_seconds", "train_timeout_seconds", "save_timeout_seconds", "eval_timeout_seconds"):
@@ -593,3 +590,46 @@ def _moe(c: NeoXConfig, fail) -> None:
     if c.moe_aux_loss_coeff and c.dtype_name == "fp16":
         fail("moe_aux_loss_coeff", "moe_aux_loss_coeff with fp16 is not supported yet (the load-balancing loss's "
              "gradient would miss the fp16 loss scale); use bf16 or fp32, or moe_aux_loss_coeff 0")
+
+
+def _context_parallel(c: NeoXConfig, fail) -> None:
+    """context_parallel_size CP > 1 (DeepSpeed-Ulysses, docs/long-context.md): what it splits must divide by CP, and
+    each combination not built is one line naming the pair."""
+    cp = c.context_parallel_size
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        fail("context_parallel_size", f"context_parallel_size must be a positive integer (1 = off), got {cp!r}")
+    if cp == 1:
+        return
+    tp = c.model_parallel_size
+    pair = f"context_parallel_size {cp} with"
+    if c.seq_length % cp:
+        fail("seq_length", f"{pair} seq_length {c.seq_length}: each rank holds seq_length / context_parallel_size "
+             f"positions; use a seq_length divisible by {cp}")
+    for key, heads in (("num_attention_heads", c.num_attention_heads), ("num_kv_heads", c.kv_heads)):
+        if heads % tp == 0 and (heads // tp) % cp:
+            fail(key, f"{pair} {key} {heads} at model_parallel_size {tp}: the all-to-all gives each context rank "
+                 f"1/{cp} of a tensor-parallel rank's {heads // tp} heads; use head counts divisible by "
+                 f"model_parallel_size x context_parallel_size = {tp * cp}")
+    scaling_type = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type", "default"))
+    not_built = [
+        ("pipe_parallel_size", c.pipe_parallel_size > 1, "pipeline stages"),
+        ("sequence_parallel", c.sequence_parallel and tp > 1, "sequence_parallel at model_parallel_size > 1 (both "
+         "split the sequence)"),
+        ("partition_activations", c.partition_activations and tp > 1, "partition_activations at "
+         "model_parallel_size > 1 (it is sequence parallelism)"),
+        ("train_impl", c.train_impl != "normal", f"train_impl {c.train_impl}"),
+        ("dataset_impl", c.dataset_impl != "gpt2", f"dataset_impl {c.dataset_impl}"),
+        ("moe_num_experts", c.moe_num_experts > 1, "mixture of experts (the load-balancing loss would see a slice)"),
+        ("adapter", c.adapter is not None, f"adapter {c.adapter}"),
+        ("torch_compile", c.torch_compile, "torch_compile"),
+        ("sliding_window_width", c.sliding_window_width is not None, "a sliding window"),
+        ("rope_scaling", scaling_type in ("dynamic", "longrope"), f"rope_scaling type {scaling_type} (its "
+         "frequencies depend on the longest position of the call, which a slice does not see)"),
+        ("eval_tasks", bool(c.eval_tasks), "eval_tasks during training (lm-eval runs whole sequences: run eval.py "
+         "on the checkpoint at context_parallel_size 1)"),
+        ("checkpoint_validation_with_forward_pass", c.checkpoint_validation_with_forward_pass,
+         "checkpoint_validation_with_forward_pass (a whole-sequence forward)"),
+    ]
+    for key, refused, what in not_built:
+        if refused:
+            fail(key, f"{pair} {what} is not built; use context_parallel_size 1 for it")

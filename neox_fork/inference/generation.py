@@ -15,6 +15,7 @@ logits, and rank 0 of the tensor-parallel group samples and broadcasts the token
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,8 @@ from neox_fork.parallel import groups as parallel
 from neox_fork.config.dtypes import torch_dtype
 from neox_fork.errors import UserError
 from neox_fork.model.transformer import NeoXModel, build_model
+
+log = logging.getLogger("neox_fork")
 
 
 @dataclass
@@ -82,8 +85,12 @@ def load_for_inference(ckpt_path, step: int | None = None, dtype: str = "fp32", 
         state, _, _ = checkpoint.load_merged(folder, trust=trust)  # a LoRA folder: base + adapters
     source = checkpoint.tokenizer_of(folder, config)
     tokenizer = source.build() if source else None
-    # the run's config at this TP size, with the padded vocabulary the weights were saved with
-    config = replace(config, model_parallel_size=tp, make_vocab_size_divisible_by=1,
+    if config.context_parallel_size > 1:  # the weights do not depend on it (every CP rank holds them whole)
+        log.info("%s was trained at context_parallel_size %d; generation and evaluation run each sequence whole "
+                 "(context_parallel_size 1): further ranks are copies", folder, config.context_parallel_size)
+    # the run's config at this TP size (and context parallel size 1), with the padded vocabulary the weights were
+    # saved with
+    config = replace(config, model_parallel_size=tp, context_parallel_size=1, make_vocab_size_divisible_by=1,
                      vocab_size=state["word_embeddings.weight"].shape[0] * tp)
     model = build_model(config, perform_initialization=False)
     missing, unexpected = model.load_state_dict(state, strict=False)

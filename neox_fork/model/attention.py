@@ -13,6 +13,10 @@ keeps torch's own order. `pytest -m gpu` checks every backend against `reference
 Packed documents (`DocumentMask`, from segment ids): flash-attn's varlen kernel where flash runs (the batch
 flattened into one sequence cut at `cu_seqlens`), a dense block-diagonal causal mask elsewhere (CPU, SDPA,
 reference, a sliding window).
+
+Context parallelism (`ulysses`): each rank of the context-parallel group holds 1/CP of the sequence with all
+of its (TP rank's) heads; DeepSpeed-Ulysses' all-to-all trades that for the whole sequence with 1/CP of the
+heads, any backend above attends, and a second all-to-all trades back.
 """
 
 from __future__ import annotations
@@ -129,6 +133,17 @@ def varlen(q, k, v, documents: DocumentMask, dropout_p: float = 0.0, window: int
                                  dropout_p=dropout_p, causal=True,
                                  window_size=(-1, -1) if window is None else (window, 0))
     return out.view(b, s, *out.shape[1:])
+
+
+def ulysses(attend, q, k, v, group):
+    """`attend(q, k, v)` over the whole sequence when this rank holds a slice of it: q, k, v are [b, s/CP,
+    heads, d] (k and v may have fewer heads, GQA: each must be divisible by CP; config/rules.py checks). The
+    all-to-all (deepspeed.sequence.layer.DistributedAttention, scatter heads / gather sequence) gives
+    [b, s, heads/CP, d]: query head i serves key/value head i // group on either side, since both are cut in
+    CP equal runs. Returns [b, s/CP, heads, d], this rank's positions again."""
+    from deepspeed.sequence.layer import DistributedAttention
+
+    return DistributedAttention(attend, group, scatter_idx=2, gather_idx=1)(q, k, v, 0)
 
 
 def attention(q, k, v, *, backend: str = "flash", causal: bool = True, dropout_p: float = 0.0,

@@ -22,6 +22,7 @@ import math
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
@@ -30,7 +31,7 @@ from torch import nn
 
 from neox_fork.model import fused, moe, rope_scaling
 from neox_fork.model.adapters import LoraSpec, add_lora
-from neox_fork.model.attention import DocumentMask, attention
+from neox_fork.model.attention import DocumentMask, attention, ulysses
 from neox_fork.model.shape import ModelShape
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.config.rules import check_runnable
@@ -166,14 +167,22 @@ class Attention(nn.Module):
             causal = causal and sq > 1
             if causal and k.shape[1] > sq:  # several new tokens after a cached prefix: mask bottom-right
                 mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=qkv.device).tril(k.shape[1] - sq)
-        if g > 1:  # each key/value head serves the `g` query heads of its group
-            k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        if not (self.training and self.shape.attention_dropout):
-            return attention(q, k, v, backend=self.backend, causal=causal, mask=mask, window=self.window)
-        # each TP rank holds other heads: their masks come from the rank's own stream, as Megatron's
-        with RNG_TRACKER.fork():
-            return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=self.shape.attention_dropout,
-                             mask=mask, window=self.window)
+        dropout_p = self.shape.attention_dropout if self.training else 0.0
+
+        def attend(q, k, v):
+            if g > 1:  # each key/value head serves the `g` query heads of its group
+                k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+            if not dropout_p:
+                return attention(q, k, v, backend=self.backend, causal=causal, mask=mask, window=self.window)
+            # each TP (and CP) rank holds other heads: their masks come from the rank's own stream, as Megatron's
+            with RNG_TRACKER.fork():
+                return attention(q, k, v, backend=self.backend, causal=causal, dropout_p=dropout_p, mask=mask,
+                                 window=self.window)
+
+        cp_group = context_group()
+        if kv_cache is None and cp_group is not None:  # this rank holds 1/CP of the sequence (model/attention.py)
+            return ulysses(attend, q, k, v, cp_group)
+        return attend(q, k, v)
 
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "mish": F.mish, "softsign": F.softsign,
@@ -240,7 +249,8 @@ class HiddenDropout(nn.Module):
     sequence parallelism rank r holds the positions [r*s/tp, (r+1)*s/tp) as [s/tp, b, h]; it draws the mask
     of the whole [b, s, h] tensor (the same numbers a TP=1 run draws) and keeps its slice, so every position
     is dropped exactly as at TP=1. Megatron instead forks a per-rank stream (statistically equivalent, not
-    equal); this costs tp x the random numbers of the slice, and only the slice's bool mask is kept.
+    equal); this costs tp x the random numbers of the slice, and only the slice's bool mask is kept. Under context
+    parallelism ([b, s/cp, h] per CP rank, a full forward) the same: the whole mask, this rank's positions.
     """
 
     def __init__(self, p: float):
@@ -248,6 +258,8 @@ class HiddenDropout(nn.Module):
         self.p = p
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp_size = parallel_state.get_context_parallel_world_size()
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -257,6 +269,11 @@ class HiddenDropout(nn.Module):
             start = self.tp_rank * local
             full = x.new_empty(b, local * self.tp_size, h).bernoulli_(1.0 - self.p)
             keep = full[:, start : start + local].transpose(0, 1).to(torch.bool)
+        elif self.cp_size > 1:  # context parallelism: [b, s/cp, h], this CP rank's positions of the whole mask
+            b, local, h = x.shape
+            start = self.cp_rank * local
+            full = x.new_empty(b, local * self.cp_size, h).bernoulli_(1.0 - self.p)
+            keep = full[:, start : start + local].to(torch.bool)
         else:
             keep = torch.empty_like(x).bernoulli_(1.0 - self.p).to(torch.bool)
         return x * keep * (1.0 / (1.0 - self.p))
@@ -347,14 +364,22 @@ class NeoXModel(nn.Module):
         `attention_mask` [b, 1, s, k] (bool, True = attend) replaces the causal mask (left padding).
         `segment_ids` [b, s] (packed documents: data/labeled.py, reset_attention_mask): a position attends only
         to earlier positions of its own segment (flash-attn varlen or a block-diagonal causal mask, see
-        model/attention.py); give `position_ids` restarting per segment with it."""
+        model/attention.py); give `position_ids` restarting per segment with it.
+
+        Under context parallelism (a training or validation forward of a full sequence) `tokens`, `position_ids`
+        and `segment_ids` are this rank's slice [b, s/CP] of each sequence (training/loop.py slices batches):
+        positions default to the slice's global ones, segment ids are gathered over the group for the mask."""
         full_sequence = kv_cache is None and attention_mask is None
+        cp_group = context_group()
+        context_parallel = full_sequence and cp_group is not None  # this rank holds 1/CP of each sequence
         if segment_ids is not None:
-            # Context parallelism (not built) hook: a CP rank holds a slice of the sequence, so the segment ids
-            # and position ids of the whole sequence must be all-gathered over the CP group here, before the mask.
+            if context_parallel:  # attention sees the whole sequence (after the all-to-all): so does its mask
+                segment_ids = gather_sequence(segment_ids, cp_group)
             attention_mask = DocumentMask(segment_ids)
         if position_ids is None:  # one [1, s] row for the whole batch: cos/sin broadcast over it
             start = kv_cache[0].length if kv_cache else 0
+            if context_parallel:  # rotary runs on this rank's slice, before the all-to-all: global positions
+                start = parallel_state.get_context_parallel_rank() * tokens.shape[1]
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
         sp = self.use_sequence_parallel(tokens.shape[1], full_sequence)
         x = self.embed(tokens, position_ids, sp)
@@ -460,8 +485,16 @@ class NeoXModel(nn.Module):
         return self.loss_of_hidden(hidden, labels, loss_mask, denominator)
 
     def loss_of_hidden(self, hidden, labels, loss_mask=None, denominator=None):
-        """`loss` from final-norm hidden states [b, s, h] (a pipeline's last stage starts here)."""
+        """`loss` from final-norm hidden states [b, s, h] (a pipeline's last stage starts here). Under context
+        parallelism the default denominator is the trained-token count of the whole sequences (summed over the
+        CP group): each CP rank's loss is its slice's sum over that count, and the sum over the group (what
+        DeepSpeed's gradient reduction makes of the ranks' gradients) is the mean over the sequences."""
         hidden, labels, mask = self._flat(hidden, labels, loss_mask)
+        cp_group = context_group()
+        if denominator is None and cp_group is not None:
+            count = mask.sum().detach()
+            dist.all_reduce(count, group=cp_group)
+            denominator = count.clamp(min=1.0)
         if torch.is_grad_enabled() and hidden.requires_grad and parallel_state.get_tensor_model_parallel_world_size() == 1:
             weight = self.word_embeddings.weight if self.shape.tie_word_embeddings else self.output_layer.weight
             return fused.linear_cross_entropy(hidden[0], weight, labels[0], mask[0],
@@ -530,6 +563,19 @@ def mark_sequence_parallel_parameters(model: NeoXModel) -> None:
         for p in module.parameters():
             if not getattr(p, "tensor_model_parallel", False):
                 p.sequence_parallel = True
+
+
+def context_group():
+    """The context-parallel group when it has more than one rank (each holds a slice of every sequence), else None."""
+    group = parallel_state.get_context_parallel_group(check_initialized=False)
+    return group if group is not None and group.size() > 1 else None
+
+
+def gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
+    """[b, s/CP] slices of the CP group's ranks (no gradient: ids) -> [b, s], in rank order."""
+    parts = [torch.empty_like(t) for _ in range(group.size())]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 def _run_layers(layers, x, rotary, cos, sin, caches=None, mask=None):

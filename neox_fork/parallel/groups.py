@@ -1,7 +1,8 @@
-"""Process groups, the RNG tracker and the adapter DeepSpeed needs to see TP/DP groups.
+"""Process groups, the RNG tracker and the adapter DeepSpeed needs to see TP/CP/DP groups.
 
-Tensor-parallel (TP) and data-parallel (DP) groups come from megatron-core's `parallel_state`, with
-ranks ordered so that a TP group is made of neighbouring ranks (inside one node on a cluster). The
+Tensor-parallel (TP), context-parallel (CP) and data-parallel (DP) groups come from megatron-core's
+`parallel_state`, with ranks ordered tensor fastest, then context, then data (megatron-core's
+"tp-cp-ep-dp-pp"), so that a TP group is made of neighbouring ranks (inside one node on a cluster). The
 same code runs NCCL on GPUs and gloo on CPUs; a single process gets a one-rank gloo group so that the
 tensor-parallel layers work unchanged at TP=1.
 """
@@ -45,27 +46,35 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 10) -> N
 
 
 def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeout_minutes: int = 10,
-               pipeline_parallel_size: int = 1) -> None:
-    """Process group plus TP/DP (and pipeline) groups; idempotent for the same sizes. Ranks are ordered
-    tensor fastest, then data, then pipeline stage: DeepSpeed's PipeModelDataParallelTopology orders them the
-    same way, so its pipeline groups and megatron-core's TP/DP groups hold the same ranks."""
+               pipeline_parallel_size: int = 1, context_parallel_size: int = 1) -> None:
+    """Process group plus TP/CP/DP (and pipeline) groups; idempotent for the same sizes. Ranks are ordered
+    tensor fastest, then context, then data, then pipeline stage: DeepSpeed's PipeModelDataParallelTopology
+    orders TP, DP and pipeline the same way, so its pipeline groups and megatron-core's TP/DP groups hold the
+    same ranks (pipelines and context parallelism are not combined: config/rules.py)."""
     init_distributed(backend, timeout_minutes)
     world = dist.get_world_size()
     pipeline_parallel_size = max(pipeline_parallel_size, 1)
-    if world % (tensor_parallel_size * pipeline_parallel_size):
+    if world % (tensor_parallel_size * pipeline_parallel_size * context_parallel_size):
         raise UserError(f"model_parallel_size {tensor_parallel_size} x pipe_parallel_size {pipeline_parallel_size} "
-                        f"does not divide the world size {world}")
+                        f"x context_parallel_size {context_parallel_size} does not divide the world size {world}")
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size
-                and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel_size):
+                and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel_size
+                and parallel_state.get_context_parallel_world_size() == context_parallel_size):
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        context_parallel_size=context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=False,
     )
+    if context_parallel_size > 1:  # DistributedAttention's all-to-all goes through deepspeed.comm
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     _megatron_moe_without_transformer_engine()
     if not torch.cuda.is_available():
         _megatron_buffers_on_cpu()
@@ -188,6 +197,24 @@ def dp_size() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
+def cp_rank() -> int:
+    return parallel_state.get_context_parallel_rank()
+
+
+def cp_size() -> int:
+    return parallel_state.get_context_parallel_world_size()
+
+
+def cp_group():
+    return parallel_state.get_context_parallel_group()
+
+
+def data_and_context_group():
+    """The ranks that hold the same weights (data x context parallel): ZeRO partitions and gradients are
+    reduced over it."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
 def pp_rank() -> int:
     return parallel_state.get_pipeline_model_parallel_rank()
 
@@ -204,7 +231,39 @@ def reads_data() -> bool:
 
 class MPU:
     """The methods DeepSpeed calls on `mpu=`; without them it would treat TP ranks as DP copies. Its universal
-    checkpoint loader asks for the tensor-parallel ones by their newer names."""
+    checkpoint loader asks for the tensor-parallel ones by their newer names.
+
+    Context parallelism is DeepSpeed's "sequence parallelism" (Ulysses): DeepSpeed reads the sequence group
+    (its size decides its gradient divisor) and the sequence x data group, over which ZeRO partitions the
+    optimizer states, gradients are reduced and the model is broadcast at start; the data-parallel group stays
+    the one without context ranks (DeepSpeed's batch-size arithmetic: train_batch_size = micro x accumulation x
+    DP). DeepSpeed (engine.allreduce_bucket, ZeRO-1/2's reduction) sums gradients over sequence x data and
+    divides by its size / CP = DP: the context ranks' gradients are summed, the data ranks' averaged; the loss
+    of each context rank is therefore its tokens' sum over the whole sequence's count (docs/parallelism.md)."""
+
+    @staticmethod
+    def get_sequence_parallel_group():
+        return parallel_state.get_context_parallel_group()
+
+    @staticmethod
+    def get_sequence_parallel_world_size():
+        return parallel_state.get_context_parallel_world_size()
+
+    @staticmethod
+    def get_sequence_parallel_rank():
+        return parallel_state.get_context_parallel_rank()
+
+    @staticmethod
+    def get_sequence_data_parallel_group():
+        return data_and_context_group()
+
+    @staticmethod
+    def get_sequence_data_parallel_world_size():
+        return dist.get_world_size(group=data_and_context_group())
+
+    @staticmethod
+    def get_sequence_data_parallel_rank():
+        return dist.get_rank(group=data_and_context_group())
 
     @staticmethod
     def get_model_parallel_group():
@@ -326,7 +385,9 @@ RNG_TRACKER = RNGTracker()
 
 
 def seed_everything(seed: int) -> None:
-    """Same default stream on every rank (TP-invariant init); a per-TP-rank stream for head-split dropout."""
+    """Same default stream on every rank (TP- and CP-invariant init); a stream per TP x CP rank for head-split
+    dropout (under context parallelism each rank of the CP group attends with other heads too); at CP=1 the
+    streams are those of TP alone."""
     import random
 
     import numpy as np
@@ -334,5 +395,5 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    rank = tp_rank() if parallel_state.model_parallel_is_initialized() else 0
+    rank = tp_rank() + tp_size() * cp_rank() if parallel_state.model_parallel_is_initialized() else 0
     RNG_TRACKER.add("model-parallel", seed + 2718 + rank)

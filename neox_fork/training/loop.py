@@ -171,21 +171,44 @@ def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -
             batch = next(it)
         except StopIteration:
             break
-        batch = {k: v.to(parallel.device()) for k, v in batch.items()}
+        batch = context_slice({k: v.to(parallel.device()) for k, v in batch.items()})
         if objective is not None and objective.impl != "normal":  # training/preference.py: the objective's mean
             losses.append(objective(engine, batch)[0].float())
         elif "segment_ids" in batch:  # masked: the sum over trained tokens, divided by their count below
             losses.append(torch.stack([_model_loss(engine, batch, 1.0), batch["loss_mask"].sum().float()]))
         else:
-            losses.append(_model_loss(engine, batch).float())
+            losses.append(context_sum(_model_loss(engine, batch).float()))
     engine.train()
     if not losses:
         return None
     if losses[0].dim():  # the mean over every rank's trained tokens, as the training loss
         total = torch.stack(losses).sum(0).to(parallel.device())
-        dist.all_reduce(total, group=parallel.parallel_state.get_data_parallel_group())
+        dist.all_reduce(total, group=parallel.data_and_context_group())  # every rank's slices of the sequences
         return (total[0] / total[1].clamp(min=1.0)).item()
     return _dp_mean(torch.stack(losses).mean())
+
+
+def context_slice(batch: dict) -> dict:
+    """This rank's 1/CP of every sequence of a batch (context parallelism; the batch as is at CP=1).
+
+    Every rank of a context-parallel group reads the same samples (they share one data-parallel rank); each
+    keeps the contiguous positions [r s/CP, (r+1) s/CP) of tokens, labels, loss mask and (document masks) position
+    and segment ids. The model computes global positions and gathers the segment ids (model/transformer.py)."""
+    cp = parallel.cp_size()
+    if cp == 1:
+        return batch
+    r = parallel.cp_rank()
+    return {k: v.chunk(cp, dim=1)[r].contiguous() for k, v in batch.items()}
+
+
+def context_sum(value: torch.Tensor) -> torch.Tensor:
+    """A rank's loss summed over its context-parallel group: each CP rank's loss is its slice's part of the
+    sequences' mean, so the sum is the loss one process computes (detached; `value` itself at CP=1)."""
+    if parallel.cp_size() == 1:
+        return value
+    value = value.detach().float().clone()
+    dist.all_reduce(value, group=parallel.cp_group())
+    return value
 
 
 def _model_loss(engine, batch: dict, denominator=None) -> torch.Tensor:
@@ -223,7 +246,7 @@ def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter], obj
     """One micro-batch's loss (the `train_impl` objective: training/preference.py, or the language-modelling loss),
     its metrics and gradient; a non-finite loss backpropagates zeros instead of NaNs. `fault` (tests only,
     faults.injected_fault): "grads" makes the gradients NaN behind a finite loss, "spike" multiplies the loss by 50."""
-    batch = {k: v.to(parallel.device()) for k, v in batch.items()}
+    batch = context_slice({k: v.to(parallel.device()) for k, v in batch.items()})
     if objective.impl == "normal":
         loss, metrics = _model_loss(engine, batch, denominator), {}
     else:
@@ -236,7 +259,7 @@ def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter], obj
     if not finite:
         loss = sum(p.sum() * 0.0 for p in params)
     engine.backward(loss)
-    return loss.item(), finite, metrics
+    return context_sum(loss).item(), finite, metrics
 
 
 def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Parameter],
@@ -285,9 +308,11 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
 def _masked_denominator(step_batches: list[dict]) -> float | None:
     """For batches with segments (data/labeled.py, or pretraining with reset_attention_mask): the trained tokens
     of the whole global batch (all micro-batches, all data-parallel ranks) over n x dp. DeepSpeed averages the
-    micro-batches' gradients over n and the ranks, so each micro-batch's masked sum divided by this makes the
-    step's loss the sum over every trained token of the global batch over their number, whatever the split into
-    micro-batches and ranks. None for other pretraining batches (each micro-batch's own mean, as upstream)."""
+    micro-batches' gradients over n and the data-parallel ranks (and sums the context-parallel ranks', which
+    hold slices of the same sequences), so each micro-batch's masked sum divided by this makes the step's loss
+    the sum over every trained token of the global batch over their number, whatever the split into
+    micro-batches and ranks. None for other pretraining batches (each micro-batch's own mean, as upstream).
+    The step's batches are whole sequences here (every CP rank of a data-parallel rank reads the same)."""
     if "segment_ids" not in step_batches[0]:
         return None
     count = torch.tensor([float(sum(b["loss_mask"].sum().item() for b in step_batches))], device=parallel.device())
@@ -315,11 +340,12 @@ def setup(c: NeoXConfig) -> Run:
     """Process groups, seed, tokenizer, data, model, engine, and the state resumed from `load`."""
     c = universal.resolve_load(c)  # before the engine: DeepSpeed takes load_universal when it is built
     parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes,
-                        c.pipe_parallel_size)
+                        c.pipe_parallel_size, c.context_parallel_size)
     world = dist.get_world_size()
-    placement_log.info("rank %d/%d on host %s: local rank %s, pid %d, tensor-parallel rank %d, data-parallel rank %d",
-                       dist.get_rank(), world, socket.gethostname(), os.environ.get("LOCAL_RANK", "0"), os.getpid(),
-                       parallel.tp_rank(), parallel.dp_rank())
+    placement_log.info("rank %d/%d on host %s: local rank %s, pid %d, tensor-parallel rank %d, context-parallel "
+                       "rank %d, data-parallel rank %d", dist.get_rank(), world, socket.gethostname(),
+                       os.environ.get("LOCAL_RANK", "0"), os.getpid(), parallel.tp_rank(), parallel.cp_rank(),
+                       parallel.dp_rank())
     c.check_world_size(world)
     if _rank0():
         log_ignored_settings(c)
@@ -370,9 +396,10 @@ class Progress:
         self.loss = 0.0
         self.extra: dict[str, float] = {}  # the objective's metrics (training/preference.py), summed like the loss
         if _rank0():
-            log.info("model: %d parameters; world %d = tensor %d x data %d; global batch %d x %d tokens; %s; "
+            context = f" x context {parallel.cp_size()}" if parallel.cp_size() > 1 else ""
+            log.info("model: %d parameters; world %d = tensor %d%s x data %d; global batch %d x %d tokens; %s; "
                      "FLOPs per token %d (hardware %d, recompute %s)", count_parameters(model.shape), run.world,
-                     c.model_parallel_size, parallel.dp_size(), c.global_batch_size(run.world), c.seq_length,
+                     c.model_parallel_size, context, parallel.dp_size(), c.global_batch_size(run.world), c.seq_length,
                      c.dtype_name, self.flops_per_token.model, self.flops_per_token.hardware, c.activation_recompute)
 
     def add(self, step_loss: float | None, metrics: dict | None = None) -> float | None:

@@ -406,9 +406,11 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         raise UserError(f"checkpoint {folder} was saved at pipe_parallel_size {saved_pp} but this run uses {pp}; "
                         "take its weights with finetune: true, or its full state through the universal checkpoint "
                         f"(`python tools/ckpts/to_universal.py --input-dir {c.load}`, then load_universal: true)")
-    if saved_tp != parallel.tp_size() or saved_dp not in (None, parallel.dp_size()):
+    # ZeRO partitions over data x context parallel ranks (DeepSpeed's sequence x data group): its shard count
+    shards = parallel.dp_size() * parallel.cp_size()
+    if saved_tp != parallel.tp_size() or saved_dp not in (None, shards):
         raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} x {saved_dp or 'any'} "
-                        f"data-parallel ranks but this run uses {parallel.tp_size()} x {parallel.dp_size()}; to "
+                        f"data-parallel ranks but this run uses {parallel.tp_size()} x {shards}; to "
                         f"change parallelism run `python tools/ckpts/to_universal.py --input-dir {c.load}` and resume "
                         "with load_universal: true")
     SafeLoads.install(engine, c.trust_checkpoint)
