@@ -122,7 +122,8 @@ def mfu(tokens_per_sec: float, flops_per_token: float, num_devices: int, peak: f
 def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int, seq_length: int,
                           micro_batch: int, tp: int, dp: int, zero_stage: int, dtype: str,
                           checkpoint_activations: bool, vocab_size: int,
-                          sequence_parallel: bool = False, trainable_params: int | None = None) -> dict[str, float]:
+                          sequence_parallel: bool = False, trainable_params: int | None = None,
+                          cp: int = 1) -> dict[str, float]:
     """Bytes per GPU for one training step, by part (Rajbhandari et al. for ZeRO, Korthikanti et al.
     for activations with a fused attention kernel that keeps no s x s scores).
 
@@ -133,18 +134,20 @@ def training_memory_bytes(num_params: int, *, num_layers: int, hidden_size: int,
       in an fp32 copy of the whole model on every rank;
     - activations: see `activation_memory_bytes`; plus the logits chunk of the loss.
     `trainable_params` (LoRA: the adapters; default all): only they have gradients and optimizer states.
+    Context parallelism (`cp`): ZeRO partitions over data x context ranks (DeepSpeed's sequence x data group);
+    every activation, the logits chunk included, covers seq_length / cp positions.
     """
     half = dtype in ("bf16", "fp16")
     p = num_params / tp
     t = (num_params if trainable_params is None else trainable_params) / tp
     weights = p * (2 if half else 4)
     grads = t * (2 if half else 4)
-    optim = t * (12 if half else 8) / (dp if zero_stage >= 1 else 1)
-    grad_buffer = fp32_gradient_buffer_bytes(t, dp=dp, zero_stage=zero_stage, dtype=dtype)
+    optim = t * (12 if half else 8) / (dp * cp if zero_stage >= 1 else 1)
+    grad_buffer = fp32_gradient_buffer_bytes(t, dp=dp * cp, zero_stage=zero_stage, dtype=dtype)
     activations = activation_memory_bytes(num_layers=num_layers, hidden_size=hidden_size, seq_length=seq_length,
                                           micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
-                                          checkpoint_activations=checkpoint_activations)
-    logits = min(seq_length * micro_batch, 4096) * vocab_size / tp * 4 * 2
+                                          checkpoint_activations=checkpoint_activations, cp=cp)
+    logits = min(seq_length // cp * micro_batch, 4096) * vocab_size / tp * 4 * 2
     return {"weights": weights, "gradients": grads, "grad_buffer_fp32": grad_buffer, "optimizer": optim,
             "activations": activations + logits,
             "total": weights + grads + grad_buffer + optim + activations + logits}
@@ -174,7 +177,7 @@ def largest_micro_batch(memory_at, budget_bytes: float, limit: int = 64) -> int:
 
 
 def activation_memory_bytes(*, num_layers: int, hidden_size: int, seq_length: int, micro_batch: int, tp: int,
-                            sequence_parallel: bool, checkpoint_activations: bool) -> float:
+                            sequence_parallel: bool, checkpoint_activations: bool, cp: int = 1) -> float:
     """Bytes of 16-bit activations one rank holds for the backward pass (Korthikanti et al. 2022, with a
     fused attention kernel that keeps no s x s scores), for s*b*h = seq x micro-batch x hidden:
 
@@ -182,10 +185,41 @@ def activation_memory_bytes(*, num_layers: int, hidden_size: int, seq_length: in
       inputs (10 sbh) are whole on every rank, the attention and MLP insides (24 sbh) are split;
     - per layer, with sequence parallelism: 34*s*b*h/tp: those 10 sbh are split over the sequence too;
     - with full activation checkpointing: each layer's input (2 sbh, /tp with sequence parallelism)
-      plus one layer being recomputed.
+      plus one layer being recomputed;
+    - context parallelism (`cp`, DeepSpeed-Ulysses): a rank holds s/cp positions of every tensor outside
+      attention, and inside it the whole sequence of heads/cp heads: the same s*h/cp, so s becomes s/cp.
     """
-    sbh = seq_length * micro_batch * hidden_size
+    sbh = seq_length / cp * micro_batch * hidden_size
     per_layer = 34 * sbh / tp if sequence_parallel else sbh * (10 + 24 / tp)
     if checkpoint_activations:
         return num_layers * 2 * sbh / (tp if sequence_parallel else 1) + per_layer
     return num_layers * per_layer
+
+
+def context_parallel_all_to_all_bytes(*, num_layers: int, num_heads: int, kv_heads: int, head_dim: int,
+                                      seq_length: int, micro_batch: int, tp: int, cp: int, dtype: str,
+                                      recompute: bool) -> float:
+    """Bytes one rank sends in DeepSpeed-Ulysses' all-to-alls for one micro-batch's forward and backward.
+
+    Per layer and pass, four all-to-alls (q, k, v before attention; its output after): each rank holds
+    b x s/cp positions x heads/tp x head_dim of each and sends the (cp - 1)/cp of it that other ranks need, so
+    (2 num_heads + 2 kv_heads) / tp x head_dim x b x s/cp x (cp - 1)/cp elements. The backward sends the
+    gradients of the same tensors; full recompute runs the forward's again: 2 passes, or 3 with recompute."""
+    if cp == 1:
+        return 0.0
+    elements = (2 * num_heads + 2 * kv_heads) / tp * head_dim * micro_batch * seq_length / cp * (cp - 1) / cp
+    per_layer = elements * (2 if dtype in ("bf16", "fp16") else 4)
+    return num_layers * per_layer * (3 if recompute else 2)
+
+
+def longest_sequence(memory_at, budget_bytes: float, multiple: int, limit: int = 2**22) -> int:
+    """The longest seq_length, a power of two times 1024 (and a multiple of `multiple`) up to `limit`, with
+    memory_at(s)["total"] <= budget_bytes (0 if none fits); `memory_at(s)` is `training_memory_bytes` at s."""
+    best, s = 0, 1024
+    while s <= limit:
+        if s % multiple == 0:
+            if memory_at(s)["total"] > budget_bytes:
+                break
+            best = s
+        s *= 2
+    return best

@@ -83,27 +83,28 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     trainable = n_adapters if config.adapter else n
     if n != count_parameters(shape):
         raise AssertionError(f"meta build has {n} parameters, formula says {count_parameters(shape)}")
-    tp, dp = config.model_parallel_size, config.data_parallel_size(world)
+    tp, dp, cp = config.model_parallel_size, config.data_parallel_size(world), config.context_parallel_size
     seq = config.seq_length
     fpt = flops.training_flops_per_token(model, seq, config.activation_recompute)
     model_fpt = fpt.model
 
     def memory_at(micro_batch: int, checkpoint_activations: bool, params: int = n, layers: int = config.num_layers,
-                  in_flight: int = 1) -> dict[str, float]:
+                  in_flight: int = 1, seq_length: int = seq, context: int = cp) -> dict[str, float]:
         return flops.training_memory_bytes(
-            params + n_adapters, num_layers=layers * in_flight, hidden_size=config.hidden_size, seq_length=seq,
+            params + n_adapters, num_layers=layers * in_flight, hidden_size=config.hidden_size, seq_length=seq_length,
             micro_batch=micro_batch, tp=tp, dp=dp, zero_stage=config.zero_stage, dtype=config.dtype_name,
             checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size,
             sequence_parallel=shape.sequence_parallel and tp > 1,
-            trainable_params=n_adapters if config.adapter else None)
+            trainable_params=n_adapters if config.adapter else None, cp=context)
 
     mem = memory_at(config.train_micro_batch_size_per_gpu, config.activation_recompute == "full")
     act = {sp: flops.activation_memory_bytes(
         num_layers=config.num_layers, hidden_size=config.hidden_size, seq_length=seq, tp=tp, sequence_parallel=sp,
-        micro_batch=config.train_micro_batch_size_per_gpu, checkpoint_activations=config.activation_recompute == "full")
-        for sp in (False, True)}
+        micro_batch=config.train_micro_batch_size_per_gpu, checkpoint_activations=config.activation_recompute == "full",
+        cp=cp) for sp in (False, True)}
     gbs = config.global_batch_size(world)
     pipe = f"pipe {config.pipe_parallel_size} x " if config.pipe_parallel_size > 1 else ""
+    context = f" x context {cp}" if cp > 1 else ""
     peak = flops.PEAK_FLOPS.get(gpu)
     if peak is None:
         raise UserError(f"--gpu {gpu!r} is not in the peak table; valid: {', '.join(flops.PEAK_FLOPS)}")
@@ -123,7 +124,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"vocab(padded): {shape.vocab_size}  seq: {seq}",
         f"flops_per_token: {model_fpt}  ({model_fpt / 1e9:.2f} GFLOP = 6*N_non_embedding + 12*L*h*s + 6*V*h)",
         f"hardware_flops_per_token: {fpt.hardware}  (recompute: {fpt.recompute})",
-        f"parallelism: world {world} = {pipe}tensor {tp} x data {dp} ({how}); ZeRO stage {config.zero_stage}; "
+        f"parallelism: world {world} = {pipe}tensor {tp}{context} x data {dp} ({how}); ZeRO stage {config.zero_stage}; "
         f"{config.dtype_name}",
         f"global_batch: {gbs} sequences = {gbs * seq} tokens per step",
         "memory_per_gpu_gib: " + "  ".join(f"{k} {v / gib:.2f}" for k, v in mem.items()),
@@ -134,6 +135,16 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     ]
     if config.pipe_parallel_size > 1:
         lines += pipeline_lines(config, model, memory_at, config.activation_recompute == "full")
+    all_to_all = 0.0
+    if cp > 1:
+        all_to_all = config.gradient_accumulation_steps * flops.context_parallel_all_to_all_bytes(
+            num_layers=config.num_layers, num_heads=config.num_attention_heads, kv_heads=config.kv_heads,
+            head_dim=config.head_dim, seq_length=seq, micro_batch=config.train_micro_batch_size_per_gpu, tp=tp, cp=cp,
+            dtype=config.dtype_name, recompute=config.activation_recompute == "full")
+        lines.append(f"context_parallel: {cp} ranks hold {seq // cp} positions each of every sequence; Ulysses "
+                     f"all-to-all per step per rank {all_to_all / gib:.3f} GiB sent ({config.gradient_accumulation_steps}"
+                     f" micro-batches x {config.num_layers} layers x 4 all-to-alls x "
+                     f"{3 if config.activation_recompute == 'full' else 2} passes)")
     ckpt_bytes = checkpoint_bytes(config, checkpoint_elements(adapters if config.adapter else numels, config))
     saved = "adapter parameter; the base is named, not copied" if config.adapter else "parameter"
     lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // trainable} bytes per {saved}); "
@@ -147,8 +158,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         budget = gpu_memory_gb * gib * 0.9
         lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if mem['total'] <= budget else 'NO'}")
         lines.append(no_recompute_line(lambda b: memory_at(b, False), budget, gpu_memory_gb))
+        lines.append(longest_sequence_line(memory_at, config, budget, gpu_memory_gb, cp))
     print("\n".join(lines))
-    return {"parameters": n, "trainable_parameters": trainable,
+    return {"parameters": n, "trainable_parameters": trainable, "all_to_all_bytes_per_step": all_to_all,
             "active_parameters": count_parameters(shape, active=True), "flops_per_token": model_fpt, "memory": mem,
             "checkpoint_bytes": ckpt_bytes,
             "activations_by_sequence_parallel": act}
@@ -196,6 +208,18 @@ def sizing_world(config, world_size: int | None = None) -> tuple[int, str]:
     world = config.model_parallel_size * max(config.pipe_parallel_size, 1) * dp
     return world, (f"the smallest world this config needs: model_parallel_size {config.model_parallel_size} x "
                    f"pipe_parallel_size {max(config.pipe_parallel_size, 1)} x data {dp}; --world-size sizes another")
+
+
+def longest_sequence_line(memory_at, config, budget: float, gpu_memory_gb: float, cp: int) -> str:
+    """The longest seq_length (a power of two x 1024) whose step fits a GPU, at context_parallel_size 1 and at the
+    config's (and twice it, when the heads allow), at the config's micro-batch and recompute."""
+    b, recompute = config.train_micro_batch_size_per_gpu, config.activation_recompute == "full"
+    heads = min(config.num_attention_heads, config.kv_heads) // config.model_parallel_size
+    sizes = sorted({1, cp, *([2 * cp] if heads % (2 * cp) == 0 else [])})
+    fits = [f"CP {c}: {flops.longest_sequence(lambda s: memory_at(b, recompute, seq_length=s, context=c), budget, c) or 'none'}"
+            for c in sizes]
+    return (f"longest seq_length per {gpu_memory_gb:g} GiB GPU (micro-batch {b}, recompute {config.activation_recompute}): "
+            + ", ".join(fits))
 
 
 def no_recompute_line(memory_at, budget: float, gpu_memory_gb: float) -> str:
