@@ -5,6 +5,8 @@
     python tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --path engine      # the train.py step
     python tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --compare hf --json
     torchrun --nproc_per_node 2 tools/benchmark.py --config configs/tiny.yml --activation-memory   # TP=2, SP vs not
+    torchrun --nproc_per_node 2 tools/benchmark.py --config configs/tiny.yml --seq-length 8192 --activation-memory \
+        --context-parallel                                     # CP=2 (without torchrun: CP=1), memory per rank
     torchrun --nproc_per_node 2 tools/benchmark.py --config configs/tiny.yml pp2.yml --path engine  # 2 stages
 
 See neox_fork/perf/benchmark.py for what each path times and docs/performance.md for the measured numbers.
@@ -44,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-activations", choices=["true", "false", "selective"],
                    help="override the config: full recompute, none, or selective (attention core only)")
     p.add_argument("--torch-compile", choices=["true", "false"], help="override the config")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="with --activation-memory: context_parallel_size = number of ranks (TP 1) instead of TP")
     p.add_argument("--activation-memory", action="store_true",
                    help="instead: per-rank activation memory at TP = number of ranks (run under torchrun), with "
                         "and without sequence parallelism (neox_fork.perf.activation_memory)")
@@ -111,12 +115,18 @@ def measure_activation_memory(args: argparse.Namespace) -> str | None:
     from neox_fork.perf import activation_memory
     from neox_fork.parallel import groups as parallel
 
-    tp = int(os.environ.get("WORLD_SIZE", "1"))
-    config = load_config(*args.config,
-                         overrides={**overrides_from(args), "model_parallel_size": tp, "num_gpus": tp, "num_nodes": 1})
-    parallel.initialize(tp)
-    results = activation_memory.run(config, config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file)))
-    report = activation_memory.report(config, results, args.json) if dist.get_rank() == 0 else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, cp = (1, world) if args.context_parallel else (world, 1)
+    config = load_config(*args.config, overrides={**overrides_from(args), "model_parallel_size": tp,
+                                                  "context_parallel_size": cp, "num_gpus": world, "num_nodes": 1})
+    parallel.initialize(tp, context_parallel_size=cp)
+    vocab = config.unpadded_vocab_size(tokenizer_file_vocab_size(config.vocab_file))
+    if args.context_parallel:
+        results = activation_memory.run_context_parallel(config, vocab)
+        report = activation_memory.report_context_parallel(config, results, args.json) if dist.get_rank() == 0 else None
+    else:
+        results = activation_memory.run(config, vocab)
+        report = activation_memory.report(config, results, args.json) if dist.get_rank() == 0 else None
     parallel.destroy()
     return report
 

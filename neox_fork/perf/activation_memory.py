@@ -12,6 +12,10 @@ backward on the same random batch, measures:
   plus the transient buffers and the gradients. The process's resident set is no measure here: glibc
   keeps freed memory resident, so whichever run comes second reuses the first one's pages.
 
+Under context parallelism (`run_context_parallel`, `--context-parallel`: CP = the number of ranks, TP 1) each rank
+measures one forward and backward of its 1/CP slice of the same batch (DeepSpeed-Ulysses inside attention), with
+sequence parallelism off.
+
 Activation checkpointing is off unless the config turns it on (then only the checkpointed layer inputs
 are saved, and the recompute happens inside the backward, which the allocation peak still sees).
 """
@@ -57,6 +61,9 @@ def measure(config: NeoXConfig, vocab: int, sequence_parallel: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     shape = (config.train_micro_batch_size_per_gpu, config.seq_length)
     tokens, labels = (torch.randint(0, vocab, shape, generator=g) for _ in range(2))
+    cp = parallel.cp_size()
+    if cp > 1:  # this rank's slice of every sequence, as training/loop.py's context_slice
+        tokens, labels = (t.chunk(cp, dim=1)[parallel.cp_rank()].contiguous() for t in (tokens, labels))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -72,6 +79,9 @@ def measure(config: NeoXConfig, vocab: int, sequence_parallel: bool) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(tokens, labels=labels)
         loss.backward()
+    if cp > 1:  # each rank's loss is its slice's part of the mean
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=parallel.cp_group())
     out = {"sequence_parallel": sequence_parallel, "saved_bytes": sum(storages.values()),
            "peak_allocated_bytes": _peak_allocated(prof), "loss": loss.item()}
     del model, loss
@@ -106,3 +116,25 @@ def report(config: NeoXConfig, results: list[list[dict]], as_json: bool) -> str:
     lines.append(f"loss without SP {results[0][0]['loss']:.6f}, with SP {results[0][1]['loss']:.6f}")
     return "\n".join(lines)
 
+
+
+def run_context_parallel(config: NeoXConfig, vocab: int) -> list[dict]:
+    """One measurement on every rank of a context-parallel group of the whole world; rank r's at index r."""
+    mine = measure(config, vocab, False)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def report_context_parallel(config: NeoXConfig, results: list[dict], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"cp": len(results), "seq_length": config.seq_length,
+                           "micro_batch": config.train_micro_batch_size_per_gpu, "ranks": results})
+    mib = 2**20
+    lines = [f"activation memory per rank, CP={len(results)}, seq {config.seq_length} x micro-batch "
+             f"{config.train_micro_batch_size_per_gpu} x hidden {config.hidden_size}, {config.num_layers} layers, "
+             f"recompute {config.activation_recompute}"]
+    lines += [f"rank {rank}: saved for backward {r['saved_bytes'] / mib:.1f} MiB; peak allocated "
+              f"{r['peak_allocated_bytes'] / mib:.1f} MiB" for rank, r in enumerate(results)]
+    lines.append(f"loss {results[0]['loss']:.6f}")
+    return "\n".join(lines)
