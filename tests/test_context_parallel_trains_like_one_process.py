@@ -6,7 +6,7 @@ keeps its positions of the whole dropout mask, so the masks are the same). Again
 for weight after every step:
 
 * CP=2 (2 ranks, each holds 32 of the 64 positions of every sample, ZeRO-1 over the two context ranks);
-* CP=2 x TP=2 (4 ranks) and CP=2 x DP=2 (4 ranks, ZeRO-1 over data x context, micro-batch 2 each; against a
+* CP=2 x TP=2 (4 ranks, with ZeRO-2 and full activation recompute) and CP=2 x DP=2 (4 ranks, ZeRO-1 over data x context, micro-batch 2 each; against a
   reference without dropout, as data-parallel ranks draw the same masks for different samples);
 * the CP=2 run's step-2 checkpoint resumed at CP=1 through its universal checkpoint (steps 3 and 4);
 * the CP=2 run's step-2 checkpoint resumed at CP=2 gives its steps 3 and 4 bit for bit (dropout on: the RNG
@@ -39,10 +39,14 @@ def train(folder, corpus, nproc, **keys):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, small_corpus):
-    root = tmp_path_factory.mktemp("context_parallel")
-    return {"single": train(root / "single", small_corpus, 1),
-            "cp2": train(root / "cp2", small_corpus, 2, context_parallel_size=2)}
+def single(tmp_path_factory, small_corpus):
+    return train(tmp_path_factory.mktemp("context_parallel") / "single", small_corpus, 1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_corpus, single):
+    return {"single": single,
+            "cp2": train(tmp_path_factory.mktemp("context_parallel") / "cp2", small_corpus, 2, context_parallel_size=2)}
 
 
 def test_cp2_equals_one_process(runs):
@@ -93,11 +97,14 @@ def test_cp2_resume_is_exact(tmp_path, small_corpus, runs):
     assert_same_weights(folder / "ckpt", runs["cp2"], tol=0.0)
 
 
-def test_cp2_tp2_equals_one_process(tmp_path, small_corpus, runs):
-    run = train(tmp_path / "cp2tp2", small_corpus, 4, context_parallel_size=2, model_parallel_size=2)
+def test_cp2_tp2_zero2_recompute_equals_one_process(tmp_path, small_corpus, single):
+    """Also ZeRO-2 and full activation recompute (the all-to-alls run again in the backward, the dropout masks are
+    drawn again from the replayed generator): the same steps as one process at ZeRO-1 without recompute."""
+    run = train(tmp_path / "cp2tp2", small_corpus, 4, context_parallel_size=2, model_parallel_size=2,
+                zero_optimization={"stage": 2}, checkpoint_activations=True)
     assert checkpoint.tp_size_of(checkpoint.resolve(run)) == 2
-    assert_same_metrics(run, runs["single"], ("lm_loss",), steps=STEPS)
-    assert_same_weights(run, runs["single"], tol=WEIGHT_TOL)
+    assert_same_metrics(run, single, ("lm_loss",), steps=STEPS)
+    assert_same_weights(run, single, tol=WEIGHT_TOL)
 
 
 def test_cp2_dp2_zero1_equals_one_process(tmp_path, small_corpus):
