@@ -52,8 +52,8 @@ def test_dash_and_underscore_keys_are_the_same_and_later_files_override(tmp_path
     ("mlp_type: moe\n", "mlp_type 'moe' is not supported: mixture of experts is moe_num_experts > 1 (upstream's "
                        "key), not an MLP type; valid: regular, gated, llama"),
     ("train_data_paths: [a, b]\ntrain_data_weights: [1.0]\n", "train_data_weights has 1 entries but train_data_paths has 2"),
-    ("context_parallel_size: 2\n", "context_parallel_size 2: context parallelism (each sequence split over ranks) is "
-                                   "not built yet; valid: 1"),
+    ("context_parallel_size: 2\npipe_parallel_size: 2\n", "context_parallel_size 2 with pipeline stages is not built; "
+                                                          "use context_parallel_size 1 for it"),
 ])
 def test_bad_config_is_one_clear_error_naming_file_and_key(tmp_path, text, message):
     path = write(tmp_path, "bad.yml", text)
