@@ -235,7 +235,7 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         from neox_fork.training.pipeline import stage_files
 
         layers = stage_files(engine, layers)
-    if parallel.dp_rank() == 0:
+    if parallel.dp_rank() == 0 and parallel.cp_rank() == 0:  # one writer per TP rank (CP ranks hold the same)
         checkpoint.save_layer_files(partial, parallel.tp_rank(), layers, writer)
         if state.reference is not None and not c.adapter:  # LoRA's reference is the base the folder names
             checkpoint.save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank(), writer)
