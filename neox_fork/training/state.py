@@ -468,7 +468,9 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     saved_tp = checkpoint.tp_size_of(folder)
     saved_dp = len(checkpoint.rng_files(folder)) // (saved_tp * checkpoint.pp_size_of(folder))  # stage 0's first
     if saved_dp:
-        source, same_tp_rank = universal.rng_source(parallel.tp_rank(), parallel.dp_rank(), saved_tp, saved_dp)
+        # ranks are numbered tp + TP x (cp + CP x dp): the data x context index takes the place of the DP rank
+        shard = parallel.cp_rank() + parallel.cp_size() * parallel.dp_rank()
+        source, same_tp_rank = universal.rng_source(parallel.tp_rank(), shard, saved_tp, saved_dp)
         restore_rng(folder / checkpoint.RNG_FILE.format(source), c.trust_checkpoint, tracker=same_tp_rank)
     else:
         log.warning("%s holds no RNG states (not made by tools/ckpts/to_universal.py?): dropout continues from fresh "
