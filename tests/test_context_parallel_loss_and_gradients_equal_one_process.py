@@ -39,29 +39,31 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _context_parallel_rank(rank, masks: bool):
+def _context_parallel_rank(rank, masks: bool, keys: dict):
     import torch.distributed as dist
 
     from neox_fork.parallel import groups as parallel
     from neox_fork.training.loop import context_slice
 
     parallel.initialize(1, "gloo", context_parallel_size=2)
-    model = _model()  # seeded as in this process: the same weights
+    model = _model(**keys)  # seeded as in this process: the same weights
     loss, grads = _loss_and_grads(model, context_slice(_batch(masks)))
     for t in [loss, *grads.values()]:
         dist.all_reduce(t, group=parallel.cp_group())
     return loss, grads
 
 
-@pytest.mark.parametrize("masks", [True, False], ids=["document_masks", "causal"])
-def test_cp2_loss_and_gradients_equal_one_process(one_process, masks):
-    model = _model()
+@pytest.mark.parametrize("masks, keys", [(True, {}), (False, {}), (True, {"num_kv_heads": 2})],
+                         ids=["document_masks", "causal", "document_masks_gqa"])
+def test_cp2_loss_and_gradients_equal_one_process(one_process, masks, keys):
+    """GQA: 4 query heads on 2 key/value heads; each CP rank attends with 2 query heads and their 1 key/value head."""
+    model = _model(**keys)
     want_loss, want_grads = _loss_and_grads(model, _batch(masks))
     if masks:
         tokens, labels, mask = _packed(eod_mask_loss=True)
         total, count = _documents_apart(model, tokens, labels, mask)
         torch.testing.assert_close(want_loss.double(), total / count, rtol=RTOL, atol=0)
-    ranks = run_distributed(_context_parallel_rank, 2, masks)
+    ranks = run_distributed(_context_parallel_rank, 2, masks, keys)
     for loss, grads in ranks:
         torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=0)
         assert grads.keys() == want_grads.keys()
