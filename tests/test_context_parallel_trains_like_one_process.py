@@ -3,7 +3,7 @@
 Runs are train.py on local ranks joined by gloo (conftest.run_training). The reference is one process with the
 whole sequences (global batch 4 x 64 tokens, ZeRO-1, hidden dropout 0.1: under context parallelism each rank
 keeps its positions of the whole dropout mask, so the masks are the same). Against it, loss for loss and weight
-for weight after every step:
+for weight after every step (and the validation loss at the last):
 
 * CP=2 (2 ranks, each holds 32 of the 64 positions of every sample, ZeRO-1 over the two context ranks);
 * CP=2 x TP=2 (4 ranks, with ZeRO-2 and full activation recompute) and CP=2 x DP=2 (4 ranks, ZeRO-1 over data x context, micro-batch 2 each; against a
@@ -33,7 +33,8 @@ def train(folder, corpus, nproc, **keys):
     keys.setdefault("make_vocab_size_divisible_by", 256 // keys.get("model_parallel_size", 1))
     keys.setdefault("train_micro_batch_size_per_gpu", 4)
     folder.mkdir(parents=True)
-    config = write_train_config(folder, corpus, train_iters=STEPS, optimizer=OPTIMIZER, checkpoint_factor=2, **keys)
+    config = write_train_config(folder, corpus, train_iters=STEPS, optimizer=OPTIMIZER, checkpoint_factor=2,
+                                eval_interval=STEPS, **keys)
     run_training(config, nproc=nproc)
     return folder / "ckpt"
 
@@ -53,6 +54,9 @@ def test_cp2_equals_one_process(runs):
     assert checkpoint.dp_size_of(checkpoint.resolve(runs["cp2"])) == 2  # ZeRO partitions over the context ranks
     assert_same_metrics(runs["cp2"], runs["single"], ("lm_loss",), steps=STEPS)
     assert_same_weights(runs["cp2"], runs["single"], tol=WEIGHT_TOL)
+    # validation at the last step: each CP rank's part of the mean, summed over the group
+    evals, want = read_metrics(runs["cp2"], "eval_lm_loss"), read_metrics(runs["single"], "eval_lm_loss")
+    assert list(evals) == list(want) == [STEPS] and evals[STEPS] == pytest.approx(want[STEPS], rel=LOSS_RTOL)
 
 
 def test_cp2_checkpoint_resumes_at_cp1_through_universal(tmp_path, small_corpus, runs):
