@@ -120,3 +120,27 @@ def test_cp2_dp2_zero1_equals_one_process(tmp_path, small_corpus):
     assert checkpoint.dp_size_of(checkpoint.resolve(run)) == 4  # ZeRO-1 over data x context
     assert_same_metrics(run, single, ("lm_loss",), steps=STEPS)
     assert_same_weights(run, single, tol=WEIGHT_TOL)
+
+
+def test_cp2_checkpoint_loads_for_generation_at_cp1(one_process, runs):
+    """generate.py / eval.py's loader takes a CP=2 checkpoint at context_parallel_size 1 (the weights do not depend
+    on CP): its logits are bit for bit those of a CP=1 model holding the checkpoint's merged weights, and the KV-cache
+    decode of the last token gives the full forward's last logits (the same ops, in another order: 1e-5)."""
+    import torch
+
+    from neox_fork.inference.generation import load_for_inference
+    from neox_fork.model.transformer import build_model
+
+    model, config, _ = load_for_inference(runs["cp2"])
+    assert config.context_parallel_size == 1
+    weights, _, _ = checkpoint.load_merged(runs["cp2"])
+    reference = build_model(config, perform_initialization=False)
+    reference.load_state_dict(weights, strict=False)
+    tokens = (torch.arange(40).reshape(1, 40) * 7) % 500
+    with torch.no_grad():
+        logits = model(tokens)
+        assert torch.equal(logits, reference.eval()(tokens))
+        cache = model.new_kv_cache()
+        model(tokens[:, :-1], kv_cache=cache)
+        last = model(tokens[:, -1:], kv_cache=cache)
+    torch.testing.assert_close(last[0, -1], logits[0, -1], rtol=1e-5, atol=1e-5)
