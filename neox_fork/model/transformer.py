@@ -35,7 +35,7 @@ from neox_fork.model.attention import DocumentMask, attention, ulysses
 from neox_fork.model.shape import ModelShape
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.config.rules import check_runnable
-from neox_fork.parallel.groups import RNG_TRACKER, checkpoint
+from neox_fork.parallel.groups import RNG_TRACKER, checkpoint, context_group, gather_sequence
 
 def tp_args(mp: ModelParallelConfig) -> dict:
     """Arguments every megatron-core parallel layer takes: its config and the tensor-parallel group."""
@@ -563,19 +563,6 @@ def mark_sequence_parallel_parameters(model: NeoXModel) -> None:
         for p in module.parameters():
             if not getattr(p, "tensor_model_parallel", False):
                 p.sequence_parallel = True
-
-
-def context_group():
-    """The context-parallel group when it has more than one rank (each holds a slice of every sequence), else None."""
-    group = parallel_state.get_context_parallel_group(check_initialized=False)
-    return group if group is not None and group.size() > 1 else None
-
-
-def gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
-    """[b, s/CP] slices of the CP group's ranks (no gradient: ids) -> [b, s], in rank order."""
-    parts = [torch.empty_like(t) for _ in range(group.size())]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
 
 
 def _run_layers(layers, x, rotary, cos, sin, caches=None, mask=None):

@@ -209,6 +209,20 @@ def cp_group():
     return parallel_state.get_context_parallel_group()
 
 
+def context_group():
+    """The context-parallel group when it has more than one rank (each holds a slice of every sequence), else None
+    (also before the groups exist: a model built for sizing)."""
+    group = parallel_state.get_context_parallel_group(check_initialized=False)
+    return group if group is not None and group.size() > 1 else None
+
+
+def gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
+    """[b, s/CP] slices of the CP group's ranks (no gradient: ids) -> [b, s], in rank order."""
+    parts = [torch.empty_like(t) for _ in range(group.size())]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
 def data_and_context_group():
     """The ranks that hold the same weights (data x context parallel): ZeRO partitions and gradients are
     reduced over it."""
