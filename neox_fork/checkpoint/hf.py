@@ -316,10 +316,23 @@ def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_
             "use_parallel_residual": False, "hidden_dropout": c.hidden_dropout}
 
 
+# MoE classes whose block has parts our model has not (what each computes beyond Mixtral's block)
+MOE_NOT_IMPORTABLE = {
+    "olmoe": "q and k RMSNorms over the whole projections; use_qk_layernorm is one norm per head shared by q and k",
+    "qwen2_moe": "a sigmoid-gated shared expert beside the routed ones, and q/k/v biases",
+    "qwen3_moe": "q and k RMSNorms per head",
+    "deepseek_v2": "multi-head latent attention and shared experts",
+    "deepseek_v3": "multi-head latent attention, shared experts and sigmoid routing with a bias",
+}
+
+
 def config_from_hf(hf: dict) -> dict:
     """Our config keys (NeoX names) for an HF GPTNeoX, Llama, Mistral, StableLm or Mixtral config.json; the caller adds
     the rest."""
     kind = hf.get("model_type")
+    if kind in MOE_NOT_IMPORTABLE:
+        raise UserError(f"config.json model_type {kind!r}: not importable ({MOE_NOT_IMPORTABLE[kind]}); the "
+                        "mixture-of-experts class importable is mixtral")
     if kind not in CLASSES:
         raise UserError(f"config.json model_type is {kind!r}; importable: {', '.join(CLASSES)}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -521,22 +534,27 @@ def export_peft_adapter(state: dict[str, torch.Tensor], c: NeoXConfig, output_di
     return Path(output_dir)
 
 
-def read_hf_folder(hf_dir) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, all tensors) of a Hugging Face folder with one or many safetensors files."""
+def read_hf_config(hf_dir) -> dict:
     import json
-
-    from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"'{hf_dir}' is not a Hugging Face model folder: no config.json")
+    return json.loads((hf_dir / "config.json").read_text())
+
+
+def read_hf_tensors(hf_dir) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder with one or many safetensors files."""
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"'{hf_dir}' has no *.safetensors weights (convert .bin weights with transformers first)")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update(load_file(f))
-    return json.loads((hf_dir / "config.json").read_text()), tensors
+    return tensors
 
 
 def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = None) -> Path:
@@ -544,8 +562,9 @@ def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = N
     from neox_fork.checkpoint import store as checkpoint
     from neox_fork.config.loading import from_dict
 
-    hf_config, tensors = read_hf_folder(hf_dir)
-    keys = config_from_hf(hf_config)
+    hf_config = read_hf_config(hf_dir)
+    keys = config_from_hf(hf_config)  # a model we cannot build is refused before its weights are read
+    tensors = read_hf_tensors(hf_dir)
     # keep the vocabulary exactly as released: pick the padding multiple that already divides it
     keys.update(checkpoint.vocab_keys_for(keys["vocab_size"], tp, f"{hf_dir}/config.json"))
     embed = "gpt_neox.embed_in.weight" if hf_config.get("model_type") == "gpt_neox" else "model.embed_tokens.weight"
