@@ -83,13 +83,18 @@ def test_import_equals_transformers_and_export_back_is_bit_exact(one_process, tm
 
 def test_transformers_5_fused_experts_import_as_the_released_layout(one_process, tmp_path):
     """transformers 5 holds each layer's experts fused (gate_up_proj [E, 2I, h], gate first; down_proj): a
-    state dict in that layout imports to the same weights as the per-expert files."""
+    state dict in that layout imports to the same weights as the per-expert files. An expert missing a tensor
+    is one line."""
     theirs = hf_mixtral(tmp_path / "hf")
     config = from_dict(config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text())))
     fused = from_hf_state_dict(theirs.state_dict(), config)
     released = from_hf_state_dict(load_file(tmp_path / "hf" / "model.safetensors"), config)
     assert fused.keys() == released.keys()
     assert all(torch.equal(fused[k], released[k]) for k in fused)
+    partial = {k: v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()
+               if k != "model.layers.1.block_sparse_moe.experts.2.w3.weight"}
+    with pytest.raises(UserError, match="Mixtral layer 1 expert 2 has w1, w2; each expert needs w1, w2 and w3"):
+        from_hf_state_dict(partial, config)
 
 
 # Mixtral-8x7B's published config.json (mistralai/Mixtral-8x7B-v0.1), the fields the import reads

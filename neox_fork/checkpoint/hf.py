@@ -239,6 +239,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str, 
             raise UserError(f"Hugging Face weight '{name}' has no place in this {CLASSES[fam]} model "
                             "(e.g. qk-layernorm is not supported)")
     for (i, expert), w in experts.items():
+        if w.keys() != {"w1", "w2", "w3"}:
+            raise UserError(f"Hugging Face Mixtral layer {i} expert {expert} has {', '.join(sorted(w))}; "
+                            "each expert needs w1, w2 and w3")
         prefix = f"layers.{i}.mlp.moe.experts.local_experts.{expert}"
         out[f"{prefix}.linear_fc1.weight"] = torch.cat((w["w1"], w["w3"]))
         out[f"{prefix}.linear_fc2.weight"] = w["w2"]
