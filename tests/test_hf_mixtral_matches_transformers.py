@@ -81,6 +81,17 @@ def test_import_equals_transformers_and_export_back_is_bit_exact(one_process, tm
     assert re.search(rf"^active_parameters: {total - 2 * 2 * 3 * 64 * 96} ", out, re.M)
 
 
+def test_bf16_round_trip_is_bit_exact(one_process, tmp_path):
+    """Released Mixtrals are bf16: import and export keep every tensor's bits and dtype."""
+    hf_mixtral(tmp_path / "hf").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    import_folder(tmp_path / "hf", tmp_path / "ckpt")
+    assert load_config(checkpoint.resolve(tmp_path / "ckpt") / checkpoint.CONFIG_FILE).dtype_name == "bf16"
+    export_folder(tmp_path / "ckpt", tmp_path / "back")
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+
+
 def test_transformers_5_fused_experts_import_as_the_released_layout(one_process, tmp_path):
     """transformers 5 holds each layer's experts fused (gate_up_proj [E, 2I, h], gate first; down_proj): a
     state dict in that layout imports to the same weights as the per-expert files. An expert missing a tensor
