@@ -5,8 +5,8 @@ universal checkpoint at data parallel 2 (ZeRO-1 cutting the experts anew) like t
 Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_equivalence's Adam with eps 1e-5):
 
     one   1 process, micro-batch 2 x 2 accumulated, steps 1-4: the reference
-    pp2   pipe 2, micro-batch 2 x 2 in flight, steps 1-4, saving step 2 too
-    same  pp2's step 2 -> pipe 2, steps 3-4                      (exact resume: equal to pp2 bit for bit)
+    pp2   pipe 2, micro-batch 2 x 2 in flight, full activation recompute, steps 1-4, saving step 2 too
+    same  pp2's step 2 -> the same, steps 3-4                    (exact resume: equal to pp2 bit for bit)
     dp2   pp2's step 2 -> universal -> data parallel 2, micro-batch 2, steps 3-4   (like `one`)
 
 Each micro-batch has its own load-balancing loss in every run (the same 2 samples: data parallelism deals a global
@@ -40,6 +40,8 @@ STEPS, STOP = 4, 2
 MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_coeff=0.1, hidden_dropout=0.0,
            train_iters=STEPS, optimizer=OPTIMIZER, make_vocab_size_divisible_by=256,
            train_micro_batch_size_per_gpu=2)
+# activation recompute as well: the MoE layers run twice per micro-batch, the metrics and balancing loss count once
+PP2 = dict(pipe_parallel_size=2, gradient_accumulation_steps=2, checkpoint_activations=True)
 TOKEN_KEYS = [f"moe_tokens/layer{i}/expert{e}" for i in (0, 1) for e in range(4)]
 WEIGHT_TOL = 1e-3 * LR * STEPS
 
@@ -57,8 +59,7 @@ def one(tmp_path_factory, small_corpus):
 
 @pytest.fixture(scope="module")
 def pp2(tmp_path_factory, small_corpus):
-    return _train(tmp_path_factory.mktemp("moe_pp2") / "pp2", small_corpus, 2, pipe_parallel_size=2,
-                  gradient_accumulation_steps=2, extra_save_iters=[STOP])
+    return _train(tmp_path_factory.mktemp("moe_pp2") / "pp2", small_corpus, 2, extra_save_iters=[STOP], **PP2)
 
 
 def _resume(tmp_path, corpus, source, nproc, universal_first=False, **keys):
@@ -105,7 +106,7 @@ def test_pp2_trains_like_one_process_with_the_balancing_loss_and_expert_load_of_
 
 
 def test_pp2_resumes_exactly_at_pp2(tmp_path, small_corpus, pp2):
-    same = _resume(tmp_path, small_corpus, pp2, 2, pipe_parallel_size=2, gradient_accumulation_steps=2)
+    same = _resume(tmp_path, small_corpus, pp2, 2, **PP2)
     keys = ["lm_loss", "moe_lbl", *TOKEN_KEYS]
     got, want = _rows(same, keys, [3, 4]), _rows(pp2, keys, list(range(1, STEPS + 1)))
     for key in keys:
