@@ -18,6 +18,8 @@ Every rank draws the whole model's initial weights (the same seed as one process
 stage's NeoXModel keeps the global names (`layers.5.*`): checkpoints, fine-tuning and the converters see the
 same names at any P. `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
 TrainSchedule); the NaN guard, LR-0 skip and `before_update` hook run at the schedule's optimizer step.
+MoE layers (docs/moe.md): each one's load-balancing loss gets its gradient on the stage that holds it (megatron-core
+attaches it to the layer's output); its metrics are read after each forward pass and summed over the stages.
 """
 
 from __future__ import annotations
