@@ -100,9 +100,11 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     from deepspeed.checkpoint import ds_to_universal
 
     folder = checkpoint.resolve(path, step)
-    if checkpoint.load_config_of(folder).moe_num_experts > 1:
-        raise UserError(f"checkpoint {folder} is a mixture-of-experts model: universal checkpoints of MoE models "
-                        "are not built yet")
+    saved = checkpoint.load_config_of(folder)
+    if saved.moe_num_experts > 1 and saved.expert_model_parallel_size > 1:
+        raise UserError(f"checkpoint {folder} was saved at expert_model_parallel_size "
+                        f"{saved.expert_model_parallel_size}: universal checkpoints of expert-parallel runs are not "
+                        "built yet (docs/moe.md); resume it at its own layout")
     n = checkpoint.folder_step(folder)
     tp = checkpoint.tp_size_of(folder)
     if checkpoint.lora_info(folder) is not None:

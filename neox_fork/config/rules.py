@@ -558,6 +558,10 @@ def _moe(c: NeoXConfig, fail) -> None:
     """Mixture of experts (neox_fork/model/moe.py): upstream's keys; what is not built yet is one line each."""
     if c.moe_num_experts < 1:
         fail("moe_num_experts", f"moe_num_experts must be 1 (dense) or more, got {c.moe_num_experts}")
+    if c.load_universal and c.expert_model_parallel_size > 1:
+        fail("load_universal", f"load_universal with expert_model_parallel_size {c.expert_model_parallel_size} is not "
+             "supported yet (universal checkpoints name experts by their index on one expert-parallel rank); "
+             "resume at expert_model_parallel_size 1, or at the saved layout without load_universal")
     if c.expert_model_parallel_size != 1:
         fail("expert_model_parallel_size", f"expert_model_parallel_size {c.expert_model_parallel_size} is not "
              "supported yet: expert parallelism is not built; use 1 (every rank holds every expert)")
@@ -578,8 +582,7 @@ def _moe(c: NeoXConfig, fail) -> None:
                           "keeps its own weights and takes no jitter (as upstream); leave it unset or use topk")
     if c.moe_jitter_eps is not None and not 0 < c.moe_jitter_eps < 1:
         fail("moe_jitter_eps", f"moe_jitter_eps must be between 0 and 1 (or null), got {c.moe_jitter_eps}")
-    later = {"model_parallel_size": "experts split over tensor parallelism",
-             "pipe_parallel_size": "pipeline stages with MoE layers"}
+    later = {"model_parallel_size": "experts split over tensor parallelism"}
     for key, what in later.items():
         if getattr(c, key) > 1:
             fail(key, f"{key} {getattr(c, key)} with moe_num_experts {c.moe_num_experts} is not supported yet: "
@@ -587,9 +590,6 @@ def _moe(c: NeoXConfig, fail) -> None:
     if c.adapter is not None:
         fail("adapter", f"adapter {c.adapter} with moe_num_experts > 1 is not supported yet (adapters on the experts "
              "are not built); train the whole model (adapter: null)")
-    if c.load_universal:
-        fail("load_universal", "load_universal with moe_num_experts > 1 is not supported yet (universal checkpoints "
-             "of MoE models are not built); resume at the saved layout")
     if c.moe_aux_loss_coeff and c.dtype_name == "fp16":
         fail("moe_aux_loss_coeff", "moe_aux_loss_coeff with fp16 is not supported yet (the load-balancing loss's "
              "gradient would miss the fp16 loss scale); use bf16 or fp32, or moe_aux_loss_coeff 0")

@@ -18,6 +18,8 @@ Every rank draws the whole model's initial weights (the same seed as one process
 stage's NeoXModel keeps the global names (`layers.5.*`): checkpoints, fine-tuning and the converters see the
 same names at any P. `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
 TrainSchedule); the NaN guard, LR-0 skip and `before_update` hook run at the schedule's optimizer step.
+MoE layers (docs/moe.md): each one's load-balancing loss gets its gradient on the stage that holds it (megatron-core
+attaches it to the layer's output); its metrics are read after each forward pass and summed over the stages.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from neox_fork.model import moe
 from neox_fork.parallel import groups as parallel
 from neox_fork.parallel.groups import checkpoint
 from neox_fork.training.optim import deepspeed_skipped_update, skip_update, unchecked_nonfinite_grads
@@ -344,6 +347,12 @@ def _engine_class():
 
         before_update = None
         skipped = None  # why this step's update was skipped
+        moe_metrics = None  # during train_batch of an MoE model: the step's MoE numbers of this stage's layers
+
+        def _exec_forward_pass(self, buffer_id):
+            super()._exec_forward_pass(buffer_id)
+            if self.moe_metrics is not None:  # each micro-batch's, read before the next forward replaces them
+                moe.add_step_metrics(self.moe_metrics, self.module.neox, self.micro_batches)
 
         def _exec_optimizer_step(self, lr_kwargs=None):
             params = [p for p in self.module.parameters() if p.requires_grad]
@@ -359,7 +368,8 @@ def _engine_class():
                 self.before_update()
             super()._exec_optimizer_step(lr_kwargs)
 
-        _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: _exec_optimizer_step}
+        _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: _exec_optimizer_step,
+                            schedule.ForwardPass: _exec_forward_pass}
 
     return NeoXPipelineEngine
 
@@ -397,15 +407,36 @@ def _pipe_batches(micro_batches):
         yield batch["tokens"], (batch["labels"], batch["loss_mask"])
 
 
-def train_step(engine, micro_batches, before_update=None) -> tuple[float, str | None]:
+def train_step(engine, micro_batches, before_update=None, moe_metrics: dict | None = None) -> tuple[float, str | None]:
     """One optimizer step of the pipeline over `gradient_accumulation_steps` micro-batches (the first and
     last stages read them from `micro_batches`). Returns (this data-parallel rank's mean loss, why the update
-    was skipped or None)."""
+    was skipped or None). An MoE model's step metrics (moe.add_step_metrics) go into `moe_metrics` when given,
+    those of every stage's layers on every rank (gather_moe_metrics)."""
     engine.module.nonfinite = False
     engine.before_update = before_update
-    engine.train_batch(_pipe_batches(micro_batches))
+    engine.moe_metrics = {} if moe_metrics is not None else None
+    try:
+        engine.train_batch(_pipe_batches(micro_batches))
+    finally:
+        stage_metrics, engine.moe_metrics = engine.moe_metrics, None
     by_deepspeed = deepspeed_skipped_update(engine, engine.device)  # every rank, every step: a collective
+    if moe_metrics is not None:
+        moe_metrics.update(gather_moe_metrics(engine.module.neox.shape, stage_metrics, engine.device))
     return float(engine.dp_group_loss), engine.skipped or by_deepspeed
+
+
+def gather_moe_metrics(shape, stage_metrics: dict, device) -> dict:
+    """The MoE metrics of the whole model on every rank of a pipeline group: each stage has those of its own MoE
+    layers (moe_lbl: its layers' part of the sum); one all-reduce (sum) over the stages, of the keys every stage
+    names alike (from the shape: each MoE layer's experts, moe_lbl when the router has a loss)."""
+    m = shape.moe
+    keys = [f"moe_tokens/layer{i}/expert{e}" for i in range(shape.num_layers) if m.is_moe_layer(i)
+            for e in range(m.num_experts)]
+    if m.router_type == "topk" and m.aux_loss_coeff:
+        keys.insert(0, "moe_lbl")
+    values = torch.tensor([float(stage_metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, group=parallel.parallel_state.get_pipeline_model_parallel_group())
+    return dict(zip(keys, values.tolist()))
 
 
 @torch.no_grad()
