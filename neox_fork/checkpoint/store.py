@@ -4,6 +4,9 @@
     CKPT_DIR/global_step{N}/mp_rank_{XX}_model_states.pt   DeepSpeed's engine state of TP rank XX; its
                                                        `module` holds the weights when pipe_parallel_size
                                                        is 0 (GPT-NeoX's `sequential.{idx}.*` names)
+                                                       (expert-parallel: of tensor x expert rank XX =
+                                                       TP rank + TP x EP rank; EP rank 0's holds every
+                                                       expert, the others' only their own, by global index)
     CKPT_DIR/global_step{N}/layer_{II}-model_{XX}-model_states.pt
                                                        layer II's weights of TP rank XX (GPT-NeoX with
                                                        pipe_parallel_size >= 1; see checkpoint/neox_layout.py)
@@ -220,7 +223,8 @@ def tp_size_of(folder: Path) -> int:
     """The tensor-parallel size a step folder was saved at; a missing rank file is one clear line."""
     ranks = sorted(int(m[1]) for p in folder.glob("mp_rank_*_model_states.pt")
                    if (m := re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", p.name)))
-    expected, pp = _saved_tp(folder), pp_size_of(folder)  # pipelined: one mp_rank file per (stage, TP rank)
+    # pipelined: one mp_rank file per (stage, TP rank); expert-parallel: per (EP rank, TP rank)
+    expected, pp = _saved_tp(folder), pp_size_of(folder) * ep_size_of(folder)
     files = max((expected or 1) * pp, ranks[-1] + 1 if ranks else 1)
     n = max(files // pp, 1)
     missing = [r for r in range(files) if r not in ranks]
@@ -239,8 +243,14 @@ def tp_size_of(folder: Path) -> int:
 
 
 def dp_size_of(folder: Path) -> int | None:
-    """The data-parallel size a step folder's ZeRO shards were saved at; None without ZeRO shards (stage 0)."""
-    return len(_zero_shards(folder).get(0, ())) or None
+    """The data-parallel size a step folder's ZeRO shards were saved at; None without ZeRO shards (stage 0).
+    Expert-parallel: each (EP, TP) rank's shards are over the expert-data-parallel ranks, EP of them in DP."""
+    return len(_zero_shards(folder).get(0, ())) * ep_size_of(folder) or None
+
+
+def ep_size_of(folder: Path) -> int:
+    """expert_model_parallel_size a step folder was saved at (1 without expert parallelism)."""
+    return max(_saved_key(folder, "expert_model_parallel_size") or 1, 1)
 
 
 def _zero_shards(folder: Path) -> dict[int, set[int]]:

@@ -558,11 +558,21 @@ def _moe(c: NeoXConfig, fail) -> None:
     """Mixture of experts (neox_fork/model/moe.py): upstream's keys; what is not built yet is one line each."""
     if c.moe_num_experts < 1:
         fail("moe_num_experts", f"moe_num_experts must be 1 (dense) or more, got {c.moe_num_experts}")
-    if c.expert_model_parallel_size != 1:
-        fail("expert_model_parallel_size", f"expert_model_parallel_size {c.expert_model_parallel_size} is not "
-             "supported yet: expert parallelism is not built; use 1 (every rank holds every expert)")
+    ep = c.expert_model_parallel_size
+    if ep < 1:
+        fail("expert_model_parallel_size", f"expert_model_parallel_size must be 1 or more, got {ep}")
     if c.moe_num_experts == 1:
+        if ep != 1:
+            fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} needs experts: set "
+                 "moe_num_experts to a multiple of it, or expert_model_parallel_size 1")
         return
+    if c.moe_num_experts % ep:
+        fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} does not divide moe_num_experts "
+             f"{c.moe_num_experts}: each expert-parallel rank holds the same number of whole experts")
+    if ep > 1 and c.zero_stage > 1:
+        fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} with zero_optimization stage "
+             f"{c.zero_stage} is not supported yet (ZeRO-2/3 sharding over the expert-data-parallel group is not "
+             "built); use ZeRO stage 0 or 1")
     if not 1 <= c.moe_top_k <= c.moe_num_experts:
         fail("moe_top_k", f"moe_top_k must be from 1 to moe_num_experts {c.moe_num_experts}, got {c.moe_top_k}")
     if c.moe_expert_interval < 1:

@@ -95,6 +95,7 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     "zero_allgather_bucket_size": (DERIVED, None, int, "zero_optimization.allgather_bucket_size (default 5e8)"),
     # --- logging ---
     "wandb_run_name": (ALIAS, None, str, "wandb_name"),
+    "moe_expert_parallel_size": (ALIAS, None, int, "expert_model_parallel_size"),  # older upstream's name
     "wandb_init_all_ranks": (NO_EFFECT, False, bool, "a W&B run per rank (only rank 0 logs here)"),
     "git_hash": (NO_EFFECT, None, str, "upstream records its own git commit here"),
     "comet_experiment": (NO_EFFECT, None, object, "upstream's live Comet object, never a config value"),
@@ -201,7 +202,6 @@ REMOVED_MOE_KEYS = {
     "moe_token_dropping": "MoE is dropless (no expert capacity, no dropped tokens); remove the key",
     "moe_use_residual": "DeepSpeed's residual MoE was removed upstream and is not built; remove the key",
     "create_moe_param_group": "experts' parameters are in the ordinary parameter groups; remove the key",
-    "moe_expert_parallel_size": "renamed expert_model_parallel_size (megatron-core's name)",
     "enable_expert_tensor_parallelism": "replaced by expert_model_parallel_size; remove the key",
     "use_tutel": "Tutel kernels of DeepSpeed-MoE were removed; remove the key",
     "moe_glu": "experts are gated when the MLP is (activation swiglu, or mlp_type gated); remove the key",

@@ -16,12 +16,13 @@ megatron-core's CUDA-only calls are in neox_fork/parallel/groups.py, with the de
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
-from megatron.core import ModelParallelConfig
+from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core import tensor_parallel as tp
-from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -48,6 +49,7 @@ def transformer_config(s: ModelShape, mp: ModelParallelConfig, init, output_init
         use_cpu_initialization=True, perform_initialization=mp.perform_initialization,
         params_dtype=mp.params_dtype, bf16=mp.bf16, fp16=mp.fp16,
         tensor_model_parallel_size=1, sequence_parallel=False,
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),  # the groups' (1 alone)
         num_moe_experts=m.num_experts, moe_router_topk=m.top_k,
         moe_router_load_balancing_type=("aux_loss" if m.aux_loss_coeff else "none") if topk else "sinkhorn",
         moe_aux_loss_coeff=m.aux_loss_coeff, moe_router_pre_softmax=not m.normalize_weights,
@@ -96,6 +98,86 @@ class Router(TopKRouter):
         return scores * routing_map, routing_map
 
 
+class Experts(SequentialMLP):
+    """megatron-core's SequentialMLP holding this expert-parallel rank's experts, whose initial weights are those
+    of the same experts in a one-process model: each rank draws every expert's weights in order (the same
+    generator state as one process) and keeps its own, so EP changes where experts live, not what they are."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        ep, rank = pg_collection.ep.size(), pg_collection.ep.rank()
+
+        def draw(n):
+            for _ in range(n):
+                MLP(config, submodules, ffn_hidden_size=config.moe_ffn_hidden_size, is_expert=True,
+                    tp_group=pg_collection.expt_tp)
+
+        draw(rank * num_local_experts)
+        super().__init__(num_local_experts, config, submodules, pg_collection)
+        draw((ep - rank - 1) * num_local_experts)
+
+
+_EXPERT = re.compile(r"(.*\.mlp\.moe\.experts\.local_experts\.)(\d+)(\..*)")
+
+
+def global_expert_names(state: dict, ep_rank: int, local_experts: int) -> dict:
+    """A rank's state with its local expert indices made global (rank x local experts + index); the rest as is."""
+    out = {}
+    for name, tensor in state.items():
+        m = _EXPERT.fullmatch(name)
+        out[f"{m[1]}{ep_rank * local_experts + int(m[2])}{m[3]}" if m else name] = tensor
+    return out
+
+
+def local_expert_names(state: dict, ep_rank: int, local_experts: int) -> dict:
+    """The inverse of global_expert_names: this rank's experts under local indices, other ranks' experts left out."""
+    out = {}
+    for name, tensor in state.items():
+        m = _EXPERT.fullmatch(name)
+        if m is None:
+            out[name] = tensor
+        elif ep_rank * local_experts <= int(m[2]) < (ep_rank + 1) * local_experts:
+            out[f"{m[1]}{int(m[2]) - ep_rank * local_experts}{m[3]}"] = tensor
+    return out
+
+
+def gather_experts(state: dict, group, local_experts: int) -> dict:
+    """Every expert of every EP rank in `group` (a collective over it) under global names: what a one-process
+    model's state holds. The dense tensors are this rank's (equal on every EP rank)."""
+    import torch.distributed as dist
+
+    ep = dist.get_world_size(group=group)
+    out = {}
+    for name, tensor in state.items():
+        m = _EXPERT.fullmatch(name)
+        if m is None:
+            out[name] = tensor
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(ep)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        for r, part in enumerate(parts):
+            out[f"{m[1]}{r * local_experts + int(m[2])}{m[3]}"] = part
+    return out
+
+
+def expert_parallel_states(state: dict, num_experts: int) -> tuple[dict, dict]:
+    """(every expert, this rank's own experts), both under global names, of this rank's model `state`: what a
+    checkpoint's layer files and EP rank 0's mp_rank file hold, and what the other EP ranks' files hold.
+    A collective over the expert-parallel group; without expert parallelism both are `state`."""
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    if ep == 1:
+        return state, state
+    local = num_experts // ep
+    full = gather_experts(state, parallel_state.get_expert_model_parallel_group(), local)
+    return full, global_expert_names(state, parallel_state.get_expert_model_parallel_rank(), local)
+
+
+def own_experts(state: dict, num_experts: int) -> dict:
+    """A saved state (global expert names) as this rank's model names it: its own experts only."""
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return state if ep == 1 else local_expert_names(state, parallel_state.get_expert_model_parallel_rank(),
+                                                    num_experts // ep)
+
+
 class MoEMLP(nn.Module):
     """An MoE layer in the MLP's place: [b, s, h] -> [b, s, h]. After each forward it holds `tokens_per_expert`
     (this rank's tokens routed to each expert) and `load_balancing_loss` (unscaled; None without one); an
@@ -105,7 +187,7 @@ class MoEMLP(nn.Module):
                  activation: Callable):
         super().__init__()
         config = transformer_config(s, mp, init, output_init, activation)
-        experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
+        experts = ModuleSpec(module=Experts, submodules=MLPSubmodules(
             linear_fc1=tp.ColumnParallelLinear, linear_fc2=tp.RowParallelLinear))
         self.moe = MoELayer(config, MoESubmodules(router=Router, experts=experts), layer_number=layer_number)
         self.moe.set_layer_number(layer_number + 1)  # megatron-core counts layers from 1

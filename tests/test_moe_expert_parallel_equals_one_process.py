@@ -1,0 +1,98 @@
+"""Expert parallelism trains like one process: EP=2 (2 ranks, each holding 2 of 4 experts) and EP=2 x DP=4
+(4 ranks: expert-data-parallel 2, ZeRO-1 over it) give the losses, load-balancing losses, tokens per expert and
+weights of one process that accumulates the same 4 micro-batches a step; a run stopped at step 2 and resumed at
+the same layout continues bit for bit; the saved layer files hold every expert under its global index, so
+load_merged reads an EP checkpoint as a one-process one.
+
+Bounds: the existing MoE data-parallel test's (fp32 sums in another order: 1e-5 relative on losses, 3e-5 on
+weights after 4 Adam steps at lr 3e-3); a token routed to another expert by such a difference moves one count."""
+
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+
+from conftest import read_metrics, run_training, write_train_config
+from neox_fork.checkpoint import store as checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_coeff=0.1, hidden_dropout=0.0,
+           train_iters=4, train_micro_batch_size_per_gpu=1, checkpoint_factor=2)
+LAYOUTS = {"one": (1, 1, 4), "ep2": (2, 2, 2), "ep2dp4": (4, 2, 1)}  # ranks, EP, accumulation: 4 micro-batches
+
+
+def rows(folder):
+    return {r["iteration"]: r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if "lm_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("moe_ep")
+    out = {}
+    for name, (nproc, ep, accum) in LAYOUTS.items():
+        (tmp / name).mkdir()
+        config = write_train_config(tmp / name, small_corpus, gradient_accumulation_steps=accum,
+                                    expert_model_parallel_size=ep, **MOE)
+        run_training(config, nproc=nproc)
+        out[name] = tmp / name / "ckpt"
+    # the EP=2 run again from its step-2 checkpoint
+    resumed = tmp / "resumed"
+    shutil.copytree(out["ep2"], resumed / "ckpt")
+    shutil.rmtree(checkpoint.step_dir(resumed / "ckpt", 4))
+    (resumed / "ckpt" / "latest").write_text(checkpoint.step_name(2))
+    (resumed / "ckpt" / "metrics.jsonl").unlink()
+    keys = yaml.safe_load((tmp / "ep2" / "config.yml").read_text())
+    keys.update(save=str(resumed / "ckpt"), load=str(resumed / "ckpt"))
+    (resumed / "config.yml").write_text(yaml.safe_dump(keys))
+    assert "at iteration 2" in run_training(resumed / "config.yml", nproc=2).stdout
+    out["resumed"] = resumed / "ckpt"
+    return out
+
+
+@pytest.mark.parametrize("layout", ["ep2", "ep2dp4"])
+def test_expert_parallel_losses_balancing_and_loads_equal_one_process(runs, layout):
+    a, b = rows(runs["one"]), rows(runs[layout])
+    dp = LAYOUTS[layout][0]
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for it in a:
+        assert math.isfinite(a[it]["lm_loss"])
+        assert abs(a[it]["lm_loss"] - b[it]["lm_loss"]) <= 1e-5 * abs(a[it]["lm_loss"]), (it, a[it], b[it])
+        assert abs(a[it]["moe_lbl"] - b[it]["moe_lbl"]) <= 1e-5, (it, a[it]["moe_lbl"], b[it]["moe_lbl"])
+        for layer in (0, 1):
+            loads = [f"moe_tokens/layer{layer}/expert{e}" for e in range(4)]
+            # every token reaches its 2 experts: 4 micro-batches x 64 tokens x 2 (per rank: averaged over DP)
+            assert sum(a[it][k] for k in loads) == 4 * 64 * 2
+            assert abs(sum(b[it][k] for k in loads) * dp - 4 * 64 * 2) < 1e-6
+            for k in loads:
+                assert abs(b[it][k] * dp - a[it][k]) <= 1, (it, k)
+
+
+@pytest.mark.parametrize("layout", ["ep2", "ep2dp4"])
+def test_expert_parallel_weights_equal_one_process_and_read_as_one(runs, layout):
+    wa, _, _ = checkpoint.load_merged(runs["one"])
+    wb, config, _ = checkpoint.load_merged(runs[layout])
+    assert config.expert_model_parallel_size == 2
+    assert sorted(wa) == sorted(wb)
+    assert any(".mlp.moe.experts.local_experts.3." in name for name in wb)
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= 3e-5, name
+
+
+def test_expert_parallel_resume_is_exact(runs):
+    expected, resumed = rows(runs["ep2"]), rows(runs["resumed"])
+    assert sorted(resumed) == [3, 4]
+    for it in (3, 4):
+        for key in [k for k in expected[it] if k == "lm_loss" or k.startswith("moe_")]:
+            assert resumed[it][key] == expected[it][key], (it, key)
+    step = checkpoint.step_dir(runs["ep2"], 4)
+    # each expert-parallel rank wrote its own DeepSpeed state (EP rank 1's: its experts only, by global index)
+    assert (step / checkpoint.MODEL_FILE.format(1)).is_file()
+    assert checkpoint.tp_size_of(step) == 1 and checkpoint.dp_size_of(step) == 2
+    wa, _, _ = checkpoint.load_merged(runs["ep2"])
+    wr, _, _ = checkpoint.load_merged(runs["resumed"])
+    for name in wa:
+        assert (wa[name] == wr[name]).all(), name
