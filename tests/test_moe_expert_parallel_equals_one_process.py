@@ -1,5 +1,6 @@
-"""Expert parallelism trains like one process: EP=2 (2 ranks, each holding 2 of 4 experts) and EP=2 x DP=4
-(4 ranks: expert-data-parallel 2, ZeRO-1 over it) give the losses, load-balancing losses, tokens per expert and
+"""Expert and tensor parallelism of MoE train like one process: EP=2 (2 ranks, each holding 2 of 4 experts),
+EP=2 x DP=4 (4 ranks: expert-data-parallel 2, ZeRO-1 over it), TP=2 (each expert split over the TP group as the
+dense MLP, each TP rank routing half the tokens) and EP=2 x TP=2 (4 ranks) give the losses, load-balancing losses, tokens per expert and
 weights of one process that accumulates the same 4 micro-batches a step; a run stopped at step 2 and resumed at
 the same layout continues bit for bit (broken on purpose: without the experts' gradient / EP the step-1
 gradient norm is 0.8506 instead of 0.8435, Adam hiding it in the loss; with each rank initialising only its own
@@ -23,7 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_coeff=0.1, hidden_dropout=0.0,
            train_iters=4, train_micro_batch_size_per_gpu=1, checkpoint_factor=2)
-LAYOUTS = {"one": (1, 1, 4), "ep2": (2, 2, 2), "ep2dp4": (4, 2, 1)}  # ranks, EP, accumulation: 4 micro-batches
+# ranks, EP, TP, accumulation: 4 micro-batches a step in each
+LAYOUTS = {"one": (1, 1, 1, 4), "ep2": (2, 2, 1, 2), "ep2dp4": (4, 2, 1, 1), "tp2": (2, 1, 2, 4),
+           "ep2tp2": (4, 2, 2, 2)}
 
 
 def rows(folder):
@@ -35,10 +38,11 @@ def rows(folder):
 def runs(tmp_path_factory, small_corpus):
     tmp = tmp_path_factory.mktemp("moe_ep")
     out = {}
-    for name, (nproc, ep, accum) in LAYOUTS.items():
+    for name, (nproc, ep, tp, accum) in LAYOUTS.items():
         (tmp / name).mkdir()
         config = write_train_config(tmp / name, small_corpus, gradient_accumulation_steps=accum,
-                                    expert_model_parallel_size=ep, **MOE)
+                                    expert_model_parallel_size=ep, model_parallel_size=tp,
+                                    make_vocab_size_divisible_by=128 // tp, **MOE)  # the same padded vocabulary
         run_training(config, nproc=nproc)
         out[name] = tmp / name / "ckpt"
     # the EP=2 run again from its step-2 checkpoint
@@ -55,10 +59,10 @@ def runs(tmp_path_factory, small_corpus):
     return out
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep2dp4"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2"])
 def test_expert_parallel_losses_balancing_and_loads_equal_one_process(runs, layout):
     a, b = rows(runs["one"]), rows(runs[layout])
-    dp = LAYOUTS[layout][0]
+    dp = LAYOUTS[layout][0] // LAYOUTS[layout][2]
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for it in a:
         assert math.isfinite(a[it]["lm_loss"])
@@ -75,11 +79,11 @@ def test_expert_parallel_losses_balancing_and_loads_equal_one_process(runs, layo
                 assert abs(b[it][k] * dp - a[it][k]) <= 1, (it, k)
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep2dp4"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2"])
 def test_expert_parallel_weights_equal_one_process_and_read_as_one(runs, layout):
     wa, _, _ = checkpoint.load_merged(runs["one"])
     wb, config, _ = checkpoint.load_merged(runs[layout])
-    assert config.expert_model_parallel_size == 2
+    assert (config.expert_model_parallel_size, config.model_parallel_size) == LAYOUTS[layout][1:3]
     assert sorted(wa) == sorted(wb)
     assert any(".mlp.moe.experts.local_experts.3." in name for name in wb)
     for name in wa:

@@ -76,14 +76,20 @@ _SHARDING = [
     (r"layers\.\d+\.attention\.qk_layernorm\.(weight|bias|scale)", (0, 1)),  # [heads, head_dim] by heads
     (r"layers\.\d+\.attention\.dense\.weight", (1, 1)),
     (r"layers\.\d+\.mlp\.linear2\.weight", (1, 1)),
+    # MoE experts split over TP as the dense MLP (megatron-core's expert tensor parallel size = TP); router whole
+    (r"layers\.\d+\.mlp\.moe\.experts\.local_experts\.\d+\.linear_fc1\.weight", (0, "mlp")),
+    (r"layers\.\d+\.mlp\.moe\.experts\.local_experts\.\d+\.linear_fc2\.weight", (1, 1)),
 ]
 
 
 def _mlp_stride(name: str, state: dict[str, torch.Tensor]) -> int:
     """2 for a gated MLP (linear1 gives twice linear2's inputs), 1 for a plain one; the same on any shard."""
-    layer = name.rsplit(".mlp.", 1)[0]
-    return 2 if state[f"{layer}.mlp.linear1.weight"].shape[0] == 2 * state[f"{layer}.mlp.linear2.weight"].shape[1] \
-        else 1
+    if ".linear_fc1." in name:  # an MoE expert
+        fc1, fc2 = name, name.replace(".linear_fc1.", ".linear_fc2.")
+    else:
+        layer = name.rsplit(".mlp.", 1)[0]
+        fc1, fc2 = f"{layer}.mlp.linear1.weight", f"{layer}.mlp.linear2.weight"
+    return 2 if state[fc1].shape[0] == 2 * state[fc2].shape[1] else 1
 
 
 def sharding(name: str, state: dict[str, torch.Tensor] | None = None) -> tuple[int, int] | None:

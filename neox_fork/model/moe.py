@@ -48,7 +48,10 @@ def transformer_config(s: ModelShape, mp: ModelParallelConfig, init, output_init
         bias_activation_fusion=False, init_method=init, output_layer_init_method=output_init,
         use_cpu_initialization=True, perform_initialization=mp.perform_initialization,
         params_dtype=mp.params_dtype, bf16=mp.bf16, fp16=mp.fp16,
-        tensor_model_parallel_size=1, sequence_parallel=False,
+        # TP > 1: experts split over the TP group as the dense MLP is (megatron-core's default expert tensor
+        # parallel size), and MoEMLP hands each TP rank its slice of the tokens (megatron-core's sequence parallel)
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        sequence_parallel=parallel_state.get_tensor_model_parallel_world_size() > 1,
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),  # the groups' (1 alone)
         num_moe_experts=m.num_experts, moe_router_topk=m.top_k,
         moe_router_load_balancing_type=("aux_loss" if m.aux_loss_coeff else "none") if topk else "sinkhorn",
@@ -205,10 +208,28 @@ class MoEMLP(nn.Module):
         # (a recompute repeats the same value; another model in the process may have left other layer counts)
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         tracker.pop(LBL, None)
-        out, _ = self.moe(x)  # token order does not matter to routing: [b, s, h] is taken as is
+        group = parallel_state.get_tensor_model_parallel_group()
+        if self.training and group.size() > 1:
+            out = self._tokens_split_over(group, x)
+        else:  # token order does not matter to routing: [b, s, h] is taken as is (TP > 1 in evaluation: every
+            out, _ = self.moe(x)  # TP rank routes all tokens, the same; the experts' outputs are still summed once)
         tracked = tracker.pop(LBL, None)
         self.load_balancing_loss = tracked["values"][self.layer_index].clone() if tracked is not None else None
         return out
+
+    def _tokens_split_over(self, group, x: torch.Tensor) -> torch.Tensor:
+        """Training at TP > 1: each TP rank routes its 1/TP of the (replicated) tokens, as megatron-core's MoE
+        expects under sequence parallelism; every rank gets all outputs back. Backward: the split's gradient is
+        gathered, the gather's is split (not summed: each rank's copy of the output feeds the same loss). The
+        router sees a slice, so its gradient is summed over the TP group (`sequence_parallel`; megatron-core's
+        mark) and the load-balancing loss is each rank's part of the whole (megatron-core's reduce over TP)."""
+        if x.numel() // x.shape[-1] % group.size():
+            raise ValueError(f"MoE at tensor parallel {group.size()} splits the {x.numel() // x.shape[-1]} tokens "
+                             "of a micro-batch over its ranks: use a micro-batch x seq_length divisible by it")
+        tokens = tp.scatter_to_sequence_parallel_region(x.reshape(-1, 1, x.shape[-1]), group=group)
+        out, _ = self.moe(tokens)
+        return tp.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False,
+                                                       group=group).reshape(x.shape)
 
 
 def set_aux_loss_scale(scale: float) -> None:
@@ -226,6 +247,7 @@ def add_step_metrics(metrics: dict, model: nn.Module, micro_batches: int) -> Non
     moe_lbl: the load-balancing loss (unscaled) summed over MoE layers, as the loss adds it, averaged over
     micro-batches; moe_tokens/layer{i}/expert{e}: tokens routed to that expert in this step on this rank."""
     layers = moe_layers(model)
+    _sum_over_tensor_parallel(layers)
     losses = [m.load_balancing_loss for m in layers if m.load_balancing_loss is not None]
     if losses:
         metrics["moe_lbl"] = metrics.get("moe_lbl", 0.0) + float(sum(losses)) / micro_batches
@@ -236,3 +258,24 @@ def add_step_metrics(metrics: dict, model: nn.Module, micro_batches: int) -> Non
             key = f"moe_tokens/layer{m.layer_index}/expert{e}"
             metrics[key] = metrics.get(key, 0.0) + float(count)
         m.tokens_per_expert = m.load_balancing_loss = None
+
+
+def _sum_over_tensor_parallel(layers: list[MoEMLP]) -> None:
+    """Training at TP > 1 routes 1/TP of the tokens on each TP rank: each layer's counts and load-balancing loss
+    part become the micro-batch's (one all-reduce over the TP group)."""
+    import torch.distributed as dist
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if group.size() == 1 or not layers or layers[0].tokens_per_expert is None:
+        return
+    parts = [t.float().reshape(-1) for m in layers for t in (m.tokens_per_expert, m.load_balancing_loss)
+             if t is not None]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat, group=group)
+    for m in layers:
+        for attr in ("tokens_per_expert", "load_balancing_loss"):
+            t = getattr(m, attr)
+            if t is not None:
+                n = t.numel()
+                setattr(m, attr, flat[:n].reshape(t.shape))
+                flat = flat[n:]
