@@ -30,9 +30,12 @@ def test_upstream_defaults_are_dense_sinkhorn_top1():
     (dict(moe_num_experts=4, expert_model_parallel_size=3), "expert_model_parallel_size 3 does not divide "
                                                             "moe_num_experts 4"),
     (dict(moe_num_experts=4, expert_model_parallel_size=0), "expert_model_parallel_size must be 1 or more"),
+    (dict(moe_num_experts=4, expert_model_parallel_size=2, eval_tasks=["lambada_openai"]),
+     "eval_tasks during training with expert_model_parallel_size 2 is not supported yet"),
     (dict(moe_num_experts=4, expert_model_parallel_size=2, zero_optimization={"stage": 2}),
      "expert_model_parallel_size 2 with zero_optimization stage 2 is not supported yet"),
-    (dict(moe_num_experts=4, model_parallel_size=2, sequence_parallel=True), "sequence_parallel with moe_num_experts"),
+    (dict(moe_num_experts=4, model_parallel_size=2, sequence_parallel=True),
+     "sequence_parallel with moe_num_experts > 1 at model_parallel_size 2 is not supported yet"),
     (dict(moe_num_experts=4, pipe_parallel_size=2), "pipeline stages with MoE layers"),
     (dict(moe_num_experts=4, load_universal=True), "universal checkpoints of MoE models are not built"),
     (dict(moe_num_experts=4, adapter="lora"), "adapters on the experts are not built"),

@@ -569,6 +569,10 @@ def _moe(c: NeoXConfig, fail) -> None:
     if c.moe_num_experts % ep:
         fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} does not divide moe_num_experts "
              f"{c.moe_num_experts}: each expert-parallel rank holds the same number of whole experts")
+    if ep > 1 and c.eval_tasks:
+        fail("eval_tasks", f"eval_tasks during training with expert_model_parallel_size {ep} is not supported yet "
+             "(lm-eval runs on data-parallel rank 0's ranks; the other experts live elsewhere); run eval.py on the "
+             "checkpoint, which reads every expert at any parallelism")
     if ep > 1 and c.zero_stage > 1:
         fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} with zero_optimization stage "
              f"{c.zero_stage} is not supported yet (ZeRO-2/3 sharding over the expert-data-parallel group is not "
