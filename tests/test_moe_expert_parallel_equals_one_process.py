@@ -1,11 +1,12 @@
 """Expert and tensor parallelism of MoE train like one process: EP=2 (2 ranks, each holding 2 of 4 experts),
 EP=2 x DP=4 (4 ranks: expert-data-parallel 2, ZeRO-1 over it), TP=2 (each expert split over the TP group as the
-dense MLP, each TP rank routing half the tokens) and EP=2 x TP=2 (4 ranks) give the losses, load-balancing losses, tokens per expert and
-weights of one process that accumulates the same 4 micro-batches a step; a run stopped at step 2 and resumed at
-the same layout continues bit for bit (broken on purpose: without the experts' gradient / EP the step-1
-gradient norm is 0.8506 instead of 0.8435, Adam hiding it in the loss; with each rank initialising only its own
-experts the step-1 loss is 6.4706 instead of 6.4751); the saved layer files hold every expert under its global index, so
-load_merged reads an EP checkpoint as a one-process one.
+dense MLP, each TP rank routing half the tokens) and EP=2 x TP=2 (4 ranks) give the losses, load-balancing
+losses, gradient norms, tokens per expert, validation loss and weights of one process that accumulates the same
+4 micro-batches a step; a run stopped at step 2 and resumed at the same layout continues bit for bit; the saved
+weights hold every expert under its global index, so load_merged reads an EP checkpoint as a one-process one.
+Broken on purpose: without the experts' gradient / EP the step-1 gradient norm is 0.8506 instead of 0.8435
+(Adam's first step hides it in the loss); with each rank initialising only its own experts the step-1 loss is
+6.4706 instead of 6.4751.
 
 Bounds: the existing MoE data-parallel test's (fp32 sums in another order: 1e-5 relative on losses, 3e-5 on
 weights after 4 Adam steps at lr 3e-3); a token routed to another expert by such a difference moves one count."""
@@ -23,7 +24,7 @@ from neox_fork.checkpoint import store as checkpoint
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_coeff=0.1, hidden_dropout=0.0,
-           train_iters=4, train_micro_batch_size_per_gpu=1, checkpoint_factor=2)
+           train_iters=4, train_micro_batch_size_per_gpu=1, checkpoint_factor=2, eval_interval=4, eval_iters=1)
 # ranks, EP, TP, accumulation: 4 micro-batches a step in each
 LAYOUTS = {"one": (1, 1, 1, 4), "ep2": (2, 2, 1, 2), "ep2dp4": (4, 2, 1, 1), "tp2": (2, 1, 2, 4),
            "ep2tp2": (4, 2, 2, 2)}
@@ -77,6 +78,9 @@ def test_expert_parallel_losses_balancing_and_loads_equal_one_process(runs, layo
             assert abs(sum(b[it][k] for k in loads) * dp - 4 * 64 * 2) < 1e-6
             for k in loads:
                 assert abs(b[it][k] * dp - a[it][k]) <= 1, (it, k)
+    # validation after step 4 runs the MoE layer in evaluation (at TP > 1 every TP rank routes all tokens)
+    ea, eb = read_metrics(runs["one"], "eval_lm_loss"), read_metrics(runs[layout], "eval_lm_loss")
+    assert list(ea) == list(eb) == [4] and abs(ea[4] - eb[4]) <= 1e-5 * ea[4], (ea, eb)
 
 
 @pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2"])

@@ -170,7 +170,8 @@ def reduce_expert_parallel_grads(model: torch.nn.Module) -> int:
     ep = parallel_state.get_expert_model_parallel_world_size()
     if ep == 1:
         return 0
-    group, first = parallel_state.get_expert_model_parallel_group(), parallel_state.get_expert_model_parallel_rank() == 0
+    group = parallel_state.get_expert_model_parallel_group()
+    first = parallel_state.get_expert_model_parallel_rank() == 0
 
     def mean_over_ep(grad):
         grad = grad / ep
