@@ -95,7 +95,6 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
     "zero_allgather_bucket_size": (DERIVED, None, int, "zero_optimization.allgather_bucket_size (default 5e8)"),
     # --- logging ---
     "wandb_run_name": (ALIAS, None, str, "wandb_name"),
-    "moe_expert_parallel_size": (ALIAS, None, int, "expert_model_parallel_size"),  # older upstream's name
     "wandb_init_all_ranks": (NO_EFFECT, False, bool, "a W&B run per rank (only rank 0 logs here)"),
     "git_hash": (NO_EFFECT, None, str, "upstream records its own git commit here"),
     "comet_experiment": (NO_EFFECT, None, object, "upstream's live Comet object, never a config value"),
@@ -193,6 +192,9 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
 }
 
 # Older upstream's DeepSpeed-MoE keys (gpt-neox #1129), removed by its dropless MoE (#1210): what replaced each.
+# Older upstream's names (gone from its NeoXArgs, so not rows of KEYS) of a key that exists here under another.
+OLDER_ALIASES = {"moe_expert_parallel_size": "expert_model_parallel_size"}  # DeepSpeed-MoE era; megatron-core's name
+
 REMOVED_MOE_KEYS = {
     "moe_type": "MoE is dropless: megatron-core's MoELayer (neither DeepSpeed-MoE nor megablocks); remove the key",
     "moe_loss_coeff": "replaced by moe_aux_loss_coeff (the topk router's load-balancing loss; sinkhorn needs none)",
