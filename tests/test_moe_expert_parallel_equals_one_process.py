@@ -6,7 +6,8 @@ losses, gradient norms, tokens per expert, validation loss and weights of one pr
 weights hold every expert under its global index, so load_merged reads an EP checkpoint as a one-process one.
 Broken on purpose: without the experts' gradient / EP the step-1 gradient norm is 0.8506 instead of 0.8435
 (Adam's first step hides it in the loss); with each rank initialising only its own experts the step-1 loss is
-6.4706 instead of 6.4751.
+6.4706 instead of 6.4751; at TP=2 without the router's gradient summed over TP the step-1 gradient norm is
+0.84346 instead of 0.84354 and the step-2 balancing loss 2.01608 instead of 2.01677.
 
 Bounds: the existing MoE data-parallel test's (fp32 sums in another order: 1e-5 relative on losses, 3e-5 on
 weights after 4 Adam steps at lr 3e-3); a token routed to another expert by such a difference moves one count."""
