@@ -316,7 +316,7 @@ def setup(c: NeoXConfig) -> Run:
     """Process groups, seed, tokenizer, data, model, engine, and the state resumed from `load`."""
     c = universal.resolve_load(c)  # before the engine: DeepSpeed takes load_universal when it is built
     parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes,
-                        c.pipe_parallel_size)
+                        c.pipe_parallel_size, c.expert_model_parallel_size)
     world = dist.get_world_size()
     placement_log.info("rank %d/%d on host %s: local rank %s, pid %d, tensor-parallel rank %d, data-parallel rank %d",
                        dist.get_rank(), world, socket.gethostname(), os.environ.get("LOCAL_RANK", "0"), os.getpid(),

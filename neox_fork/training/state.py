@@ -27,6 +27,7 @@ from neox_fork.checkpoint.async_writer import AsyncWriter
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.data.tokenizer import TokenizerSource
 from neox_fork.errors import UserError
+from neox_fork.model import moe
 from neox_fork.model.adapters import adapter_sharding, is_adapter
 
 log = logging.getLogger("neox_fork")
@@ -214,7 +215,11 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     if c.adapter:  # only the adapters (our names) and, in lora_adapters.json, the base they adapt
         module, layers = {k: v for k, v in checkpoint.model_state(model).items() if is_adapter(k)}, {}
     else:  # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
-        module, layers = checkpoint.neox_weights(checkpoint.model_state(model), c, parallel.tp_size())
+        # expert-parallel: layer files (and EP rank 0's module) with every expert, the other EP ranks' own ones
+        full, own = moe.expert_parallel_states(checkpoint.model_state(model), c.moe_num_experts)
+        module, layers = checkpoint.neox_weights(full, c, parallel.tp_size())
+        if parallel.ep_rank() > 0:
+            module = checkpoint.neox_weights(own, c, parallel.tp_size())[0]
     # what DeepSpeed's ds_to_universal needs to merge each parameter's tensor-parallel slices
     info = getattr(engine.module, "universal_info", None) or universal.checkpoint_info(  # pipelined: whole model's
         dict(model.named_parameters()), model.shape.vocab_size)
@@ -406,6 +411,11 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         raise UserError(f"checkpoint {folder} was saved at pipe_parallel_size {saved_pp} but this run uses {pp}; "
                         "take its weights with finetune: true, or its full state through the universal checkpoint "
                         f"(`python tools/ckpts/to_universal.py --input-dir {c.load}`, then load_universal: true)")
+    saved_ep = checkpoint.ep_size_of(folder)
+    if saved_ep != parallel.ep_size():
+        raise UserError(f"checkpoint {folder} was saved at expert_model_parallel_size {saved_ep} but this run uses "
+                        f"{parallel.ep_size()}; resume at the saved layout, or take its weights with finetune: true "
+                        "(universal checkpoints of MoE models are not built)")
     if saved_tp != parallel.tp_size() or saved_dp not in (None, parallel.dp_size()):
         raise UserError(f"checkpoint {folder} was saved at model_parallel_size {saved_tp} x {saved_dp or 'any'} "
                         f"data-parallel ranks but this run uses {parallel.tp_size()} x {parallel.dp_size()}; to "
@@ -414,7 +424,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     SafeLoads.install(engine, c.trust_checkpoint)
 
     def load_weights(src, dst):  # DeepSpeed's `module` (sequential or our names), else the layer files
-        path = folder / checkpoint.MODEL_FILE.format(parallel.tp_rank())
+        path = folder / checkpoint.MODEL_FILE.format(parallel.MPU.get_model_parallel_rank())
         mine = checkpoint.weights_of_module(src, path) if src and not lora else None  # LoRA: base + adapters
         copy_weights(dst, mine, folder, c.trust_checkpoint)
 
@@ -486,6 +496,8 @@ def copy_weights(model, mine: dict | None, folder: Path, trust: bool = False, fr
     """Copy `mine` (default: this rank's weights read from `folder`) into the model, checking every shape."""
     if mine is None:
         mine = checkpoint.load_rank_shard(folder, parallel.tp_size(), parallel.tp_rank(), trust)
+    if getattr(model, "shape", None) is not None and model.shape.moe is not None:  # expert-parallel: own experts
+        mine = moe.own_experts(mine, model.shape.moe.num_experts)
     own = checkpoint.model_state(model)
     if fresh_reward_head and "rm_linear.weight" in own and "rm_linear.weight" not in mine:
         log.info("reward model from %s, a language model: rm_linear starts from its initialisation", folder)
