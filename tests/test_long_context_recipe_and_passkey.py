@@ -180,3 +180,12 @@ def test_eval_py_scores_passkey_as_the_model_log_probabilities_say(twin, small_c
             right += max(range(len(scores)), key=scores.__getitem__) == r["answer"]
         assert results[name]["acc,none"] == pytest.approx(right / len(records)), name
     assert "passkey" in results  # the group's mean over the lengths
+
+
+def test_deepy_passes_the_task_folders_on_to_eval_py():
+    run = run_cli("deepy.py", "eval.py", "-d", "configs", "tiny.yml", "tiny-16k.yml", "--eval_tasks", "passkey",
+                  "--include-path", "data/a", "--include_path", "data/b", "--dry-run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    command = next(line for line in run.stdout.splitlines() if line.startswith("command:"))
+    assert command.endswith("eval.py configs/tiny.yml configs/tiny-16k.yml --eval_tasks passkey "
+                            "--include-path data/a --include-path data/b"), command
