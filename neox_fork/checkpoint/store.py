@@ -73,6 +73,11 @@ _SHARDING = [
     (r"layers\.\d+\.attention\.qk_layernorm\.(weight|bias|scale)", (0, 1)),  # [heads, head_dim] by heads
     (r"layers\.\d+\.attention\.dense\.weight", (1, 1)),
     (r"layers\.\d+\.mlp\.linear2\.weight", (1, 1)),
+    # LoRA adapters (model/adapters.py): B split as a column-parallel W's rows, A as a row-parallel W's columns;
+    # the other factor whole on every rank
+    (r"layers\.\d+\.attention\.query_key_value\.lora\.B", (0, 1)),
+    (r"layers\.\d+\.mlp\.linear1\.lora\.B", (0, "mlp")),
+    (r"layers\.\d+\.(attention\.dense|mlp\.linear2)\.lora\.A", (1, 1)),
 ]
 
 

@@ -533,11 +533,10 @@ def _adapters(c: NeoXConfig, fail) -> None:
     if isinstance(targets, str):
         fail("lora_target_modules", f"lora_target_modules: {targets}")
     not_yet = [(k, why) for k, why in (
-        ("pipe_parallel_size", "pipeline stages"), ("sequence_parallel", "sequence parallelism at TP > 1"),
+        ("sequence_parallel", "sequence parallelism at TP > 1"),
         ("partition_activations", "partition_activations (sequence parallelism) at TP > 1"),
-        ("use_bnb_optimizer", "bitsandbytes' optimizer"), ("load_universal", "universal checkpoints"))
-        if (getattr(c, k) > 1 if k == "pipe_parallel_size" else getattr(c, k) and (
-            c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations")))]
+        ("use_bnb_optimizer", "bitsandbytes' optimizer"))
+        if getattr(c, k) and (c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations"))]
     if c.adapter == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -546,12 +545,15 @@ def _adapters(c: NeoXConfig, fail) -> None:
                  "`pip install bitsandbytes` or use adapter: lora")
         if c.torch_compile:
             fail("torch_compile", "adapter qlora with torch_compile is not built; set torch_compile: false")
+        if c.pipe_parallel_size > 1:
+            fail("pipe_parallel_size", f"adapter qlora with pipe_parallel_size {c.pipe_parallel_size} is not built; "
+                 "use adapter lora with pipeline stages, or qlora with tensor and data parallelism")
     if c.train_impl == "rm":
         not_yet.insert(0, ("train_impl", "train_impl rm (its new reward head would need to train whole)"))
     if not_yet:
         key, what = not_yet[0]
         fail(key, f"adapter lora with {what} is not built yet; use adapter lora with train_impl normal, dpo or kto, "
-             "tensor and data parallelism (pipe_parallel_size 0 or 1), or train the whole model (adapter: null)")
+             "tensor, pipeline and data parallelism, or train the whole model (adapter: null)")
 
 
 def _moe(c: NeoXConfig, fail) -> None:

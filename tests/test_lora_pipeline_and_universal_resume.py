@@ -1,0 +1,115 @@
+"""LoRA with pipeline parallelism and through universal checkpoints: one process is the reference.
+
+- A PP=2 x TP=2 LoRA launch (4 ranks, one transformer layer a stage) stops at step 2; its checkpoint holds only
+  the adapters (each stage's in GPT-NeoX's per-layer files) and names the base; DeepSpeed's universal checkpoint
+  of it resumes at one process (PP=1, TP=1) with the adapters and their Adam states, the base read again from the
+  folder it names. Steps 1-2 (PP x TP) and 3-4 (after the change) are one uninterrupted process's, within
+  test_parallel_equivalence's bounds (the runs differ in summation order only): losses within LOSS_RTOL relative,
+  adapters within WEIGHT_TOL; the base weights are bit-identical to the base checkpoint's.
+- A PP=2 run with dropout on (adapters' and hidden) stopped at step 2 and resumed at PP=2 takes steps 3-4 bit for
+  bit as the same run uninterrupted (the same fp32 operations in the same order), and the merged HF export of a
+  PP LoRA checkpoint is the base plus s B A.
+"""
+
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from conftest import read_metrics, run_cli, run_training, write_train_config
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import universal
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+STEPS, STOP, LR = 4, 2, 3e-2
+LOSS_RTOL, WEIGHT_TOL = 1e-5, 1e-3 * LR * STEPS  # test_parallel_equivalence's (Adam eps 1e-5 as there)
+LORA = dict(adapter="lora", lora_r=4, lora_alpha=8, lora_target_modules="all-linear", finetune=True,
+            train_iters=STEPS, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2,
+            lr_decay_style="cosine", warmup=0.0, lora_dropout=0.0, hidden_dropout=0.0,
+            make_vocab_size_divisible_by=64,  # the base's 640 padded rows at TP 1 and 2
+            optimizer={"type": "Adam", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-5}})
+PIPE = dict(pipe_parallel_size=2, pipe_partition_method="type:transformer")  # a layer, so adapters, a stage
+
+
+def _run(folder, corpus, base, nproc=1, **keys):
+    folder.mkdir(parents=True)
+    config = write_train_config(folder, corpus, **{**LORA, "load": str(base), **keys})
+    run_training(config, nproc=nproc)
+    return config
+
+
+def _resume(config, nproc, **changes):
+    keys = yaml.safe_load(config.read_text())
+    keys.update(exit_interval=None, load=keys["save"], finetune=False, **changes)
+    config.write_text(yaml.safe_dump(keys))
+    return run_training(config, nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, small_corpus, trained_checkpoint):
+    folder = tmp_path_factory.mktemp("lora_one")
+    _run(folder / "run", small_corpus, trained_checkpoint, train_micro_batch_size_per_gpu=4,
+         gradient_accumulation_steps=1)
+    return folder / "run" / "ckpt"
+
+
+def test_pp2_tp2_trains_like_one_process_and_resumes_at_tp1_through_universal(tmp_path, small_corpus,
+                                                                            trained_checkpoint, one_process):
+    config = _run(tmp_path / "run", small_corpus, trained_checkpoint, nproc=4, model_parallel_size=2,
+                  exit_interval=STOP, **PIPE)
+    saved = checkpoint.resolve(tmp_path / "run" / "ckpt")
+    assert checkpoint.folder_step(saved) == STOP
+    # only adapters: each stage's layer files (layer 0 on stage 0, layer 1 on stage 1; the other entries empty), per TP rank
+    assert checkpoint.lora_info(saved)["base"] == str(checkpoint.resolve(trained_checkpoint).resolve())
+    for f in saved.glob("layer_*-model_*-model_states.pt"):
+        names = torch.load(f, weights_only=True)
+        assert all(".lora." in n for n in names), (f.name, sorted(names))
+    assert sorted(f.name for f in saved.glob("layer_*")) == [
+        f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(7) for r in (0, 1)]
+    universal.convert(tmp_path / "run" / "ckpt", workers=1)
+    out = _resume(config, 1, model_parallel_size=1, pipe_parallel_size=1, train_micro_batch_size_per_gpu=4,
+                  gradient_accumulation_steps=1, load_universal=True)
+    assert f"at TP=1 x DP=1, iteration {STOP}" in out.stdout
+    run, one = read_metrics(tmp_path / "run" / "ckpt"), read_metrics(one_process)
+    assert sorted(run) == sorted(one) == list(range(1, STEPS + 1))
+    for it in one:
+        assert abs(run[it] - one[it]) <= LOSS_RTOL * max(abs(one[it]), 1.0), (it, run[it], one[it])
+    a, _, _ = checkpoint.load_merged(one_process)
+    b, _, _ = checkpoint.load_merged(tmp_path / "run" / "ckpt")
+    base, _, _ = checkpoint.load_merged(trained_checkpoint)
+    assert a.keys() == b.keys()
+    for name in a:
+        if ".lora." in name:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+        else:
+            assert torch.equal(b[name], base[name]) and torch.equal(a[name], base[name]), name
+    assert all(torch.count_nonzero(b[n]) for n in b if n.endswith(".lora.B"))  # B trained away from 0
+
+
+def test_pp2_resume_with_dropout_is_exact_and_exports(tmp_path, small_corpus, trained_checkpoint):
+    dropout = dict(lora_dropout=0.1, hidden_dropout=0.1, **PIPE)
+    _run(tmp_path / "whole", small_corpus, trained_checkpoint, nproc=2, checkpoint_factor=STOP, **dropout)
+    half = _run(tmp_path / "half", small_corpus, trained_checkpoint, nproc=2, exit_interval=STOP, **dropout)
+    _resume(half, 2)
+    whole, again = read_metrics(tmp_path / "whole" / "ckpt"), read_metrics(tmp_path / "half" / "ckpt")
+    assert again == whole and sorted(whole) == list(range(1, STEPS + 1))
+    a, _, _ = checkpoint.load_merged(tmp_path / "whole" / "ckpt")
+    b, _, _ = checkpoint.load_merged(tmp_path / "half" / "ckpt")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the merged export reads the PP layout: W + s B A (s = alpha / r = 2)
+    out = tmp_path / "hf"
+    run = run_cli("tools/convert_to_hf.py", "--input-dir", str(tmp_path / "whole" / "ckpt"), "--output-dir", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    from safetensors.torch import load_file
+
+    hf = {}
+    for f in out.glob("*.safetensors"):
+        hf.update(load_file(f))
+    q, k, v = (hf[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
+    fused = a["layers.1.attention.query_key_value.weight"] + 2.0 * (
+        a["layers.1.attention.query_key_value.lora.B"] @ a["layers.1.attention.query_key_value.lora.A"])
+    assert torch.allclose(torch.cat([q, k, v]).sort(dim=0).values, fused.sort(dim=0).values, atol=1e-6)
+    shutil.rmtree(out)
