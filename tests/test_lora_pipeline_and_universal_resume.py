@@ -6,11 +6,12 @@
   folder it names. Steps 1-2 (PP x TP) and 3-4 (after the change) are one uninterrupted process's, within
   test_parallel_equivalence's bounds (the runs differ in summation order only): losses within LOSS_RTOL relative,
   adapters within WEIGHT_TOL; the base weights are bit-identical to the base checkpoint's.
-- A PP=2 run with dropout on (adapters' and hidden) stopped at step 2 and resumed at PP=2 takes steps 3-4 bit for
-  bit as the same run uninterrupted (the same fp32 operations in the same order), and the merged HF export of a
+- A PP=2 run with dropout on (adapters' and hidden) resumed at PP=2 from its step-2 checkpoint takes steps 3-4 bit
+  for bit as it did uninterrupted (the same fp32 operations in the same order), and the merged HF export of a
   PP LoRA checkpoint is the base plus s B A.
 """
 
+import json
 import shutil
 
 import pytest
@@ -20,6 +21,9 @@ import yaml
 from conftest import read_metrics, run_cli, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.checkpoint import universal
+from neox_fork.checkpoint.hf import to_hf_state_dict
+from neox_fork.model.adapters import merge_into
+from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -42,7 +46,8 @@ def _run(folder, corpus, base, nproc=1, **keys):
 
 def _resume(config, nproc, **changes):
     keys = yaml.safe_load(config.read_text())
-    keys.update(exit_interval=None, load=keys["save"], finetune=False, **changes)
+    keys.update(exit_interval=None, finetune=False, **changes)
+    keys["load"] = keys["save"]
     config.write_text(yaml.safe_dump(keys))
     return run_training(config, nproc=nproc)
 
@@ -90,26 +95,33 @@ def test_pp2_tp2_trains_like_one_process_and_resumes_at_tp1_through_universal(tm
 
 def test_pp2_resume_with_dropout_is_exact_and_exports(tmp_path, small_corpus, trained_checkpoint):
     dropout = dict(lora_dropout=0.1, hidden_dropout=0.1, **PIPE)
-    _run(tmp_path / "whole", small_corpus, trained_checkpoint, nproc=2, checkpoint_factor=STOP, **dropout)
-    half = _run(tmp_path / "half", small_corpus, trained_checkpoint, nproc=2, exit_interval=STOP, **dropout)
-    _resume(half, 2)
+    whole_run = _run(tmp_path / "whole", small_corpus, trained_checkpoint, nproc=2, checkpoint_factor=STOP, **dropout)
+    # the run as it stood after step 2 (its step-2 folder, `latest` naming it, its metrics of steps 1-2), resumed
+    half = tmp_path / "half" / "ckpt"
+    shutil.copytree(tmp_path / "whole" / "ckpt", half, ignore=shutil.ignore_patterns(f"global_step{STEPS}"))
+    (half / checkpoint.LATEST_FILE).write_text(f"global_step{STOP}")
+    rows = (half / "metrics.jsonl").read_text().splitlines()
+    (half / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["iteration"] <= STOP))
+    config = tmp_path / "half" / "config.yml"
+    config.write_text(whole_run.read_text())
+    _resume(config, 2, save=str(half))
     whole, again = read_metrics(tmp_path / "whole" / "ckpt"), read_metrics(tmp_path / "half" / "ckpt")
     assert again == whole and sorted(whole) == list(range(1, STEPS + 1))
     a, _, _ = checkpoint.load_merged(tmp_path / "whole" / "ckpt")
     b, _, _ = checkpoint.load_merged(tmp_path / "half" / "ckpt")
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    # the merged export reads the PP layout: W + s B A (s = alpha / r = 2)
-    out = tmp_path / "hf"
-    run = run_cli("tools/convert_to_hf.py", "--input-dir", str(tmp_path / "whole" / "ckpt"), "--output-dir", str(out))
+    # the exports read the PP layout: the merged model is the HF mapping of W + s B A (s = alpha / r = 2; the
+    # product summed in another order: 1e-6), the PEFT folder holds A and B of every adapted linear
+    run = run_cli("tools/convert_to_hf.py", "--input-dir", str(tmp_path / "whole" / "ckpt"), "--output-dir",
+                  str(tmp_path / "hf"), "--peft-adapter", str(tmp_path / "peft"))
     assert run.returncode == 0, run.stdout + run.stderr
-    from safetensors.torch import load_file
-
-    hf = {}
-    for f in out.glob("*.safetensors"):
-        hf.update(load_file(f))
-    q, k, v = (hf[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
-    fused = a["layers.1.attention.query_key_value.weight"] + 2.0 * (
-        a["layers.1.attention.query_key_value.lora.B"] @ a["layers.1.attention.query_key_value.lora.A"])
-    assert torch.allclose(torch.cat([q, k, v]).sort(dim=0).values, fused.sort(dim=0).values, atol=1e-6)
-    shutil.rmtree(out)
+    want = to_hf_state_dict(merge_into(a, 2.0), checkpoint.load_config_of(checkpoint.resolve(tmp_path / "whole" / "ckpt")))
+    got = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        got.update(load_file(f))
+    assert want.keys() <= got.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+    peft = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert len(peft) == 2 * 2 * 7  # lora_A and lora_B of q, k, v, o, gate, up, down in 2 layers
