@@ -5,7 +5,8 @@
   of it resumes at one process (PP=1, TP=1) with the adapters and their Adam states, the base read again from the
   folder it names. Steps 1-2 (PP x TP) and 3-4 (after the change) are one uninterrupted process's, within
   test_parallel_equivalence's bounds (the runs differ in summation order only): losses within LOSS_RTOL relative,
-  adapters within WEIGHT_TOL; the base weights are bit-identical to the base checkpoint's.
+  adapters within WEIGHT_TOL; the base weights are bit-identical to the base checkpoint's. Resharding the step-2
+  folder to TP=1 (weights only) reads back the same base and adapters, bit for bit.
 - A PP=2 run with dropout on (adapters' and hidden) resumed at PP=2 from its step-2 checkpoint takes steps 3-4 bit
   for bit as it did uninterrupted (the same fp32 operations in the same order), and the merged HF export of a
   PP LoRA checkpoint is the base plus s B A.
@@ -73,6 +74,12 @@ def test_pp2_tp2_trains_like_one_process_and_resumes_at_tp1_through_universal(tm
         assert all(".lora." in n for n in names), (f.name, sorted(names))
     assert sorted(f.name for f in saved.glob("layer_*")) == [
         f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(7) for r in (0, 1)]
+    # tools/ckpts/reshard_checkpoint.py: the adapters at TP=1 (mp_rank files) on the same base, read back unchanged
+    resharded = checkpoint.reshard(saved, tmp_path / "tp1", 1)
+    assert checkpoint.lora_info(resharded)["base"] == checkpoint.lora_info(saved)["base"]
+    x, _, _ = checkpoint.load_merged(saved)
+    y, _, _ = checkpoint.load_merged(resharded)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     universal.convert(tmp_path / "run" / "ckpt", workers=1)
     out = _resume(config, 1, model_parallel_size=1, pipe_parallel_size=1, train_micro_batch_size_per_gpu=4,
                   gradient_accumulation_steps=1, load_universal=True)
