@@ -532,11 +532,7 @@ def _adapters(c: NeoXConfig, fail) -> None:
     targets = lora_targets(c.lora_target_modules)
     if isinstance(targets, str):
         fail("lora_target_modules", f"lora_target_modules: {targets}")
-    not_yet = [(k, why) for k, why in (
-        ("sequence_parallel", "sequence parallelism at TP > 1"),
-        ("partition_activations", "partition_activations (sequence parallelism) at TP > 1"),
-        ("use_bnb_optimizer", "bitsandbytes' optimizer"))
-        if getattr(c, k) and (c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations"))]
+    not_yet = [(k, why) for k, why in (("use_bnb_optimizer", "bitsandbytes' optimizer"),) if getattr(c, k)]
     if c.adapter == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -548,6 +544,10 @@ def _adapters(c: NeoXConfig, fail) -> None:
         if c.pipe_parallel_size > 1:
             fail("pipe_parallel_size", f"adapter qlora with pipe_parallel_size {c.pipe_parallel_size} is not built; "
                  "use adapter lora with pipeline stages, or qlora with tensor and data parallelism")
+        for key in ("sequence_parallel", "partition_activations"):
+            if getattr(c, key) and c.model_parallel_size > 1:
+                fail(key, f"adapter qlora with {key} at model_parallel_size {c.model_parallel_size} is not built "
+                     "(its 4-bit linears do not gather the sequence); use adapter lora, or set it false")
     if c.train_impl == "rm":
         not_yet.insert(0, ("train_impl", "train_impl rm (its new reward head would need to train whole)"))
     if not_yet:
