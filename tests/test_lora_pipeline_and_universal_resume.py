@@ -67,7 +67,8 @@ def test_pp2_tp2_trains_like_one_process_and_resumes_at_tp1_through_universal(tm
                   exit_interval=STOP, **PIPE)
     saved = checkpoint.resolve(tmp_path / "run" / "ckpt")
     assert checkpoint.folder_step(saved) == STOP
-    # only adapters: each stage's layer files (layer 0 on stage 0, layer 1 on stage 1; the other entries empty), per TP rank
+    # only adapters: each stage's layer files (layer 0 on stage 0, layer 1 on stage 1; the other entries empty),
+    # per TP rank
     assert checkpoint.lora_info(saved)["base"] == str(checkpoint.resolve(trained_checkpoint).resolve())
     for f in saved.glob("layer_*-model_*-model_states.pt"):
         names = torch.load(f, weights_only=True)
@@ -123,7 +124,8 @@ def test_pp2_resume_with_dropout_is_exact_and_exports(tmp_path, small_corpus, tr
     run = run_cli("tools/convert_to_hf.py", "--input-dir", str(tmp_path / "whole" / "ckpt"), "--output-dir",
                   str(tmp_path / "hf"), "--peft-adapter", str(tmp_path / "peft"))
     assert run.returncode == 0, run.stdout + run.stderr
-    want = to_hf_state_dict(merge_into(a, 2.0), checkpoint.load_config_of(checkpoint.resolve(tmp_path / "whole" / "ckpt")))
+    saved_config = checkpoint.load_config_of(checkpoint.resolve(tmp_path / "whole" / "ckpt"))
+    want = to_hf_state_dict(merge_into(a, 2.0), saved_config)
     got = {}
     for f in (tmp_path / "hf").glob("*.safetensors"):
         got.update(load_file(f))

@@ -648,7 +648,8 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
     """Write the weights of a checkpoint (any TP size) split for `tp` ranks, with a matching config.
 
     Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size (a LoRA checkpoint:
-    its adapters, naming the same base, read at any TP size); a full training state moves to another layout through DeepSpeed's Universal Checkpointing (checkpoint/universal.py).
+    its adapters, naming the same base, read at any TP size); a full training state moves to another layout
+    through DeepSpeed's Universal Checkpointing (checkpoint/universal.py).
     """
     state, config, folder = load_merged(path, step, trust)
     info = lora_info(folder)

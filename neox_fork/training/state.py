@@ -212,11 +212,12 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         checkpoint.start_partial(ckpt_dir, state.iteration)
     dist.barrier()
     model = _model_of(engine, c)
-    if c.adapter:  # only the adapters (our names) and, in lora_adapters.json, the base they adapt; pipelined:
+    if c.adapter:  # only the adapters (our names) and, in lora_adapters.json, the base they adapt
         module, layers = {k: v for k, v in checkpoint.model_state(model).items() if is_adapter(k)}, {}
         if c.pipe_parallel_size > 1:  # each stage's in GPT-NeoX's per-layer files, as a pipelined run's weights;
-            # every entry of the layer list gets its file (empty without adapters): ds_to_universal maps stages by them
-            module, layers = {}, {**{i: {} for i in range(c.num_layers + 5)}, **neox_layout.to_neox(module, c.num_layers)}
+            # every entry of the layer list gets a file (empty without adapters): ds_to_universal maps stages by them
+            layers = {**{i: {} for i in range(c.num_layers + 5)}, **neox_layout.to_neox(module, c.num_layers)}
+            module = {}
     else:  # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
         module, layers = checkpoint.neox_weights(checkpoint.model_state(model), c, parallel.tp_size())
     # what DeepSpeed's ds_to_universal needs to merge each parameter's tensor-parallel slices
@@ -460,12 +461,14 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     schedule; iteration and data position come from the copied model states, each rank's RNG state from the
     saved rank universal.rng_source names."""
     folder = checkpoint.universal_dir(c.load, checkpoint.read_latest_universal(c.load))
-    universal.check_folder(folder, dict(model.named_parameters()), parallel.tp_size(), c.trust_checkpoint)
     lora = checkpoint.lora_info(folder) is not None
-    if lora != bool(c.adapter):
+    if lora and not c.adapter:
         raise UserError(f"load_universal: {folder} is a LoRA run's universal checkpoint (adapters on a base): resume "
-                        "it with its config's adapter keys" if lora else f"load_universal: {folder} holds no LoRA "
-                        "adapters; start a LoRA run from a base checkpoint with finetune: true")
+                        "it with its config's adapter keys")
+    if c.adapter and not lora:
+        raise UserError(f"load_universal: {folder} holds no LoRA adapters; start a LoRA run from a base checkpoint "
+                        "with finetune: true")
+    universal.check_folder(folder, dict(model.named_parameters()), parallel.tp_size(), c.trust_checkpoint)
     if lora:  # zero/ holds the adapters and their Adam states; the frozen base comes from the folder it names
         state.adapter_base = checkpoint.lora_base_of(folder)
         base = checkpoint.load_rank_shard(state.adapter_base, parallel.tp_size(), parallel.tp_rank(),
