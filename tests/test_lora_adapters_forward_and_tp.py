@@ -69,6 +69,9 @@ def test_bad_lora_keys_are_one_line():
                         (dict(adapter="qlora", model_parallel_size=2, sequence_parallel=True),
                          "adapter qlora with sequence_parallel at model_parallel_size 2"),
                         (dict(use_bnb_optimizer=True), "bitsandbytes' optimizer is not built"),
+                        (dict(pipe_parallel_size=2, train_impl="dpo", dataset_impl="pairwise",
+                              pos_train_data_paths=["a"], neg_train_data_paths=["b"]),
+                         "train_impl 'dpo' with pipe_parallel_size 2 is not built"),  # as for dense runs
                         (dict(train_impl="rm", dataset_impl="pairwise", pos_train_data_paths=["a"],
                               neg_train_data_paths=["b"]), "train_impl rm")):
         with pytest.raises(UserError, match=words):
