@@ -193,16 +193,18 @@ def safe_unpickling(trust: bool = False):
             os.environ[key] = old
 
 
-def check_folder(folder: Path, params: dict[str, torch.Tensor], tp: int, trust: bool = False) -> None:
+def check_folder(folder: Path, params: dict[str, torch.Tensor], tp: int, trust: bool = False,
+                 trainable: set[str] | None = None) -> None:
     """Before DeepSpeed reads a universal folder: each file this run reads loads safely (checkpoint.read_file,
-    storage mapped, not read) and holds the full size this model needs; anything else is one line."""
+    storage mapped, not read) and holds the full size this model needs; anything else is one line. `trainable`:
+    the names the optimizer holds when that is not all of `params` (LoRA: the adapters)."""
     zero = folder / "zero"
     if not zero.is_dir():
         raise UserError(f"'{folder}' is not a universal checkpoint (no zero/ folder); make one with "
                         f"python tools/ckpts/to_universal.py --input-dir {folder.parent}")
     checkpoint.read_file(zero / "optimizer_state.pt", trust, mmap=True)
     for name, p in params.items():
-        if not p.requires_grad:  # LoRA's frozen base: read from the base checkpoint, not from zero/
+        if trainable is not None and name not in trainable:  # LoRA's frozen base: read from its folder, not zero/
             continue
         need = list(p.shape)
         spec = checkpoint.sharding(name, params)

@@ -468,7 +468,9 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     if c.adapter and not lora:
         raise UserError(f"load_universal: {folder} holds no LoRA adapters; start a LoRA run from a base checkpoint "
                         "with finetune: true")
-    universal.check_folder(folder, dict(model.named_parameters()), parallel.tp_size(), c.trust_checkpoint)
+    params = dict(model.named_parameters())
+    universal.check_folder(folder, params, parallel.tp_size(), c.trust_checkpoint,
+                           trainable={n for n, p in params.items() if p.requires_grad})
     if lora:  # zero/ holds the adapters and their Adam states; the frozen base comes from the folder it names
         state.adapter_base = checkpoint.lora_base_of(folder)
         base = checkpoint.load_rank_shard(state.adapter_base, parallel.tp_size(), parallel.tp_rank(),
