@@ -11,6 +11,9 @@ Under tensor parallelism nothing is gathered that the base layer does not gather
                                        numbers per token in the backward only.
     row-parallel W (columns split):    A split by columns as W, B whole on every rank; h = A_r x_r is a partial
                                        sum, all-reduced in the forward (r numbers per token), then B h is whole.
+Under sequence parallelism (activations [s, b, h], positions split over the TP ranks) the adapter does what its
+base does: a column-parallel adapter gathers its input's positions, a row-parallel one reduce-scatters A x (and its
+B, seeing this rank's positions, has its gradient summed over the TP group, as the norms').
 A is drawn whole from one generator seeded by the config's seed, in layer order, and each rank keeps its slice,
 so TP=1 and TP=N start from the same adapters; the dropout mask is drawn over the whole input and sliced the
 same way, so they train alike with dropout on.

@@ -16,7 +16,9 @@ stage's before every update, as DeepSpeed does for a TiedLayerSpec).
 Every rank draws the whole model's initial weights (the same seed as one process) and keeps its stage's part
 (model.NeoXModel with the other layers left out), so a run at any P starts from the weights of P = 1. The
 stage's NeoXModel keeps the global names (`layers.5.*`): checkpoints, fine-tuning and the converters see the
-same names at any P. `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
+same names at any P. LoRA adapters (model/adapters.py) are drawn whole the same way, so a stage's adapters are
+those of P = 1; each stage saves its own in the layer files (training/state.py), and every stage must hold some
+(check_optimizer_groups). `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
 TrainSchedule); the NaN guard, LR-0 skip and `before_update` hook run at the schedule's optimizer step.
 """
 
