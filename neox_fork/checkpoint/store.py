@@ -79,6 +79,11 @@ _SHARDING = [
     # MoE experts split over TP as the dense MLP (megatron-core's expert tensor parallel size = TP); router whole
     (r"layers\.\d+\.mlp\.moe\.experts\.local_experts\.\d+\.linear_fc1\.weight", (0, "mlp")),
     (r"layers\.\d+\.mlp\.moe\.experts\.local_experts\.\d+\.linear_fc2\.weight", (1, 1)),
+    # LoRA adapters (model/adapters.py): B split as a column-parallel W's rows, A as a row-parallel W's columns;
+    # the other factor whole on every rank
+    (r"layers\.\d+\.attention\.query_key_value\.lora\.B", (0, 1)),
+    (r"layers\.\d+\.mlp\.linear1\.lora\.B", (0, "mlp")),
+    (r"layers\.\d+\.(attention\.dense|mlp\.linear2)\.lora\.A", (1, 1)),
 ]
 
 
@@ -658,17 +663,22 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
             trust: bool = False) -> Path:
     """Write the weights of a checkpoint (any TP size) split for `tp` ranks, with a matching config.
 
-    Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size; a full
-    training state moves to another layout through DeepSpeed's Universal Checkpointing (checkpoint/universal.py).
+    Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size (a LoRA checkpoint:
+    its adapters, naming the same base, read at any TP size); a full training state moves to another layout
+    through DeepSpeed's Universal Checkpointing (checkpoint/universal.py).
     """
     state, config, folder = load_merged(path, step, trust)
-    if lora_info(folder) is not None:
-        raise UserError(f"checkpoint {folder} is a LoRA checkpoint (adapters on the base it names): resharding it "
-                        "is not built; generation and evaluation load it at any TP size, and tools/convert_to_hf.py "
-                        "exports it merged")
+    info = lora_info(folder)
     keys = config.to_dict()
     keys.update(vocab_keys_for(state["word_embeddings.weight"].shape[0], tp, str(folder)))
     keys.update(num_gpus=None, num_nodes=-1, load=None)  # launch settings belong to the next run
+    if info is not None:  # a LoRA checkpoint: its adapters split for `tp` (in the mp_rank files), on the same base
+        keys.update(pipe_parallel_size=min(config.pipe_parallel_size, 1))
+        new_config = from_dict(keys, source=str(folder / CONFIG_FILE))
+        adapters = {k: v for k, v in state.items() if k in info["sharding"]}
+        return save_model_checkpoint(output_dir, folder_step(folder) or 0, split_tp(adapters, tp, info["sharding"]),
+                                     new_config, tokenizer_of(folder, config), lora=(lora_base_of(folder),
+                                                                                     info["sharding"]))
     new_config = from_dict(keys, source=str(folder / CONFIG_FILE))
     return save_model_checkpoint(output_dir, folder_step(folder) or 0, split_tp(state, tp), new_config,
                                  tokenizer_of(folder, config))

@@ -532,12 +532,7 @@ def _adapters(c: NeoXConfig, fail) -> None:
     targets = lora_targets(c.lora_target_modules)
     if isinstance(targets, str):
         fail("lora_target_modules", f"lora_target_modules: {targets}")
-    not_yet = [(k, why) for k, why in (
-        ("pipe_parallel_size", "pipeline stages"), ("sequence_parallel", "sequence parallelism at TP > 1"),
-        ("partition_activations", "partition_activations (sequence parallelism) at TP > 1"),
-        ("use_bnb_optimizer", "bitsandbytes' optimizer"), ("load_universal", "universal checkpoints"))
-        if (getattr(c, k) > 1 if k == "pipe_parallel_size" else getattr(c, k) and (
-            c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations")))]
+    not_yet = [(k, why) for k, why in (("use_bnb_optimizer", "bitsandbytes' optimizer"),) if getattr(c, k)]
     if c.adapter == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -546,12 +541,19 @@ def _adapters(c: NeoXConfig, fail) -> None:
                  "`pip install bitsandbytes` or use adapter: lora")
         if c.torch_compile:
             fail("torch_compile", "adapter qlora with torch_compile is not built; set torch_compile: false")
+        if c.pipe_parallel_size > 1:
+            fail("pipe_parallel_size", f"adapter qlora with pipe_parallel_size {c.pipe_parallel_size} is not built; "
+                 "use adapter lora with pipeline stages, or qlora with tensor and data parallelism")
+        for key in ("sequence_parallel", "partition_activations"):
+            if getattr(c, key) and c.model_parallel_size > 1:
+                fail(key, f"adapter qlora with {key} at model_parallel_size {c.model_parallel_size} is not built "
+                     "(its 4-bit linears do not gather the sequence); use adapter lora, or set it false")
     if c.train_impl == "rm":
         not_yet.insert(0, ("train_impl", "train_impl rm (its new reward head would need to train whole)"))
     if not_yet:
         key, what = not_yet[0]
         fail(key, f"adapter lora with {what} is not built yet; use adapter lora with train_impl normal, dpo or kto, "
-             "tensor and data parallelism (pipe_parallel_size 0 or 1), or train the whole model (adapter: null)")
+             "tensor, pipeline and data parallelism, or train the whole model (adapter: null)")
 
 
 def _moe(c: NeoXConfig, fail) -> None:

@@ -16,7 +16,9 @@ stage's before every update, as DeepSpeed does for a TiedLayerSpec).
 Every rank draws the whole model's initial weights (the same seed as one process) and keeps its stage's part
 (model.NeoXModel with the other layers left out), so a run at any P starts from the weights of P = 1. The
 stage's NeoXModel keeps the global names (`layers.5.*`): checkpoints, fine-tuning and the converters see the
-same names at any P. `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
+same names at any P. LoRA adapters (model/adapters.py) are drawn whole the same way, so a stage's adapters are
+those of P = 1; each stage saves its own in the layer files (training/state.py), and every stage must hold some
+(check_optimizer_groups). `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
 TrainSchedule); the NaN guard, LR-0 skip and `before_update` hook run at the schedule's optimizer step.
 MoE layers (docs/moe.md): each one's load-balancing loss gets its gradient on the stage that holds it (megatron-core
 attaches it to the layer's output); its metrics are read after each forward pass and summed over the stages.
@@ -170,18 +172,21 @@ def check_optimizer_groups(model, names: list[str], parts: list[int]) -> None:
     n = model.shape.num_layers
     kinds: dict[int, set[bool]] = {}
     for name, p in model.named_parameters():
-        kinds.setdefault(_entry_of(name, n), set()).add(decays(name, p))
-    if model.shape.tie_word_embeddings:
+        if p.requires_grad:  # LoRA: the adapters (matrices, one group); the frozen base is in no group
+            kinds.setdefault(_entry_of(name, n), set()).add(decays(name, p))
+    if model.shape.tie_word_embeddings and kinds.get(0):
         kinds[n + 4] = {True}
+    needed = set().union(*kinds.values())
     for stage in range(len(parts) - 1):
         held = set().union(*(kinds.get(i, set()) for i in range(parts[stage], parts[stage + 1])))
-        if held != {True, False}:
+        if held != needed:
             what = ", ".join(names[parts[stage]:parts[stage + 1]])
+            lacks = ("LoRA adapters (they are on the transformer layers)" if needed == {True} else
+                     "norms or biases" if True in held else "weight matrices")
             raise UserError(f"pipe_parallel_size {len(parts) - 1}: stage {stage} would hold only {what}, without "
-                            f"{'norms or biases' if True in held else 'weight matrices'}; DeepSpeed's ZeRO cannot "
-                            "step a stage that lacks one of the two optimizer groups. Use fewer stages, more layers, "
-                            "or a pipe_partition_method that gives every stage a transformer layer or the final "
-                            "norm with the output layer")
+                            f"{lacks}; DeepSpeed's ZeRO cannot step a stage that lacks one of the optimizer groups. "
+                            "Use fewer stages, more layers, or a pipe_partition_method that gives every stage a "
+                            "transformer layer (e.g. type:transformer)")
 
 
 def _keep_stage(model, keep: range) -> None:
@@ -217,6 +222,9 @@ def build_pipeline(c, model):
     from neox_fork.checkpoint import universal
 
     info = universal.checkpoint_info(dict(model.named_parameters()), model.shape.vocab_size)
+    from neox_fork.model.adapters import adapter_sharding
+
+    sharding = adapter_sharding(model)  # LoRA: every adapter's TP split, for the checkpoint's lora_adapters.json
     _keep_stage(model, keep)
     n, seq = c.num_layers, c.seq_length
     entries = []
@@ -237,7 +245,7 @@ def build_pipeline(c, model):
             entries.append(ParallelLinearPipe(model, seq))
     topology = PipeModelDataParallelTopology(num_pp=stages, num_mp=parallel.tp_size(), num_dp=parallel.dp_size())
     pipe = NeoXPipe(entries, parts, model, topology)
-    pipe.universal_info = info
+    pipe.universal_info, pipe.adapter_sharding = info, sharding
     return pipe
 
 
