@@ -39,6 +39,8 @@ def main(argv=None):
     # upstream's overrides for generate.py / eval.py, passed on to every rank as the same flags
     p.add_argument("--eval_tasks", nargs="+", help="eval.py: tasks instead of the configs' eval_tasks")
     p.add_argument("--eval_results_prefix", help="eval.py: results file PREFIX_eval_results_DATE.json")
+    p.add_argument("--include_path", "--include-path", action="append",
+                   help="eval.py: a folder of task YAML files (repeatable; default: the repository's tasks/)")
     p.add_argument("--iteration", type=int, help="generate.py / eval.py: read global_stepN instead of 'latest'")
     p.add_argument("-i", "--sample_input_file", help="generate.py: instead of the sample_input_file key")
     p.add_argument("-o", "--sample_output_file", help="generate.py: instead of the sample_output_file key")
@@ -50,6 +52,8 @@ def main(argv=None):
         value = getattr(args, key)
         if value is not None:
             passed += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    for folder in args.include_path or []:  # eval.py's flag repeats, one folder each
+        passed += ["--include-path", folder]
     plan = plan_launch(config, args.user_script, paths + passed, hostfile=args.hostfile)
     ds = deepspeed_config(config, plan.world_size)
     if args.dry_run:

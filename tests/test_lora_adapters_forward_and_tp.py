@@ -20,8 +20,8 @@ LORA = dict(adapter="lora", lora_r=4, lora_alpha=8, lora_target_modules=["query_
                                                                            "linear2"])
 
 
-def _tokens():
-    return torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(5))
+def _tokens(length=24):
+    return torch.randint(0, 1000, (2, length), generator=torch.Generator().manual_seed(5))
 
 
 def test_adapted_linear_is_w_x_plus_scaled_b_a_x(one_process):
@@ -65,13 +65,20 @@ def test_bad_lora_keys_are_one_line():
     for keys, words in ((dict(lora_r=0), "lora_r"), (dict(lora_target_modules=["q_proj", "v_proj"]), "k_proj"),
                         (dict(lora_target_modules=["attn"]), "unknown target 'attn'"),
                         (dict(adapter="dora"), "not built"), (dict(lora_dropout=1.0), "lora_dropout"),
+                        (dict(adapter="qlora", pipe_parallel_size=2), "adapter qlora with pipe_parallel_size 2"),
+                        (dict(adapter="qlora", model_parallel_size=2, sequence_parallel=True),
+                         "adapter qlora with sequence_parallel at model_parallel_size 2"),
+                        (dict(use_bnb_optimizer=True), "bitsandbytes' optimizer is not built"),
+                        (dict(pipe_parallel_size=2, train_impl="dpo", dataset_impl="pairwise",
+                              pos_train_data_paths=["a"], neg_train_data_paths=["b"]),
+                         "train_impl 'dpo' with pipe_parallel_size 2 is not built"),  # as for dense runs
                         (dict(train_impl="rm", dataset_impl="pairwise", pos_train_data_paths=["a"],
                               neg_train_data_paths=["b"]), "train_impl rm")):
         with pytest.raises(UserError, match=words):
             from_dict(tiny_keys(**{**LORA, **keys}))
 
 
-def _train_two_steps(rank, keys, weights=None):
+def _train_two_steps(rank, keys, weights=None, length=24):
     """Forward+backward, an SGD step on the adapters, forward+backward again, with dropout on the adapters:
     the losses, logits and this rank's adapter tensors and gradients (with their TP split) of each step.
     `weights` (whole, TP=1) replace those of the seeded model first. For tests/test_lora_qlora_trains_on_cpu.py:
@@ -85,6 +92,7 @@ def _train_two_steps(rank, keys, weights=None):
     parallel.initialize(config.model_parallel_size, backend="gloo")
     parallel.seed_everything(config.seed)
     model = build_model(config)
+    parallel.sum_sequence_parallel_grads(model)  # as build_engine does (sequence parallelism's replicated params)
     out = {"specs": adapter_sharding(model), "steps": []}
     if weights is not None:
         mine = split_tp(weights, config.model_parallel_size)[rank]
@@ -98,7 +106,7 @@ def _train_two_steps(rank, keys, weights=None):
         quantize_base(model)
         out["dequantized"] = {name: bnb.functional.dequantize_4bit(p.data, p.quant_state)
                               for name, p in model.named_parameters() if p.dtype == torch.uint8}
-    tokens = _tokens()
+    tokens = _tokens(length)
     for _ in range(2):
         model.train()
         parallel.seed_everything(11)  # the same dropout masks at both sizes
@@ -118,12 +126,18 @@ def _train_two_steps(rank, keys, weights=None):
 
 
 @pytest.mark.multiproc
-def test_tp2_trains_like_tp1_with_adapter_dropout():
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tp2_trains_like_tp1_with_adapter_dropout(sequence_parallel):
+    """With sequence parallelism too: the adapter of a column-parallel base gathers its input's positions as the base
+    does, a row-parallel one reduce-scatters A x, and B of the latter (seeing this rank's positions) has its
+    gradient summed over the TP group; the dropout masks are TP=1's."""
     from neox_fork.checkpoint.store import merge_tp_shards
 
     keys = tiny_keys(**LORA, lora_dropout=0.2, seed=9)
-    one = run_distributed(_train_two_steps, 1, dict(keys, model_parallel_size=1))[0]
-    two = run_distributed(_train_two_steps, 2, dict(keys, model_parallel_size=2))
+    length = 25 if sequence_parallel else 24  # 24 positions in: divisible by the TP size under SP
+    one = run_distributed(_train_two_steps, 1, dict(keys, model_parallel_size=1), None, length)[0]
+    two = run_distributed(_train_two_steps, 2, dict(keys, model_parallel_size=2, sequence_parallel=sequence_parallel),
+                          None, length)
     specs = two[0]["specs"]
     assert specs["layers.0.attention.query_key_value.lora.B"] == (0, 1)
     assert specs["layers.0.mlp.linear1.lora.B"] == (0, 2)  # split like the gated [up_r; gate_r] rows

@@ -41,13 +41,20 @@ def test_generation_at_tp2_loads_base_and_adapters(one_process, tmp_path):
         torch.testing.assert_close(logits, ours, rtol=0, atol=1e-5)
 
 
-def test_reshard_and_universal_of_a_lora_checkpoint_are_one_line(one_process, tmp_path):
+def test_reshard_of_a_lora_checkpoint_splits_its_adapters_on_the_same_base(one_process, tmp_path):
+    """tools/ckpts/reshard_checkpoint.py at TP=2: the adapters split as lora_adapters.json says (GQA's fused QKV rows
+    by whole groups), the base named, not copied; read back merged, base and adapters are unchanged (exact: the
+    split only slices). Universal checkpoints of LoRA runs: tests/test_lora_pipeline_and_universal_resume.py."""
     from neox_fork.checkpoint import store as checkpoint
-    from neox_fork.checkpoint import universal
-    from neox_fork.errors import UserError
 
     _, _, lora = lora_checkpoints("llama-gqa", tmp_path)
-    with pytest.raises(UserError, match="LoRA checkpoint"):
-        checkpoint.reshard(lora, tmp_path / "out", 2)
-    with pytest.raises(UserError, match="LoRA checkpoint"):
-        universal.convert(lora)
+    out = checkpoint.reshard(lora, tmp_path / "out", 2)
+    assert checkpoint.tp_size_of(out) == 2
+    assert checkpoint.lora_info(out)["base"] == checkpoint.lora_info(checkpoint.resolve(lora))["base"]
+    assert not list(out.glob("layer_*"))
+    assert all(".lora." in k for k in torch.load(out / checkpoint.MODEL_FILE.format(1), weights_only=True)["module"])
+    a, _, _ = checkpoint.load_merged(lora)
+    b, _, _ = checkpoint.load_merged(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

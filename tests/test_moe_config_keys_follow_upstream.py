@@ -26,10 +26,22 @@ def test_upstream_defaults_are_dense_sinkhorn_top1():
     (dict(moe_num_experts=4, moe_router_type="topk", moe_aux_loss_coeff=-1.0), "must be 0 or more"),
     (dict(moe_num_experts=4, moe_router_type="topk", moe_jitter_eps=1.5), "moe_jitter_eps must be between 0 and 1"),
     (dict(moe_num_experts=4, moe_jitter_eps=0.1), "moe_jitter_eps applies to moe_router_type topk"),
-    (dict(expert_model_parallel_size=2), "expert parallelism is not built"),
-    (dict(moe_num_experts=4, model_parallel_size=2), "experts split over tensor parallelism"),
-    (dict(moe_num_experts=4, pipe_parallel_size=2), "pipeline stages with MoE layers"),
-    (dict(moe_num_experts=4, load_universal=True), "universal checkpoints of MoE models are not built"),
+    (dict(expert_model_parallel_size=2), "expert_model_parallel_size 2 needs experts"),
+    (dict(moe_num_experts=4, expert_model_parallel_size=3), "expert_model_parallel_size 3 does not divide "
+                                                            "moe_num_experts 4"),
+    (dict(moe_num_experts=4, expert_model_parallel_size=0), "expert_model_parallel_size must be 1 or more"),
+    (dict(moe_num_experts=4, expert_model_parallel_size=2, eval_tasks=["lambada_openai"]),
+     "eval_tasks during training with expert_model_parallel_size 2 is not supported yet"),
+    (dict(moe_num_experts=4, expert_model_parallel_size=2, zero_optimization={"stage": 2}),
+     "expert_model_parallel_size 2 with zero_optimization stage 2 is not supported yet"),
+    (dict(moe_num_experts=4, model_parallel_size=2, sequence_parallel=True),
+     "sequence_parallel with moe_num_experts > 1 at model_parallel_size 2 is not supported yet"),
+    (dict(moe_num_experts=4, load_universal=True, expert_model_parallel_size=2),
+     "load_universal with expert_model_parallel_size 2 is not supported yet"),
+    (dict(moe_num_experts=4, pipe_parallel_size=2, expert_model_parallel_size=2),
+     "pipeline stages with MoE are built with experts whole"),
+    (dict(moe_num_experts=4, pipe_parallel_size=2, model_parallel_size=2),
+     "pipeline stages with MoE are built with experts whole"),
     (dict(moe_num_experts=4, adapter="lora"), "adapters on the experts are not built"),
     (dict(moe_num_experts=4, moe_router_type="topk", moe_aux_loss_coeff=0.01, precision="fp16"),
      "the fp16 loss scale"),
@@ -52,3 +64,18 @@ def test_moe_keys_load_as_given():
                             moe_normalize_expert_weights=True, moe_lbl_in_fp32=True, moe_jitter_eps=0.01,
                             moe_expert_interval=2))
     assert (c.moe_num_experts, c.moe_top_k, c.moe_expert_interval, c.moe_jitter_eps) == (8, 2, 2, 0.01)
+
+
+def test_older_upstream_moe_expert_parallel_size_is_an_alias():
+    c = from_dict(tiny_keys(moe_num_experts=4, moe_expert_parallel_size=2))
+    assert c.expert_model_parallel_size == 2
+    with pytest.raises(UserError, match="moe_expert_parallel_size 2 and expert_model_parallel_size 4 disagree"):
+        from_dict(tiny_keys(moe_num_experts=4, moe_expert_parallel_size=2, expert_model_parallel_size=4))
+
+
+def test_expert_parallel_size_must_divide_data_parallel_ranks():
+    c = from_dict(tiny_keys(moe_num_experts=4, expert_model_parallel_size=4))
+    with pytest.raises(UserError, match="expert_model_parallel_size 4 does not divide the data-parallel size 2") as err:
+        c.check_world_size(2)
+    assert "\n" not in str(err.value)
+    c.check_world_size(4)

@@ -50,3 +50,35 @@ def _has_te() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _dispatcher_collectives(rank):
+    """What the all-gather dispatcher runs over its TP x EP group under expert parallelism, on gloo."""
+    from megatron.core.tensor_parallel import mappings
+
+    groups.initialize(1, "gloo", expert_parallel_size=2)
+    group = groups.parallel_state.get_expert_tensor_and_model_parallel_group()
+    routing = torch.tensor([[True, False], [rank == 1, True]])
+    hidden = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    gathered_map = mappings.gather_from_sequence_parallel_region(routing, group=group)
+    gathered = mappings.gather_from_sequence_parallel_region(hidden, group=group, use_global_buffer=True)
+    seen = gathered.tolist()  # the global buffer is reused by the next gather (the backward's)
+    combined = mappings.reduce_scatter_to_sequence_parallel_region(gathered * 10, group=group)
+    combined.sum().backward()
+    return gathered_map.tolist(), seen, combined.tolist(), hidden.grad.tolist()
+
+
+def test_the_all_gather_dispatcher_collectives_run_on_gloo_without_a_shim():
+    """EP on CPU processes: megatron-core's all-gather dispatcher gathers the routing map (bool), the tokens (into
+    its global buffer, shimmed to the CPU) and reduce-scatters the experts' outputs over the TP x EP group with
+    all_gather_into_tensor / reduce_scatter_tensor, which gloo runs in the pinned torch; no shim is needed. When
+    megatron-core or torch changes that, this fails before the EP training tests do."""
+    from distributed import run_distributed
+
+    source = inspect.getsource(token_dispatcher.MoEAllGatherTokenDispatcher)
+    assert "gather_from_sequence_parallel_region" in source and "reduce_scatter_to_sequence_parallel_region" in source
+    for rank, (routing, hidden, combined, grad) in enumerate(run_distributed(_dispatcher_collectives, 2)):
+        assert routing == [[True, False], [False, True], [True, False], [True, True]]
+        assert hidden == [[1.0] * 3] * 2 + [[2.0] * 3] * 2
+        assert combined == [[10.0 * (rank + 1) * 2] * 3] * 2  # its own rows, summed over both ranks' copies
+        assert grad == [[20.0] * 3] * 2  # the reduce-scatter's backward gathers, the gather's sums back

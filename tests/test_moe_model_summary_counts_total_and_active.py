@@ -55,3 +55,16 @@ def test_moe_every_other_layer_counts_the_dense_layers_in_both(one_process, tmp_
     active = 12_879_925_248 - 16 * (dense + 8 * 4096)
     assert re.search(rf"^parameters: {total}$", out, re.M)
     assert re.search(rf"^active_parameters: {active} ", out, re.M)
+
+
+def test_expert_parallel_memory_per_gpu_holds_one_eighth_of_the_experts(one_process, tmp_path):
+    """EP 8 on 8 GPUs: each holds the dense part and 1 of 8 experts per layer, by hand:
+    experts 32 x 8 x 176,160,768 = 45,097,156,608; dense 46,702,792,704 - that = 1,605,636,096;
+    a rank: 1,605,636,096 + 45,097,156,608 / 8 = 7,242,780,672 parameters, bf16 weights 14,485,561,344 bytes
+    = 13.49 GiB (86.99 GiB at EP 1); ZeRO-1 over the 8 / 8 = 1 expert-data-parallel rank: optimizer 12 bytes each."""
+    full, ep8 = summary(tmp_path, zero_optimization={"stage": 1}), summary(
+        tmp_path, zero_optimization={"stage": 1}, expert_model_parallel_size=8)
+    assert re.search(r"^memory_per_gpu_gib: weights 86\.99 ", full, re.M)
+    assert re.search(r"^memory_per_gpu_gib: weights 13\.49 ", ep8, re.M)
+    assert re.search(r"optimizer 80\.94 ", ep8)  # 7,242,780,672 x 12 / 2**30
+    assert "experts over 8 data-parallel ranks (5637144576 expert parameters a rank of 45097156608" in ep8

@@ -6,12 +6,18 @@
     MistralForCausalLM   Llama's layout with no linear biases and a sliding window (sliding_window_width W: a
                          query sees itself and W keys before it, so HF's `sliding_window` is W + 1)
     StableLmForCausalLM  LayerNorm with bias, SwiGLU, no linear biases, partial rotary: StableLM-3B-4E1T
+    MixtralForCausalLM   Mistral's block with an MoE block in every layer: softmax over the experts, the top k
+                         renormalised to sum 1 (moe_router_type topk, moe_normalize_expert_weights), SwiGLU experts
 
 `family(config)` picks the class from the architecture keys (or says in one line why none fits).
 The layouts that need care:
 - our fused `query_key_value` holds one [q heads of the group..., k, v] block of rows per key/value head;
   GPTNeoX keeps that fused tensor (multi-head: per head [q, k, v]); Llama and StableLm split q, k, v;
 - our gated `mlp.linear1` is [up; gate]: HF's `up_proj` is the first half and `gate_proj` the second;
+- an expert's `linear_fc1` (megatron-core's gated MLP: activation(first half) x second half) is [gate; up]:
+  Mixtral's `w1` (gate) is the first half, `w3` (up) the second; `linear_fc2` is `w2`. Exports write the
+  per-expert tensors of the released checkpoints (transformers 5 loads them into its fused experts and saves
+  them so); imports read those or transformers 5's fused `experts.gate_up_proj` ([E, gate; up, h]) and `down_proj`;
 - our RMSNorm weight is `scale` (as upstream gpt-neox), HF's is `weight`;
 - `rope_parameters` is rotary_emb_base, rotary_pct and `rope_scaling` (its type and transformers' fields); for
   dynamic scaling HF's max_position_embeddings is our original_max_position_embeddings (docs/rope-scaling.md).
@@ -35,7 +41,7 @@ from neox_fork.model import rope_scaling
 from neox_fork.model.adapters import ADAPTER_NAME, LoraSpec, is_adapter, merge_into
 
 CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-           "stablelm": "StableLmForCausalLM"}
+           "stablelm": "StableLmForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 # (ours, HF) name templates per family; {layer} is a layer index, {param} weight or bias. Both directions.
 _L = "layers.{layer}"
@@ -62,22 +68,30 @@ _NORMS = [("final_norm.{param}", "model.norm.{param}"),
           (f"{_L}.input_layernorm.{{param}}", f"model.{_L}.input_layernorm.{{param}}"),
           (f"{_L}.post_attention_layernorm.{{param}}", f"model.{_L}.post_attention_layernorm.{{param}}")]
 _RMS_NORMS = [(ours.replace("{param}", "scale"), theirs.replace("{param}", "weight")) for ours, theirs in _NORMS]
+_ROUTER = [(f"{_L}.mlp.moe.router.{{param}}", f"model.{_L}.block_sparse_moe.gate.{{param}}"),
+           (f"{_L}.mlp.moe.router.{{param}}", f"model.{_L}.mlp.gate.{{param}}")]  # transformers 5's in-memory name
 _RENAMES = {"gpt_neox": _NEOX, "llama": _MODEL + _RMS_NORMS, "mistral": _MODEL + _RMS_NORMS,
-            "stablelm": _MODEL + _NORMS}
-_SPLIT = {"gpt_neox": False, "llama": True, "mistral": True, "stablelm": True}  # q/k/v, up/gate: separate HF tensors
+            "stablelm": _MODEL + _NORMS, "mixtral": _MODEL + _RMS_NORMS + _ROUTER}
+_SPLIT = {"gpt_neox": False, "llama": True, "mistral": True, "stablelm": True,  # q/k/v, up/gate: separate HF tensors
+          "mixtral": True}
+_EXPERT = r"layers\.(\d+)\.mlp\.moe\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight"
+_HF_EXPERT = r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight"
+_HF_FUSED_EXPERTS = r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)"
 
 
 def family(c: NeoXConfig) -> str:
     """The HF family that computes exactly what this config's model computes, or a UserError saying why none."""
     def refuse(why: str):
         raise UserError(f"{c.where('norm')}: no Hugging Face class computes this model ({why}); export supports "
-                        "GPTNeoXForCausalLM, LlamaForCausalLM, MistralForCausalLM and StableLmForCausalLM "
-                        "architectures")
+                        "GPTNeoXForCausalLM, LlamaForCausalLM, MistralForCausalLM, StableLmForCausalLM and "
+                        "MixtralForCausalLM architectures")
 
     if c.use_qk_layernorm:  # StableLm's qk_layernorm is a separate bias-free LayerNorm per head for q and k
         refuse("use_qk_layernorm: upstream's one norm over [heads, head_dim] shared by q and k is in no HF class")
     if c.pos_emb != "rotary":
         refuse(f"pos_emb {c.pos_emb!r}: GPTNeoX, Llama and StableLm all use rotary")
+    if c.moe_num_experts > 1:
+        return _moe_family(c, refuse)
     silu_gated = c.mlp_gated and c.mlp_activation == "silu"
     if silu_gated and c.norm == "rmsnorm":
         if c.gpt_j_residual or c.rotary_pct != 1:
@@ -100,6 +114,29 @@ def family(c: NeoXConfig) -> str:
             refuse(f"activation {c.activation!r}")
         return "gpt_neox"
     refuse(f"norm {c.norm!r} with activation {c.activation!r} and mlp_type {c.mlp_type!r}")
+
+
+def _moe_family(c: NeoXConfig, refuse) -> str:
+    """Mixtral, or why not. The HF classes whose router leaves the top-k softmax weights as they are
+    (OlmoeForCausalLM, Qwen2MoeForCausalLM) have blocks this model has not: q/k norms over the whole
+    projection (OLMoE) and a gated shared expert (Qwen2-MoE)."""
+    if c.moe_router_type != "topk":
+        refuse(f"moe_router_type {c.moe_router_type!r}: no HF class routes by Sinkhorn-balanced scores; "
+               "MixtralForCausalLM is moe_router_type topk with moe_normalize_expert_weights true")
+    if not c.moe_normalize_expert_weights:
+        refuse("moe_normalize_expert_weights false: Mixtral renormalises the top-k weights, and the classes that do "
+               "not (Olmoe: q/k norms, Qwen2Moe: a shared expert) have parts this model lacks")
+    if c.moe_expert_interval != 1:
+        refuse(f"moe_expert_interval {c.moe_expert_interval}: Mixtral has experts in every layer")
+    if not (c.mlp_gated and c.mlp_activation == "silu"):
+        refuse(f"activation {c.activation!r} with mlp_type {c.mlp_type!r}: Mixtral's experts are SwiGLU "
+               "(mlp_type gated, activation silu)")
+    if c.gpt_j_residual:
+        refuse("gpt_j_residual (parallel residual): Mixtral's block is sequential")
+    if c.norm != "rmsnorm" or c.rotary_pct != 1 or c.use_bias_in_attn_linear:
+        refuse(f"norm {c.norm!r}, rotary_pct {c.rotary_pct}, use_bias_in_attn_linear {c.use_bias_in_attn_linear}: "
+               "Mixtral has RMSNorm, full rotary and no attention biases")
+    return "mixtral"
 
 
 # upstream convert_neox_to_hf.py's --architecture values -> our family names
@@ -151,6 +188,12 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str,
     for name, tensor in state.items():
         if name.endswith("_extra_state"):
             continue
+        if e := re.fullmatch(_EXPERT, name):
+            i, expert, fc = e.groups()
+            prefix = f"model.layers.{i}.block_sparse_moe.experts.{expert}"
+            parts = {"w1": tensor.chunk(2)[0], "w3": tensor.chunk(2)[1]} if fc == "1" else {"w2": tensor}
+            out.update({f"{prefix}.{w}.weight": t.contiguous() for w, t in parts.items()})
+            continue
         m = re.fullmatch(r"layers\.(\d+)\.(attention\.query_key_value|mlp\.linear1)\.(weight|bias)", name)
         if m and _SPLIT[fam]:
             i, kind, param = m.groups()
@@ -174,7 +217,18 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str, 
     fam = family(c)
     out: dict[str, torch.Tensor] = {}
     pending: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+    experts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for name, tensor in hf.items():
+        if fam == "mixtral" and (e := re.fullmatch(_HF_EXPERT, name)):
+            i, expert, w = e.groups()
+            experts.setdefault((i, expert), {})[f"w{w}"] = tensor
+            continue
+        if fam == "mixtral" and (e := re.fullmatch(_HF_FUSED_EXPERTS, name)):
+            i, kind = e.groups()
+            for expert, t in enumerate(tensor.unbind(0)):
+                fc = "linear_fc1" if kind == "gate_up_proj" else "linear_fc2"
+                out[f"layers.{i}.mlp.moe.experts.local_experts.{expert}.{fc}.weight"] = t.clone()
+            continue
         m = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|up|gate)_proj\.(weight|bias)", name)
         if m and _SPLIT[fam]:
             i, block, part, param = m.groups()
@@ -184,6 +238,13 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], c: NeoXConfig) -> dict[str, 
         elif not re.search(r"rotary_emb\.inv_freq|attention\.(masked_)?bias$", name):
             raise UserError(f"Hugging Face weight '{name}' has no place in this {CLASSES[fam]} model "
                             "(e.g. qk-layernorm is not supported)")
+    for (i, expert), w in experts.items():
+        if w.keys() != {"w1", "w2", "w3"}:
+            raise UserError(f"Hugging Face Mixtral layer {i} expert {expert} has {', '.join(sorted(w))}; "
+                            "each expert needs w1, w2 and w3")
+        prefix = f"layers.{i}.mlp.moe.experts.local_experts.{expert}"
+        out[f"{prefix}.linear_fc1.weight"] = torch.cat((w["w1"], w["w3"]))
+        out[f"{prefix}.linear_fc2.weight"] = w["w2"]
     for (i, block, param), parts in pending.items():
         if block == "mlp":
             out[f"layers.{i}.mlp.linear1.{param}"] = torch.cat((parts["up"], parts["gate"]))
@@ -247,21 +308,40 @@ def hf_config_dict(c: NeoXConfig, padded_vocab_size: int, dtype: str, eos_token_
     if fam == "mistral":
         return {**common, "num_key_value_heads": c.kv_heads, "rms_norm_eps": c.rms_norm_epsilon,
                 "head_dim": c.head_dim, "sliding_window": c.sliding_window_width + 1}
+    if fam == "mixtral":  # jitter is training-only and not carried (transformers' jitters the experts' inputs too)
+        window = c.sliding_window_width
+        return {**common, "num_key_value_heads": c.kv_heads, "rms_norm_eps": c.rms_norm_epsilon,
+                "head_dim": c.head_dim, "sliding_window": None if window is None else window + 1,
+                "num_local_experts": c.moe_num_experts, "num_experts_per_tok": c.moe_top_k,
+                "router_jitter_noise": 0.0, "output_router_logits": False}
     return {**common, "num_key_value_heads": c.kv_heads, "layer_norm_eps": c.layernorm_epsilon,
             "partial_rotary_factor": c.rotary_pct, "use_qkv_bias": False, "qk_layernorm": False,
             "use_parallel_residual": False, "hidden_dropout": c.hidden_dropout}
 
 
+# MoE classes whose block has parts our model has not (what each computes beyond Mixtral's block)
+MOE_NOT_IMPORTABLE = {
+    "olmoe": "q and k RMSNorms over the whole projections; use_qk_layernorm is one norm per head shared by q and k",
+    "qwen2_moe": "a sigmoid-gated shared expert beside the routed ones, and q/k/v biases",
+    "qwen3_moe": "q and k RMSNorms per head",
+    "deepseek_v2": "multi-head latent attention and shared experts",
+    "deepseek_v3": "multi-head latent attention, shared experts and sigmoid routing with a bias",
+}
+
+
 def config_from_hf(hf: dict) -> dict:
-    """Our config keys (NeoX names) for an HF GPTNeoX, Llama, Mistral or StableLm config.json; the caller adds
+    """Our config keys (NeoX names) for an HF GPTNeoX, Llama, Mistral, StableLm or Mixtral config.json; the caller adds
     the rest."""
     kind = hf.get("model_type")
+    if kind in MOE_NOT_IMPORTABLE:
+        raise UserError(f"config.json model_type {kind!r}: not importable ({MOE_NOT_IMPORTABLE[kind]}); the "
+                        "mixture-of-experts class importable is mixtral")
     if kind not in CLASSES:
         raise UserError(f"config.json model_type is {kind!r}; importable: {', '.join(CLASSES)}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     scaling = _rope_scaling_from_hf(hf, rope)
     heads = hf["num_attention_heads"]
-    if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
+    if (hf.get("head_dim") or hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
         raise UserError(f"config.json head_dim {hf['head_dim']} is not hidden_size / num_attention_heads; "
                         "such models are not supported")
     positions = hf["max_position_embeddings"]
@@ -294,11 +374,16 @@ def config_from_hf(hf: dict) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"config.json hidden_act {hf.get('hidden_act')!r} is not supported for {kind}; only silu")
     gated = {**keys, "mlp_type": "gated", "activation": "silu", "num_kv_heads": kv if kv != heads else None}
-    if kind == "mistral":
+    if kind in ("mistral", "mixtral"):
         window = hf.get("sliding_window")
-        return {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6),
-                "use_bias_in_norms": False, "use_bias_in_mlp": False, "use_bias_in_attn_linear": False,
-                "rotary_pct": 1.0, "sliding_window_width": None if window is None else window - 1}
+        mistral = {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6),
+                   "use_bias_in_norms": False, "use_bias_in_mlp": False, "use_bias_in_attn_linear": False,
+                   "rotary_pct": 1.0, "sliding_window_width": None if window is None else window - 1}
+        if kind == "mistral":
+            return mistral
+        # Mixtral's router: softmax over the experts, the top k renormalised; every layer has experts
+        return {**mistral, "moe_num_experts": hf["num_local_experts"], "moe_top_k": hf["num_experts_per_tok"],
+                "moe_router_type": "topk", "moe_normalize_expert_weights": True, "moe_expert_interval": 1}
     if kind == "llama":
         return {**gated, "norm": "rmsnorm", "rms_norm_epsilon": hf.get("rms_norm_eps", 1e-6),
                 "use_bias_in_norms": False, "use_bias_in_mlp": hf.get("mlp_bias", False),
@@ -358,9 +443,6 @@ def export_folder(ckpt_path, output_dir, dtype: str | None = None, step: int | N
         from neox_fork.config.loading import load_config
 
         config = load_config(config_file)
-    if config.moe_num_experts > 1:
-        raise UserError(f"checkpoint {folder}: moe_num_experts {config.moe_num_experts}: exporting mixture-of-experts "
-                        "models to Hugging Face (MixtralForCausalLM) is not built yet")
     check_architecture(config, architecture)
     if peft_adapter is not None:
         export_peft_adapter(state, config, peft_adapter, dtype)
@@ -455,31 +537,37 @@ def export_peft_adapter(state: dict[str, torch.Tensor], c: NeoXConfig, output_di
     return Path(output_dir)
 
 
-def read_hf_folder(hf_dir) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, all tensors) of a Hugging Face folder with one or many safetensors files."""
+def read_hf_config(hf_dir) -> dict:
     import json
-
-    from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"'{hf_dir}' is not a Hugging Face model folder: no config.json")
+    return json.loads((hf_dir / "config.json").read_text())
+
+
+def read_hf_tensors(hf_dir) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder with one or many safetensors files."""
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"'{hf_dir}' has no *.safetensors weights (convert .bin weights with transformers first)")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update(load_file(f))
-    return json.loads((hf_dir / "config.json").read_text()), tensors
+    return tensors
 
 
 def import_folder(hf_dir, output_dir, tp: int = 1, extra_config: dict | None = None) -> Path:
-    """A Hugging Face GPTNeoX, Llama, Mistral or StableLm folder -> our checkpoint at step 0, split over `tp` ranks."""
+    """A Hugging Face GPTNeoX, Llama, Mistral, StableLm or Mixtral folder -> our checkpoint at step 0, split over `tp` ranks."""
     from neox_fork.checkpoint import store as checkpoint
     from neox_fork.config.loading import from_dict
 
-    hf_config, tensors = read_hf_folder(hf_dir)
-    keys = config_from_hf(hf_config)
+    hf_config = read_hf_config(hf_dir)
+    keys = config_from_hf(hf_config)  # a model we cannot build is refused before its weights are read
+    tensors = read_hf_tensors(hf_dir)
     # keep the vocabulary exactly as released: pick the padding multiple that already divides it
     keys.update(checkpoint.vocab_keys_for(keys["vocab_size"], tp, f"{hf_dir}/config.json"))
     embed = "gpt_neox.embed_in.weight" if hf_config.get("model_type") == "gpt_neox" else "model.embed_tokens.weight"

@@ -18,9 +18,11 @@ from neox_fork.errors import UserError, exit_on_user_error
 from neox_fork.checkpoint.safe_unpickle import add_trust_argument
 
 EXPORT_DOC = ("Export a neox_fork or GPT-NeoX checkpoint (any tensor-parallel size) as a Hugging Face folder: "
-              "GPTNeoXForCausalLM, LlamaForCausalLM or StableLmForCausalLM, whichever computes its architecture, "
+              "GPTNeoXForCausalLM, LlamaForCausalLM, MistralForCausalLM, StableLmForCausalLM or MixtralForCausalLM "
+              "(mixture of experts), whichever computes its architecture, "
               "with the transformers tokenizer files of its tokenizer_type.")
-IMPORT_DOC = ("Import a Hugging Face GPTNeoX (Pythia), Llama or StableLm folder (e.g. stabilityai/stablelm-3b-4e1t) "
+IMPORT_DOC = ("Import a Hugging Face GPTNeoX (Pythia), Llama, Mistral, StableLm or Mixtral folder "
+              "(e.g. stabilityai/stablelm-3b-4e1t) "
               "as a neox_fork checkpoint at step 0. Train from it with `load: CKPT_DIR` and `finetune: true`.")
 
 

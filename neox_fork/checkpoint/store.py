@@ -4,6 +4,9 @@
     CKPT_DIR/global_step{N}/mp_rank_{XX}_model_states.pt   DeepSpeed's engine state of TP rank XX; its
                                                        `module` holds the weights when pipe_parallel_size
                                                        is 0 (GPT-NeoX's `sequential.{idx}.*` names)
+                                                       (expert-parallel: of tensor x expert rank XX =
+                                                       TP rank + TP x EP rank; EP rank 0's holds every
+                                                       expert, the others' only their own, by global index)
     CKPT_DIR/global_step{N}/layer_{II}-model_{XX}-model_states.pt
                                                        layer II's weights of TP rank XX (GPT-NeoX with
                                                        pipe_parallel_size >= 1; see checkpoint/neox_layout.py)
@@ -73,14 +76,25 @@ _SHARDING = [
     (r"layers\.\d+\.attention\.qk_layernorm\.(weight|bias|scale)", (0, 1)),  # [heads, head_dim] by heads
     (r"layers\.\d+\.attention\.dense\.weight", (1, 1)),
     (r"layers\.\d+\.mlp\.linear2\.weight", (1, 1)),
+    # MoE experts split over TP as the dense MLP (megatron-core's expert tensor parallel size = TP); router whole
+    (r"layers\.\d+\.mlp\.moe\.experts\.local_experts\.\d+\.linear_fc1\.weight", (0, "mlp")),
+    (r"layers\.\d+\.mlp\.moe\.experts\.local_experts\.\d+\.linear_fc2\.weight", (1, 1)),
+    # LoRA adapters (model/adapters.py): B split as a column-parallel W's rows, A as a row-parallel W's columns;
+    # the other factor whole on every rank
+    (r"layers\.\d+\.attention\.query_key_value\.lora\.B", (0, 1)),
+    (r"layers\.\d+\.mlp\.linear1\.lora\.B", (0, "mlp")),
+    (r"layers\.\d+\.(attention\.dense|mlp\.linear2)\.lora\.A", (1, 1)),
 ]
 
 
 def _mlp_stride(name: str, state: dict[str, torch.Tensor]) -> int:
     """2 for a gated MLP (linear1 gives twice linear2's inputs), 1 for a plain one; the same on any shard."""
-    layer = name.rsplit(".mlp.", 1)[0]
-    return 2 if state[f"{layer}.mlp.linear1.weight"].shape[0] == 2 * state[f"{layer}.mlp.linear2.weight"].shape[1] \
-        else 1
+    if ".linear_fc1." in name:  # an MoE expert
+        fc1, fc2 = name, name.replace(".linear_fc1.", ".linear_fc2.")
+    else:
+        layer = name.rsplit(".mlp.", 1)[0]
+        fc1, fc2 = f"{layer}.mlp.linear1.weight", f"{layer}.mlp.linear2.weight"
+    return 2 if state[fc1].shape[0] == 2 * state[fc2].shape[1] else 1
 
 
 def sharding(name: str, state: dict[str, torch.Tensor] | None = None) -> tuple[int, int] | None:
@@ -220,7 +234,8 @@ def tp_size_of(folder: Path) -> int:
     """The tensor-parallel size a step folder was saved at; a missing rank file is one clear line."""
     ranks = sorted(int(m[1]) for p in folder.glob("mp_rank_*_model_states.pt")
                    if (m := re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", p.name)))
-    expected, pp = _saved_tp(folder), pp_size_of(folder)  # pipelined: one mp_rank file per (stage, TP rank)
+    # pipelined: one mp_rank file per (stage, TP rank); expert-parallel: per (EP rank, TP rank)
+    expected, pp = _saved_tp(folder), pp_size_of(folder) * ep_size_of(folder)
     files = max((expected or 1) * pp, ranks[-1] + 1 if ranks else 1)
     n = max(files // pp, 1)
     missing = [r for r in range(files) if r not in ranks]
@@ -239,8 +254,14 @@ def tp_size_of(folder: Path) -> int:
 
 
 def dp_size_of(folder: Path) -> int | None:
-    """The data-parallel size a step folder's ZeRO shards were saved at; None without ZeRO shards (stage 0)."""
-    return len(_zero_shards(folder).get(0, ())) or None
+    """The data-parallel size a step folder's ZeRO shards were saved at; None without ZeRO shards (stage 0).
+    Expert-parallel: each (EP, TP) rank's shards are over the expert-data-parallel ranks, EP of them in DP."""
+    return len(_zero_shards(folder).get(0, ())) * ep_size_of(folder) or None
+
+
+def ep_size_of(folder: Path) -> int:
+    """expert_model_parallel_size a step folder was saved at (1 without expert parallelism)."""
+    return max(_saved_key(folder, "expert_model_parallel_size") or 1, 1)
 
 
 def _zero_shards(folder: Path) -> dict[int, set[int]]:
@@ -642,17 +663,22 @@ def reshard(path: str | os.PathLike, output_dir: str | os.PathLike, tp: int, ste
             trust: bool = False) -> Path:
     """Write the weights of a checkpoint (any TP size) split for `tp` ranks, with a matching config.
 
-    Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size; a full
-    training state moves to another layout through DeepSpeed's Universal Checkpointing (checkpoint/universal.py).
+    Weights only, for fine-tuning (`finetune: true`), generation and evaluation at the new size (a LoRA checkpoint:
+    its adapters, naming the same base, read at any TP size); a full training state moves to another layout
+    through DeepSpeed's Universal Checkpointing (checkpoint/universal.py).
     """
     state, config, folder = load_merged(path, step, trust)
-    if lora_info(folder) is not None:
-        raise UserError(f"checkpoint {folder} is a LoRA checkpoint (adapters on the base it names): resharding it "
-                        "is not built; generation and evaluation load it at any TP size, and tools/convert_to_hf.py "
-                        "exports it merged")
+    info = lora_info(folder)
     keys = config.to_dict()
     keys.update(vocab_keys_for(state["word_embeddings.weight"].shape[0], tp, str(folder)))
     keys.update(num_gpus=None, num_nodes=-1, load=None)  # launch settings belong to the next run
+    if info is not None:  # a LoRA checkpoint: its adapters split for `tp` (in the mp_rank files), on the same base
+        keys.update(pipe_parallel_size=min(config.pipe_parallel_size, 1))
+        new_config = from_dict(keys, source=str(folder / CONFIG_FILE))
+        adapters = {k: v for k, v in state.items() if k in info["sharding"]}
+        return save_model_checkpoint(output_dir, folder_step(folder) or 0, split_tp(adapters, tp, info["sharding"]),
+                                     new_config, tokenizer_of(folder, config), lora=(lora_base_of(folder),
+                                                                                     info["sharding"]))
     new_config = from_dict(keys, source=str(folder / CONFIG_FILE))
     return save_model_checkpoint(output_dir, folder_step(folder) or 0, split_tp(state, tp), new_config,
                                  tokenizer_of(folder, config))

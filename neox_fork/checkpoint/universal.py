@@ -74,10 +74,14 @@ def category(name: str, params: dict[str, torch.Tensor]) -> str | None:
 
 
 def checkpoint_info(params: dict[str, torch.Tensor], padded_vocab: int) -> dict:
-    """The `universal_checkpoint_info` of a model with these parameters (one rank's, names as in the model)."""
+    """The `universal_checkpoint_info` of a model with these parameters (one rank's, names as in the model). Only
+    the trainable ones are in the optimizer, so only they are named (LoRA: the adapters; the frozen base is read
+    again from the base checkpoint on resume)."""
     info: dict = {_VERSION[0]: _VERSION[1], ORIGINAL_VOCAB_SIZE: padded_vocab,
                   REPLICATED: [], ROW_PARALLEL: [], TWO_SUB_PARAMS: [], VOCABULARY: []}
-    for name in params:
+    for name, p in params.items():
+        if not p.requires_grad:
+            continue
         kind = category(name, params)
         pattern = _pattern(name)
         if kind and pattern not in info[kind]:
@@ -100,15 +104,16 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     from deepspeed.checkpoint import ds_to_universal
 
     folder = checkpoint.resolve(path, step)
-    if checkpoint.load_config_of(folder).moe_num_experts > 1:
-        raise UserError(f"checkpoint {folder} is a mixture-of-experts model: universal checkpoints of MoE models "
-                        "are not built yet")
+    saved = checkpoint.load_config_of(folder)
+    if saved.moe_num_experts > 1 and (saved.expert_model_parallel_size > 1 or saved.model_parallel_size > 1):
+        raise UserError(f"checkpoint {folder} was saved at expert_model_parallel_size "
+                        f"{saved.expert_model_parallel_size} and model_parallel_size {saved.model_parallel_size}: "
+                        "universal checkpoints of MoE runs are built for experts whole on every rank (both 1), not "
+                        "yet for experts split over ranks (docs/moe.md); resume it at its own layout")
     n = checkpoint.folder_step(folder)
     tp = checkpoint.tp_size_of(folder)
-    if checkpoint.lora_info(folder) is not None:
-        raise UserError(f"checkpoint {folder} is a LoRA checkpoint (adapters on a base it names): universal "
-                        "checkpoints of LoRA runs are not built; resume it at its own TP size, or load it for "
-                        "generation/evaluation at any TP size")
+    if checkpoint.lora_info(folder) is not None:  # a LoRA run: its adapters convert; its base is named, not copied
+        checkpoint.lora_base_of(folder)
     if checkpoint.dp_size_of(folder) is None:
         raise UserError(f"checkpoint {folder} has no ZeRO optimizer shards (saved with zero_optimization stage 0?); "
                         "Universal Checkpointing converts checkpoints of ZeRO stage 1 or 2")
@@ -151,7 +156,7 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
         for entry in (tmp / "zero").iterdir():
             if entry.is_dir() and entry.name not in names:
                 shutil.rmtree(entry)
-        for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE]:
+        for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE, folder / checkpoint.LORA_FILE]:
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)
         if (folder / checkpoint.CONFIG_FILE).is_file():
@@ -191,15 +196,19 @@ def safe_unpickling(trust: bool = False):
             os.environ[key] = old
 
 
-def check_folder(folder: Path, params: dict[str, torch.Tensor], tp: int, trust: bool = False) -> None:
+def check_folder(folder: Path, params: dict[str, torch.Tensor], tp: int, trust: bool = False,
+                 trainable: set[str] | None = None) -> None:
     """Before DeepSpeed reads a universal folder: each file this run reads loads safely (checkpoint.read_file,
-    storage mapped, not read) and holds the full size this model needs; anything else is one line."""
+    storage mapped, not read) and holds the full size this model needs; anything else is one line. `trainable`:
+    the names the optimizer holds when that is not all of `params` (LoRA: the adapters)."""
     zero = folder / "zero"
     if not zero.is_dir():
         raise UserError(f"'{folder}' is not a universal checkpoint (no zero/ folder); make one with "
                         f"python tools/ckpts/to_universal.py --input-dir {folder.parent}")
     checkpoint.read_file(zero / "optimizer_state.pt", trust, mmap=True)
     for name, p in params.items():
+        if trainable is not None and name not in trainable:  # LoRA's frozen base: read from its folder, not zero/
+            continue
         need = list(p.shape)
         spec = checkpoint.sharding(name, params)
         if spec is not None:

@@ -141,12 +141,30 @@ def merge_files(paths: list[str | os.PathLike]) -> tuple[dict[str, Any], dict[st
     return values, sources
 
 
+def _older_alias(key: str, value: Any, values: dict[str, Any], sources: dict[str, str], source: str) -> str | None:
+    """The key an older upstream name (config_upstream.OLDER_ALIASES) sets; None for a null. Both names with
+    different values is one line."""
+    target, where = config_upstream.OLDER_ALIASES[key], sources.get(key, source)
+    if value is None:
+        return None
+    other = next((v for k, v in values.items() if normalize_key(k) == target), None)
+    if other is not None and other != value:
+        raise UserError(f"{where}: {key} {value!r} and {target} {other!r} disagree; they are one setting ({key} is "
+                        "older upstream's name), give one of them")
+    sources.setdefault(target, where)
+    return target
+
+
 def from_dict(values: dict[str, Any], sources: dict[str, str] | None = None, source: str = "config") -> NeoXConfig:
     """Build and validate a config from already-merged values (e.g. the dict saved beside a checkpoint)."""
     sources = dict(sources or {})
     checked = {}
     for key, value in values.items():
         key = normalize_key(key)
+        if key in config_upstream.OLDER_ALIASES:  # older upstream's name: the value goes to the key here
+            key = _older_alias(key, value, values, sources, source)
+            if key is None:
+                continue
         checked[key] = _check_key(key, value, sources.get(key, source))
         if checked[key] is UNSET:  # null where upstream's default is None: not given
             del checked[key]

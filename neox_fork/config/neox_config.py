@@ -129,7 +129,9 @@ class NeoXConfig:
                                           "training loss (per MoE layer); upstream has none (sinkhorn balances)")
     moe_lbl_in_fp32: bool = _key(False, "compute the router logits, and so the load-balancing loss, in fp32")
     moe_jitter_eps: float | None = _key(None, "topk: router inputs times noise from U(1-eps, 1+eps), in training")
-    expert_model_parallel_size: int = _key(1, "only 1 for now (expert parallelism is not built yet)")
+    expert_model_parallel_size: int = _key(1, "MoE experts split over this many data-parallel ranks (megatron-"
+                                           "core's expert parallelism; at TP > 1 each expert is also split over the "
+                                           "TP group like the dense MLP); upstream's older moe_expert_parallel_size")
     hidden_dropout: float = _key(0.0, "dropout on the embeddings and on each residual branch")
     attention_dropout: float = _key(0.0, "dropout on attention probabilities")
 
@@ -617,6 +619,12 @@ class NeoXConfig:
                 "sizes whose product divides it"
             )
         dp = self.data_parallel_size(world_size)
+        if dp % self.expert_model_parallel_size:
+            raise UserError(
+                f"{self.where('expert_model_parallel_size')}: expert_model_parallel_size "
+                f"{self.expert_model_parallel_size} does not divide the data-parallel size {dp} (experts are split "
+                "over data-parallel ranks); use a divisor of it"
+            )
         if self.train_batch_size is not None and self.train_batch_size != self.global_batch_size(world_size):
             raise UserError(
                 f"{self.where('train_batch_size')}: train_batch_size {self.train_batch_size} != "

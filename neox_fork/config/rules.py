@@ -529,12 +529,7 @@ def _adapters(c: NeoXConfig, fail) -> None:
     targets = lora_targets(c.lora_target_modules)
     if isinstance(targets, str):
         fail("lora_target_modules", f"lora_target_modules: {targets}")
-    not_yet = [(k, why) for k, why in (
-        ("pipe_parallel_size", "pipeline stages"), ("sequence_parallel", "sequence parallelism at TP > 1"),
-        ("partition_activations", "partition_activations (sequence parallelism) at TP > 1"),
-        ("use_bnb_optimizer", "bitsandbytes' optimizer"), ("load_universal", "universal checkpoints"))
-        if (getattr(c, k) > 1 if k == "pipe_parallel_size" else getattr(c, k) and (
-            c.model_parallel_size > 1 or k not in ("sequence_parallel", "partition_activations")))]
+    not_yet = [(k, why) for k, why in (("use_bnb_optimizer", "bitsandbytes' optimizer"),) if getattr(c, k)]
     if c.adapter == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -543,23 +538,48 @@ def _adapters(c: NeoXConfig, fail) -> None:
                  "`pip install bitsandbytes` or use adapter: lora")
         if c.torch_compile:
             fail("torch_compile", "adapter qlora with torch_compile is not built; set torch_compile: false")
+        if c.pipe_parallel_size > 1:
+            fail("pipe_parallel_size", f"adapter qlora with pipe_parallel_size {c.pipe_parallel_size} is not built; "
+                 "use adapter lora with pipeline stages, or qlora with tensor and data parallelism")
+        for key in ("sequence_parallel", "partition_activations"):
+            if getattr(c, key) and c.model_parallel_size > 1:
+                fail(key, f"adapter qlora with {key} at model_parallel_size {c.model_parallel_size} is not built "
+                     "(its 4-bit linears do not gather the sequence); use adapter lora, or set it false")
     if c.train_impl == "rm":
         not_yet.insert(0, ("train_impl", "train_impl rm (its new reward head would need to train whole)"))
     if not_yet:
         key, what = not_yet[0]
         fail(key, f"adapter lora with {what} is not built yet; use adapter lora with train_impl normal, dpo or kto, "
-             "tensor and data parallelism (pipe_parallel_size 0 or 1), or train the whole model (adapter: null)")
+             "tensor, pipeline and data parallelism, or train the whole model (adapter: null)")
 
 
 def _moe(c: NeoXConfig, fail) -> None:
     """Mixture of experts (neox_fork/model/moe.py): upstream's keys; what is not built yet is one line each."""
     if c.moe_num_experts < 1:
         fail("moe_num_experts", f"moe_num_experts must be 1 (dense) or more, got {c.moe_num_experts}")
-    if c.expert_model_parallel_size != 1:
-        fail("expert_model_parallel_size", f"expert_model_parallel_size {c.expert_model_parallel_size} is not "
-             "supported yet: expert parallelism is not built; use 1 (every rank holds every expert)")
+    ep = c.expert_model_parallel_size
+    if ep < 1:
+        fail("expert_model_parallel_size", f"expert_model_parallel_size must be 1 or more, got {ep}")
+    if c.load_universal and ep > 1:
+        fail("load_universal", f"load_universal with expert_model_parallel_size {ep} is not "
+             "supported yet (universal checkpoints name experts by their index on one expert-parallel rank); "
+             "resume at expert_model_parallel_size 1, or at the saved layout without load_universal")
     if c.moe_num_experts == 1:
+        if ep != 1:
+            fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} needs experts: set "
+                 "moe_num_experts to a multiple of it, or expert_model_parallel_size 1")
         return
+    if c.moe_num_experts % ep:
+        fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} does not divide moe_num_experts "
+             f"{c.moe_num_experts}: each expert-parallel rank holds the same number of whole experts")
+    if ep > 1 and c.eval_tasks:
+        fail("eval_tasks", f"eval_tasks during training with expert_model_parallel_size {ep} is not supported yet "
+             "(lm-eval runs on data-parallel rank 0's ranks; the other experts live elsewhere); run eval.py on the "
+             "checkpoint, which reads every expert at any parallelism")
+    if ep > 1 and c.zero_stage > 1:
+        fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} with zero_optimization stage "
+             f"{c.zero_stage} is not supported yet (ZeRO-2/3 sharding over the expert-data-parallel group is not "
+             "built); use ZeRO stage 0 or 1")
     if not 1 <= c.moe_top_k <= c.moe_num_experts:
         fail("moe_top_k", f"moe_top_k must be from 1 to moe_num_experts {c.moe_num_experts}, got {c.moe_top_k}")
     if c.moe_expert_interval < 1:
@@ -575,18 +595,19 @@ def _moe(c: NeoXConfig, fail) -> None:
                           "keeps its own weights and takes no jitter (as upstream); leave it unset or use topk")
     if c.moe_jitter_eps is not None and not 0 < c.moe_jitter_eps < 1:
         fail("moe_jitter_eps", f"moe_jitter_eps must be between 0 and 1 (or null), got {c.moe_jitter_eps}")
-    later = {"model_parallel_size": "experts split over tensor parallelism",
-             "pipe_parallel_size": "pipeline stages with MoE layers"}
-    for key, what in later.items():
-        if getattr(c, key) > 1:
-            fail(key, f"{key} {getattr(c, key)} with moe_num_experts {c.moe_num_experts} is not supported yet: "
-                      f"{what} are not built; use {key} 1")
+    if c.pipe_parallel_size > 1 and (ep > 1 or c.model_parallel_size > 1):
+        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} with moe_num_experts "
+             f"{c.moe_num_experts} at expert_model_parallel_size {ep} and model_parallel_size "
+             f"{c.model_parallel_size} is not supported yet: pipeline stages with MoE are built with experts whole "
+             "on every rank; use expert_model_parallel_size 1 and model_parallel_size 1 with pipe_parallel_size > 1")
+    if c.model_parallel_size > 1:
+        for key in ("sequence_parallel", "partition_activations"):
+            if getattr(c, key):
+                fail(key, f"{key} with moe_num_experts > 1 at model_parallel_size {c.model_parallel_size} is not "
+                          "supported yet (the MoE layer splits the tokens over the TP group itself); set it false")
     if c.adapter is not None:
         fail("adapter", f"adapter {c.adapter} with moe_num_experts > 1 is not supported yet (adapters on the experts "
              "are not built); train the whole model (adapter: null)")
-    if c.load_universal:
-        fail("load_universal", "load_universal with moe_num_experts > 1 is not supported yet (universal checkpoints "
-             "of MoE models are not built); resume at the saved layout")
     if c.moe_aux_loss_coeff and c.dtype_name == "fp16":
         fail("moe_aux_loss_coeff", "moe_aux_loss_coeff with fp16 is not supported yet (the load-balancing loss's "
              "gradient would miss the fp16 loss scale); use bf16 or fp32, or moe_aux_loss_coeff 0")

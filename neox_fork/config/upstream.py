@@ -192,6 +192,9 @@ KEYS: dict[str, tuple[str, Any, Any, str]] = {
 }
 
 # Older upstream's DeepSpeed-MoE keys (gpt-neox #1129), removed by its dropless MoE (#1210): what replaced each.
+# Older upstream's names (gone from its NeoXArgs, so not rows of KEYS) of a key that exists here under another.
+OLDER_ALIASES = {"moe_expert_parallel_size": "expert_model_parallel_size"}  # DeepSpeed-MoE era; megatron-core's name
+
 REMOVED_MOE_KEYS = {
     "moe_type": "MoE is dropless: megatron-core's MoELayer (neither DeepSpeed-MoE nor megablocks); remove the key",
     "moe_loss_coeff": "replaced by moe_aux_loss_coeff (the topk router's load-balancing loss; sinkhorn needs none)",
@@ -201,7 +204,6 @@ REMOVED_MOE_KEYS = {
     "moe_token_dropping": "MoE is dropless (no expert capacity, no dropped tokens); remove the key",
     "moe_use_residual": "DeepSpeed's residual MoE was removed upstream and is not built; remove the key",
     "create_moe_param_group": "experts' parameters are in the ordinary parameter groups; remove the key",
-    "moe_expert_parallel_size": "renamed expert_model_parallel_size (megatron-core's name)",
     "enable_expert_tensor_parallelism": "replaced by expert_model_parallel_size; remove the key",
     "use_tutel": "Tutel kernels of DeepSpeed-MoE were removed; remove the key",
     "moe_glu": "experts are gated when the MLP is (activation swiglu, or mlp_type gated); remove the key",

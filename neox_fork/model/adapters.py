@@ -11,6 +11,9 @@ Under tensor parallelism nothing is gathered that the base layer does not gather
                                        numbers per token in the backward only.
     row-parallel W (columns split):    A split by columns as W, B whole on every rank; h = A_r x_r is a partial
                                        sum, all-reduced in the forward (r numbers per token), then B h is whole.
+Under sequence parallelism (activations [s, b, h], positions split over the TP ranks) the adapter does what its
+base does: a column-parallel adapter gathers its input's positions, a row-parallel one reduce-scatters A x (and its
+B, seeing this rank's positions, has its gradient summed over the TP group, as the norms').
 A is drawn whole from one generator seeded by the config's seed, in layer order, and each rank keeps its slice,
 so TP=1 and TP=N start from the same adapters; the dropout mask is drawn over the whole input and sliced the
 same way, so they train alike with dropout on.
@@ -86,6 +89,8 @@ class LoRA(nn.Module):
             self.A = nn.Parameter(a.to(dtype).clone())
             self.B = nn.Parameter(torch.zeros(out_local, spec.r, dtype=dtype))
             tp.set_tensor_model_parallel_attributes(self.A, True, 1, 1)
+            if getattr(base, "sequence_parallel", False):  # B sees this rank's positions only: its gradient is
+                self.B.sequence_parallel = True  # summed over the TP group (parallel.sum_sequence_parallel_grads)
         else:  # A whole; B split by rows like W, with its stride (the gated MLP's [up_r; gate_r])
             self.A = nn.Parameter(a_full.to(dtype))
             self.B = nn.Parameter(torch.zeros(out_local, spec.r, dtype=dtype))
@@ -94,20 +99,31 @@ class LoRA(nn.Module):
         if device.type != "cpu":
             self.to(device)
 
-    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+    def dropped(self, x: torch.Tensor, sequence_first: bool = False) -> torch.Tensor:
         """Dropout of the adapter's input: the mask of the whole input (drawn alike on every TP rank from the
-        default generator), this rank's columns of it when the input is split (row-parallel)."""
+        default generator, in [batch, sequence] order as at TP=1), this rank's columns of it when the input is
+        split (row-parallel)."""
         if not self.training or self.p == 0.0:
             return x
         local = x.shape[-1]
-        keep = x.new_empty(*x.shape[:-1], self.in_full).bernoulli_(1.0 - self.p)
+        if sequence_first:  # sequence parallelism: [s, b, h], the whole sequence here (see forward)
+            keep = x.new_empty(x.shape[1], x.shape[0], self.in_full).bernoulli_(1.0 - self.p).transpose(0, 1)
+        else:
+            keep = x.new_empty(*x.shape[:-1], self.in_full).bernoulli_(1.0 - self.p)
         if self.row:
             keep = keep[..., self.tp_rank * local:(self.tp_rank + 1) * local]
         return x * keep * (1.0 / (1.0 - self.p))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.dropped(x), self.A.to(x.dtype))
-        if self.row:
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """Under sequence parallelism ([s, b, h] activations) a column-parallel base gathers its input's positions
+        and a row-parallel one reduce-scatters its output over them; the adapter does the same with its own (its
+        input gathered as the base gathers it; r numbers per token reduce-scattered)."""
+        if sequence_parallel and not self.row:  # backward: this rank's positions of the (complete) input gradient
+            x = tp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        h = F.linear(self.dropped(x, sequence_parallel), self.A.to(x.dtype))
+        if self.row and sequence_parallel:
+            h = tp.reduce_scatter_to_sequence_parallel_region(h)  # this rank's positions of the sum A x
+        elif self.row:
             h = tp.reduce_from_tensor_model_parallel_region(h)  # sum of the ranks' partial A x
         else:
             h = tp.copy_to_tensor_model_parallel_region(h)  # backward: sum of the ranks' partial dL/dh
@@ -124,7 +140,7 @@ def _add_adapter(module: nn.Module, args, output):
     adapter = getattr(module, ADAPTER_NAME)
     if not adapter.enabled:
         return output
-    return out + adapter(args[0]).to(out.dtype), bias
+    return out + adapter(args[0], bool(getattr(module, "sequence_parallel", False))).to(out.dtype), bias
 
 
 def add_lora(model: nn.Module, spec: LoraSpec) -> list[nn.Module]:

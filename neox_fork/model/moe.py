@@ -16,12 +16,13 @@ megatron-core's CUDA-only calls are in neox_fork/parallel/groups.py, with the de
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
-from megatron.core import ModelParallelConfig
+from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core import tensor_parallel as tp
-from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -47,7 +48,11 @@ def transformer_config(s: ModelShape, mp: ModelParallelConfig, init, output_init
         bias_activation_fusion=False, init_method=init, output_layer_init_method=output_init,
         use_cpu_initialization=True, perform_initialization=mp.perform_initialization,
         params_dtype=mp.params_dtype, bf16=mp.bf16, fp16=mp.fp16,
-        tensor_model_parallel_size=1, sequence_parallel=False,
+        # TP > 1: experts split over the TP group as the dense MLP is (megatron-core's default expert tensor
+        # parallel size), and MoEMLP hands each TP rank its slice of the tokens (megatron-core's sequence parallel)
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        sequence_parallel=parallel_state.get_tensor_model_parallel_world_size() > 1,
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),  # the groups' (1 alone)
         num_moe_experts=m.num_experts, moe_router_topk=m.top_k,
         moe_router_load_balancing_type=("aux_loss" if m.aux_loss_coeff else "none") if topk else "sinkhorn",
         moe_aux_loss_coeff=m.aux_loss_coeff, moe_router_pre_softmax=not m.normalize_weights,
@@ -96,6 +101,86 @@ class Router(TopKRouter):
         return scores * routing_map, routing_map
 
 
+class Experts(SequentialMLP):
+    """megatron-core's SequentialMLP holding this expert-parallel rank's experts, whose initial weights are those
+    of the same experts in a one-process model: each rank draws every expert's weights in order (the same
+    generator state as one process) and keeps its own, so EP changes where experts live, not what they are."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        ep, rank = pg_collection.ep.size(), pg_collection.ep.rank()
+
+        def draw(n):
+            for _ in range(n):
+                MLP(config, submodules, ffn_hidden_size=config.moe_ffn_hidden_size, is_expert=True,
+                    tp_group=pg_collection.expt_tp)
+
+        draw(rank * num_local_experts)
+        super().__init__(num_local_experts, config, submodules, pg_collection)
+        draw((ep - rank - 1) * num_local_experts)
+
+
+_EXPERT = re.compile(r"(.*\.mlp\.moe\.experts\.local_experts\.)(\d+)(\..*)")
+
+
+def global_expert_names(state: dict, ep_rank: int, local_experts: int) -> dict:
+    """A rank's state with its local expert indices made global (rank x local experts + index); the rest as is."""
+    out = {}
+    for name, tensor in state.items():
+        m = _EXPERT.fullmatch(name)
+        out[f"{m[1]}{ep_rank * local_experts + int(m[2])}{m[3]}" if m else name] = tensor
+    return out
+
+
+def local_expert_names(state: dict, ep_rank: int, local_experts: int) -> dict:
+    """The inverse of global_expert_names: this rank's experts under local indices, other ranks' experts left out."""
+    out = {}
+    for name, tensor in state.items():
+        m = _EXPERT.fullmatch(name)
+        if m is None:
+            out[name] = tensor
+        elif ep_rank * local_experts <= int(m[2]) < (ep_rank + 1) * local_experts:
+            out[f"{m[1]}{int(m[2]) - ep_rank * local_experts}{m[3]}"] = tensor
+    return out
+
+
+def gather_experts(state: dict, group, local_experts: int) -> dict:
+    """Every expert of every EP rank in `group` (a collective over it) under global names: what a one-process
+    model's state holds. The dense tensors are this rank's (equal on every EP rank)."""
+    import torch.distributed as dist
+
+    ep = dist.get_world_size(group=group)
+    out = {}
+    for name, tensor in state.items():
+        m = _EXPERT.fullmatch(name)
+        if m is None:
+            out[name] = tensor
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(ep)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        for r, part in enumerate(parts):
+            out[f"{m[1]}{r * local_experts + int(m[2])}{m[3]}"] = part
+    return out
+
+
+def expert_parallel_states(state: dict, num_experts: int) -> tuple[dict, dict]:
+    """(every expert, this rank's own experts), both under global names, of this rank's model `state`: what a
+    checkpoint's layer files and EP rank 0's mp_rank file hold, and what the other EP ranks' files hold.
+    A collective over the expert-parallel group; without expert parallelism both are `state`."""
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    if ep == 1:
+        return state, state
+    local = num_experts // ep
+    full = gather_experts(state, parallel_state.get_expert_model_parallel_group(), local)
+    return full, global_expert_names(state, parallel_state.get_expert_model_parallel_rank(), local)
+
+
+def own_experts(state: dict, num_experts: int) -> dict:
+    """A saved state (global expert names) as this rank's model names it: its own experts only."""
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return state if ep == 1 else local_expert_names(state, parallel_state.get_expert_model_parallel_rank(),
+                                                    num_experts // ep)
+
+
 class MoEMLP(nn.Module):
     """An MoE layer in the MLP's place: [b, s, h] -> [b, s, h]. After each forward it holds `tokens_per_expert`
     (this rank's tokens routed to each expert) and `load_balancing_loss` (unscaled; None without one); an
@@ -105,7 +190,7 @@ class MoEMLP(nn.Module):
                  activation: Callable):
         super().__init__()
         config = transformer_config(s, mp, init, output_init, activation)
-        experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
+        experts = ModuleSpec(module=Experts, submodules=MLPSubmodules(
             linear_fc1=tp.ColumnParallelLinear, linear_fc2=tp.RowParallelLinear))
         self.moe = MoELayer(config, MoESubmodules(router=Router, experts=experts), layer_number=layer_number)
         self.moe.set_layer_number(layer_number + 1)  # megatron-core counts layers from 1
@@ -123,10 +208,28 @@ class MoEMLP(nn.Module):
         # (a recompute repeats the same value; another model in the process may have left other layer counts)
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         tracker.pop(LBL, None)
-        out, _ = self.moe(x)  # token order does not matter to routing: [b, s, h] is taken as is
+        group = parallel_state.get_tensor_model_parallel_group()
+        if self.training and group.size() > 1:
+            out = self._tokens_split_over(group, x)
+        else:  # token order does not matter to routing: [b, s, h] is taken as is (TP > 1 in evaluation: every
+            out, _ = self.moe(x)  # TP rank routes all tokens, the same; the experts' outputs are still summed once)
         tracked = tracker.pop(LBL, None)
         self.load_balancing_loss = tracked["values"][self.layer_index].clone() if tracked is not None else None
         return out
+
+    def _tokens_split_over(self, group, x: torch.Tensor) -> torch.Tensor:
+        """Training at TP > 1: each TP rank routes its 1/TP of the (replicated) tokens, as megatron-core's MoE
+        expects under sequence parallelism; every rank gets all outputs back. Backward: the split's gradient is
+        gathered, the gather's is split (not summed: each rank's copy of the output feeds the same loss). The
+        router sees a slice, so its gradient is summed over the TP group (`sequence_parallel`; megatron-core's
+        mark) and the load-balancing loss is each rank's part of the whole (megatron-core's reduce over TP)."""
+        if x.numel() // x.shape[-1] % group.size():
+            raise ValueError(f"MoE at tensor parallel {group.size()} splits the {x.numel() // x.shape[-1]} tokens "
+                             "of a micro-batch over its ranks: use a micro-batch x seq_length divisible by it")
+        tokens = tp.scatter_to_sequence_parallel_region(x.reshape(-1, 1, x.shape[-1]), group=group)
+        out, _ = self.moe(tokens)
+        return tp.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False,
+                                                       group=group).reshape(x.shape)
 
 
 def set_aux_loss_scale(scale: float) -> None:
@@ -144,6 +247,7 @@ def add_step_metrics(metrics: dict, model: nn.Module, micro_batches: int) -> Non
     moe_lbl: the load-balancing loss (unscaled) summed over MoE layers, as the loss adds it, averaged over
     micro-batches; moe_tokens/layer{i}/expert{e}: tokens routed to that expert in this step on this rank."""
     layers = moe_layers(model)
+    _sum_over_tensor_parallel(layers)
     losses = [m.load_balancing_loss for m in layers if m.load_balancing_loss is not None]
     if losses:
         metrics["moe_lbl"] = metrics.get("moe_lbl", 0.0) + float(sum(losses)) / micro_batches
@@ -154,3 +258,24 @@ def add_step_metrics(metrics: dict, model: nn.Module, micro_batches: int) -> Non
             key = f"moe_tokens/layer{m.layer_index}/expert{e}"
             metrics[key] = metrics.get(key, 0.0) + float(count)
         m.tokens_per_expert = m.load_balancing_loss = None
+
+
+def _sum_over_tensor_parallel(layers: list[MoEMLP]) -> None:
+    """Training at TP > 1 routes 1/TP of the tokens on each TP rank: each layer's counts and load-balancing loss
+    part become the micro-batch's (one all-reduce over the TP group)."""
+    import torch.distributed as dist
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if group.size() == 1 or not layers or layers[0].tokens_per_expert is None:
+        return
+    parts = [t.float().reshape(-1) for m in layers for t in (m.tokens_per_expert, m.load_balancing_loss)
+             if t is not None]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat, group=group)
+    for m in layers:
+        for attr in ("tokens_per_expert", "load_balancing_loss"):
+            t = getattr(m, attr)
+            if t is not None:
+                n = t.numel()
+                setattr(m, attr, flat[:n].reshape(t.shape))
+                flat = flat[n:]

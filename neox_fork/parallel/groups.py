@@ -46,11 +46,14 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 10) -> N
 
 
 def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeout_minutes: int = 10,
-               pipeline_parallel_size: int = 1, context_parallel_size: int = 1) -> None:
-    """Process group plus TP/CP/DP (and pipeline) groups; idempotent for the same sizes. Ranks are ordered
+               pipeline_parallel_size: int = 1, context_parallel_size: int = 1, expert_parallel_size: int = 1) -> None:
+    """Process group plus TP/CP/DP (and pipeline, expert) groups; idempotent for the same sizes. Ranks are ordered
     tensor fastest, then context, then data, then pipeline stage: DeepSpeed's PipeModelDataParallelTopology
     orders TP, DP and pipeline the same way, so its pipeline groups and megatron-core's TP/DP groups hold the
-    same ranks (pipelines and context parallelism are not combined: config/rules.py)."""
+    same ranks (pipelines and context parallelism are not combined: config/rules.py). Expert parallelism
+    (megatron-core's groups, expert_tensor_parallel_size = TP): the EP group is `expert_parallel_size`
+    neighbouring data-parallel ranks (same TP rank), the expert-data-parallel group the ranks holding the same
+    experts (experts and context parallelism are not combined either)."""
     init_distributed(backend, timeout_minutes)
     world = dist.get_world_size()
     pipeline_parallel_size = max(pipeline_parallel_size, 1)
@@ -60,13 +63,15 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size
                 and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel_size
-                and parallel_state.get_context_parallel_world_size() == context_parallel_size):
+                and parallel_state.get_context_parallel_world_size() == context_parallel_size
+                and parallel_state.get_expert_model_parallel_world_size() == expert_parallel_size):
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
         context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=False,
     )
@@ -157,6 +162,45 @@ def sum_sequence_parallel_grads(model: torch.nn.Module) -> int:
     return hooked
 
 
+def reduce_expert_parallel_grads(model: torch.nn.Module) -> int:
+    """Expert parallelism (EP > 1) as megatron-core reduces it, inside a DeepSpeed engine that knows nothing of it.
+
+    DeepSpeed's data-parallel group is then the expert-data-parallel group (`MPU`): the ranks holding the same
+    experts, so ZeRO shards and all-reduces only tensors that are equal across it. The rest of the data-parallel
+    reduction is done here, by a hook on each parameter as autograd produces its gradient (before accumulation,
+    like sum_sequence_parallel_grads; sums are linear): a dense parameter's gradient is averaged over the EP group
+    (DeepSpeed's average over the expert-data-parallel group completes the mean over all data-parallel ranks);
+    an expert's gradient already sums the tokens every EP rank sent it (the dispatcher's backward), so it is
+    divided by EP. megatron-core marks expert parameters `allreduce = False`, which DeepSpeed would take for its
+    own MoE's parameters (needing its own groups): the mark becomes `expert_parallel = True`. DeepSpeed's
+    gradient norm adds squares over its model-parallel group (`MPU`: tensor x expert ranks), so dense
+    parameters of EP ranks > 0 are marked `ds_pipe_replicated` (counted on EP rank 0 only, as DeepSpeed counts
+    a tied pipeline weight once). Returns how many parameters were hooked."""
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    if ep == 1:
+        return 0
+    group = parallel_state.get_expert_model_parallel_group()
+    first = parallel_state.get_expert_model_parallel_rank() == 0
+
+    def mean_over_ep(grad):
+        grad = grad / ep
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    hooked = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "allreduce", True) is False or getattr(p, "expert_parallel", False):
+            p.allreduce, p.expert_parallel = True, True
+            p.register_hook(lambda grad: grad / ep)
+        else:
+            p.register_hook(mean_over_ep)
+            p.ds_pipe_replicated = not first
+        hooked += 1
+    return hooked
+
+
 def destroy() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -229,6 +273,14 @@ def data_and_context_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
+def ep_rank() -> int:
+    return parallel_state.get_expert_model_parallel_rank()
+
+
+def ep_size() -> int:
+    return parallel_state.get_expert_model_parallel_world_size()
+
+
 def pp_rank() -> int:
     return parallel_state.get_pipeline_model_parallel_rank()
 
@@ -246,6 +298,11 @@ def reads_data() -> bool:
 class MPU:
     """The methods DeepSpeed calls on `mpu=`; without them it would treat TP ranks as DP copies. Its universal
     checkpoint loader asks for the tensor-parallel ones by their newer names.
+
+    With expert parallelism (EP > 1) DeepSpeed's data-parallel group is megatron-core's expert-data-parallel one
+    (ranks with the same experts: ZeRO shards over it) and its model-parallel group the tensor x expert ranks
+    (megatron-core's expert-tensor-and-model-parallel group: each writes its own mp_rank file, and the gradient
+    norm adds them up); reduce_expert_parallel_grads does the rest of the data-parallel reduction.
 
     Context parallelism is DeepSpeed's "sequence parallelism" (Ulysses): DeepSpeed reads the sequence group
     (its size decides its gradient divisor) and the sequence x data group, over which ZeRO partitions the
@@ -269,43 +326,59 @@ class MPU:
 
     @staticmethod
     def get_sequence_data_parallel_group():
-        return data_and_context_group()
+        # DeepSpeed's ZeRO partitions and reduces over this group whenever `mpu` has it: at CP 1 it must be the
+        # data-parallel group above (the expert-data-parallel one under expert parallelism)
+        if parallel_state.get_context_parallel_world_size() > 1:
+            return data_and_context_group()
+        return MPU.get_data_parallel_group()
 
     @staticmethod
     def get_sequence_data_parallel_world_size():
-        return dist.get_world_size(group=data_and_context_group())
+        return dist.get_world_size(group=MPU.get_sequence_data_parallel_group())
 
     @staticmethod
     def get_sequence_data_parallel_rank():
-        return dist.get_rank(group=data_and_context_group())
+        return dist.get_rank(group=MPU.get_sequence_data_parallel_group())
 
     @staticmethod
     def get_model_parallel_group():
+        if parallel_state.get_expert_model_parallel_world_size() > 1:
+            return parallel_state.get_expert_tensor_and_model_parallel_group()
         return parallel_state.get_tensor_model_parallel_group()
 
     @staticmethod
     def get_model_parallel_rank():
-        return dist.get_rank(group=parallel_state.get_tensor_model_parallel_group())
+        return dist.get_rank(group=MPU.get_model_parallel_group())
 
     @staticmethod
     def get_model_parallel_world_size():
-        return dist.get_world_size(group=parallel_state.get_tensor_model_parallel_group())
+        return dist.get_world_size(group=MPU.get_model_parallel_group())
 
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    @staticmethod
+    def get_tensor_model_parallel_group():
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @staticmethod
+    def get_tensor_model_parallel_rank():
+        return dist.get_rank(group=parallel_state.get_tensor_model_parallel_group())
+
+    @staticmethod
+    def get_tensor_model_parallel_world_size():
+        return dist.get_world_size(group=parallel_state.get_tensor_model_parallel_group())
 
     @staticmethod
     def get_data_parallel_group():
+        if parallel_state.get_expert_model_parallel_world_size() > 1:
+            return parallel_state.get_expert_data_parallel_group()
         return parallel_state.get_data_parallel_group()
 
     @staticmethod
     def get_data_parallel_rank():
-        return dist.get_rank(group=parallel_state.get_data_parallel_group())
+        return dist.get_rank(group=MPU.get_data_parallel_group())
 
     @staticmethod
     def get_data_parallel_world_size():
-        return dist.get_world_size(group=parallel_state.get_data_parallel_group())
+        return dist.get_world_size(group=MPU.get_data_parallel_group())
 
 
 class RNGTracker:

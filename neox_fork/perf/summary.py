@@ -84,6 +84,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     if n != count_parameters(shape):
         raise AssertionError(f"meta build has {n} parameters, formula says {count_parameters(shape)}")
     tp, dp, cp = config.model_parallel_size, config.data_parallel_size(world), config.context_parallel_size
+    # expert parallelism: a rank holds 1/EP of the experts, and ZeRO shards over the expert-data-parallel ranks
+    ep = config.expert_model_parallel_size
+    experts = sum(v for k, v in numels.items() if ".mlp.moe.experts." in k)
     seq = config.seq_length
     fpt = flops.training_flops_per_token(model, seq, config.activation_recompute)
     model_fpt = fpt.model
@@ -91,8 +94,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     def memory_at(micro_batch: int, checkpoint_activations: bool, params: int = n, layers: int = config.num_layers,
                   in_flight: int = 1, seq_length: int = seq, context: int = cp) -> dict[str, float]:
         return flops.training_memory_bytes(
-            params + n_adapters, num_layers=layers * in_flight, hidden_size=config.hidden_size, seq_length=seq_length,
-            micro_batch=micro_batch, tp=tp, dp=dp, zero_stage=config.zero_stage, dtype=config.dtype_name,
+            params - experts + experts // ep + n_adapters, num_layers=layers * in_flight,
+            hidden_size=config.hidden_size, seq_length=seq_length,
+            micro_batch=micro_batch, tp=tp, dp=dp // ep, zero_stage=config.zero_stage, dtype=config.dtype_name,
             checkpoint_activations=checkpoint_activations, vocab_size=shape.vocab_size,
             sequence_parallel=shape.sequence_parallel and tp > 1,
             trainable_params=n_adapters if config.adapter else None, cp=context)
@@ -125,7 +129,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
         f"flops_per_token: {model_fpt}  ({model_fpt / 1e9:.2f} GFLOP = 6*N_non_embedding + 12*L*h*s + 6*V*h)",
         f"hardware_flops_per_token: {fpt.hardware}  (recompute: {fpt.recompute})",
         f"parallelism: world {world} = {pipe}tensor {tp}{context} x data {dp} ({how}); ZeRO stage {config.zero_stage}; "
-        f"{config.dtype_name}",
+        f"{config.dtype_name}" + (f"; experts over {ep} data-parallel ranks ({experts // ep} expert parameters a "
+                                  f"rank of {experts}; ZeRO over {dp // ep} expert-data-parallel ranks)"
+                                  if ep > 1 else ""),
         f"global_batch: {gbs} sequences = {gbs * seq} tokens per step",
         "memory_per_gpu_gib: " + "  ".join(f"{k} {v / gib:.2f}" for k, v in mem.items()),
         f"activations_per_rank_gib (layers, 16-bit): tensor-parallel only {act[False] / gib:.2f}  "

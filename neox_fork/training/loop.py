@@ -272,17 +272,18 @@ def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Param
     (train_logging). The objective's metrics (DPO's rewards...), averaged over the micro-batches, go into
     `metrics`. Returns (mean loss on this rank, why the update was skipped or None).
     tools/benchmark.py --path engine times exactly this."""
+    n = c.gradient_accumulation_steps
+    if c.moe_num_experts > 1:  # the pipeline's backward scales the loss by 1 / n as DeepSpeed's does
+        moe.set_aux_loss_scale(1.0 / n)
     if c.pipe_parallel_size > 1:  # the micro-batches run in DeepSpeed's pipeline schedule
         from neox_fork.training import pipeline as pipeline_stages
 
-        return pipeline_stages.train_step(engine, micro_batches, before_update)
-    n = c.gradient_accumulation_steps
+        moe_metrics = metrics if c.moe_num_experts > 1 else None
+        return pipeline_stages.train_step(engine, micro_batches, before_update, moe_metrics)
     objective = objective or Objective(c)
     losses, finite = [], []
     step_batches = [next(micro_batches) for _ in range(n)]
     denominator = _masked_denominator(step_batches)
-    if c.moe_num_experts > 1:
-        moe.set_aux_loss_scale(1.0 / n)
     for batch in step_batches:
         loss, ok, micro = _forward_backward(engine, batch, params, objective, denominator, fault)
         if metrics is not None:
@@ -340,7 +341,8 @@ def setup(c: NeoXConfig) -> Run:
     """Process groups, seed, tokenizer, data, model, engine, and the state resumed from `load`."""
     c = universal.resolve_load(c)  # before the engine: DeepSpeed takes load_universal when it is built
     parallel.initialize(c.model_parallel_size, c.distributed_backend, c.distributed_timeout_minutes,
-                        c.pipe_parallel_size, c.context_parallel_size)
+                        c.pipe_parallel_size, context_parallel_size=c.context_parallel_size,
+                        expert_parallel_size=c.expert_model_parallel_size)
     world = dist.get_world_size()
     placement_log.info("rank %d/%d on host %s: local rank %s, pid %d, tensor-parallel rank %d, context-parallel "
                        "rank %d, data-parallel rank %d", dist.get_rank(), world, socket.gethostname(),

@@ -324,6 +324,8 @@ def build_engine(c: NeoXConfig, model: torch.nn.Module, world: int):
     if parallel.sum_sequence_parallel_grads(model) and c.partition_activations and not c.sequence_parallel:
         log.info("partition_activations: true runs as sequence_parallel: true (checkpointed layer inputs are "
                  "split over the tensor-parallel group)")
+    if parallel.reduce_expert_parallel_grads(model):  # EP > 1: DeepSpeed's data parallelism is expert-data-parallel
+        world //= parallel.ep_size()  # its batch: micro x accumulation x expert-data-parallel ranks
     if torch.cuda.is_available():
         model = model.cuda()
     optimizer = build_optimizer(c, model)

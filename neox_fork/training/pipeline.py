@@ -16,8 +16,12 @@ stage's before every update, as DeepSpeed does for a TiedLayerSpec).
 Every rank draws the whole model's initial weights (the same seed as one process) and keeps its stage's part
 (model.NeoXModel with the other layers left out), so a run at any P starts from the weights of P = 1. The
 stage's NeoXModel keeps the global names (`layers.5.*`): checkpoints, fine-tuning and the converters see the
-same names at any P. `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
+same names at any P. LoRA adapters (model/adapters.py) are drawn whole the same way, so a stage's adapters are
+those of P = 1; each stage saves its own in the layer files (training/state.py), and every stage must hold some
+(check_optimizer_groups). `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
 TrainSchedule); the NaN guard, LR-0 skip and `before_update` hook run at the schedule's optimizer step.
+MoE layers (docs/moe.md): each one's load-balancing loss gets its gradient on the stage that holds it (megatron-core
+attaches it to the layer's output); its metrics are read after each forward pass and summed over the stages.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from neox_fork.model import moe
 from neox_fork.parallel import groups as parallel
 from neox_fork.parallel.groups import checkpoint
 from neox_fork.training.optim import deepspeed_skipped_update, skip_update, unchecked_nonfinite_grads
@@ -167,18 +172,21 @@ def check_optimizer_groups(model, names: list[str], parts: list[int]) -> None:
     n = model.shape.num_layers
     kinds: dict[int, set[bool]] = {}
     for name, p in model.named_parameters():
-        kinds.setdefault(_entry_of(name, n), set()).add(decays(name, p))
-    if model.shape.tie_word_embeddings:
+        if p.requires_grad:  # LoRA: the adapters (matrices, one group); the frozen base is in no group
+            kinds.setdefault(_entry_of(name, n), set()).add(decays(name, p))
+    if model.shape.tie_word_embeddings and kinds.get(0):
         kinds[n + 4] = {True}
+    needed = set().union(*kinds.values())
     for stage in range(len(parts) - 1):
         held = set().union(*(kinds.get(i, set()) for i in range(parts[stage], parts[stage + 1])))
-        if held != {True, False}:
+        if held != needed:
             what = ", ".join(names[parts[stage]:parts[stage + 1]])
+            lacks = ("LoRA adapters (they are on the transformer layers)" if needed == {True} else
+                     "norms or biases" if True in held else "weight matrices")
             raise UserError(f"pipe_parallel_size {len(parts) - 1}: stage {stage} would hold only {what}, without "
-                            f"{'norms or biases' if True in held else 'weight matrices'}; DeepSpeed's ZeRO cannot "
-                            "step a stage that lacks one of the two optimizer groups. Use fewer stages, more layers, "
-                            "or a pipe_partition_method that gives every stage a transformer layer or the final "
-                            "norm with the output layer")
+                            f"{lacks}; DeepSpeed's ZeRO cannot step a stage that lacks one of the optimizer groups. "
+                            "Use fewer stages, more layers, or a pipe_partition_method that gives every stage a "
+                            "transformer layer (e.g. type:transformer)")
 
 
 def _keep_stage(model, keep: range) -> None:
@@ -214,6 +222,9 @@ def build_pipeline(c, model):
     from neox_fork.checkpoint import universal
 
     info = universal.checkpoint_info(dict(model.named_parameters()), model.shape.vocab_size)
+    from neox_fork.model.adapters import adapter_sharding
+
+    sharding = adapter_sharding(model)  # LoRA: every adapter's TP split, for the checkpoint's lora_adapters.json
     _keep_stage(model, keep)
     n, seq = c.num_layers, c.seq_length
     entries = []
@@ -234,7 +245,7 @@ def build_pipeline(c, model):
             entries.append(ParallelLinearPipe(model, seq))
     topology = PipeModelDataParallelTopology(num_pp=stages, num_mp=parallel.tp_size(), num_dp=parallel.dp_size())
     pipe = NeoXPipe(entries, parts, model, topology)
-    pipe.universal_info = info
+    pipe.universal_info, pipe.adapter_sharding = info, sharding
     return pipe
 
 
@@ -344,6 +355,12 @@ def _engine_class():
 
         before_update = None
         skipped = None  # why this step's update was skipped
+        moe_metrics = None  # during train_batch of an MoE model: the step's MoE numbers of this stage's layers
+
+        def _exec_forward_pass(self, buffer_id):
+            super()._exec_forward_pass(buffer_id)
+            if self.moe_metrics is not None:  # each micro-batch's, read before the next forward replaces them
+                moe.add_step_metrics(self.moe_metrics, self.module.neox, self.micro_batches)
 
         def _exec_optimizer_step(self, lr_kwargs=None):
             params = [p for p in self.module.parameters() if p.requires_grad]
@@ -359,7 +376,8 @@ def _engine_class():
                 self.before_update()
             super()._exec_optimizer_step(lr_kwargs)
 
-        _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: _exec_optimizer_step}
+        _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: _exec_optimizer_step,
+                            schedule.ForwardPass: _exec_forward_pass}
 
     return NeoXPipelineEngine
 
@@ -397,15 +415,36 @@ def _pipe_batches(micro_batches):
         yield batch["tokens"], (batch["labels"], batch["loss_mask"])
 
 
-def train_step(engine, micro_batches, before_update=None) -> tuple[float, str | None]:
+def train_step(engine, micro_batches, before_update=None, moe_metrics: dict | None = None) -> tuple[float, str | None]:
     """One optimizer step of the pipeline over `gradient_accumulation_steps` micro-batches (the first and
     last stages read them from `micro_batches`). Returns (this data-parallel rank's mean loss, why the update
-    was skipped or None)."""
+    was skipped or None). An MoE model's step metrics (moe.add_step_metrics) go into `moe_metrics` when given,
+    those of every stage's layers on every rank (gather_moe_metrics)."""
     engine.module.nonfinite = False
     engine.before_update = before_update
-    engine.train_batch(_pipe_batches(micro_batches))
+    engine.moe_metrics = {} if moe_metrics is not None else None
+    try:
+        engine.train_batch(_pipe_batches(micro_batches))
+    finally:
+        stage_metrics, engine.moe_metrics = engine.moe_metrics, None
     by_deepspeed = deepspeed_skipped_update(engine, engine.device)  # every rank, every step: a collective
+    if moe_metrics is not None:
+        moe_metrics.update(gather_moe_metrics(engine.module.neox.shape, stage_metrics, engine.device))
     return float(engine.dp_group_loss), engine.skipped or by_deepspeed
+
+
+def gather_moe_metrics(shape, stage_metrics: dict, device) -> dict:
+    """The MoE metrics of the whole model on every rank of a pipeline group: each stage has those of its own MoE
+    layers (moe_lbl: its layers' part of the sum); one all-reduce (sum) over the stages, of the keys every stage
+    names alike (from the shape: each MoE layer's experts, moe_lbl when the router has a loss)."""
+    m = shape.moe
+    keys = [f"moe_tokens/layer{i}/expert{e}" for i in range(shape.num_layers) if m.is_moe_layer(i)
+            for e in range(m.num_experts)]
+    if m.router_type == "topk" and m.aux_loss_coeff:
+        keys.insert(0, "moe_lbl")
+    values = torch.tensor([float(stage_metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, group=parallel.parallel_state.get_pipeline_model_parallel_group())
+    return dict(zip(keys, values.tolist()))
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from neox_fork import errors
+from neox_fork.checkpoint import neox_layout
 from neox_fork.checkpoint import store as checkpoint
 from neox_fork.parallel import groups as parallel
 from neox_fork.checkpoint import universal
@@ -27,6 +28,7 @@ from neox_fork.checkpoint.async_writer import AsyncWriter
 from neox_fork.config.neox_config import NeoXConfig
 from neox_fork.data.tokenizer import TokenizerSource
 from neox_fork.errors import UserError
+from neox_fork.model import moe
 from neox_fork.model.adapters import adapter_sharding, is_adapter
 
 log = logging.getLogger("neox_fork")
@@ -213,8 +215,16 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
     model = _model_of(engine, c)
     if c.adapter:  # only the adapters (our names) and, in lora_adapters.json, the base they adapt
         module, layers = {k: v for k, v in checkpoint.model_state(model).items() if is_adapter(k)}, {}
+        if c.pipe_parallel_size > 1:  # each stage's in GPT-NeoX's per-layer files, as a pipelined run's weights;
+            # every entry of the layer list gets a file (empty without adapters): ds_to_universal maps stages by them
+            layers = {**{i: {} for i in range(c.num_layers + 5)}, **neox_layout.to_neox(module, c.num_layers)}
+            module = {}
     else:  # the weights as GPT-NeoX writes them for this pipe_parallel_size (DeepSpeed's `module` replaced)
-        module, layers = checkpoint.neox_weights(checkpoint.model_state(model), c, parallel.tp_size())
+        # expert-parallel: layer files (and EP rank 0's module) with every expert, the other EP ranks' own ones
+        full, own = moe.expert_parallel_states(checkpoint.model_state(model), c.moe_num_experts)
+        module, layers = checkpoint.neox_weights(full, c, parallel.tp_size())
+        if parallel.ep_rank() > 0:
+            module = checkpoint.neox_weights(own, c, parallel.tp_size())[0]
     # what DeepSpeed's ds_to_universal needs to merge each parameter's tensor-parallel slices
     info = getattr(engine.module, "universal_info", None) or universal.checkpoint_info(  # pipelined: whole model's
         dict(model.named_parameters()), model.shape.vocab_size)
@@ -240,7 +250,8 @@ def _write_step(engine, c: NeoXConfig, state: TrainState, ckpt_dir: Path, partia
         if state.reference is not None and not c.adapter:  # LoRA's reference is the base the folder names
             checkpoint.save_reference(partial, state.reference, c, parallel.tp_size(), parallel.tp_rank(), writer)
     if c.adapter and _rank0():  # the base the adapters are on, and how each adapter tensor splits over TP ranks
-        checkpoint.save_lora_info(partial, state.adapter_base, adapter_sharding(model))
+        sharding = getattr(engine.module, "adapter_sharding", None) or adapter_sharding(model)  # pipelined: all's
+        checkpoint.save_lora_info(partial, state.adapter_base, sharding)
     if not c.no_save_rng:
         save_rng(partial / checkpoint.RNG_FILE.format(dist.get_rank()), writer)
 
@@ -406,6 +417,11 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
         raise UserError(f"checkpoint {folder} was saved at pipe_parallel_size {saved_pp} but this run uses {pp}; "
                         "take its weights with finetune: true, or its full state through the universal checkpoint "
                         f"(`python tools/ckpts/to_universal.py --input-dir {c.load}`, then load_universal: true)")
+    saved_ep = checkpoint.ep_size_of(folder)
+    if saved_ep != parallel.ep_size():
+        raise UserError(f"checkpoint {folder} was saved at expert_model_parallel_size {saved_ep} but this run uses "
+                        f"{parallel.ep_size()}; resume at the saved layout, or take its weights with finetune: true "
+                        "(universal checkpoints of MoE models are not built)")
     # ZeRO partitions over data x context parallel ranks (DeepSpeed's sequence x data group): its shard count
     shards = parallel.dp_size() * parallel.cp_size()
     if saved_tp != parallel.tp_size() or saved_dp not in (None, shards):
@@ -416,7 +432,7 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     SafeLoads.install(engine, c.trust_checkpoint)
 
     def load_weights(src, dst):  # DeepSpeed's `module` (sequential or our names), else the layer files
-        path = folder / checkpoint.MODEL_FILE.format(parallel.tp_rank())
+        path = folder / checkpoint.MODEL_FILE.format(parallel.MPU.get_model_parallel_rank())
         mine = checkpoint.weights_of_module(src, path) if src and not lora else None  # LoRA: base + adapters
         copy_weights(dst, mine, folder, c.trust_checkpoint)
 
@@ -457,7 +473,22 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     schedule; iteration and data position come from the copied model states, each rank's RNG state from the
     saved rank universal.rng_source names."""
     folder = checkpoint.universal_dir(c.load, checkpoint.read_latest_universal(c.load))
-    universal.check_folder(folder, dict(model.named_parameters()), parallel.tp_size(), c.trust_checkpoint)
+    lora = checkpoint.lora_info(folder) is not None
+    if lora and not c.adapter:
+        raise UserError(f"load_universal: {folder} is a LoRA run's universal checkpoint (adapters on a base): resume "
+                        "it with its config's adapter keys")
+    if c.adapter and not lora:
+        raise UserError(f"load_universal: {folder} holds no LoRA adapters; start a LoRA run from a base checkpoint "
+                        "with finetune: true")
+    params = dict(model.named_parameters())
+    universal.check_folder(folder, params, parallel.tp_size(), c.trust_checkpoint,
+                           trainable={n for n, p in params.items() if p.requires_grad})
+    if lora:  # zero/ holds the adapters and their Adam states; the frozen base comes from the folder it names
+        state.adapter_base = checkpoint.lora_base_of(folder)
+        base = checkpoint.load_rank_shard(state.adapter_base, parallel.tp_size(), parallel.tp_rank(),
+                                          c.trust_checkpoint)
+        adapters = {k: v for k, v in checkpoint.model_state(model).items() if is_adapter(k)}  # DeepSpeed's, below
+        copy_weights(model, {**base, **adapters}, state.adapter_base, c.trust_checkpoint)
     SafeLoads.install(engine, c.trust_checkpoint)
     with universal.safe_unpickling(c.trust_checkpoint):
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
@@ -490,6 +521,8 @@ def copy_weights(model, mine: dict | None, folder: Path, trust: bool = False, fr
     """Copy `mine` (default: this rank's weights read from `folder`) into the model, checking every shape."""
     if mine is None:
         mine = checkpoint.load_rank_shard(folder, parallel.tp_size(), parallel.tp_rank(), trust)
+    if getattr(model, "shape", None) is not None and model.shape.moe is not None:  # expert-parallel: own experts
+        mine = moe.own_experts(mine, model.shape.moe.num_experts)
     own = checkpoint.model_state(model)
     if fresh_reward_head and "rm_linear.weight" in own and "rm_linear.weight" not in mine:
         log.info("reward model from %s, a language model: rm_linear starts from its initialisation", folder)

@@ -1,0 +1,138 @@
+"""An MoE model (2 layers, both MoE: 4 experts, top 2, load-balancing loss 0.1) trains at pipe_parallel_size 2
+(one MoE layer a stage) like one process; its checkpoint resumes exactly at pipe 2, and through DeepSpeed's
+universal checkpoint at data parallel 2 (ZeRO-1 cutting the experts anew) like the uninterrupted run.
+
+Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_equivalence's Adam with eps 1e-5):
+
+    one   1 process, micro-batch 2 x 2 accumulated, steps 1-4: the reference
+    pp2   pipe 2, micro-batch 2 x 2 in flight, full activation recompute, steps 1-4, saving step 2 too
+    same  pp2's step 2 -> the same, steps 3-4                    (exact resume: equal to pp2 bit for bit)
+    dp2   pp2's step 2 -> universal -> data parallel 2, micro-batch 2, steps 3-4   (like `one`)
+
+Each micro-batch has its own load-balancing loss in every run (the same 2 samples: data parallelism deals a global
+batch out in order, as the accumulating process takes it), scaled by 1 / accumulation steps (1 / 2 in `one` and
+pp2, 1 in dp2 whose two ranks' gradients are averaged). What moves: the loss (lm_loss, from the last stage), the
+balancing loss summed over both stages' layers (moe_lbl) and the tokens per expert of each layer, gathered from
+both stages to the logging rank. Bounds are test_parallel_equivalence's (same operations, sums in another order):
+losses and moe_lbl within 1e-5 relative; weights within 1e-3 of a step's lr per step. Tokens per expert are
+counts of routing choices: equal (they were here; a choice flips only where a token's k-th and (k+1)-th expert
+scores lie within the rounding that separates the runs' weights).
+
+Broken on purpose (once each): the pipeline path without set_aux_loss_scale (the balancing loss's gradient scaled
+1 instead of 1/2) moves pp2's step-2 loss by 1.0e-4 relative (1e-5 allowed) and weights by up to 1e-2 (1.2e-5
+allowed); gathering the metrics without the all-reduce over the stages leaves the logging rank stage 0's half of
+moe_lbl (1.0016 against 2.0027 at step 1) and no tokens for layer 1.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_training, write_train_config
+from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import universal
+from test_parallel_equivalence import LOSS_RTOL, LR, OPTIMIZER
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+STEPS, STOP = 4, 2
+MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_coeff=0.1, hidden_dropout=0.0,
+           train_iters=STEPS, optimizer=OPTIMIZER, make_vocab_size_divisible_by=256,
+           train_micro_batch_size_per_gpu=2)
+# activation recompute as well: the MoE layers run twice per micro-batch, the metrics and balancing loss count once
+PP2 = dict(pipe_parallel_size=2, gradient_accumulation_steps=2, checkpoint_activations=True)
+TOKEN_KEYS = [f"moe_tokens/layer{i}/expert{e}" for i in (0, 1) for e in range(4)]
+WEIGHT_TOL = 1e-3 * LR * STEPS
+
+
+def _train(folder, corpus, nproc, **keys):
+    folder.mkdir()
+    run_training(write_train_config(folder, corpus, **keys, **MOE), nproc=nproc)
+    return folder / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, small_corpus):
+    return _train(tmp_path_factory.mktemp("moe_one") / "one", small_corpus, 1, gradient_accumulation_steps=2)
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory, small_corpus):
+    return _train(tmp_path_factory.mktemp("moe_pp2") / "pp2", small_corpus, 2, extra_save_iters=[STOP], **PP2)
+
+
+def _resume(tmp_path, corpus, source, nproc, universal_first=False, **keys):
+    """`source`'s step STOP, alone in a new folder (converted first if asked), continued to STEPS with `keys`."""
+    ckpt = tmp_path / "run" / "ckpt"
+    shutil.copytree(checkpoint.step_dir(source, STOP), checkpoint.step_dir(ckpt, STOP))
+    checkpoint.write_atomic(ckpt / checkpoint.LATEST_FILE, checkpoint.step_name(STOP))
+    if universal_first:
+        universal.convert(ckpt, workers=1)
+    run_training(write_train_config(tmp_path / "run", corpus, load=str(ckpt), load_universal=universal_first,
+                                    **keys, **MOE), nproc=nproc)
+    return ckpt
+
+
+def _rows(ckpt, keys, steps):
+    out = {}
+    for key in keys:
+        got = read_metrics(ckpt, key)
+        assert sorted(got) == steps, (key, sorted(got))
+        out[key] = got
+    return out
+
+
+def test_pp2_trains_like_one_process_with_the_balancing_loss_and_expert_load_of_both_stages(one, pp2):
+    steps = list(range(1, STEPS + 1))
+    got = _rows(pp2, ["lm_loss", "moe_lbl", *TOKEN_KEYS], steps)
+    want = _rows(one, ["lm_loss", "moe_lbl", *TOKEN_KEYS], steps)
+    for it in steps:
+        for key in ("lm_loss", "moe_lbl"):
+            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
+        assert [got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+        for layer in (0, 1):  # dropless: 2 micro-batches x 2 x 64 tokens x top 2 per layer
+            assert sum(got[f"moe_tokens/layer{layer}/expert{e}"][it] for e in range(4)) == 2 * 2 * 64 * 2
+    # each stage holds one MoE layer (the partition of test_pipeline_parallel_trains_like_one_process)
+    folder = checkpoint.resolve(pp2)
+    assert sorted(p.name for p in folder.glob("layer_0[23]-*")) == ["layer_02-model_00-model_states.pt",
+                                                                    "layer_03-model_00-model_states.pt"]
+    wa, _, _ = checkpoint.load_merged(pp2)
+    wb, _, _ = checkpoint.load_merged(one)
+    assert wa.keys() == wb.keys() and any(".mlp.moe.experts.local_experts.3." in n for n in wa)
+    assert any(n.endswith(".mlp.moe.router.weight") for n in wa)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+
+
+def test_pp2_resumes_exactly_at_pp2(tmp_path, small_corpus, pp2):
+    same = _resume(tmp_path, small_corpus, pp2, 2, **PP2)
+    keys = ["lm_loss", "moe_lbl", *TOKEN_KEYS]
+    got, want = _rows(same, keys, [3, 4]), _rows(pp2, keys, list(range(1, STEPS + 1)))
+    for key in keys:
+        for it in (3, 4):
+            assert got[key][it] == want[key][it], (key, it)
+    wa, _, _ = checkpoint.load_merged(same)
+    wb, _, _ = checkpoint.load_merged(pp2)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
+
+
+def test_pp2_resumes_at_dp2_through_the_universal_checkpoint_like_one_process(tmp_path, small_corpus, one, pp2):
+    """The converted experts and router (fp32 masters and Adam moments under their own names) come back at another
+    layout: steps 3-4 at data parallel 2 are the reference's."""
+    dp2 = _resume(tmp_path, small_corpus, pp2, 2, universal_first=True)
+    zero = checkpoint.universal_dir(dp2, STOP) / "zero"
+    assert (zero / "layers.1.mlp.moe.experts.local_experts.3.linear_fc2.weight" / "exp_avg.pt").is_file()
+    assert (zero / "layers.0.mlp.moe.router.weight" / "fp32.pt").is_file()
+    keys = ["lm_loss", "moe_lbl", *TOKEN_KEYS]
+    got, want = _rows(dp2, keys, [3, 4]), _rows(one, keys, list(range(1, STEPS + 1)))
+    for it in (3, 4):
+        for key in ("lm_loss", "moe_lbl"):
+            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
+        # tokens per expert: each data-parallel rank's count of its micro-batch, averaged over the 2 ranks
+        assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    wa, _, _ = checkpoint.load_merged(dp2)
+    wb, _, _ = checkpoint.load_merged(one)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
