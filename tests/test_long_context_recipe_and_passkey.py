@@ -81,9 +81,8 @@ def test_the_stablelm_overlay_names_the_recipe():
 
     overlay = yaml.safe_load((REPO / "configs" / "stablelm-3b-4e1t-16k.yml").read_text())
     assert overlay["context_parallel_size"] == 4
-    # context parallelism is refused at config load on this branch: load the rest at CP 1
-    c = load_config(REPO / "configs" / "stablelm-3b-4e1t.yml", REPO / "configs" / "stablelm-3b-4e1t-16k.yml",
-                    overrides={"context_parallel_size": 1})
+    c = load_config(REPO / "configs" / "stablelm-3b-4e1t.yml", REPO / "configs" / "stablelm-3b-4e1t-16k.yml")
+    assert c.context_parallel_size == 4
     assert (c.seq_length, c.max_position_embeddings) == (16384, 16384)
     assert c.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
     assert c.reset_attention_mask and c.reset_position_ids and c.finetune
@@ -116,7 +115,7 @@ def twin(small_corpus, tmp_path_factory):
     assert shipped["finetune"] is True and shipped["load"] == "checkpoints/tiny"
     (tmp / "twin.yml").write_text(yaml.safe_dump(extend))
     run = run_cli("train.py", REPO / "configs" / "tiny.yml", REPO / "configs" / "tiny-16k.yml", tmp / "twin.yml",
-                  env=env)
+                  env=env, nproc=2)  # the twin's context_parallel_size 2
     assert run.returncode == 0, run.stderr[-3000:]
     return tmp
 
