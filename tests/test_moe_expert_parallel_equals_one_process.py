@@ -21,6 +21,7 @@ import yaml
 
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import universal
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -58,7 +59,23 @@ def runs(tmp_path_factory, small_corpus):
     (resumed / "config.yml").write_text(yaml.safe_dump(keys))
     assert "at iteration 2" in run_training(resumed / "config.yml", nproc=2).stdout
     out["resumed"] = resumed / "ckpt"
+    # TP=2's step 2 through a universal checkpoint, continued by one process (the reference's layout)
+    out["tp2_universal_one"] = _universal_resume(tmp / "tp2_universal_one", small_corpus, out["tp2"], "one")
     return out
+
+
+def _universal_resume(folder, corpus, source, layout):
+    """`source`'s step 2 alone in `folder`, converted to a universal checkpoint, continued to step 4 at `layout`."""
+    nproc, ep, tp, accum = LAYOUTS[layout]
+    ckpt = folder / "ckpt"
+    shutil.copytree(checkpoint.step_dir(source, 2), checkpoint.step_dir(ckpt, 2))
+    checkpoint.write_atomic(ckpt / checkpoint.LATEST_FILE, checkpoint.step_name(2))
+    universal.convert(ckpt, workers=1)
+    config = write_train_config(folder, corpus, load=str(ckpt), load_universal=True, gradient_accumulation_steps=accum,
+                                expert_model_parallel_size=ep, model_parallel_size=tp,
+                                make_vocab_size_divisible_by=128 // tp, **MOE)
+    run_training(config, nproc=nproc)
+    return ckpt
 
 
 @pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2"])
@@ -112,3 +129,22 @@ def test_expert_parallel_resume_is_exact(runs):
     wr, _, _ = checkpoint.load_merged(runs["resumed"])
     for name in wa:
         assert (wa[name] == wr[name]).all(), name
+
+
+@pytest.mark.parametrize("resumed", ["tp2_universal_one"])
+def test_universal_checkpoint_resumes_at_another_layout_like_one_process(runs, resumed):
+    """Steps 3-4 after the conversion equal the uninterrupted one-process run within the bounds above (the experts'
+    TP slices merged by store._SHARDING's rows, their Adam moments with them)."""
+    want, got = rows(runs["one"]), rows(runs[resumed])
+    assert sorted(got) == [3, 4]
+    for it in (3, 4):
+        assert abs(want[it]["lm_loss"] - got[it]["lm_loss"]) <= 1e-5 * abs(want[it]["lm_loss"]), (it, got[it])
+        assert abs(want[it]["moe_lbl"] - got[it]["moe_lbl"]) <= 1e-5, (it, got[it])
+        assert abs(want[it]["grad_norm"] - got[it]["grad_norm"]) <= 1e-5 * want[it]["grad_norm"], (it, got[it])
+        for k in [k for k in want[it] if k.startswith("moe_tokens/")]:
+            assert abs(got[it][k] - want[it][k]) <= 1, (it, k)
+    wa, _, _ = checkpoint.load_merged(runs["one"])
+    wb, _, _ = checkpoint.load_merged(runs[resumed])
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= 3e-5, name

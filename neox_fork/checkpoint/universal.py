@@ -101,11 +101,11 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
 
     folder = checkpoint.resolve(path, step)
     saved = checkpoint.load_config_of(folder)
-    if saved.moe_num_experts > 1 and (saved.expert_model_parallel_size > 1 or saved.model_parallel_size > 1):
+    if saved.moe_num_experts > 1 and saved.expert_model_parallel_size > 1:
         raise UserError(f"checkpoint {folder} was saved at expert_model_parallel_size "
-                        f"{saved.expert_model_parallel_size} and model_parallel_size {saved.model_parallel_size}: "
-                        "universal checkpoints of MoE runs are built for experts whole on every rank (both 1), not "
-                        "yet for experts split over ranks (docs/moe.md); resume it at its own layout")
+                        f"{saved.expert_model_parallel_size}: universal checkpoints of MoE runs are built for experts "
+                        "whole on every expert-parallel rank (expert_model_parallel_size 1, any model_parallel_size), "
+                        "not yet for experts split over expert-parallel ranks (docs/moe.md); resume it at its own layout")
     n = checkpoint.folder_step(folder)
     tp = checkpoint.tp_size_of(folder)
     if checkpoint.lora_info(folder) is not None:
