@@ -31,6 +31,11 @@ MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_
 LAYOUTS = {"one": (1, 1, 1, 4), "ep2": (2, 2, 1, 2), "ep2dp4": (4, 2, 1, 1), "tp2": (2, 1, 2, 4),
            "ep2tp2": (4, 2, 2, 2)}
 
+# converted at step 2 and resumed: TP=2 -> one process (the experts' TP slices merged); EP=2 x DP=4 -> EP=2 (ZeRO
+# shards over the expert-data-parallel pairs merged, each EP rank reading its own experts by global index);
+# EP=2 x TP=2 -> one process (both)
+UNIVERSAL = {"tp2_to_one": ("tp2", "one"), "ep2dp4_to_ep2": ("ep2dp4", "ep2"), "ep2tp2_to_one": ("ep2tp2", "one")}
+
 
 def rows(folder):
     return {r["iteration"]: r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
@@ -59,8 +64,9 @@ def runs(tmp_path_factory, small_corpus):
     (resumed / "config.yml").write_text(yaml.safe_dump(keys))
     assert "at iteration 2" in run_training(resumed / "config.yml", nproc=2).stdout
     out["resumed"] = resumed / "ckpt"
-    # TP=2's step 2 through a universal checkpoint, continued by one process (the reference's layout)
-    out["tp2_universal_one"] = _universal_resume(tmp / "tp2_universal_one", small_corpus, out["tp2"], "one")
+    # step 2 through a universal checkpoint, continued at another layout: UNIVERSAL's (saved, resumed) pairs
+    for name, (saved, layout) in UNIVERSAL.items():
+        out[name] = _universal_resume(tmp / name, small_corpus, out[saved], layout)
     return out
 
 
@@ -131,18 +137,22 @@ def test_expert_parallel_resume_is_exact(runs):
         assert (wa[name] == wr[name]).all(), name
 
 
-@pytest.mark.parametrize("resumed", ["tp2_universal_one"])
+@pytest.mark.parametrize("resumed", list(UNIVERSAL))
 def test_universal_checkpoint_resumes_at_another_layout_like_one_process(runs, resumed):
-    """Steps 3-4 after the conversion equal the uninterrupted one-process run within the bounds above (the experts'
-    TP slices merged by store._SHARDING's rows, their Adam moments with them)."""
+    """Steps 3-4 after the conversion equal the uninterrupted one-process run within the bounds above: each
+    expert's fp32 weight and Adam moments come back whole, under its global index, at any TP and EP."""
     want, got = rows(runs["one"]), rows(runs[resumed])
+    dp = LAYOUTS[UNIVERSAL[resumed][1]][0] // LAYOUTS[UNIVERSAL[resumed][1]][2]
     assert sorted(got) == [3, 4]
     for it in (3, 4):
         assert abs(want[it]["lm_loss"] - got[it]["lm_loss"]) <= 1e-5 * abs(want[it]["lm_loss"]), (it, got[it])
         assert abs(want[it]["moe_lbl"] - got[it]["moe_lbl"]) <= 1e-5, (it, got[it])
         assert abs(want[it]["grad_norm"] - got[it]["grad_norm"]) <= 1e-5 * want[it]["grad_norm"], (it, got[it])
         for k in [k for k in want[it] if k.startswith("moe_tokens/")]:
-            assert abs(got[it][k] - want[it][k]) <= 1, (it, k)
+            assert abs(got[it][k] * dp - want[it][k]) <= 1, (it, k)
+    zero = checkpoint.universal_dir(runs[resumed], 2) / "zero"
+    assert sorted(p.name for p in zero.glob("layers.1.mlp.moe.experts.local_experts.*.linear_fc1.weight")) == [
+        f"layers.1.mlp.moe.experts.local_experts.{e}.linear_fc1.weight" for e in range(4)]
     wa, _, _ = checkpoint.load_merged(runs["one"])
     wb, _, _ = checkpoint.load_merged(runs[resumed])
     assert sorted(wa) == sorted(wb)
