@@ -19,6 +19,10 @@ checkpoint.sharding, the one table of how each parameter is split:
                                                               -> DeepSpeed's default, concatenated on dim 0
     word embedding and untied head (vocabulary rows)          -> vocabulary_parameter_patterns as well
 
+MoE experts split over TP as the dense MLP (the same table). Under expert parallelism each EP rank is converted
+alone and its experts renamed to their global index (_merge_expert_parallel_rank; docs/moe.md says why), so the
+folder is the one a one-process run gives; the loader (training/state.py) reads each EP rank's experts by that index.
+
 The vocabulary is kept at its padded size (`original_vocab_size` is the padded size): the head's padding
 rows take part in the softmax and are trained, so dropping them would change the loss. The resumed run
 must pad to the same size (checked, with the make_vocab_size_divisible_by that does).
