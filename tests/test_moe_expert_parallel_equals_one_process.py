@@ -3,7 +3,10 @@ EP=2 x DP=4 (4 ranks: expert-data-parallel 2, ZeRO-1 over it), TP=2 (each expert
 dense MLP, each TP rank routing half the tokens) and EP=2 x TP=2 (4 ranks) give the losses, load-balancing
 losses, gradient norms, tokens per expert, validation loss and weights of one process that accumulates the same
 4 micro-batches a step; a run stopped at step 2 and resumed at the same layout continues bit for bit; the saved
-weights hold every expert under its global index, so load_merged reads an EP checkpoint as a one-process one.
+weights hold every expert under its global index, so load_merged reads an EP checkpoint as a one-process one;
+step 2 of TP=2, EP=2 x DP=4 and EP=2 x TP=2 converted to universal checkpoints resumes at another layout (UNIVERSAL)
+like the uninterrupted one process. Loading at EP=2 without the global expert names (EP rank 1 reading experts 0-1)
+moves the step-3 loss by 1.7e-3.
 Broken on purpose: without the experts' gradient / EP the step-1 gradient norm is 0.8506 instead of 0.8435
 (Adam's first step hides it in the loss); with each rank initialising only its own experts the step-1 loss is
 6.4706 instead of 6.4751; at TP=2 without the router's gradient summed over TP the step-1 gradient norm is
