@@ -36,8 +36,6 @@ def test_upstream_defaults_are_dense_sinkhorn_top1():
      "expert_model_parallel_size 2 with zero_optimization stage 2 is not supported yet"),
     (dict(moe_num_experts=4, model_parallel_size=2, sequence_parallel=True),
      "sequence_parallel with moe_num_experts > 1 at model_parallel_size 2 is not supported yet"),
-    (dict(moe_num_experts=4, load_universal=True, expert_model_parallel_size=2),
-     "load_universal with expert_model_parallel_size 2 is not supported yet"),
     (dict(moe_num_experts=4, pipe_parallel_size=2, expert_model_parallel_size=2),
      "pipeline stages with MoE are built with experts whole"),
     (dict(moe_num_experts=4, pipe_parallel_size=2, model_parallel_size=2),

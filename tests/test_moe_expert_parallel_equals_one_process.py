@@ -3,7 +3,10 @@ EP=2 x DP=4 (4 ranks: expert-data-parallel 2, ZeRO-1 over it), TP=2 (each expert
 dense MLP, each TP rank routing half the tokens) and EP=2 x TP=2 (4 ranks) give the losses, load-balancing
 losses, gradient norms, tokens per expert, validation loss and weights of one process that accumulates the same
 4 micro-batches a step; a run stopped at step 2 and resumed at the same layout continues bit for bit; the saved
-weights hold every expert under its global index, so load_merged reads an EP checkpoint as a one-process one.
+weights hold every expert under its global index, so load_merged reads an EP checkpoint as a one-process one;
+step 2 of TP=2, EP=2 x DP=4 and EP=2 x TP=2 converted to universal checkpoints resumes at another layout (UNIVERSAL)
+like the uninterrupted one process. Loading at EP=2 without the global expert names (EP rank 1 reading experts 0-1)
+moves the step-3 loss by 1.7e-3.
 Broken on purpose: without the experts' gradient / EP the step-1 gradient norm is 0.8506 instead of 0.8435
 (Adam's first step hides it in the loss); with each rank initialising only its own experts the step-1 loss is
 6.4706 instead of 6.4751; at TP=2 without the router's gradient summed over TP the step-1 gradient norm is
@@ -21,6 +24,7 @@ import yaml
 
 from conftest import read_metrics, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
+from neox_fork.checkpoint import universal
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -29,6 +33,11 @@ MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_
 # ranks, EP, TP, accumulation: 4 micro-batches a step in each
 LAYOUTS = {"one": (1, 1, 1, 4), "ep2": (2, 2, 1, 2), "ep2dp4": (4, 2, 1, 1), "tp2": (2, 1, 2, 4),
            "ep2tp2": (4, 2, 2, 2)}
+
+# converted at step 2 and resumed: TP=2 -> one process (the experts' TP slices merged); EP=2 x DP=4 -> EP=2 (ZeRO
+# shards over the expert-data-parallel pairs merged, each EP rank reading its own experts by global index);
+# EP=2 x TP=2 -> one process (both)
+UNIVERSAL = {"tp2_to_one": ("tp2", "one"), "ep2dp4_to_ep2": ("ep2dp4", "ep2"), "ep2tp2_to_one": ("ep2tp2", "one")}
 
 
 def rows(folder):
@@ -58,7 +67,24 @@ def runs(tmp_path_factory, small_corpus):
     (resumed / "config.yml").write_text(yaml.safe_dump(keys))
     assert "at iteration 2" in run_training(resumed / "config.yml", nproc=2).stdout
     out["resumed"] = resumed / "ckpt"
+    # step 2 through a universal checkpoint, continued at another layout: UNIVERSAL's (saved, resumed) pairs
+    for name, (saved, layout) in UNIVERSAL.items():
+        out[name] = _universal_resume(tmp / name, small_corpus, out[saved], layout)
     return out
+
+
+def _universal_resume(folder, corpus, source, layout):
+    """`source`'s step 2 alone in `folder`, converted to a universal checkpoint, continued to step 4 at `layout`."""
+    nproc, ep, tp, accum = LAYOUTS[layout]
+    ckpt = folder / "ckpt"
+    shutil.copytree(checkpoint.step_dir(source, 2), checkpoint.step_dir(ckpt, 2))
+    checkpoint.write_atomic(ckpt / checkpoint.LATEST_FILE, checkpoint.step_name(2))
+    universal.convert(ckpt, workers=1)
+    config = write_train_config(folder, corpus, load=str(ckpt), load_universal=True, gradient_accumulation_steps=accum,
+                                expert_model_parallel_size=ep, model_parallel_size=tp,
+                                make_vocab_size_divisible_by=128 // tp, **MOE)
+    run_training(config, nproc=nproc)
+    return ckpt
 
 
 @pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2"])
@@ -112,3 +138,26 @@ def test_expert_parallel_resume_is_exact(runs):
     wr, _, _ = checkpoint.load_merged(runs["resumed"])
     for name in wa:
         assert (wa[name] == wr[name]).all(), name
+
+
+@pytest.mark.parametrize("resumed", list(UNIVERSAL))
+def test_universal_checkpoint_resumes_at_another_layout_like_one_process(runs, resumed):
+    """Steps 3-4 after the conversion equal the uninterrupted one-process run within the bounds above: each
+    expert's fp32 weight and Adam moments come back whole, under its global index, at any TP and EP."""
+    want, got = rows(runs["one"]), rows(runs[resumed])
+    dp = LAYOUTS[UNIVERSAL[resumed][1]][0] // LAYOUTS[UNIVERSAL[resumed][1]][2]
+    assert sorted(got) == [3, 4]
+    for it in (3, 4):
+        assert abs(want[it]["lm_loss"] - got[it]["lm_loss"]) <= 1e-5 * abs(want[it]["lm_loss"]), (it, got[it])
+        assert abs(want[it]["moe_lbl"] - got[it]["moe_lbl"]) <= 1e-5, (it, got[it])
+        assert abs(want[it]["grad_norm"] - got[it]["grad_norm"]) <= 1e-5 * want[it]["grad_norm"], (it, got[it])
+        for k in [k for k in want[it] if k.startswith("moe_tokens/")]:
+            assert abs(got[it][k] * dp - want[it][k]) <= 1, (it, k)
+    zero = checkpoint.universal_dir(runs[resumed], 2) / "zero"
+    assert sorted(p.name for p in zero.glob("layers.1.mlp.moe.experts.local_experts.*.linear_fc1.weight")) == [
+        f"layers.1.mlp.moe.experts.local_experts.{e}.linear_fc1.weight" for e in range(4)]
+    wa, _, _ = checkpoint.load_merged(runs["one"])
+    wb, _, _ = checkpoint.load_merged(runs[resumed])
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= 3e-5, name

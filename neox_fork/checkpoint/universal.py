@@ -19,6 +19,10 @@ checkpoint.sharding, the one table of how each parameter is split:
                                                               -> DeepSpeed's default, concatenated on dim 0
     word embedding and untied head (vocabulary rows)          -> vocabulary_parameter_patterns as well
 
+MoE experts split over TP as the dense MLP (the same table). Under expert parallelism each EP rank is converted
+alone and its experts renamed to their global index (_merge_expert_parallel_rank; docs/moe.md says why), so the
+folder is the one a one-process run gives; the loader (training/state.py) reads each EP rank's experts by that index.
+
 The vocabulary is kept at its padded size (`original_vocab_size` is the padded size): the head's padding
 rows take part in the softmax and are trained, so dropping them would change the loss. The resumed run
 must pad to the same size (checked, with the make_vocab_size_divisible_by that does).
@@ -101,31 +105,24 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     the `module` entries (GPT-NeoX's `sequential.*` names, which no parameter has: never read); it is
     written beside and renamed into place when complete, then `latest_universal` names it.
     """
-    from deepspeed.checkpoint import ds_to_universal
-
     folder = checkpoint.resolve(path, step)
-    saved = checkpoint.load_config_of(folder)
-    if saved.moe_num_experts > 1 and (saved.expert_model_parallel_size > 1 or saved.model_parallel_size > 1):
-        raise UserError(f"checkpoint {folder} was saved at expert_model_parallel_size "
-                        f"{saved.expert_model_parallel_size} and model_parallel_size {saved.model_parallel_size}: "
-                        "universal checkpoints of MoE runs are built for experts whole on every rank (both 1), not "
-                        "yet for experts split over ranks (docs/moe.md); resume it at its own layout")
     n = checkpoint.folder_step(folder)
     tp = checkpoint.tp_size_of(folder)
+    ep = checkpoint.ep_size_of(folder)
     if checkpoint.lora_info(folder) is not None:  # a LoRA run: its adapters convert; its base is named, not copied
         checkpoint.lora_base_of(folder)
     if checkpoint.dp_size_of(folder) is None:
         raise UserError(f"checkpoint {folder} has no ZeRO optimizer shards (saved with zero_optimization stage 0?); "
                         "Universal Checkpointing converts checkpoints of ZeRO stage 1 or 2")
-    # one model states file per (pipeline stage, TP rank); each names the parameters its stage holds
-    models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp * checkpoint.pp_size_of(folder))]
-    names: set[str] = set()
+    # one model states file per (pipeline stage or EP rank, TP rank); each names the parameters its rank holds
+    models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp * checkpoint.pp_size_of(folder) * ep)]
+    names: list[set[str]] = []  # per EP rank, as its model names them
     for path in models:
         states = checkpoint.read_file(path, trust, mmap=True)
         if not isinstance(states, dict) or INFO_KEY not in states:
             raise UserError(f"checkpoint file '{path}' carries no {INFO_KEY} (saved by an older neox_fork or by "
                             "gpt-neox); resume it at its own layout and save again to convert it")
-        names |= {name for group in states.get("param_shapes", []) for name in group}
+        names.append({name for group in states.get("param_shapes", []) for name in group})
     for f in sorted(folder.glob("*optim_states.pt")):
         checkpoint.read_file(f, trust, mmap=True)
     out = checkpoint.universal_dir(folder.parent, n)
@@ -134,28 +131,16 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     source = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()), f"a copy of {folder.name}"
     with errors.full_disk_is_one_line(out, cleanup=lambda: shutil.rmtree(work, ignore_errors=True), needed=source):
         tmp = work / out.name
-        # the converter walks every subfolder: it gets the step's own files only (links), not the frozen
-        # reference of DPO/KTO (reference/, model-states files of another model), copied over below
-        source_dir = work / "input"
-        source_dir.mkdir()
-        for f in folder.iterdir():
-            if f.name != "reference":
-                (source_dir / f.name).symlink_to(f.resolve())
-        args = argparse.Namespace(input_folder=str(source_dir), output_folder=str(tmp), num_extract_workers=workers,
-                                  num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False)
-        try:
-            with safe_unpickling(trust):
-                ds_to_universal.main(args)
-        except UserError:
-            raise
-        except Exception as err:  # noqa: BLE001 - DeepSpeed's asserts: one line naming the folder
-            if errors.disk_is_full(err, out):
-                raise  # the enclosing block says so in its own line
-            raise UserError(f"DeepSpeed's ds_to_universal failed on {folder}: {type(err).__name__}: {err}") from None
-        for entry in (tmp / "zero").iterdir():
-            if entry.is_dir() and entry.name not in names:
-                shutil.rmtree(entry)
+        if ep == 1:
+            _ds_to_universal(folder, work / "input", tmp, workers, trust)
+            _keep_parameters(tmp / "zero", set().union(*names), lambda name: name)
+        else:  # each EP rank's files alone, its experts renamed to their global indices (_merge_expert_parallel_rank)
+            local = checkpoint.load_config_of(folder).moe_num_experts // ep
+            for rank in range(ep):
+                part = work / f"ep{rank}"
+                _ds_to_universal(folder, work / f"input{rank}", part, workers, trust, ep_rank=rank, tp=tp)
+                _merge_expert_parallel_rank(part, tmp, rank, local, tp,
+                                            set().union(*names[rank * tp:(rank + 1) * tp]))
         for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE, folder / checkpoint.LORA_FILE]:
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)
@@ -169,6 +154,80 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     shutil.rmtree(work, ignore_errors=True)
     checkpoint.write_atomic(folder.parent / checkpoint.LATEST_UNIVERSAL_FILE, out.name)
     return out
+
+
+def _ds_to_universal(folder: Path, source_dir: Path, output: Path, workers: int, trust: bool,
+                     ep_rank: int | None = None, tp: int = 1) -> None:
+    """DeepSpeed's ds_to_universal on the step's own files (links), not the frozen reference of DPO/KTO (reference/,
+    model-states files of another model), copied over by convert. With `ep_rank`: that expert-parallel rank's files
+    only, numbered as one TP group's (mp_rank_{TP rank}), its ZeRO shards over its expert-data-parallel ranks."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    source_dir.mkdir()
+    for f in folder.iterdir():
+        if f.name == "reference":
+            continue
+        m = _RANK_FILE.fullmatch(f.name)
+        if ep_rank is None or m is None:
+            (source_dir / f.name).symlink_to(f.resolve())
+        elif ep_rank * tp <= int(m[2]) < (ep_rank + 1) * tp:
+            (source_dir / f"{m[1]}{int(m[2]) - ep_rank * tp:02d}{m[3]}").symlink_to(f.resolve())
+    args = argparse.Namespace(input_folder=str(source_dir), output_folder=str(output), num_extract_workers=workers,
+                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    try:
+        with safe_unpickling(trust):
+            ds_to_universal.main(args)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - DeepSpeed's asserts: one line naming the folder
+        if errors.disk_is_full(err, output):
+            raise  # the enclosing block says so in its own line
+        raise UserError(f"DeepSpeed's ds_to_universal failed on {folder}: {type(err).__name__}: {err}") from None
+
+
+_EXPERT_NAME = re.compile(r".*\.mlp\.moe\.experts\.local_experts\.\d+\..*")
+# a (TP x EP) rank's model states or ZeRO shard: mp_rank_XX is TP rank + TP x EP rank
+_RANK_FILE = re.compile(r"(.*mp_rank_)(\d+)(_(?:model|optim)_states\.pt)")
+
+
+def _keep_parameters(zero: Path, names: set[str], rename) -> None:
+    """Drops the converter's fp32 copies of `module` entries (GPT-NeoX's `sequential.*` names, no parameter's:
+    never read) and renames the parameters' folders by `rename`."""
+    for entry in list(zero.iterdir()):
+        if entry.is_dir() and entry.name not in names:
+            shutil.rmtree(entry)
+        elif entry.is_dir() and rename(entry.name) != entry.name:
+            entry.rename(zero / rename(entry.name))
+
+
+def _merge_expert_parallel_rank(part: Path, out: Path, ep_rank: int, local_experts: int, tp: int,
+                                names: set[str]) -> None:
+    """One EP rank's universal folder into `out`, the folder a one-process (EP = 1) run would give.
+
+    ds_to_universal merges the ZeRO fragments of each name over the data-parallel files it is given, and has no
+    notion of the expert-data-parallel group, nor of megatron-core's local expert numbering (local_experts.E names
+    another expert on each EP rank): so each EP rank is converted alone (its shards are over its own expert-data-
+    parallel ranks; its dense tensors and their Adam moments are those of every EP rank, averaged gradients), its
+    experts renamed to their global index (EP rank x local experts + E), its dense tensors taken from EP rank 0.
+    The model states files keep their (TP, EP) numbering, for the iteration and data position they carry."""
+    from neox_fork.model.moe import global_expert_names
+
+    zero = part / "zero"
+    def rename(name: str) -> str:
+        return next(iter(global_expert_names({name: None}, ep_rank, local_experts)))
+
+    experts = {name for name in names if _EXPERT_NAME.fullmatch(name)}
+    _keep_parameters(zero, names if ep_rank == 0 else experts, rename)
+    if ep_rank == 0:
+        part.rename(out)
+        return
+    for entry in zero.iterdir():
+        if entry.is_dir():
+            entry.rename(out / "zero" / entry.name)
+    for f in part.iterdir():
+        if m := _RANK_FILE.fullmatch(f.name):
+            f.rename(out / f"{m[1]}{int(m[2]) + ep_rank * tp:02d}{m[3]}")
 
 
 # ---------------------------------------------------------------------- loading (load_universal: true)

@@ -560,10 +560,6 @@ def _moe(c: NeoXConfig, fail) -> None:
     ep = c.expert_model_parallel_size
     if ep < 1:
         fail("expert_model_parallel_size", f"expert_model_parallel_size must be 1 or more, got {ep}")
-    if c.load_universal and ep > 1:
-        fail("load_universal", f"load_universal with expert_model_parallel_size {ep} is not "
-             "supported yet (universal checkpoints name experts by their index on one expert-parallel rank); "
-             "resume at expert_model_parallel_size 1, or at the saved layout without load_universal")
     if c.moe_num_experts == 1:
         if ep != 1:
             fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} needs experts: set "

@@ -420,8 +420,9 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
     saved_ep = checkpoint.ep_size_of(folder)
     if saved_ep != parallel.ep_size():
         raise UserError(f"checkpoint {folder} was saved at expert_model_parallel_size {saved_ep} but this run uses "
-                        f"{parallel.ep_size()}; resume at the saved layout, or take its weights with finetune: true "
-                        "(universal checkpoints of MoE models are not built)")
+                        f"{parallel.ep_size()}; resume at the saved layout, or take its weights with finetune: true, "
+                        "or its full state through the universal checkpoint (`python tools/ckpts/to_universal.py "
+                        f"--input-dir {c.load}`, then load_universal: true)")
     # ZeRO partitions over data x context parallel ranks (DeepSpeed's sequence x data group): its shard count
     shards = parallel.dp_size() * parallel.cp_size()
     if saved_tp != parallel.tp_size() or saved_dp not in (None, shards):
@@ -466,6 +467,23 @@ def resume(engine, model, c: NeoXConfig, state: TrainState) -> None:
              state.consumed_samples)
 
 
+@contextlib.contextmanager
+def _global_expert_names(optimizer, params: dict[str, torch.Tensor]):
+    """DeepSpeed's ZeRO optimizer reads each parameter's universal folder by its `param_names` entry (the model's
+    name, a local expert index under expert parallelism): for the block, the names of `params` (global ones)."""
+    names = getattr(optimizer, "param_names", None)
+    if not isinstance(names, dict):
+        yield
+        return
+    saved = dict(names)
+    names.update({p: name for name, p in params.items()})
+    try:
+        yield
+    finally:
+        names.clear()
+        names.update(saved)
+
+
 def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     """Continue from the universal checkpoint of `load` (tools/ckpts/to_universal.py) at this run's TP, DP and ZeRO.
 
@@ -480,7 +498,9 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     if c.adapter and not lora:
         raise UserError(f"load_universal: {folder} holds no LoRA adapters; start a LoRA run from a base checkpoint "
                         "with finetune: true")
-    params = dict(model.named_parameters())
+    # a universal folder names every expert by its global index; an expert-parallel rank reads its own experts
+    params = moe.global_expert_names(dict(model.named_parameters()), parallel.ep_rank(),
+                                     c.moe_num_experts // parallel.ep_size())
     universal.check_folder(folder, params, parallel.tp_size(), c.trust_checkpoint,
                            trainable={n for n, p in params.items() if p.requires_grad})
     if lora:  # zero/ holds the adapters and their Adam states; the frozen base comes from the folder it names
@@ -490,7 +510,7 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
         adapters = {k: v for k, v in checkpoint.model_state(model).items() if is_adapter(k)}  # DeepSpeed's, below
         copy_weights(model, {**base, **adapters}, state.adapter_base, c.trust_checkpoint)
     SafeLoads.install(engine, c.trust_checkpoint)
-    with universal.safe_unpickling(c.trust_checkpoint):
+    with universal.safe_unpickling(c.trust_checkpoint), _global_expert_names(engine.optimizer, params):
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
