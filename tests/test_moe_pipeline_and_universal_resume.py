@@ -62,6 +62,13 @@ def pp2(tmp_path_factory, small_corpus):
     return _train(tmp_path_factory.mktemp("moe_pp2") / "pp2", small_corpus, 2, extra_save_iters=[STOP], **PP2)
 
 
+@pytest.fixture(scope="module")
+def pp2ep2(tmp_path_factory, small_corpus):
+    return _train(tmp_path_factory.mktemp("moe_pp2ep2") / "pp2ep2", small_corpus, 4, pipe_parallel_size=2,
+                  expert_model_parallel_size=2, gradient_accumulation_steps=1, checkpoint_activations=True,
+                  eval_interval=STEPS, eval_iters=1)
+
+
 def _resume(tmp_path, corpus, source, nproc, universal_first=False, **keys):
     """`source`'s step STOP, alone in a new folder (converted first if asked), continued to STEPS with `keys`."""
     ckpt = tmp_path / "run" / "ckpt"
@@ -134,5 +141,26 @@ def test_pp2_resumes_at_dp2_through_the_universal_checkpoint_like_one_process(tm
         assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
     wa, _, _ = checkpoint.load_merged(dp2)
     wb, _, _ = checkpoint.load_merged(one)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+
+
+def test_pp2_ep2_trains_like_one_process(one, pp2ep2):
+    """Pipe 2 x expert parallel 2 (4 ranks; each stage's 2 ranks hold 2 of a layer's 4 experts, DeepSpeed's
+    data-parallel group the expert-data-parallel one of 1 rank): micro-batch 2 on each of the 2 data-parallel
+    ranks is `one`'s 2 accumulated micro-batches (as dp2 above). Layer files hold every expert (global index)."""
+    steps = list(range(1, STEPS + 1))
+    keys = ["lm_loss", "moe_lbl", *TOKEN_KEYS]
+    got, want = _rows(pp2ep2, keys, steps), _rows(one, keys, steps)
+    for it in steps:
+        for key in ("lm_loss", "moe_lbl"):
+            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
+        assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    folder = checkpoint.resolve(pp2ep2)
+    assert sorted(p.name for p in folder.glob("layer_0[23]-*")) == ["layer_02-model_00-model_states.pt",
+                                                                    "layer_03-model_00-model_states.pt"]
+    wa, _, _ = checkpoint.load_merged(pp2ep2)
+    wb, _, _ = checkpoint.load_merged(one)
+    assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
