@@ -54,7 +54,8 @@ def _train(folder, corpus, nproc, **keys):
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory, small_corpus):
-    return _train(tmp_path_factory.mktemp("moe_one") / "one", small_corpus, 1, gradient_accumulation_steps=2)
+    return _train(tmp_path_factory.mktemp("moe_one") / "one", small_corpus, 1, gradient_accumulation_steps=2,
+                  eval_interval=STEPS, eval_iters=2)
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +151,16 @@ def test_pp2_ep2_trains_like_one_process(one, pp2ep2):
     data-parallel group the expert-data-parallel one of 1 rank): micro-batch 2 on each of the 2 data-parallel
     ranks is `one`'s 2 accumulated micro-batches (as dp2 above). Layer files hold every expert (global index)."""
     steps = list(range(1, STEPS + 1))
-    keys = ["lm_loss", "moe_lbl", *TOKEN_KEYS]
+    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
     got, want = _rows(pp2ep2, keys, steps), _rows(one, keys, steps)
     for it in steps:
-        for key in ("lm_loss", "moe_lbl"):
+        for key in ("lm_loss", "moe_lbl", "grad_norm"):
             assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
         assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    # validation after step 4: each data-parallel rank's one micro-batch of 2 is one of `one`'s 2, averaged over both
+    ea, eb = read_metrics(pp2ep2, "eval_lm_loss"), read_metrics(one, "eval_lm_loss")
+    assert sorted(ea) == sorted(eb) == [STEPS]
+    assert abs(ea[STEPS] - eb[STEPS]) <= LOSS_RTOL * max(abs(eb[STEPS]), 1.0), (ea, eb)
     folder = checkpoint.resolve(pp2ep2)
     assert sorted(p.name for p in folder.glob("layer_0[23]-*")) == ["layer_02-model_00-model_states.pt",
                                                                     "layer_03-model_00-model_states.pt"]
