@@ -169,3 +169,32 @@ def test_pp2_ep2_trains_like_one_process(one, pp2ep2):
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+
+
+@pytest.fixture(scope="module")
+def pp2tp2(tmp_path_factory, small_corpus):
+    folder = tmp_path_factory.mktemp("moe_pp2tp2") / "pp2tp2"
+    folder.mkdir()
+    keys = {**MOE, "make_vocab_size_divisible_by": 128}  # the same padded vocabulary over 2 TP ranks
+    run_training(write_train_config(folder, small_corpus, model_parallel_size=2, eval_interval=STEPS, eval_iters=2,
+                                    **PP2, **keys), nproc=4)
+    return folder / "ckpt"
+
+
+def test_pp2_tp2_trains_like_one_process(one, pp2tp2):
+    """Pipe 2 x tensor parallel 2 (4 ranks; each expert split over the TP group as the dense MLP): pp2's micro-batches
+    and accumulation, so every number is `one`'s (tokens per expert counted whole, validation on the same 2)."""
+    steps = list(range(1, STEPS + 1))
+    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
+    got, want = _rows(pp2tp2, keys, steps), _rows(one, keys, steps)
+    for it in steps:
+        for key in ("lm_loss", "moe_lbl", "grad_norm"):
+            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
+        assert [got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    ea, eb = read_metrics(pp2tp2, "eval_lm_loss"), read_metrics(one, "eval_lm_loss")
+    assert abs(ea[STEPS] - eb[STEPS]) <= LOSS_RTOL * max(abs(eb[STEPS]), 1.0), (ea, eb)
+    wa, _, _ = checkpoint.load_merged(pp2tp2)
+    wb, _, _ = checkpoint.load_merged(one)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
