@@ -595,11 +595,6 @@ def _moe(c: NeoXConfig, fail) -> None:
                           "keeps its own weights and takes no jitter (as upstream); leave it unset or use topk")
     if c.moe_jitter_eps is not None and not 0 < c.moe_jitter_eps < 1:
         fail("moe_jitter_eps", f"moe_jitter_eps must be between 0 and 1 (or null), got {c.moe_jitter_eps}")
-    if c.pipe_parallel_size > 1 and False and (ep > 1 or c.model_parallel_size > 1):
-        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} with moe_num_experts "
-             f"{c.moe_num_experts} at expert_model_parallel_size {ep} and model_parallel_size "
-             f"{c.model_parallel_size} is not supported yet: pipeline stages with MoE are built with experts whole "
-             "on every rank; use expert_model_parallel_size 1 and model_parallel_size 1 with pipe_parallel_size > 1")
     if c.model_parallel_size > 1:
         for key in ("sequence_parallel", "partition_activations"):
             if getattr(c, key):
