@@ -1,6 +1,7 @@
 """An MoE model (2 layers, both MoE: 4 experts, top 2, load-balancing loss 0.1) trains at pipe_parallel_size 2
-(one MoE layer a stage) like one process; its checkpoint resumes exactly at pipe 2, and through DeepSpeed's
-universal checkpoint at data parallel 2 (ZeRO-1 cutting the experts anew) like the uninterrupted run.
+(one MoE layer a stage) like one process, also with experts split over 2 expert-parallel ranks (pipe 2 x EP 2) or
+2 tensor-parallel ranks (pipe 2 x TP 2); its checkpoint resumes exactly at pipe 2 and at pipe 2 x EP 2, and through
+DeepSpeed's universal checkpoint at data parallel 2 (ZeRO-1 cutting the experts anew) like the uninterrupted run.
 
 Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_equivalence's Adam with eps 1e-5):
 
@@ -8,6 +9,9 @@ Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_eq
     pp2   pipe 2, micro-batch 2 x 2 in flight, full activation recompute, steps 1-4, saving step 2 too
     same  pp2's step 2 -> the same, steps 3-4                    (exact resume: equal to pp2 bit for bit)
     dp2   pp2's step 2 -> universal -> data parallel 2, micro-batch 2, steps 3-4   (like `one`)
+    pp2ep2  pipe 2 x EP 2 (4 ranks, data parallel 2, DeepSpeed's data-parallel group the expert-data one of 1 rank),
+          micro-batch 2, no accumulation, full recompute, saving step 2 too             (like `one`; and resumed)
+    pp2tp2  pipe 2 x TP 2 (4 ranks), as pp2                                               (like `one`)
 
 Each micro-batch has its own load-balancing loss in every run (the same 2 samples: data parallelism deals a global
 batch out in order, as the accumulating process takes it), scaled by 1 / accumulation steps (1 / 2 in `one` and
@@ -21,7 +25,10 @@ scores lie within the rounding that separates the runs' weights).
 Broken on purpose (once each): the pipeline path without set_aux_loss_scale (the balancing loss's gradient scaled
 1 instead of 1/2) moves pp2's step-2 loss by 1.0e-4 relative (1e-5 allowed) and weights by up to 1e-2 (1.2e-5
 allowed); gathering the metrics without the all-reduce over the stages leaves the logging rank stage 0's half of
-moe_lbl (1.0016 against 2.0027 at step 1) and no tokens for layer 1.
+moe_lbl (1.0016 against 2.0027 at step 1) and no tokens for layer 1. At pipe 2 x EP 2: DeepSpeed's pipeline grid
+with its own data-parallel group (model axis TP, not TP x EP) stops at start (its batch arithmetic and the group
+check in build_pipeline); without the validation loss's average over the EP group the logged eval_lm_loss is EP
+rank 0's half (6.4828 against 6.5042).
 """
 
 import shutil
