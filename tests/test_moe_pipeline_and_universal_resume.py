@@ -9,8 +9,9 @@ Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_eq
     pp2   pipe 2, micro-batch 2 x 2 in flight, full activation recompute, steps 1-4, saving step 2 too
     same  pp2's step 2 -> the same, steps 3-4                    (exact resume: equal to pp2 bit for bit)
     dp2   pp2's step 2 -> universal -> data parallel 2, micro-batch 2, steps 3-4   (like `one`)
+    one_tied  as one, with tied embeddings
     pp2ep2  pipe 2 x EP 2 (4 ranks, data parallel 2, DeepSpeed's data-parallel group the expert-data one of 1 rank),
-          micro-batch 2, no accumulation, full recompute, saving step 2 too             (like `one`; and resumed)
+          tied embeddings, micro-batch 2, no accumulation, full recompute, saving step 2  (like one_tied; resumed)
     pp2tp2  pipe 2 x TP 2 (4 ranks), as pp2                                               (like `one`)
 
 Each micro-batch has its own load-balancing loss in every run (the same 2 samples: data parallelism deals a global
@@ -28,7 +29,8 @@ allowed); gathering the metrics without the all-reduce over the stages leaves th
 moe_lbl (1.0016 against 2.0027 at step 1) and no tokens for layer 1. At pipe 2 x EP 2: DeepSpeed's pipeline grid
 with its own data-parallel group (model axis TP, not TP x EP) stops at start (its batch arithmetic and the group
 check in build_pipeline); without the validation loss's average over the EP group the logged eval_lm_loss is EP
-rank 0's half (6.4828 against 6.5042).
+rank 0's half (6.4828 against 6.5042); with reduce_expert_parallel_grads clearing the pipeline's mark on the last
+stage's copy of the tied embedding, EP rank 0 counts it twice: gradient norm 1.1283 against 0.8349 at step 1.
 """
 
 import shutil
@@ -49,8 +51,10 @@ MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_
            train_micro_batch_size_per_gpu=2)
 # activation recompute as well: the MoE layers run twice per micro-batch, the metrics and balancing loss count once
 PP2 = dict(pipe_parallel_size=2, gradient_accumulation_steps=2, checkpoint_activations=True)
+# tied embeddings: the last stage's copy counted once in the gradient norm on every EP rank
 PP2EP2 = dict(pipe_parallel_size=2, expert_model_parallel_size=2, gradient_accumulation_steps=1,
-              checkpoint_activations=True, eval_interval=STEPS, eval_iters=1, extra_save_iters=[STOP])
+              checkpoint_activations=True, eval_interval=STEPS, eval_iters=1, extra_save_iters=[STOP],
+              no_weight_tying=False)
 TOKEN_KEYS = [f"moe_tokens/layer{i}/expert{e}" for i in (0, 1) for e in range(4)]
 WEIGHT_TOL = 1e-3 * LR * STEPS
 
@@ -70,6 +74,12 @@ def one(tmp_path_factory, small_corpus):
 @pytest.fixture(scope="module")
 def pp2(tmp_path_factory, small_corpus):
     return _train(tmp_path_factory.mktemp("moe_pp2") / "pp2", small_corpus, 2, extra_save_iters=[STOP], **PP2)
+
+
+@pytest.fixture(scope="module")
+def one_tied(tmp_path_factory, small_corpus):
+    return _train(tmp_path_factory.mktemp("moe_one_tied") / "one", small_corpus, 1, gradient_accumulation_steps=2,
+                  eval_interval=STEPS, eval_iters=2, no_weight_tying=False)
 
 
 @pytest.fixture(scope="module")
@@ -153,26 +163,27 @@ def test_pp2_resumes_at_dp2_through_the_universal_checkpoint_like_one_process(tm
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
 
 
-def test_pp2_ep2_trains_like_one_process(one, pp2ep2):
+def test_pp2_ep2_trains_like_one_process(one_tied, pp2ep2):
     """Pipe 2 x expert parallel 2 (4 ranks; each stage's 2 ranks hold 2 of a layer's 4 experts, DeepSpeed's
     data-parallel group the expert-data-parallel one of 1 rank): micro-batch 2 on each of the 2 data-parallel
-    ranks is `one`'s 2 accumulated micro-batches (as dp2 above). Layer files hold every expert (global index)."""
+    ranks is `one_tied`'s 2 accumulated micro-batches (as dp2 above), embeddings tied (the first and last stage hold
+    a copy). Layer files hold every expert (global index)."""
     steps = list(range(1, STEPS + 1))
     keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
-    got, want = _rows(pp2ep2, keys, steps), _rows(one, keys, steps)
+    got, want = _rows(pp2ep2, keys, steps), _rows(one_tied, keys, steps)
     for it in steps:
         for key in ("lm_loss", "moe_lbl", "grad_norm"):
             assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
         assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
     # validation after step 4: each data-parallel rank's one micro-batch of 2 is one of `one`'s 2, averaged over both
-    ea, eb = read_metrics(pp2ep2, "eval_lm_loss"), read_metrics(one, "eval_lm_loss")
+    ea, eb = read_metrics(pp2ep2, "eval_lm_loss"), read_metrics(one_tied, "eval_lm_loss")
     assert sorted(ea) == sorted(eb) == [STEPS]
     assert abs(ea[STEPS] - eb[STEPS]) <= LOSS_RTOL * max(abs(eb[STEPS]), 1.0), (ea, eb)
     folder = checkpoint.resolve(pp2ep2)
     assert sorted(p.name for p in folder.glob("layer_0[23]-*")) == ["layer_02-model_00-model_states.pt",
                                                                     "layer_03-model_00-model_states.pt"]
     wa, _, _ = checkpoint.load_merged(pp2ep2)
-    wb, _, _ = checkpoint.load_merged(one)
+    wb, _, _ = checkpoint.load_merged(one_tied)
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
