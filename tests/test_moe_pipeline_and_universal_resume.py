@@ -1,6 +1,7 @@
 """An MoE model (2 layers, both MoE: 4 experts, top 2, load-balancing loss 0.1) trains at pipe_parallel_size 2
-(one MoE layer a stage) like one process; its checkpoint resumes exactly at pipe 2, and through DeepSpeed's
-universal checkpoint at data parallel 2 (ZeRO-1 cutting the experts anew) like the uninterrupted run.
+(one MoE layer a stage) like one process, also with experts split over 2 expert-parallel ranks (pipe 2 x EP 2) or
+2 tensor-parallel ranks (pipe 2 x TP 2); its checkpoint resumes exactly at pipe 2 and at pipe 2 x EP 2, and through
+DeepSpeed's universal checkpoint at data parallel 2 (ZeRO-1 cutting the experts anew) like the uninterrupted run.
 
 Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_equivalence's Adam with eps 1e-5):
 
@@ -8,6 +9,10 @@ Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_eq
     pp2   pipe 2, micro-batch 2 x 2 in flight, full activation recompute, steps 1-4, saving step 2 too
     same  pp2's step 2 -> the same, steps 3-4                    (exact resume: equal to pp2 bit for bit)
     dp2   pp2's step 2 -> universal -> data parallel 2, micro-batch 2, steps 3-4   (like `one`)
+    one_tied  as one, with tied embeddings
+    pp2ep2  pipe 2 x EP 2 (4 ranks, data parallel 2, DeepSpeed's data-parallel group the expert-data one of 1 rank),
+          tied embeddings, micro-batch 2, no accumulation, full recompute, saving step 2  (like one_tied; resumed)
+    pp2tp2  pipe 2 x TP 2 (4 ranks), as pp2                                               (like `one`)
 
 Each micro-batch has its own load-balancing loss in every run (the same 2 samples: data parallelism deals a global
 batch out in order, as the accumulating process takes it), scaled by 1 / accumulation steps (1 / 2 in `one` and
@@ -21,7 +26,11 @@ scores lie within the rounding that separates the runs' weights).
 Broken on purpose (once each): the pipeline path without set_aux_loss_scale (the balancing loss's gradient scaled
 1 instead of 1/2) moves pp2's step-2 loss by 1.0e-4 relative (1e-5 allowed) and weights by up to 1e-2 (1.2e-5
 allowed); gathering the metrics without the all-reduce over the stages leaves the logging rank stage 0's half of
-moe_lbl (1.0016 against 2.0027 at step 1) and no tokens for layer 1.
+moe_lbl (1.0016 against 2.0027 at step 1) and no tokens for layer 1. At pipe 2 x EP 2: DeepSpeed's pipeline grid
+with its own data-parallel group (model axis TP, not TP x EP) stops at start (its batch arithmetic and the group
+check in build_pipeline); without the validation loss's average over the EP group the logged eval_lm_loss is EP
+rank 0's half (6.4828 against 6.5042); with reduce_expert_parallel_grads clearing the pipeline's mark on the last
+stage's copy of the tied embedding, EP rank 0 counts it twice: gradient norm 1.1283 against 0.8349 at step 1.
 """
 
 import shutil
@@ -42,6 +51,10 @@ MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_
            train_micro_batch_size_per_gpu=2)
 # activation recompute as well: the MoE layers run twice per micro-batch, the metrics and balancing loss count once
 PP2 = dict(pipe_parallel_size=2, gradient_accumulation_steps=2, checkpoint_activations=True)
+# tied embeddings: the last stage's copy counted once in the gradient norm on every EP rank
+PP2EP2 = dict(pipe_parallel_size=2, expert_model_parallel_size=2, gradient_accumulation_steps=1,
+              checkpoint_activations=True, eval_interval=STEPS, eval_iters=1, extra_save_iters=[STOP],
+              no_weight_tying=False)
 TOKEN_KEYS = [f"moe_tokens/layer{i}/expert{e}" for i in (0, 1) for e in range(4)]
 WEIGHT_TOL = 1e-3 * LR * STEPS
 
@@ -54,12 +67,24 @@ def _train(folder, corpus, nproc, **keys):
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory, small_corpus):
-    return _train(tmp_path_factory.mktemp("moe_one") / "one", small_corpus, 1, gradient_accumulation_steps=2)
+    return _train(tmp_path_factory.mktemp("moe_one") / "one", small_corpus, 1, gradient_accumulation_steps=2,
+                  eval_interval=STEPS, eval_iters=2)
 
 
 @pytest.fixture(scope="module")
 def pp2(tmp_path_factory, small_corpus):
     return _train(tmp_path_factory.mktemp("moe_pp2") / "pp2", small_corpus, 2, extra_save_iters=[STOP], **PP2)
+
+
+@pytest.fixture(scope="module")
+def one_tied(tmp_path_factory, small_corpus):
+    return _train(tmp_path_factory.mktemp("moe_one_tied") / "one", small_corpus, 1, gradient_accumulation_steps=2,
+                  eval_interval=STEPS, eval_iters=2, no_weight_tying=False)
+
+
+@pytest.fixture(scope="module")
+def pp2ep2(tmp_path_factory, small_corpus):
+    return _train(tmp_path_factory.mktemp("moe_pp2ep2") / "pp2ep2", small_corpus, 4, **PP2EP2)
 
 
 def _resume(tmp_path, corpus, source, nproc, universal_first=False, **keys):
@@ -134,5 +159,75 @@ def test_pp2_resumes_at_dp2_through_the_universal_checkpoint_like_one_process(tm
         assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
     wa, _, _ = checkpoint.load_merged(dp2)
     wb, _, _ = checkpoint.load_merged(one)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+
+
+def test_pp2_ep2_trains_like_one_process(one_tied, pp2ep2):
+    """Pipe 2 x expert parallel 2 (4 ranks; each stage's 2 ranks hold 2 of a layer's 4 experts, DeepSpeed's
+    data-parallel group the expert-data-parallel one of 1 rank): micro-batch 2 on each of the 2 data-parallel
+    ranks is `one_tied`'s 2 accumulated micro-batches (as dp2 above), embeddings tied (the first and last stage hold
+    a copy). Layer files hold every expert (global index)."""
+    steps = list(range(1, STEPS + 1))
+    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
+    got, want = _rows(pp2ep2, keys, steps), _rows(one_tied, keys, steps)
+    for it in steps:
+        for key in ("lm_loss", "moe_lbl", "grad_norm"):
+            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
+        assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    # validation after step 4: each data-parallel rank's one micro-batch of 2 is one of `one`'s 2, averaged over both
+    ea, eb = read_metrics(pp2ep2, "eval_lm_loss"), read_metrics(one_tied, "eval_lm_loss")
+    assert sorted(ea) == sorted(eb) == [STEPS]
+    assert abs(ea[STEPS] - eb[STEPS]) <= LOSS_RTOL * max(abs(eb[STEPS]), 1.0), (ea, eb)
+    folder = checkpoint.resolve(pp2ep2)
+    assert sorted(p.name for p in folder.glob("layer_0[23]-*")) == ["layer_02-model_00-model_states.pt",
+                                                                    "layer_03-model_00-model_states.pt"]
+    wa, _, _ = checkpoint.load_merged(pp2ep2)
+    wb, _, _ = checkpoint.load_merged(one_tied)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+
+
+def test_pp2_ep2_resumes_exactly(tmp_path, small_corpus, pp2ep2):
+    """Each stage's layer files (every expert) give each EP rank its own experts back; DeepSpeed's optimizer state
+    is per (stage, TP x EP) rank: steps 3-4 equal the uninterrupted run bit for bit."""
+    same = _resume(tmp_path, small_corpus, pp2ep2, 4, **PP2EP2)
+    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
+    got, want = _rows(same, keys, [3, 4]), _rows(pp2ep2, keys, list(range(1, STEPS + 1)))
+    for key in keys:
+        for it in (3, 4):
+            assert got[key][it] == want[key][it], (key, it)
+    wa, _, _ = checkpoint.load_merged(same)
+    wb, _, _ = checkpoint.load_merged(pp2ep2)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def pp2tp2(tmp_path_factory, small_corpus):
+    folder = tmp_path_factory.mktemp("moe_pp2tp2") / "pp2tp2"
+    folder.mkdir()
+    keys = {**MOE, "make_vocab_size_divisible_by": 128}  # the same padded vocabulary over 2 TP ranks
+    run_training(write_train_config(folder, small_corpus, model_parallel_size=2, eval_interval=STEPS, eval_iters=2,
+                                    **PP2, **keys), nproc=4)
+    return folder / "ckpt"
+
+
+def test_pp2_tp2_trains_like_one_process(one, pp2tp2):
+    """Pipe 2 x tensor parallel 2 (4 ranks; each expert split over the TP group as the dense MLP): pp2's micro-batches
+    and accumulation, so every number is `one`'s (tokens per expert counted whole, validation on the same 2)."""
+    steps = list(range(1, STEPS + 1))
+    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
+    got, want = _rows(pp2tp2, keys, steps), _rows(one, keys, steps)
+    for it in steps:
+        for key in ("lm_loss", "moe_lbl", "grad_norm"):
+            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
+        assert [got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    ea, eb = read_metrics(pp2tp2, "eval_lm_loss"), read_metrics(one, "eval_lm_loss")
+    assert abs(ea[STEPS] - eb[STEPS]) <= LOSS_RTOL * max(abs(eb[STEPS]), 1.0), (ea, eb)
+    wa, _, _ = checkpoint.load_merged(pp2tp2)
+    wb, _, _ = checkpoint.load_merged(one)
+    assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)

@@ -114,6 +114,10 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     if checkpoint.dp_size_of(folder) is None:
         raise UserError(f"checkpoint {folder} has no ZeRO optimizer shards (saved with zero_optimization stage 0?); "
                         "Universal Checkpointing converts checkpoints of ZeRO stage 1 or 2")
+    if ep > 1 and checkpoint.pp_size_of(folder) > 1:
+        raise UserError(f"checkpoint {folder} was saved with pipeline stages at expert_model_parallel_size {ep}: "
+                        "universal checkpoints of such runs are not built yet (docs/moe.md); resume it at its own "
+                        "layout, or convert a checkpoint saved at pipe_parallel_size 1 or expert_model_parallel_size 1")
     # one model states file per (pipeline stage or EP rank, TP rank); each names the parameters its rank holds
     models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp * checkpoint.pp_size_of(folder) * ep)]
     names: list[set[str]] = []  # per EP rank, as its model names them

@@ -572,6 +572,9 @@ def _moe(c: NeoXConfig, fail) -> None:
         fail("eval_tasks", f"eval_tasks during training with expert_model_parallel_size {ep} is not supported yet "
              "(lm-eval runs on data-parallel rank 0's ranks; the other experts live elsewhere); run eval.py on the "
              "checkpoint, which reads every expert at any parallelism")
+    if ep > 1 and c.load_universal and c.pipe_parallel_size > 1:
+        fail("load_universal", f"load_universal into pipeline stages at expert_model_parallel_size {ep} is not "
+             "supported yet; resume the universal checkpoint at pipe_parallel_size 1 or expert_model_parallel_size 1")
     if ep > 1 and c.zero_stage > 1:
         fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} with zero_optimization stage "
              f"{c.zero_stage} is not supported yet (ZeRO-2/3 sharding over the expert-data-parallel group is not "
@@ -591,11 +594,6 @@ def _moe(c: NeoXConfig, fail) -> None:
                           "keeps its own weights and takes no jitter (as upstream); leave it unset or use topk")
     if c.moe_jitter_eps is not None and not 0 < c.moe_jitter_eps < 1:
         fail("moe_jitter_eps", f"moe_jitter_eps must be between 0 and 1 (or null), got {c.moe_jitter_eps}")
-    if c.pipe_parallel_size > 1 and (ep > 1 or c.model_parallel_size > 1):
-        fail("pipe_parallel_size", f"pipe_parallel_size {c.pipe_parallel_size} with moe_num_experts "
-             f"{c.moe_num_experts} at expert_model_parallel_size {ep} and model_parallel_size "
-             f"{c.model_parallel_size} is not supported yet: pipeline stages with MoE are built with experts whole "
-             "on every rank; use expert_model_parallel_size 1 and model_parallel_size 1 with pipe_parallel_size > 1")
     if c.model_parallel_size > 1:
         for key in ("sequence_parallel", "partition_activations"):
             if getattr(c, key):

@@ -196,7 +196,8 @@ def reduce_expert_parallel_grads(model: torch.nn.Module) -> int:
             p.register_hook(lambda grad: grad / ep)
         else:
             p.register_hook(mean_over_ep)
-            p.ds_pipe_replicated = not first
+            # keeps a pipeline's mark on the last stage's copy of tied embeddings (NeoXPipe: counted on stage 0)
+            p.ds_pipe_replicated = getattr(p, "ds_pipe_replicated", False) or not first
         hooked += 1
     return hooked
 

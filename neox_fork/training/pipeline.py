@@ -21,7 +21,8 @@ those of P = 1; each stage saves its own in the layer files (training/state.py),
 (check_optimizer_groups). `gradient_accumulation_steps` micro-batches are in flight per step (DeepSpeed's 1F1B
 TrainSchedule); the NaN guard, LR-0 skip and `before_update` hook run at the schedule's optimizer step.
 MoE layers (docs/moe.md): each one's load-balancing loss gets its gradient on the stage that holds it (megatron-core
-attaches it to the layer's output); its metrics are read after each forward pass and summed over the stages.
+attaches it to the layer's output); its metrics are read after each forward pass and summed over the stages. With
+expert parallelism DeepSpeed's grid (its groups) takes TP x EP ranks as its model axis (build_pipeline).
 """
 
 from __future__ import annotations
@@ -243,8 +244,20 @@ def build_pipeline(c, model):
             entries.append(NormPipe(model, seq))
         else:
             entries.append(ParallelLinearPipe(model, seq))
-    topology = PipeModelDataParallelTopology(num_pp=stages, num_mp=parallel.tp_size(), num_dp=parallel.dp_size())
+    # expert parallelism: DeepSpeed's grid names its axes pipe, data, model (model fastest), and megatron-core orders
+    # expert ranks tensor, expert, expert-data, pipe; so a "model" axis of TP x EP ranks makes the grid's
+    # data-parallel group the expert-data-parallel one (what ZeRO-1 shards and averages over, as parallel.MPU gives
+    # the engine without pipelines) and its model-parallel group stage x tensor x expert ranks (the gradient norm
+    # adds them, dense parameters counted once: reduce_expert_parallel_grads); the tied embeddings' groups pair the
+    # first and last stage of each (data, model) coordinate; the model-axis ("slice") group would split activations
+    # between stages, which ds_config turns off (pipe_partitioned), so EP ranks' different tokens never meet there
+    ep = parallel.ep_size()
+    topology = PipeModelDataParallelTopology(num_pp=stages, num_mp=parallel.tp_size() * ep,
+                                             num_dp=parallel.dp_size() // ep)
     pipe = NeoXPipe(entries, parts, model, topology)
+    if ep > 1:  # the grid's data-parallel group must be megatron-core's expert-data-parallel group (above)
+        edp = dist.get_process_group_ranks(parallel.parallel_state.get_expert_data_parallel_group())
+        assert sorted(pipe._grid.dp_group) == sorted(edp), (pipe._grid.dp_group, edp)
     pipe.universal_info, pipe.adapter_sharding = info, sharding
     return pipe
 
@@ -452,4 +465,7 @@ def evaluate(engine, micro_batches, count: int) -> float:
     """Mean loss of `count` micro-batches (averaged over data-parallel ranks), on every rank."""
     loss = engine.eval_batch(_pipe_batches(micro_batches), num_micro_batches=count)
     engine.module.train()
+    if parallel.ep_size() > 1:  # DeepSpeed averaged over its data-parallel group (expert-data): the rest over EP
+        loss = loss.detach().clone().reshape(1).to(engine.device) / parallel.ep_size()
+        dist.all_reduce(loss, group=parallel.parallel_state.get_expert_model_parallel_group())
     return float(loss)
