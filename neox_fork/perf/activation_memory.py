@@ -97,14 +97,18 @@ def run(config: NeoXConfig, vocab: int) -> list[dict]:
     return everyone
 
 
+def _header(config: NeoXConfig, layout: str) -> str:
+    return (f"activation memory per rank, {layout}, seq {config.seq_length} x micro-batch "
+            f"{config.train_micro_batch_size_per_gpu} x hidden {config.hidden_size}, {config.num_layers} layers, "
+            f"recompute {config.activation_recompute}")
+
+
 def report(config: NeoXConfig, results: list[list[dict]], as_json: bool) -> str:
     if as_json:
         return json.dumps({"tp": len(results), "seq_length": config.seq_length,
                            "micro_batch": config.train_micro_batch_size_per_gpu, "ranks": results})
     mib = 2**20
-    lines = [f"activation memory per rank, TP={len(results)}, seq {config.seq_length} x micro-batch "
-             f"{config.train_micro_batch_size_per_gpu} x hidden {config.hidden_size}, {config.num_layers} layers, "
-             f"recompute {config.activation_recompute}"]
+    lines = [_header(config, f"TP={len(results)}")]
     for rank, (off, on) in enumerate(results):
         ratio = off["saved_bytes"] / max(on["saved_bytes"], 1)
         line = (f"rank {rank}: saved for backward {off['saved_bytes'] / mib:.1f} MiB without SP, "
@@ -115,7 +119,6 @@ def report(config: NeoXConfig, results: list[list[dict]], as_json: bool) -> str:
         lines.append(line)
     lines.append(f"loss without SP {results[0][0]['loss']:.6f}, with SP {results[0][1]['loss']:.6f}")
     return "\n".join(lines)
-
 
 
 def run_context_parallel(config: NeoXConfig, vocab: int) -> list[dict]:
@@ -131,9 +134,7 @@ def report_context_parallel(config: NeoXConfig, results: list[dict], as_json: bo
         return json.dumps({"cp": len(results), "seq_length": config.seq_length,
                            "micro_batch": config.train_micro_batch_size_per_gpu, "ranks": results})
     mib = 2**20
-    lines = [f"activation memory per rank, CP={len(results)}, seq {config.seq_length} x micro-batch "
-             f"{config.train_micro_batch_size_per_gpu} x hidden {config.hidden_size}, {config.num_layers} layers, "
-             f"recompute {config.activation_recompute}"]
+    lines = [_header(config, f"CP={len(results)}")]
     lines += [f"rank {rank}: saved for backward {r['saved_bytes'] / mib:.1f} MiB; peak allocated "
               f"{r['peak_allocated_bytes'] / mib:.1f} MiB" for rank, r in enumerate(results)]
     lines.append(f"loss {results[0]['loss']:.6f}")
