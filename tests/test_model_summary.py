@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 @pytest.mark.slow
@@ -25,6 +25,20 @@ def test_stablelm_config_has_2795443200_parameters_and_sizes_a_cluster():
     assert re.search(r"memory_per_gpu_gib: weights 5\.21  gradients 5\.21  grad_buffer_fp32 10\.41 .* total \d+\.\d+", out)
     assert "fits in 40 GiB (90% usable): yes" in out
     assert re.search(r"without recompute: micro-batch up to \d+ fits in 40 GiB", out)
+
+
+
+def test_a_short_run_is_counted_in_billions_of_tokens_and_hours(capsys):
+    """The 16k recipe's 400 steps x 64 sequences x 16,384 tokens = 419,430,400 tokens (0.42B, not "0.00T"), and its
+    time is 400 x the printed seconds per step (not "0.0 days")."""
+    from neox_fork.perf.summary import print_summary
+
+    print_summary([str(REPO / "configs" / "stablelm-3b-4e1t.yml"), str(REPO / "configs" / "stablelm-3b-4e1t-16k.yml")],
+                  8, gpu="H100 SXM")
+    out = capsys.readouterr().out
+    step = float(re.search(r"([\d.]+) s per step", out)[1])
+    hours = float(re.search(r"^train_iters 400: 0\.42B tokens, about ([\d.]+) hours$", out, re.M)[1])
+    assert hours == pytest.approx(400 * step / 3600, abs=0.06)  # both printed rounded: 0.05 h, 0.005 s a step
 
 
 def test_largest_micro_batch_without_recompute_by_hand():

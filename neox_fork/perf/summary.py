@@ -157,9 +157,11 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
                  f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "
                  "(compare signal_grace_seconds)")
     if config.train_iters:
-        days = config.train_iters * gbs * seq / (tokens_per_gpu * world) / 86400
-        lines.append(f"train_iters {config.train_iters}: {config.train_iters * gbs * seq / 1e12:.2f}T tokens, "
-                     f"about {days:.1f} days")
+        tokens = config.train_iters * gbs * seq
+        days = tokens / (tokens_per_gpu * world) / 86400
+        amount = f"{tokens / 1e12:.2f}T" if tokens >= 1e11 else f"{tokens / 1e9:.2f}B"
+        lines.append(f"train_iters {config.train_iters}: {amount} tokens, "
+                     + (f"about {days:.1f} days" if days >= 1 else f"about {days * 24:.1f} hours"))
     if gpu_memory_gb:
         budget = gpu_memory_gb * gib * 0.9
         lines.append(f"fits in {gpu_memory_gb:g} GiB (90% usable): {'yes' if mem['total'] <= budget else 'NO'}")
