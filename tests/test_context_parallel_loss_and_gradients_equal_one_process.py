@@ -43,11 +43,10 @@ def _context_parallel_rank(rank, masks: bool, keys: dict):
     import torch.distributed as dist
 
     from neox_fork.parallel import groups as parallel
-    from neox_fork.training.loop import context_slice
 
     parallel.initialize(1, "gloo", context_parallel_size=2)
     model = _model(**keys)  # seeded as in this process: the same weights
-    loss, grads = _loss_and_grads(model, context_slice(_batch(masks)))
+    loss, grads = _loss_and_grads(model, parallel.context_slice(_batch(masks)))
     for t in [loss, *grads.values()]:
         dist.all_reduce(t, group=parallel.cp_group())
     return loss, grads

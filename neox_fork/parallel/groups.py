@@ -268,6 +268,29 @@ def gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def context_slice(batch: dict) -> dict:
+    """This rank's 1/CP of every sequence of a batch (context parallelism; the batch as is at CP=1).
+
+    Every rank of a context-parallel group reads the same samples (they share one data-parallel rank); each
+    keeps the contiguous positions [r s/CP, (r+1) s/CP) of tokens, labels, loss mask and (document masks) position
+    and segment ids. The model computes global positions and gathers the segment ids (model/transformer.py)."""
+    cp = cp_size()
+    if cp == 1:
+        return batch
+    r = cp_rank()
+    return {k: v.chunk(cp, dim=1)[r].contiguous() for k, v in batch.items()}
+
+
+def context_sum(value: torch.Tensor) -> torch.Tensor:
+    """A rank's loss summed over its context-parallel group: each CP rank's loss is its slice's part of the
+    sequences' mean, so the sum is the loss one process computes (detached; `value` itself at CP=1)."""
+    if cp_size() == 1:
+        return value
+    value = value.detach().float().clone()
+    dist.all_reduce(value, group=cp_group())
+    return value
+
+
 def data_and_context_group():
     """The ranks that hold the same weights (data x context parallel): ZeRO partitions and gradients are
     reduced over it."""

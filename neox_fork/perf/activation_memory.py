@@ -61,9 +61,8 @@ def measure(config: NeoXConfig, vocab: int, sequence_parallel: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     shape = (config.train_micro_batch_size_per_gpu, config.seq_length)
     tokens, labels = (torch.randint(0, vocab, shape, generator=g) for _ in range(2))
-    cp = parallel.cp_size()
-    if cp > 1:  # this rank's slice of every sequence, as training/loop.py's context_slice
-        tokens, labels = (t.chunk(cp, dim=1)[parallel.cp_rank()].contiguous() for t in (tokens, labels))
+    sliced = parallel.context_slice({"tokens": tokens, "labels": labels})  # this rank's part of every sequence
+    tokens, labels = sliced["tokens"], sliced["labels"]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -79,11 +78,8 @@ def measure(config: NeoXConfig, vocab: int, sequence_parallel: bool) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(tokens, labels=labels)
         loss.backward()
-    if cp > 1:  # each rank's loss is its slice's part of the mean
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, group=parallel.cp_group())
     out = {"sequence_parallel": sequence_parallel, "saved_bytes": sum(storages.values()),
-           "peak_allocated_bytes": _peak_allocated(prof), "loss": loss.item()}
+           "peak_allocated_bytes": _peak_allocated(prof), "loss": parallel.context_sum(loss).item()}
     del model, loss
     gc.collect()
     return out

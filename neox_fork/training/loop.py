@@ -171,13 +171,13 @@ def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -
             batch = next(it)
         except StopIteration:
             break
-        batch = context_slice({k: v.to(parallel.device()) for k, v in batch.items()})
+        batch = parallel.context_slice({k: v.to(parallel.device()) for k, v in batch.items()})
         if objective is not None and objective.impl != "normal":  # training/preference.py: the objective's mean
             losses.append(objective(engine, batch)[0].float())
         elif "segment_ids" in batch:  # masked: the sum over trained tokens, divided by their count below
             losses.append(torch.stack([_model_loss(engine, batch, 1.0), batch["loss_mask"].sum().float()]))
         else:
-            losses.append(context_sum(_model_loss(engine, batch).float()))
+            losses.append(parallel.context_sum(_model_loss(engine, batch).float()))
     engine.train()
     if not losses:
         return None
@@ -186,29 +186,6 @@ def evaluate(engine, c: NeoXConfig, valid, objective: Objective | None = None) -
         dist.all_reduce(total, group=parallel.data_and_context_group())  # every rank's slices of the sequences
         return (total[0] / total[1].clamp(min=1.0)).item()
     return _dp_mean(torch.stack(losses).mean())
-
-
-def context_slice(batch: dict) -> dict:
-    """This rank's 1/CP of every sequence of a batch (context parallelism; the batch as is at CP=1).
-
-    Every rank of a context-parallel group reads the same samples (they share one data-parallel rank); each
-    keeps the contiguous positions [r s/CP, (r+1) s/CP) of tokens, labels, loss mask and (document masks) position
-    and segment ids. The model computes global positions and gathers the segment ids (model/transformer.py)."""
-    cp = parallel.cp_size()
-    if cp == 1:
-        return batch
-    r = parallel.cp_rank()
-    return {k: v.chunk(cp, dim=1)[r].contiguous() for k, v in batch.items()}
-
-
-def context_sum(value: torch.Tensor) -> torch.Tensor:
-    """A rank's loss summed over its context-parallel group: each CP rank's loss is its slice's part of the
-    sequences' mean, so the sum is the loss one process computes (detached; `value` itself at CP=1)."""
-    if parallel.cp_size() == 1:
-        return value
-    value = value.detach().float().clone()
-    dist.all_reduce(value, group=parallel.cp_group())
-    return value
 
 
 def _model_loss(engine, batch: dict, denominator=None) -> torch.Tensor:
@@ -246,7 +223,7 @@ def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter], obj
     """One micro-batch's loss (the `train_impl` objective: training/preference.py, or the language-modelling loss),
     its metrics and gradient; a non-finite loss backpropagates zeros instead of NaNs. `fault` (tests only,
     faults.injected_fault): "grads" makes the gradients NaN behind a finite loss, "spike" multiplies the loss by 50."""
-    batch = context_slice({k: v.to(parallel.device()) for k, v in batch.items()})
+    batch = parallel.context_slice({k: v.to(parallel.device()) for k, v in batch.items()})
     if objective.impl == "normal":
         loss, metrics = _model_loss(engine, batch, denominator), {}
     else:
@@ -259,7 +236,7 @@ def _forward_backward(engine, batch: dict, params: list[torch.nn.Parameter], obj
     if not finite:
         loss = sum(p.sum() * 0.0 for p in params)
     engine.backward(loss)
-    return context_sum(loss).item(), finite, metrics
+    return parallel.context_sum(loss).item(), finite, metrics
 
 
 def train_step(engine, c: NeoXConfig, micro_batches, params: list[torch.nn.Parameter],
