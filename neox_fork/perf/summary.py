@@ -19,16 +19,19 @@ from neox_fork.model.transformer import build_model
 DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
 
 
-def checkpoint_bytes(config, elements: int) -> int:
+def checkpoint_bytes(config, elements: int, dense_elements: int = 0) -> int:
     """One checkpoint's bytes, as a save writes them, for `elements` weight elements (checkpoint_elements): each in
     the training dtype, plus its optimizer state (Adam's two fp32 moments: optimizer_state_bytes) and, where the
     optimizer keeps one, an fp32 master copy (ZeRO, and DeepSpeed's bf16/fp16 optimizers; fp32 weights without ZeRO are their own master).
+    Under expert parallelism ZeRO shards over the expert-data-parallel ranks only, so every EP rank's optimizer
+    files hold the state of the `dense_elements` (the elements that are not experts'): EP times in all.
     Config, tokenizer and RNG files add a few KB a rank."""
     weights = 2 if config.dtype_name in ("bf16", "fp16") else 4
     if config.no_save_optim:
         return elements * weights
     master = 4 if config.zero_stage >= 1 or weights == 2 else 0
-    return elements * (weights + master + optimizer_state_bytes(config))
+    optimized = elements + (config.expert_model_parallel_size - 1) * dense_elements
+    return elements * weights + optimized * (master + optimizer_state_bytes(config))
 
 
 def optimizer_state_bytes(config) -> int:
@@ -151,7 +154,9 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
                      f"all-to-all per step per rank {all_to_all / gib:.3f} GiB sent ({config.gradient_accumulation_steps}"
                      f" micro-batches x {config.num_layers} layers x 4 all-to-alls x "
                      f"{3 if config.activation_recompute == 'full' else 2} passes)")
-    ckpt_bytes = checkpoint_bytes(config, checkpoint_elements(adapters if config.adapter else numels, config))
+    saved_numels = adapters if config.adapter else numels
+    ckpt_bytes = checkpoint_bytes(config, checkpoint_elements(saved_numels, config), checkpoint_elements(
+        {k: v for k, v in saved_numels.items() if ".mlp.moe.experts." not in k}, config))
     saved = "adapter parameter; the base is named, not copied" if config.adapter else "parameter"
     lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // trainable} bytes per {saved}); "
                  f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "

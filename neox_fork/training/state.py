@@ -97,7 +97,10 @@ def checkpoint_size(c: NeoXConfig, model) -> tuple[int, str]:
     # for each other TP rank (perf.summary.checkpoint_elements does this exactly from the whole model's names)
     replicated = sum(p.numel() for name, p in model.named_parameters() if checkpoint.sharding(name) is None)
     elements = count_parameters(model.shape) + (parallel.tp_size() - 1) * replicated
-    return checkpoint_bytes(c, elements), "one checkpoint (model_summary's estimate)"
+    # experts: this rank's share of each (split over TP, spread over EP) times the ranks that hold them
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.moe.experts." in name)
+    return (checkpoint_bytes(c, elements, elements - experts * parallel.tp_size() * parallel.ep_size()),
+            "one checkpoint (model_summary's estimate)")
 
 
 def warn_if_no_room(c: NeoXConfig, model) -> None:
