@@ -136,3 +136,16 @@ def test_two_trainings_at_once_on_one_machine_take_different_free_ports(tmp_path
     assert ports[0] != ports[1]
     for name in ("a", "b"):
         assert checkpoint.read_latest(tmp_path / name / "ckpt") == 3
+
+
+def test_a_free_port_is_drawn_below_the_kernels_source_ports():
+    """deepy's rendezvous port is bound by rank 0 seconds after deepy picks it; a port of the kernel's ephemeral
+    range could meanwhile become the source port of any outgoing connection (EADDRINUSE, seen once in the suite)."""
+    from pathlib import Path
+
+    from neox_fork.launch.launcher import free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports), (low, sorted(ports))
+    assert len(ports) > 1  # drawn, not one fixed port

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import random
 import re
 import shlex
 import shutil
@@ -446,10 +447,33 @@ def _plan_local(c, user_script, config_paths, environ, python) -> LaunchPlan:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (the kernel's pick), for a one-node rendezvous."""
-    with socket.socket() as s:
+    """A TCP port nobody uses now, for a one-node rendezvous, drawn below the kernel's ephemeral range.
+
+    Rank 0 binds the port seconds later (after its imports). A port of the ephemeral range (the kernel's pick for
+    bind(0)) can be taken in between as the source port of any outgoing connection on the machine (another run's
+    gloo connections: EADDRINUSE at rendezvous); one below it is only ever taken by a listener that chose it."""
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every draw taken: the kernel's pick
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of source ports for outgoing connections (Linux; its default elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _plan_srun(c, user_script, config_paths, hostfile, environ, python) -> LaunchPlan:
