@@ -286,3 +286,27 @@ def test_four_layer_model_variants_match_eager(one_process, dtype, variant):
     assert_close_rel(loss, ref_loss, bound(dtype, 2, 256), "loss")
     for name in ref_grads:
         assert_norm_close(grads[name], ref_grads[name], bound(dtype, 4 * 2, 256), name)
+
+
+# ---------------------------------------------------------------------- MoE experts: grouped GEMMs
+def test_moe_grouped_gemm_experts_match_sequential_ones(one_process, monkeypatch):
+    """A 4-layer MoE model (8 experts, top 2) in bf16: experts through torch's grouped GEMM kernel, which
+    moe_grouped_gemm: null picks on CUDA in bf16, against one GEMM pair per expert (moe_grouped_gemm: false).
+    Both round each product once to bf16 from fp32 accumulation over hidden 256 (fc1) or ffn 512 (fc2); the
+    routing is the same computation, so the loss and gradients sit a few roundings apart, as for the dense
+    variants above. In fp32 null keeps the experts sequential: torch has no fp32 grouped kernel on CUDA."""
+    from neox_fork.model import moe
+
+    calls, real = [], moe.grouped_forward
+    monkeypatch.setattr(moe, "grouped_forward", lambda *a: calls.append(1) or real(*a))
+    keys = dict(moe_num_experts=8, moe_top_k=2, moe_router_type="topk", moe_aux_loss_coeff=0.01)
+    loss, grads = _model_loss_and_grads(torch.bfloat16, **keys)
+    assert calls, "moe_grouped_gemm: null did not pick the grouped kernel on CUDA in bf16"
+    calls.clear()
+    ref_loss, ref_grads = _model_loss_and_grads(torch.bfloat16, moe_grouped_gemm=False, **keys)
+    assert not calls
+    assert_close_rel(loss, ref_loss, bound(torch.bfloat16, 2, 512), "loss")
+    for name in ref_grads:
+        assert_norm_close(grads[name], ref_grads[name], bound(torch.bfloat16, 4 * 2, 512), name)
+    _model_loss_and_grads(torch.float32, **keys)
+    assert not calls, "fp32 experts should run one after another"

@@ -129,6 +129,9 @@ class NeoXConfig:
                                           "training loss (per MoE layer); upstream has none (sinkhorn balances)")
     moe_lbl_in_fp32: bool = _key(False, "compute the router logits, and so the load-balancing loss, in fp32")
     moe_jitter_eps: float | None = _key(None, "topk: router inputs times noise from U(1-eps, 1+eps), in training")
+    moe_grouped_gemm: bool | None = _key(None, "experts of a layer in two grouped GEMMs (torch's grouped_mm) instead "
+                                               "of one GEMM pair each; null: grouped where torch has the kernel (CUDA, "
+                                               "bf16, sm80+), else one after another; Megatron-LM's key")
     expert_model_parallel_size: int = _key(1, "MoE experts split over this many data-parallel ranks (megatron-"
                                            "core's expert parallelism; at TP > 1 each expert is also split over the "
                                            "TP group like the dense MLP); upstream's older moe_expert_parallel_size")

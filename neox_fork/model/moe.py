@@ -10,8 +10,10 @@ Upstream gpt-neox's semantics (megatron/model/router.py, moe.py), mapped onto me
 - `aux_loss_coeff` > 0 (topk): the Switch load-balancing loss of each MoE layer, times the coefficient, is added
   to the training loss (megatron-core attaches its gradient to the routing weights; `set_aux_loss_scale`).
 - every token reaches its experts (dropless; no capacity factor). Experts have no biases (as upstream's).
-Experts run one after another (megatron-core's SequentialMLP) on every device for now; the CPU shims for
-megatron-core's CUDA-only calls are in neox_fork/parallel/groups.py, with the dense layers' ones.
+Experts are megatron-core's SequentialMLP (one parameter set per expert); where torch's grouped GEMM has a kernel
+(CUDA, bf16) they run as two grouped GEMMs over all local experts (`grouped_forward`; `moe_grouped_gemm`), else
+one after another. The CPU shims for megatron-core's CUDA-only calls are in neox_fork/parallel/groups.py, with
+the dense layers' ones.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
+from neox_fork.errors import UserError
 from neox_fork.model.shape import ModelShape
 
 LBL = "load_balancing_loss"  # megatron-core's tracker name for the topk router's loss
@@ -117,6 +120,61 @@ class Experts(SequentialMLP):
         draw(rank * num_local_experts)
         super().__init__(num_local_experts, config, submodules, pg_collection)
         draw((ep - rank - 1) * num_local_experts)
+        self.grouped: bool | None = None  # moe_grouped_gemm (MoEMLP sets it); None: `grouped_kernel` decides
+
+    def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
+        """[tokens, h] sorted by expert -> ([tokens, h], None), as SequentialMLP's; grouped: see `grouped_forward`."""
+        weight = self.local_experts[0].linear_fc1.weight
+        if self.grouped is False or (self.grouped is None and not grouped_kernel(weight)) \
+                or self.config.moe_apply_probs_on_input:
+            return super().forward(hidden, tokens_per_expert, probs)
+        if weight.is_cuda and not grouped_kernel(weight):
+            raise UserError(f"moe_grouped_gemm: true needs bf16 experts on a CUDA device of compute capability 8+ "
+                            f"(these are {weight.dtype} on {torch.cuda.get_device_name(weight.device)}); use "
+                            "moe_grouped_gemm: null to run them one after another there")
+        return grouped_forward(self, hidden, tokens_per_expert, probs), None
+
+
+# Each expert's token group is padded to a multiple of this many rows: torch's CUDA grouped GEMM needs 16-byte
+# aligned group starts in the weight gradient's GEMM, which contracts over tokens (torchtitan pads so for bf16).
+GROUP_ROWS = 8
+
+
+def grouped_kernel(weight: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm has a kernel for these weights: bf16 on a CUDA device of compute capability 8+.
+    Elsewhere it runs a loop of GEMMs (CPU) or not at all (fp32 on CUDA), and experts run one after another."""
+    return (weight.is_cuda and weight.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm")
+            and torch.cuda.get_device_capability(weight.device)[0] >= 8)
+
+
+def grouped_forward(experts: SequentialMLP, hidden: torch.Tensor, tokens_per_expert: torch.Tensor,
+                    probs: torch.Tensor) -> torch.Tensor:
+    """The local experts of `experts` over their tokens in two grouped GEMMs (torch.nn.functional.grouped_mm):
+    the same products, activation and routing-weight scaling as megatron-core's MLP on each expert's slice
+    (its unfused path: fc1, act(first half) x second half when gated, times the token's weight in the input's
+    dtype, fc2), with no communication, as expert linears have none (the token dispatcher reduces over TP).
+    The weights stay one parameter per expert (checkpoints, ZeRO shards and the HF and universal mappings are
+    the same either way); they are stacked for the two GEMMs, a copy of the expert weights per forward."""
+    config = experts.config
+    counts = tokens_per_expert.to(device=hidden.device, dtype=torch.long)
+    padded = (counts + GROUP_ROWS - 1) // GROUP_ROWS * GROUP_ROWS
+    # row i of the sorted tokens goes to its expert's padded block at the same offset within it
+    rows = torch.arange(hidden.shape[0], device=hidden.device) + torch.repeat_interleave(
+        torch.cumsum(padded, 0) - padded - (torch.cumsum(counts, 0) - counts), counts,
+        output_size=hidden.shape[0])
+    x = hidden.new_zeros(int(padded.sum()), hidden.shape[1]).index_copy(0, rows, hidden)
+    offsets = torch.cumsum(padded, 0).to(torch.int32)
+    fc1 = torch.stack([e.linear_fc1.weight for e in experts.local_experts])  # [E, out, h]
+    fc2 = torch.stack([e.linear_fc2.weight for e in experts.local_experts])  # [E, h, f]
+    inner = torch.nn.functional.grouped_mm(x, fc1.transpose(1, 2), offs=offsets)
+    if config.gated_linear_unit:
+        gate, linear = torch.chunk(inner, 2, dim=-1)
+        inner = config.activation_func(gate) * (linear + config.glu_linear_offset)
+    else:
+        inner = config.activation_func(inner)
+    scale = probs.new_zeros(x.shape[0]).index_copy(0, rows, probs)
+    inner = (inner * scale.unsqueeze(-1)).to(inner.dtype)
+    return torch.nn.functional.grouped_mm(inner, fc2.transpose(1, 2), offs=offsets).index_select(0, rows)
 
 
 _EXPERT = re.compile(r"(.*\.mlp\.moe\.experts\.local_experts\.)(\d+)(\..*)")
@@ -194,6 +252,7 @@ class MoEMLP(nn.Module):
             linear_fc1=tp.ColumnParallelLinear, linear_fc2=tp.RowParallelLinear))
         self.moe = MoELayer(config, MoESubmodules(router=Router, experts=experts), layer_number=layer_number)
         self.moe.set_layer_number(layer_number + 1)  # megatron-core counts layers from 1
+        self.moe.experts.grouped = s.moe.grouped_gemm
         self.layer_index = layer_number
         self.tokens_per_expert: torch.Tensor | None = None
         self.load_balancing_loss: torch.Tensor | None = None

@@ -20,6 +20,7 @@ class MoEShape:
     aux_loss_coeff: float  # topk: Switch load-balancing loss coefficient, per MoE layer
     router_fp32: bool  # moe_lbl_in_fp32: router logits (and the balancing loss) in fp32
     jitter_eps: float | None
+    grouped_gemm: bool | None = None  # moe_grouped_gemm: None picks by device and dtype (moe.Experts.grouped)
 
     def is_moe_layer(self, layer_number: int) -> bool:
         return layer_number % self.interval == 0
@@ -30,7 +31,8 @@ class MoEShape:
             return None
         return cls(num_experts=c.moe_num_experts, top_k=c.moe_top_k, interval=c.moe_expert_interval,
                    router_type=c.moe_router_type, normalize_weights=c.moe_normalize_expert_weights,
-                   aux_loss_coeff=c.moe_aux_loss_coeff, router_fp32=c.moe_lbl_in_fp32, jitter_eps=c.moe_jitter_eps)
+                   aux_loss_coeff=c.moe_aux_loss_coeff, router_fp32=c.moe_lbl_in_fp32, jitter_eps=c.moe_jitter_eps,
+                   grouped_gemm=c.moe_grouped_gemm)
 
 
 @dataclass
