@@ -9,7 +9,7 @@
 # private folder on PYTHONPATH); (3) the GPU tier, pytest -m gpu; (4) StableLM-3B as published (seq 4096,
 # micro-batch 4, full recompute, bf16) through --path engine, the train.py step; (5) the same shape through
 # --path model --compare hf, both eager; (6) while the time budget lasts: engine without recompute at
-# micro-batch 1, with selective recompute, compiled; (7) one table: tokens/s, MFU, HFU, peak memory, ratio.
+# micro-batch 1, with selective recompute, an MoE of that width with grouped and with sequential experts, compiled; (7) one table: tokens/s, MFU, HFU, peak memory, ratio.
 # Every result is also kept as JSON in the output folder (default /tmp/gpu_check, or GPU_CHECK_OUT).
 # --dry-run prints every step and runs none. --rehearse runs every step on this machine's CPU with
 # configs/tiny.yml at a small shape and no CUDA check: with PYTHON set to a copy of the GPU image's Python
@@ -54,15 +54,18 @@ optional() {  # optional NAME LIMIT_S COMMAND: a step, if it would end within th
 }
 
 SITE=$OUT_DIR/site
-BENCH="$PY tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --steps 6 --warmup 2 --json"
+CFG=configs/stablelm-3b-4e1t.yml
+BENCH_ARGS="--steps 6 --warmup 2 --json"
 CUDA_CHECK="assert torch.cuda.is_available(), 'no CUDA device'; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(), 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
 DEVICE="nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "
 if [ "$REHEARSE" = 1 ]; then
     echo "== rehearsal: every step on the CPU, configs/tiny.yml at micro-batch 2 x seq 64"
-    BENCH="$PY tools/benchmark.py --config configs/tiny.yml --micro-batch 2 --seq-length 64 --steps 2 --warmup 1 --json"
+    CFG=configs/tiny.yml
+    BENCH_ARGS="--micro-batch 2 --seq-length 64 --steps 2 --warmup 1 --json"
     CUDA_CHECK="print(sys.version.split()[0], torch.__version__, 'CUDA' if torch.cuda.is_available() else 'no CUDA (rehearsal)')"
     DEVICE=""
 fi
+BENCH="$PY tools/benchmark.py --config $CFG $BENCH_ARGS"
 [ "$DRY" = 1 ] || mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
@@ -73,7 +76,15 @@ step "4. 3B engine, published config" "timeout 150 $BENCH --path engine > $OUT_D
 step "5. 3B model vs transformers, eager" "timeout 210 $BENCH --path model --compare hf > $OUT_DIR/model_vs_hf.json"
 optional "6a. 3B engine, no recompute" 120 "$BENCH --path engine --checkpoint-activations false --micro-batch 1 > $OUT_DIR/engine_none_mb1.json"
 optional "6b. 3B engine, selective recompute" 120 "$BENCH --path engine --checkpoint-activations selective --micro-batch 1 > $OUT_DIR/engine_selective_mb1.json"
-optional "6c. 3B engine, compiled layers" 180 "$BENCH --path engine --torch-compile true > $OUT_DIR/engine_full_mb4_compiled.json"
+# MoE at StableLM-3B's width: 8 layers, 4 experts, top 2 (2.2B parameters, 1.0B active), experts as two grouped
+# GEMMs (moe_grouped_gemm: null picks them in bf16) and then one GEMM pair per expert
+MOE="$OUT_DIR/moe.yml"
+[ "$DRY" = 1 ] || printf '%s\n' '{"num_layers": 8, "moe_num_experts": 4, "moe_top_k": 2, "moe_router_type": "topk",' \
+    ' "moe_aux_loss_coeff": 0.01}' > "$MOE"
+[ "$DRY" = 1 ] || printf '%s\n' '{"moe_grouped_gemm": false}' > "$OUT_DIR/moe_sequential.yml"
+optional "6c. MoE engine, grouped GEMM experts" 120 "$PY tools/benchmark.py --config $CFG $MOE $BENCH_ARGS --path engine --micro-batch 1 > $OUT_DIR/moe_grouped_mb1.json"
+optional "6d. MoE engine, sequential experts" 120 "$PY tools/benchmark.py --config $CFG $MOE $OUT_DIR/moe_sequential.yml $BENCH_ARGS --path engine --micro-batch 1 > $OUT_DIR/moe_sequential_mb1.json"
+optional "6e. 3B engine, compiled layers" 180 "$BENCH --path engine --torch-compile true > $OUT_DIR/engine_full_mb4_compiled.json"
 step "7. table" "$PY tools/benchmark.py --table \$(ls $OUT_DIR/*.json 2>/dev/null | while read f; do [ -s \"\$f\" ] && echo \"\$f\"; done) | tee $OUT_DIR/table.md"
 
 echo "== [$((SECONDS - START))s] done${FAILED:+; failed: ${FAILED[*]}}"

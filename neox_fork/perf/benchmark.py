@@ -319,6 +319,8 @@ def _report(config: NeoXConfig, path: str, dtype: str, device: torch.device, run
         "recompute": config.activation_recompute,
         "torch_compile": config.torch_compile,
         "attention": sorted(set(ours.shape.attention_types)),
+        "moe_experts": config.moe_num_experts,  # 1: dense
+        "moe_grouped_gemm": config.moe_grouped_gemm,  # null: grouped GEMMs where torch has the kernel (CUDA bf16)
         "steps": steps,
         "warmup": warmup,
         "model_flops_per_token": fpt.model,
