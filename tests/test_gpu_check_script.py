@@ -17,13 +17,17 @@ def test_dry_run_prints_every_step_and_runs_nothing(tmp_path):
     steps = [line.split("] ", 1)[1] for line in text.splitlines() if line.startswith("== [")]
     assert steps == ["1. device", "2. install from wheels/gpu", "3. GPU tier", "4. 3B engine, published config",
                      "5. 3B model vs transformers, eager", "6a. 3B engine, no recompute",
-                     "6b. 3B engine, selective recompute", "6c. 3B engine, compiled layers", "7. table", "done"]
+                     "6b. 3B engine, selective recompute", "6c. MoE engine, grouped GEMM experts",
+                     "6d. MoE engine, sequential experts", "6e. 3B engine, compiled layers", "7. table", "done"]
     assert "py3 -m pip install -q --no-index --no-deps" in text and "wheels/gpu/*.whl" in text
     assert "py3 -m pytest -m gpu" in text
     bench = "py3 tools/benchmark.py --config configs/stablelm-3b-4e1t.yml --steps 6 --warmup 2 --json"
     assert f"{bench} --path engine > {out}/engine_full_mb4.json" in text
     assert f"{bench} --path model --compare hf > {out}/model_vs_hf.json" in text
     assert "--checkpoint-activations false --micro-batch 1" in text and "--torch-compile true" in text
+    moe = f"py3 tools/benchmark.py --config configs/stablelm-3b-4e1t.yml {out}/moe.yml"
+    assert f"{moe} --steps 6 --warmup 2 --json --path engine --micro-batch 1 > {out}/moe_grouped_mb1.json" in text
+    assert f"{moe} {out}/moe_sequential.yml --steps 6" in text
     assert "tools/benchmark.py --table" in text
     assert not out.exists()  # nothing ran
 
@@ -35,7 +39,7 @@ def test_rehearsal_runs_the_same_steps_on_the_tiny_config_without_cuda(tmp_path)
     assert run.returncode == 0, run.stderr
     text = run.stdout
     steps = [line.split("] ", 1)[1] for line in text.splitlines() if line.startswith("== [")]
-    assert len(steps) == 10 and steps[3] == "4. 3B engine, published config"  # the same steps, in order
+    assert len(steps) == 12 and steps[3] == "4. 3B engine, published config"  # the same steps, in order
     bench = "py3 tools/benchmark.py --config configs/tiny.yml --micro-batch 2 --seq-length 64 --steps 2 --warmup 1 --json"
     assert f"{bench} --path engine > {out}/engine_full_mb4.json" in text
     assert f"{bench} --path model --compare hf > {out}/model_vs_hf.json" in text
