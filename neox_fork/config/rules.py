@@ -594,11 +594,6 @@ def _moe(c: NeoXConfig, fail) -> None:
                           "keeps its own weights and takes no jitter (as upstream); leave it unset or use topk")
     if c.moe_jitter_eps is not None and not 0 < c.moe_jitter_eps < 1:
         fail("moe_jitter_eps", f"moe_jitter_eps must be between 0 and 1 (or null), got {c.moe_jitter_eps}")
-    if c.model_parallel_size > 1:
-        for key in ("sequence_parallel", "partition_activations"):
-            if getattr(c, key):
-                fail(key, f"{key} with moe_num_experts > 1 at model_parallel_size {c.model_parallel_size} is not "
-                          "supported yet (the MoE layer splits the tokens over the TP group itself); set it false")
     if c.adapter is not None:
         fail("adapter", f"adapter {c.adapter} with moe_num_experts > 1 is not supported yet (adapters on the experts "
              "are not built); train the whole model (adapter: null)")

@@ -254,6 +254,7 @@ class MoEMLP(nn.Module):
         self.moe.set_layer_number(layer_number + 1)  # megatron-core counts layers from 1
         self.moe.experts.grouped = s.moe.grouped_gemm
         self.layer_index = layer_number
+        self.sequence_parallel = False  # this forward's input is this TP rank's sequence slice (NeoXModel sets it)
         self.tokens_per_expert: torch.Tensor | None = None
         self.load_balancing_loss: torch.Tensor | None = None
         self.moe.router.register_forward_hook(self._count_tokens)
@@ -268,7 +269,9 @@ class MoEMLP(nn.Module):
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         tracker.pop(LBL, None)
         group = parallel_state.get_tensor_model_parallel_group()
-        if self.training and group.size() > 1:
+        if self.sequence_parallel:  # [s/TP, b, h]: this rank's tokens already, as megatron-core's MoE expects
+            out, _ = self.moe(x)
+        elif self.training and group.size() > 1:
             out = self._tokens_split_over(group, x)
         else:  # token order does not matter to routing: [b, s, h] is taken as is (TP > 1 in evaluation: every
             out, _ = self.moe(x)  # TP rank routes all tokens, the same; the experts' outputs are still summed once)

@@ -426,7 +426,9 @@ class NeoXModel(nn.Module):
             raise ValueError(f"sequence parallelism needs a sequence length divisible by the TP size {tp_size}, "
                              f"got {seq_length}")
         for m in self.layers.modules():
-            if isinstance(m, (tp.ColumnParallelLinear, tp.RowParallelLinear)) and m.sequence_parallel != on:
+            if isinstance(m, moe.MoEMLP):
+                m.sequence_parallel = on
+            elif isinstance(m, (tp.ColumnParallelLinear, tp.RowParallelLinear)) and m.sequence_parallel != on:
                 m.sequence_parallel = on
                 if isinstance(m, tp.ColumnParallelLinear):
                     m.allreduce_dgrad = tp_size > 1 and not on and not m.disable_grad_reduce
