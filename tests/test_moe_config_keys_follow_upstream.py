@@ -36,8 +36,6 @@ def test_upstream_defaults_are_dense_sinkhorn_top1():
      "expert_model_parallel_size 2 with zero_optimization stage 2 is not supported yet"),
     (dict(moe_num_experts=4, model_parallel_size=2, sequence_parallel=True),
      "sequence_parallel with moe_num_experts > 1 at model_parallel_size 2 is not supported yet"),
-    (dict(moe_num_experts=4, load_universal=True, expert_model_parallel_size=2, pipe_parallel_size=2),
-     "load_universal into pipeline stages at expert_model_parallel_size 2 is not supported yet"),
     (dict(moe_num_experts=4, adapter="lora"), "adapters on the experts are not built"),
     (dict(moe_num_experts=4, moe_router_type="topk", moe_aux_loss_coeff=0.01, precision="fp16"),
      "the fp16 loss scale"),
