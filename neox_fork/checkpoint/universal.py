@@ -22,6 +22,8 @@ checkpoint.sharding, the one table of how each parameter is split:
 MoE experts split over TP as the dense MLP (the same table). Under expert parallelism each EP rank is converted
 alone and its experts renamed to their global index (_merge_expert_parallel_rank; docs/moe.md says why), so the
 folder is the one a one-process run gives; the loader (training/state.py) reads each EP rank's experts by that index.
+With pipeline stages too, an EP rank's files of every stage are converted together, numbered as a pipelined run of
+TP ranks numbers them (_saved_rank, _link_as_tp_group); loading into pipeline stages at EP > 1 is the same load.
 
 The vocabulary is kept at its padded size (`original_vocab_size` is the padded size): the head's padding
 rows take part in the softmax and are trained, so dropping them would change the loss. The resumed run
@@ -139,9 +141,10 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
             local = checkpoint.load_config_of(folder).moe_num_experts // ep
             for rank in range(ep):
                 part = work / f"ep{rank}"
-                _ds_to_universal(folder, work / f"input{rank}", part, workers, trust, ep_rank=rank, tp=tp, ep=ep, pp=pp)
+                _ds_to_universal(folder, work / f"input{rank}", part, workers, trust, ep_rank=rank, tp=tp, ep=ep,
+                                 pp=pp)
                 _merge_expert_parallel_rank(part, tmp, rank, local, tp, ep, set().union(
-                    *(names[i] for i in range(len(names)) if (i // tp) % ep == rank)))
+                    *(names[i] for i in range(len(names)) if _rank_coordinates(i, tp, ep)[1] == rank)))
         for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE, folder / checkpoint.LORA_FILE]:
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)
@@ -173,8 +176,8 @@ def _ds_to_universal(folder: Path, source_dir: Path, output: Path, workers: int,
         m = _RANK_FILE.fullmatch(f.name)
         if ep_rank is None or m is None:
             (source_dir / f.name).symlink_to(f.resolve())
-        elif (int(m[2]) // tp) % ep == ep_rank:
-            stage, tp_rank = int(m[2]) // (tp * ep), int(m[2]) % tp
+        elif (rank := _rank_coordinates(int(m[2]), tp, ep))[1] == ep_rank:
+            stage, _, tp_rank = rank
             _link_as_tp_group(f, source_dir / f"{m[1]}{stage * tp + tp_rank:02d}{m[3]}", pp, tp, trust)
     args = argparse.Namespace(input_folder=str(source_dir), output_folder=str(output), num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
@@ -202,6 +205,11 @@ def _saved_rank(stage: int, ep_rank: int, tp_rank: int, tp: int, ep: int) -> int
     Without pipelines parallel.MPU gives DeepSpeed that model-parallel rank; with them DeepSpeed's grid, whose model
     axis is TP x EP ranks (training/pipeline.py's build_pipeline), numbers its (stage, model) ranks so."""
     return tp_rank + tp * (ep_rank + ep * stage)
+
+
+def _rank_coordinates(saved_rank: int, tp: int, ep: int) -> tuple[int, int, int]:
+    """(pipeline stage, EP rank, TP rank) of an mp_rank number: the inverse of _saved_rank."""
+    return saved_rank // (tp * ep), saved_rank // tp % ep, saved_rank % tp
 
 
 def _link_as_tp_group(f: Path, link: Path, pp: int, tp: int, trust: bool) -> None:
