@@ -34,8 +34,6 @@ def test_upstream_defaults_are_dense_sinkhorn_top1():
      "eval_tasks during training with expert_model_parallel_size 2 is not supported yet"),
     (dict(moe_num_experts=4, expert_model_parallel_size=2, zero_optimization={"stage": 2}),
      "expert_model_parallel_size 2 with zero_optimization stage 2 is not supported yet"),
-    (dict(moe_num_experts=4, load_universal=True, expert_model_parallel_size=2, pipe_parallel_size=2),
-     "load_universal into pipeline stages at expert_model_parallel_size 2 is not supported yet"),
     (dict(moe_num_experts=4, adapter="lora"), "adapters on the experts are not built"),
     (dict(moe_num_experts=4, moe_router_type="topk", moe_aux_loss_coeff=0.01, precision="fp16"),
      "the fp16 loss scale"),

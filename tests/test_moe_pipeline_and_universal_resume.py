@@ -1,7 +1,8 @@
 """An MoE model (2 layers, both MoE: 4 experts, top 2, load-balancing loss 0.1) trains at pipe_parallel_size 2
 (one MoE layer a stage) like one process, also with experts split over 2 expert-parallel ranks (pipe 2 x EP 2) or
 2 tensor-parallel ranks (pipe 2 x TP 2); its checkpoint resumes exactly at pipe 2 and at pipe 2 x EP 2, and through
-DeepSpeed's universal checkpoint at data parallel 2 (ZeRO-1 cutting the experts anew) like the uninterrupted run.
+DeepSpeed's universal checkpoint at data parallel 2 (ZeRO-1 cutting the experts anew) like the uninterrupted run;
+universal checkpoints go both ways between pipe 2 x EP 2 and one process.
 
 Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_equivalence's Adam with eps 1e-5):
 
@@ -9,9 +10,11 @@ Runs (train.py on local ranks joined by gloo, fp32, no dropout, test_parallel_eq
     pp2   pipe 2, micro-batch 2 x 2 in flight, full activation recompute, steps 1-4, saving step 2 too
     same  pp2's step 2 -> the same, steps 3-4                    (exact resume: equal to pp2 bit for bit)
     dp2   pp2's step 2 -> universal -> data parallel 2, micro-batch 2, steps 3-4   (like `one`)
-    one_tied  as one, with tied embeddings
+    one_tied  as one, with tied embeddings, saving step 2 too
     pp2ep2  pipe 2 x EP 2 (4 ranks, data parallel 2, DeepSpeed's data-parallel group the expert-data one of 1 rank),
           tied embeddings, micro-batch 2, no accumulation, full recompute, saving step 2  (like one_tied; resumed)
+    from_pp2ep2  pp2ep2's step 2 -> universal -> 1 process, as one_tied, steps 3-4                  (like one_tied)
+    into_pp2ep2  one_tied's step 2 -> universal -> pipe 2 x EP 2, as pp2ep2, steps 3-4           (like one_tied)
     pp2tp2  pipe 2 x TP 2 (4 ranks), as pp2                                               (like `one`)
 
 Each micro-batch has its own load-balancing loss in every run (the same 2 samples: data parallelism deals a global
@@ -31,6 +34,7 @@ with its own data-parallel group (model axis TP, not TP x EP) stops at start (it
 check in build_pipeline); without the validation loss's average over the EP group the logged eval_lm_loss is EP
 rank 0's half (6.4828 against 6.5042); with reduce_expert_parallel_grads clearing the pipeline's mark on the last
 stage's copy of the tied embedding, EP rank 0 counts it twice: gradient norm 1.1283 against 0.8349 at step 1.
+Universal checkpoints of pipe 2 x EP 2, either way: the two tests that say so in their docstrings.
 """
 
 import shutil
@@ -55,6 +59,7 @@ PP2 = dict(pipe_parallel_size=2, gradient_accumulation_steps=2, checkpoint_activ
 PP2EP2 = dict(pipe_parallel_size=2, expert_model_parallel_size=2, gradient_accumulation_steps=1,
               checkpoint_activations=True, eval_interval=STEPS, eval_iters=1, extra_save_iters=[STOP],
               no_weight_tying=False)
+ONE_TIED = dict(gradient_accumulation_steps=2, no_weight_tying=False)
 TOKEN_KEYS = [f"moe_tokens/layer{i}/expert{e}" for i in (0, 1) for e in range(4)]
 WEIGHT_TOL = 1e-3 * LR * STEPS
 
@@ -78,8 +83,8 @@ def pp2(tmp_path_factory, small_corpus):
 
 @pytest.fixture(scope="module")
 def one_tied(tmp_path_factory, small_corpus):
-    return _train(tmp_path_factory.mktemp("moe_one_tied") / "one", small_corpus, 1, gradient_accumulation_steps=2,
-                  eval_interval=STEPS, eval_iters=2, no_weight_tying=False)
+    return _train(tmp_path_factory.mktemp("moe_one_tied") / "one", small_corpus, 1, extra_save_iters=[STOP],
+                  **ONE_TIED, eval_interval=STEPS, eval_iters=2)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +207,53 @@ def test_pp2_ep2_resumes_exactly(tmp_path, small_corpus, pp2ep2):
     wb, _, _ = checkpoint.load_merged(pp2ep2)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
+
+
+def _assert_steps_3_4_are_one_tieds(resumed, one_tied, data_parallel: int):
+    """Steps 3-4 of `resumed` against the uninterrupted `one_tied`, with test_pp2_ep2_trains_like_one_process's
+    bounds; tokens per expert are each of `data_parallel` ranks' count of its share of one_tied's 2 micro-batches,
+    averaged."""
+    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
+    got, want = _rows(resumed, keys, [3, 4]), _rows(one_tied, keys, list(range(1, STEPS + 1)))
+    for it in (3, 4):
+        for key in ("lm_loss", "moe_lbl", "grad_norm"):
+            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
+        assert [data_parallel * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    wa, _, _ = checkpoint.load_merged(resumed)
+    wb, _, _ = checkpoint.load_merged(one_tied)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+
+
+def test_pp2_ep2_converts_to_the_universal_checkpoint_of_one_process(tmp_path, small_corpus, one_tied, pp2ep2):
+    """to_universal on pipe 2 x EP 2's step 2: each EP rank's files of both stages (mp_rank TP rank + TP x (EP rank
+    + EP x stage)) converted alone, its experts renamed to global indices. The folder holds what one process holds
+    at step 2 (every expert of both layers, the tied embedding once), and one process resumes from it like the
+    uninterrupted one_tied for steps 3-4.
+
+    Broken on purpose: EP rank 1's experts on stage 1 given the wrong global index (local 0 and 1 renamed 3 and 2,
+    not 2 and 3, in universal._merge_expert_parallel_rank) leaves layer 1's experts 2 and 3 0.125 from one process's
+    (6e-6 allowed); the resumed run's gradient norm at step 3 is 1.1904 against 1.1927."""
+    resumed = _resume(tmp_path, small_corpus, pp2ep2, 1, universal_first=True, **ONE_TIED)
+    zero = checkpoint.universal_dir(resumed, STOP) / "zero"
+    want, _, _ = checkpoint.load_merged(one_tied, STOP)
+    assert sorted(p.name for p in zero.iterdir() if p.is_dir()) == sorted(want)
+    for name, tensor in want.items():  # Adam's moments: checked by the resumed steps
+        got = checkpoint.read_file(zero / name / "fp32.pt")["param"]
+        torch.testing.assert_close(got, tensor.float(), rtol=0, atol=1e-3 * LR * STOP, msg=name)
+    _assert_steps_3_4_are_one_tieds(resumed, one_tied, data_parallel=1)
+
+
+def test_a_universal_checkpoint_resumes_at_pp2_ep2(tmp_path, small_corpus, one_tied):
+    """load_universal into pipe 2 x EP 2 from one process's universal checkpoint (all 4 experts of a layer on one
+    rank): each stage's EP rank reads its 2 experts of its layer by their global names, both stages the tied
+    embedding; steps 3-4 are one_tied's (micro-batch 2 on each of 2 data-parallel ranks, as pp2ep2).
+
+    Broken on purpose: reading by the local names (resume_universal without global_expert_names: each stage's EP
+    rank 1 reads experts 0 and 1) gives the step-3 loss 6.57406 against 6.57351 (6.6e-5 allowed)."""
+    resumed = _resume(tmp_path, small_corpus, one_tied, 4, universal_first=True, **PP2EP2)
+    _assert_steps_3_4_are_one_tieds(resumed, one_tied, data_parallel=2)
 
 
 @pytest.fixture(scope="module")

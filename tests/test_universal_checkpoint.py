@@ -260,3 +260,39 @@ def test_load_universal_needs_a_converted_checkpoint_and_zero(tmp_path):
         universal.resolve_load(from_dict(tiny_keys(load=str(tmp_path), load_universal=True)))
     with pytest.raises(UserError, match="load_universal needs zero_optimization stage 1 or 2"):
         from_dict(tiny_keys(load_universal=True, zero_optimization={"stage": 0}))
+
+
+def test_a_pipelined_expert_parallel_load_cuts_for_the_tensor_parallel_rank(one_process):
+    """DeepSpeed's universal loader cuts each parameter for its mpu's tensor-parallel rank and size; a pipelined run's
+    mpu is DeepSpeed's grid, whose model axis is TP x EP ranks (training/pipeline.py). For the load the optimizer sees
+    TP's (training/state.py). Pipe 2 x EP 2 x TP 2 (8 ranks) loaded one process's universal checkpoint and matched
+    one process exactly by hand; without this it stopped on the first tensor ('full param numel 12288 != tensor
+    slice numel 6144 * tp_world_size 4'). Pipe 2 x EP 2 (TP 1) runs in test_moe_pipeline_and_universal_resume.py."""
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
+
+    from neox_fork.parallel import groups as parallel
+    from neox_fork.training import state
+
+    class Grid:  # TP x EP = 4 ranks on the model axis, this rank the last
+        def get_slice_parallel_rank(self):
+            return 3
+
+        def get_slice_parallel_world_size(self):
+            return 4
+
+        get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size = (get_slice_parallel_rank,
+                                                                                get_slice_parallel_world_size)
+
+        def get_data_parallel_rank(self):
+            return 1
+
+    class Optimizer:
+        mpu = Grid()
+
+    optimizer, grid = Optimizer(), Optimizer.mpu
+    with state._tensor_parallel_grid(optimizer):
+        # as deepspeed.runtime.base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir asks
+        assert bwc_tensor_model_parallel_rank(mpu=optimizer.mpu) == parallel.tp_rank() == 0
+        assert optimizer.mpu.get_slice_parallel_world_size() == parallel.tp_size() == 1
+        assert optimizer.mpu.get_data_parallel_rank() == 1
+    assert optimizer.mpu is grid

@@ -22,6 +22,8 @@ checkpoint.sharding, the one table of how each parameter is split:
 MoE experts split over TP as the dense MLP (the same table). Under expert parallelism each EP rank is converted
 alone and its experts renamed to their global index (_merge_expert_parallel_rank; docs/moe.md says why), so the
 folder is the one a one-process run gives; the loader (training/state.py) reads each EP rank's experts by that index.
+With pipeline stages too, an EP rank's files of every stage are converted together, numbered as a pipelined run of
+TP ranks numbers them (_saved_rank, _link_as_tp_group); loading into pipeline stages at EP > 1 is the same load.
 
 The vocabulary is kept at its padded size (`original_vocab_size` is the padded size): the head's padding
 rows take part in the softmax and are trained, so dropping them would change the loss. The resumed run
@@ -114,12 +116,9 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
     if checkpoint.dp_size_of(folder) is None:
         raise UserError(f"checkpoint {folder} has no ZeRO optimizer shards (saved with zero_optimization stage 0?); "
                         "Universal Checkpointing converts checkpoints of ZeRO stage 1 or 2")
-    if ep > 1 and checkpoint.pp_size_of(folder) > 1:
-        raise UserError(f"checkpoint {folder} was saved with pipeline stages at expert_model_parallel_size {ep}: "
-                        "universal checkpoints of such runs are not built yet (docs/moe.md); resume it at its own "
-                        "layout, or convert a checkpoint saved at pipe_parallel_size 1 or expert_model_parallel_size 1")
-    # one model states file per (pipeline stage or EP rank, TP rank); each names the parameters its rank holds
-    models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp * checkpoint.pp_size_of(folder) * ep)]
+    pp = checkpoint.pp_size_of(folder)
+    # one model states file per (pipeline stage, EP rank, TP rank) (_saved_rank); each names its rank's parameters
+    models = [folder / checkpoint.MODEL_FILE.format(r) for r in range(tp * pp * ep)]
     names: list[set[str]] = []  # per EP rank, as its model names them
     for path in models:
         states = checkpoint.read_file(path, trust, mmap=True)
@@ -142,9 +141,10 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
             local = checkpoint.load_config_of(folder).moe_num_experts // ep
             for rank in range(ep):
                 part = work / f"ep{rank}"
-                _ds_to_universal(folder, work / f"input{rank}", part, workers, trust, ep_rank=rank, tp=tp)
-                _merge_expert_parallel_rank(part, tmp, rank, local, tp,
-                                            set().union(*names[rank * tp:(rank + 1) * tp]))
+                _ds_to_universal(folder, work / f"input{rank}", part, workers, trust, ep_rank=rank, tp=tp, ep=ep,
+                                 pp=pp)
+                _merge_expert_parallel_rank(part, tmp, rank, local, tp, ep, set().union(
+                    *(names[i] for i in range(len(names)) if _rank_coordinates(i, tp, ep)[1] == rank)))
         for f in [*checkpoint.rng_files(folder), folder / checkpoint.CONFIG_FILE, folder / checkpoint.LORA_FILE]:
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)
@@ -161,10 +161,12 @@ def convert(path: str | os.PathLike, step: int | None = None, workers: int = 4, 
 
 
 def _ds_to_universal(folder: Path, source_dir: Path, output: Path, workers: int, trust: bool,
-                     ep_rank: int | None = None, tp: int = 1) -> None:
+                     ep_rank: int | None = None, tp: int = 1, ep: int = 1, pp: int = 1) -> None:
     """DeepSpeed's ds_to_universal on the step's own files (links), not the frozen reference of DPO/KTO (reference/,
     model-states files of another model), copied over by convert. With `ep_rank`: that expert-parallel rank's files
-    only, numbered as one TP group's (mp_rank_{TP rank}), its ZeRO shards over its expert-data-parallel ranks."""
+    only, numbered as a run of `pp` stages x `tp` TP ranks numbers them (mp_rank_{stage x TP + TP rank}), its ZeRO
+    shards over its expert-data-parallel ranks; the pipeline layer files (written by EP rank 0, every expert under
+    its global index) are linked as they are: the converter reads only their names."""
     from deepspeed.checkpoint import ds_to_universal
 
     source_dir.mkdir()
@@ -174,8 +176,9 @@ def _ds_to_universal(folder: Path, source_dir: Path, output: Path, workers: int,
         m = _RANK_FILE.fullmatch(f.name)
         if ep_rank is None or m is None:
             (source_dir / f.name).symlink_to(f.resolve())
-        elif ep_rank * tp <= int(m[2]) < (ep_rank + 1) * tp:
-            (source_dir / f"{m[1]}{int(m[2]) - ep_rank * tp:02d}{m[3]}").symlink_to(f.resolve())
+        elif (rank := _rank_coordinates(int(m[2]), tp, ep))[1] == ep_rank:
+            stage, _, tp_rank = rank
+            _link_as_tp_group(f, source_dir / f"{m[1]}{stage * tp + tp_rank:02d}{m[3]}", pp, tp, trust)
     args = argparse.Namespace(input_folder=str(source_dir), output_folder=str(output), num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=False)
@@ -191,8 +194,34 @@ def _ds_to_universal(folder: Path, source_dir: Path, output: Path, workers: int,
 
 
 _EXPERT_NAME = re.compile(r".*\.mlp\.moe\.experts\.local_experts\.\d+\..*")
-# a (TP x EP) rank's model states or ZeRO shard: mp_rank_XX is TP rank + TP x EP rank
+# a (stage, EP, TP) rank's model states or ZeRO shard: mp_rank_XX is _saved_rank's number
 _RANK_FILE = re.compile(r"(.*mp_rank_)(\d+)(_(?:model|optim)_states\.pt)")
+# DeepSpeed's record of a model states file's layout (deepspeed.checkpoint.constants), which its converter checks
+_PARALLEL_DIMS, _PP_DEGREE, _TP_DEGREE = "checkpoint_parallel_dimensions", "pp_degree", "tp_degree"
+
+
+def _saved_rank(stage: int, ep_rank: int, tp_rank: int, tp: int, ep: int) -> int:
+    """The mp_rank number of a (pipeline stage, EP rank, TP rank)'s files: TP rank + TP x (EP rank + EP x stage).
+    Without pipelines parallel.MPU gives DeepSpeed that model-parallel rank; with them DeepSpeed's grid, whose model
+    axis is TP x EP ranks (training/pipeline.py's build_pipeline), numbers its (stage, model) ranks so."""
+    return tp_rank + tp * (ep_rank + ep * stage)
+
+
+def _rank_coordinates(saved_rank: int, tp: int, ep: int) -> tuple[int, int, int]:
+    """(pipeline stage, EP rank, TP rank) of an mp_rank number: the inverse of _saved_rank."""
+    return saved_rank // (tp * ep), saved_rank // tp % ep, saved_rank % tp
+
+
+def _link_as_tp_group(f: Path, link: Path, pp: int, tp: int, trust: bool) -> None:
+    """`link` to `f`, one EP rank's file; a pipelined run's model states file is copied instead, recording `pp`
+    stages x `tp` TP ranks where DeepSpeed's grid recorded its model axis (TP x EP): the converter checks that
+    record against the number of files it is given."""
+    if not link.name.endswith("_model_states.pt") or pp == 1:
+        link.symlink_to(f.resolve())
+        return
+    states = checkpoint.read_file(f, trust)
+    states[_PARALLEL_DIMS] = {_PP_DEGREE: pp, _TP_DEGREE: tp}
+    torch.save(states, link)
 
 
 def _keep_parameters(zero: Path, names: set[str], rename) -> None:
@@ -205,7 +234,7 @@ def _keep_parameters(zero: Path, names: set[str], rename) -> None:
             entry.rename(zero / rename(entry.name))
 
 
-def _merge_expert_parallel_rank(part: Path, out: Path, ep_rank: int, local_experts: int, tp: int,
+def _merge_expert_parallel_rank(part: Path, out: Path, ep_rank: int, local_experts: int, tp: int, ep: int,
                                 names: set[str]) -> None:
     """One EP rank's universal folder into `out`, the folder a one-process (EP = 1) run would give.
 
@@ -214,7 +243,8 @@ def _merge_expert_parallel_rank(part: Path, out: Path, ep_rank: int, local_exper
     another expert on each EP rank): so each EP rank is converted alone (its shards are over its own expert-data-
     parallel ranks; its dense tensors and their Adam moments are those of every EP rank, averaged gradients), its
     experts renamed to their global index (EP rank x local experts + E), its dense tensors taken from EP rank 0.
-    The model states files keep their (TP, EP) numbering, for the iteration and data position they carry."""
+    The model states files get their saved (stage, EP, TP) numbers back, for the iteration and data position they
+    carry."""
     from neox_fork.model.moe import global_expert_names
 
     zero = part / "zero"
@@ -225,13 +255,14 @@ def _merge_expert_parallel_rank(part: Path, out: Path, ep_rank: int, local_exper
     _keep_parameters(zero, names if ep_rank == 0 else experts, rename)
     if ep_rank == 0:
         part.rename(out)
-        return
-    for entry in zero.iterdir():
-        if entry.is_dir():
-            entry.rename(out / "zero" / entry.name)
-    for f in part.iterdir():
-        if m := _RANK_FILE.fullmatch(f.name):
-            f.rename(out / f"{m[1]}{int(m[2]) + ep_rank * tp:02d}{m[3]}")
+        part = out
+    else:
+        for entry in zero.iterdir():
+            if entry.is_dir():
+                entry.rename(out / "zero" / entry.name)
+    files = [(int(m[2]), f, m) for f in part.iterdir() if (m := _RANK_FILE.fullmatch(f.name))]
+    for n, f, m in sorted(files, key=lambda x: x[0], reverse=True):  # a saved number is never below n: the highest
+        f.rename(out / f"{m[1]}{_saved_rank(n // tp, ep_rank, n % tp, tp, ep):02d}{m[3]}")  # first clobber none
 
 
 # ---------------------------------------------------------------------- loading (load_universal: true)

@@ -572,9 +572,6 @@ def _moe(c: NeoXConfig, fail) -> None:
         fail("eval_tasks", f"eval_tasks during training with expert_model_parallel_size {ep} is not supported yet "
              "(lm-eval runs on data-parallel rank 0's ranks; the other experts live elsewhere); run eval.py on the "
              "checkpoint, which reads every expert at any parallelism")
-    if ep > 1 and c.load_universal and c.pipe_parallel_size > 1:
-        fail("load_universal", f"load_universal into pipeline stages at expert_model_parallel_size {ep} is not "
-             "supported yet; resume the universal checkpoint at pipe_parallel_size 1 or expert_model_parallel_size 1")
     if ep > 1 and c.zero_stage > 1:
         fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} with zero_optimization stage "
              f"{c.zero_stage} is not supported yet (ZeRO-2/3 sharding over the expert-data-parallel group is not "

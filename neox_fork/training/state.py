@@ -487,6 +487,41 @@ def _global_expert_names(optimizer, params: dict[str, torch.Tensor]):
         names.update(saved)
 
 
+class _TensorParallelGrid:
+    """DeepSpeed's pipeline grid as its universal loader asks it: the tensor-parallel rank and size it cuts each
+    parameter for are TP's. The grid's model axis is TP x EP ranks (training/pipeline.py's build_pipeline), so at
+    EP > 1 it would answer TP rank + TP x EP rank of TP x EP, slices the universal folder does not hold."""
+
+    def __init__(self, grid):
+        self._grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return parallel.tp_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return parallel.tp_size()
+
+    get_slice_parallel_rank, get_slice_parallel_world_size = (get_tensor_model_parallel_rank,
+                                                              get_tensor_model_parallel_world_size)
+
+
+@contextlib.contextmanager
+def _tensor_parallel_grid(optimizer):
+    """For the block, a pipelined run's ZeRO optimizer sees the grid through _TensorParallelGrid."""
+    grid = getattr(optimizer, "mpu", None)
+    if grid is None or not hasattr(grid, "get_slice_parallel_world_size"):  # no pipelines: parallel.MPU says TP
+        yield
+        return
+    optimizer.mpu = _TensorParallelGrid(grid)
+    try:
+        yield
+    finally:
+        optimizer.mpu = grid
+
+
 def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     """Continue from the universal checkpoint of `load` (tools/ckpts/to_universal.py) at this run's TP, DP and ZeRO.
 
@@ -513,7 +548,8 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
         adapters = {k: v for k, v in checkpoint.model_state(model).items() if is_adapter(k)}  # DeepSpeed's, below
         copy_weights(model, {**base, **adapters}, state.adapter_base, c.trust_checkpoint)
     SafeLoads.install(engine, c.trust_checkpoint)
-    with universal.safe_unpickling(c.trust_checkpoint), _global_expert_names(engine.optimizer, params):
+    with (universal.safe_unpickling(c.trust_checkpoint), _global_expert_names(engine.optimizer, params),
+          _tensor_parallel_grid(engine.optimizer)):
         _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     state.iteration, state.consumed_samples = client_state["iteration"], client_state["consumed_samples"]
     state.last_saved = state.iteration
