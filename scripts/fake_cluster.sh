@@ -244,10 +244,13 @@ stop() {
         ip netns delete "$name" || true
     done
     if grep -q "^# >>> neox fake cluster " /etc/hosts; then
-        # rewrite in place (the file may be a bind mount that cannot be renamed over)
+        # rewritten in place (the file may be a bind mount that cannot be renamed over), never empty on the way:
+        # other processes resolve this machine's own name through it at any moment (gloo does at every group it
+        # makes), and `>` would truncate it first. The kept lines are written over the start, then the tail cut.
         local kept
         kept=$(sed '/^# >>> neox fake cluster /,/^# <<< neox fake cluster /d' /etc/hosts)
-        printf '%s\n' "$kept" >/etc/hosts
+        printf '%s\n' "$kept" | dd of=/etc/hosts conv=notrunc status=none
+        truncate -s "$(printf '%s\n' "$kept" | wc -c)" /etc/hosts
     fi
     if [ -f "$B/made-run-sshd" ]; then rmdir /run/sshd 2>/dev/null || true; rm -f "$B/made-run-sshd"; fi
     rm -f "$B/cluster.env"
