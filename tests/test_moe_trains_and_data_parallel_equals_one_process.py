@@ -1,5 +1,5 @@
-"""A tiny MoE model trains through train.py and saves; metrics.jsonl holds the load-balancing loss and the
-tokens each expert got per layer; at ZeRO-1, data parallel 2 is the same optimisation as one process that
+"""A tiny MoE model trains through train.py and saves; metrics.jsonl and TensorBoard hold the load-balancing loss
+and the tokens each expert got per layer; at ZeRO-1, data parallel 2 is the same optimisation as one process that
 accumulates the same two micro-batches (the load-balancing loss is per micro-batch in both, and its gradient is
 scaled by 1 / accumulation steps like the language-model loss's)."""
 
@@ -27,7 +27,8 @@ def test_moe_trains_logs_and_dp2_equals_one_process(tmp_path, small_corpus):
     for name, nproc, accum in (("one", 1, 2), ("dp2", 2, 1)):
         (tmp_path / name).mkdir()
         config = write_train_config(tmp_path / name, small_corpus, train_micro_batch_size_per_gpu=1,
-                                    gradient_accumulation_steps=accum, **MOE)
+                                    gradient_accumulation_steps=accum, tensorboard_dir=str(tmp_path / name / "tb"),
+                                    **MOE)
         run_training(config, nproc=nproc)
         runs[name] = tmp_path / name / "ckpt"
     a, b = read_metrics(runs["one"]), read_metrics(runs["dp2"])
@@ -43,6 +44,14 @@ def test_moe_trains_logs_and_dp2_equals_one_process(tmp_path, small_corpus):
         # every token reaches its k experts (dropless): 2 micro-batches x 64 tokens x top 2 per layer
         for layer in (0, 1):
             assert sum(r[f"moe_tokens/layer{layer}/expert{e}"] for e in range(4)) == 2 * 64 * 2
+    # TensorBoard gets the same scalars at the same steps (W&B and Comet get that dict too: training/metrics.py)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "one" / "tb"))
+    events.Reload()
+    for key in ("moe_lbl", "moe_tokens/layer1/expert3"):
+        assert {e.step: e.value for e in events.Scalars(key)} == pytest.approx({r["iteration"]: r[key] for r in step},
+                                                                               rel=1e-6), key
     wa, _, _ = checkpoint.load_merged(runs["one"])
     wb, _, _ = checkpoint.load_merged(runs["dp2"])
     assert any(".mlp.moe.experts.local_experts.3." in name for name in wa)
