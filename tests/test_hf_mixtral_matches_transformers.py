@@ -81,6 +81,20 @@ def test_import_equals_transformers_and_export_back_is_bit_exact(one_process, tm
     assert re.search(rf"^active_parameters: {total - 2 * 2 * 3 * 64 * 96} ", out, re.M)
 
 
+def test_import_at_tp2_splits_the_experts_as_training_at_tp2_saves_them(one_process, tmp_path):
+    """--tp 2 writes two ranks' files whose merge is the --tp 1 import, bit for bit: the experts split with the
+    table a TP=2 MoE training run saves by (that merge is checked against one process's weights in
+    test_moe_expert_parallel_equals_one_process.py), so the split is that training layout."""
+    hf_mixtral(tmp_path / "hf")
+    import_folder(tmp_path / "hf", tmp_path / "tp1")
+    import_folder(tmp_path / "hf", tmp_path / "tp2", tp=2)
+    assert checkpoint.tp_size_of(checkpoint.resolve(tmp_path / "tp2")) == 2
+    a, _, _ = checkpoint.load_merged(tmp_path / "tp1")
+    b, config, _ = checkpoint.load_merged(tmp_path / "tp2")
+    assert config.model_parallel_size == 2 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bf16_round_trip_is_bit_exact(one_process, tmp_path):
     """Released Mixtrals are bf16: import and export keep every tensor's bits and dtype."""
     hf_mixtral(tmp_path / "hf").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
