@@ -32,8 +32,6 @@ def test_upstream_defaults_are_dense_sinkhorn_top1():
     (dict(moe_num_experts=4, expert_model_parallel_size=0), "expert_model_parallel_size must be 1 or more"),
     (dict(moe_num_experts=4, expert_model_parallel_size=2, eval_tasks=["lambada_openai"]),
      "eval_tasks during training with expert_model_parallel_size 2 is not supported yet"),
-    (dict(moe_num_experts=4, expert_model_parallel_size=2, zero_optimization={"stage": 2}),
-     "expert_model_parallel_size 2 with zero_optimization stage 2 is not supported yet"),
     (dict(moe_num_experts=4, adapter="lora"), "adapters on the experts are not built"),
     (dict(moe_num_experts=4, moe_router_type="topk", moe_aux_loss_coeff=0.01, precision="fp16"),
      "the fp16 loss scale"),

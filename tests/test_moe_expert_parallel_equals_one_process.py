@@ -1,7 +1,8 @@
 """Expert and tensor parallelism of MoE train like one process: EP=2 (2 ranks, each holding 2 of 4 experts),
 EP=2 x DP=4 (4 ranks: expert-data-parallel 2, ZeRO-1 over it), TP=2 (each expert split over the TP group as the
 dense MLP, each TP rank routing half the tokens) and EP=2 x TP=2 (4 ranks, with sequence parallelism: each TP rank's
-MoE routes the sequence slice it holds) give the losses, load-balancing
+MoE routes the sequence slice it holds) and EP=2 x DP=4 at ZeRO-2 (gradients partitioned over the expert-data-
+parallel pair as the backward produces them, after the EP reduction's hooks) give the losses, load-balancing
 losses, gradient norms, tokens per expert, validation loss and weights of one process that accumulates the same
 4 micro-batches a step; a run stopped at step 2 and resumed at the same layout continues bit for bit; the saved
 weights hold every expert under its global index, so load_merged reads an EP checkpoint as a one-process one;
@@ -12,7 +13,8 @@ Broken on purpose: without the experts' gradient / EP the step-1 gradient norm i
 (Adam's first step hides it in the loss); with each rank initialising only its own experts the step-1 loss is
 6.4706 instead of 6.4751; at TP=2 without the router's gradient summed over TP the step-1 gradient norm is
 0.84346 instead of 0.84354 and the step-2 balancing loss 2.01608 instead of 2.01677; under sequence parallelism,
-splitting the (already split) tokens again as without it moves EP=2 x TP=2's step-1 loss by 1.8e-4.
+splitting the (already split) tokens again as without it moves EP=2 x TP=2's step-1 loss by 1.8e-4; at ZeRO-2, the
+experts' gradients not divided by EP fail EP=2 x DP=4's comparisons as at ZeRO-1.
 
 Bounds: the existing MoE data-parallel test's (fp32 sums in another order: 1e-5 relative on losses, 3e-5 on
 weights after 4 Adam steps at lr 3e-3); a token routed to another expert by such a difference moves one count."""
@@ -34,8 +36,9 @@ MOE = dict(moe_num_experts=4, moe_top_k=2, moe_router_type="topk", moe_aux_loss_
            train_iters=4, train_micro_batch_size_per_gpu=1, checkpoint_factor=2, eval_interval=4, eval_iters=1)
 # ranks, EP, TP, accumulation: 4 micro-batches a step in each
 LAYOUTS = {"one": (1, 1, 1, 4), "ep2": (2, 2, 1, 2), "ep2dp4": (4, 2, 1, 1), "tp2": (2, 1, 2, 4),
-           "ep2tp2": (4, 2, 2, 2)}
+           "ep2tp2": (4, 2, 2, 2), "ep2dp4z2": (4, 2, 1, 1)}
 SEQUENCE_PARALLEL = {"ep2tp2"}  # the residual stream split over the TP group: each TP rank's MoE routes its slice
+ZERO2 = {"ep2dp4z2"}  # ZeRO-2: gradients partitioned over the expert-data-parallel pair as they are produced
 
 # converted at step 2 and resumed: TP=2 -> one process (the experts' TP slices merged); EP=2 x DP=4 -> EP=2 (ZeRO
 # shards over the expert-data-parallel pairs merged, each EP rank reading its own experts by global index);
@@ -57,6 +60,7 @@ def runs(tmp_path_factory, small_corpus):
         config = write_train_config(tmp / name, small_corpus, gradient_accumulation_steps=accum,
                                     expert_model_parallel_size=ep, model_parallel_size=tp,
                                     sequence_parallel=name in SEQUENCE_PARALLEL,
+                                    zero_optimization={"stage": 2 if name in ZERO2 else 1},
                                     make_vocab_size_divisible_by=128 // tp, **MOE)  # the same padded vocabulary
         run_training(config, nproc=nproc)
         out[name] = tmp / name / "ckpt"
@@ -91,7 +95,7 @@ def _universal_resume(folder, corpus, source, layout):
     return ckpt
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2", "ep2dp4z2"])
 def test_expert_parallel_losses_balancing_and_loads_equal_one_process(runs, layout):
     a, b = rows(runs["one"]), rows(runs[layout])
     dp = LAYOUTS[layout][0] // LAYOUTS[layout][2]
@@ -117,7 +121,7 @@ def test_expert_parallel_losses_balancing_and_loads_equal_one_process(runs, layo
         assert list(ea) == list(eb) == [4] and abs(ea[4] - eb[4]) <= 1e-5 * ea[4], (ea, eb)
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2dp4", "tp2", "ep2tp2", "ep2dp4z2"])
 def test_expert_parallel_weights_equal_one_process_and_read_as_one(runs, layout):
     wa, _, _ = checkpoint.load_merged(runs["one"])
     wb, config, _ = checkpoint.load_merged(runs[layout])

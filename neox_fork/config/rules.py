@@ -572,10 +572,6 @@ def _moe(c: NeoXConfig, fail) -> None:
         fail("eval_tasks", f"eval_tasks during training with expert_model_parallel_size {ep} is not supported yet "
              "(lm-eval runs on data-parallel rank 0's ranks; the other experts live elsewhere); run eval.py on the "
              "checkpoint, which reads every expert at any parallelism")
-    if ep > 1 and c.zero_stage > 1:
-        fail("expert_model_parallel_size", f"expert_model_parallel_size {ep} with zero_optimization stage "
-             f"{c.zero_stage} is not supported yet (ZeRO-2/3 sharding over the expert-data-parallel group is not "
-             "built); use ZeRO stage 0 or 1")
     if not 1 <= c.moe_top_k <= c.moe_num_experts:
         fail("moe_top_k", f"moe_top_k must be from 1 to moe_num_experts {c.moe_num_experts}, got {c.moe_top_k}")
     if c.moe_expert_interval < 1:
