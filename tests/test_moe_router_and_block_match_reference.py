@@ -182,7 +182,8 @@ def test_grouped_gemm_in_bf16_equals_sequential_experts_to_bf16_rounding(one_pro
     grouped = block(x)
     block.moe.experts.grouped = False
     torch.testing.assert_close(grouped, block(x), rtol=0, atol=3e-2)
-    assert not moe.grouped_kernel(block.moe.experts.local_experts[0].linear_fc1.weight)  # CPU: no kernel
+    expert = block.moe.experts.local_experts[0]
+    assert not moe.grouped_kernel(expert.linear_fc1.weight, expert.linear_fc2.weight)  # CPU: no kernel
 
 
 def test_upstream_sinkhorn_is_three_iterations_not_megatron_cores_converged_one():

@@ -124,27 +124,33 @@ class Experts(SequentialMLP):
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         """[tokens, h] sorted by expert -> ([tokens, h], None), as SequentialMLP's; grouped: see `grouped_forward`."""
-        weight = self.local_experts[0].linear_fc1.weight
-        if self.grouped is False or (self.grouped is None and not grouped_kernel(weight)) \
+        expert = self.local_experts[0]
+        weights = (expert.linear_fc1.weight, expert.linear_fc2.weight)
+        if self.grouped is False or (self.grouped is None and not grouped_kernel(*weights)) \
                 or self.config.moe_apply_probs_on_input:
             return super().forward(hidden, tokens_per_expert, probs)
-        if weight.is_cuda and not grouped_kernel(weight):
-            raise UserError(f"moe_grouped_gemm: true needs bf16 experts on a CUDA device of compute capability 8+ "
-                            f"(these are {weight.dtype} on {torch.cuda.get_device_name(weight.device)}); use "
-                            "moe_grouped_gemm: null to run them one after another there")
+        if weights[0].is_cuda and not grouped_kernel(*weights):
+            raise UserError(f"moe_grouped_gemm: true needs bf16 experts whose sizes are multiples of 8 on a CUDA "
+                            f"device of compute capability 8+ (these are {weights[0].dtype}, fc1 "
+                            f"{list(weights[0].shape)} and fc2 {list(weights[1].shape)} on "
+                            f"{torch.cuda.get_device_name(weights[0].device)}); use moe_grouped_gemm: null to run "
+                            "them one after another there")
         return grouped_forward(self, hidden, tokens_per_expert, probs), None
 
 
-# Each expert's token group is padded to a multiple of this many rows: torch's CUDA grouped GEMM needs 16-byte
-# aligned group starts in the weight gradient's GEMM, which contracts over tokens (torchtitan pads so for bf16).
+# 16 bytes of bf16: torch's CUDA grouped GEMM needs rows aligned so. Each expert's token group is padded to a
+# multiple of this many rows (the weight gradient's GEMM contracts over tokens; torchtitan pads so for bf16), and
+# the kernel is used where every weight dimension is a multiple of it.
 GROUP_ROWS = 8
 
 
-def grouped_kernel(weight: torch.Tensor) -> bool:
-    """Whether torch's grouped_mm has a kernel for these weights: bf16 on a CUDA device of compute capability 8+.
-    Elsewhere it runs a loop of GEMMs (CPU) or not at all (fp32 on CUDA), and experts run one after another."""
-    return (weight.is_cuda and weight.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm")
-            and torch.cuda.get_device_capability(weight.device)[0] >= 8)
+def grouped_kernel(fc1: torch.Tensor, fc2: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm has a kernel for experts with these weights: bf16 on a CUDA device of compute
+    capability 8+, every dimension a multiple of 8 (the kernel's 16-byte row alignment). Elsewhere it runs a loop
+    of GEMMs (CPU) or not at all (fp32 on CUDA), and experts run one after another."""
+    return (fc1.is_cuda and fc1.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm")
+            and torch.cuda.get_device_capability(fc1.device)[0] >= 8
+            and all(d % GROUP_ROWS == 0 for d in (*fc1.shape, *fc2.shape)))
 
 
 def grouped_forward(experts: SequentialMLP, hidden: torch.Tensor, tokens_per_expert: torch.Tensor,
