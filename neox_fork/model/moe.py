@@ -127,7 +127,7 @@ class Experts(SequentialMLP):
         expert = self.local_experts[0]
         weights = (expert.linear_fc1.weight, expert.linear_fc2.weight)
         if self.grouped is False or (self.grouped is None and not grouped_kernel(*weights)) \
-                or self.config.moe_apply_probs_on_input:
+                or self.config.moe_apply_probs_on_input or hidden.shape[0] == 0:  # no token reached these experts
             return super().forward(hidden, tokens_per_expert, probs)
         if weights[0].is_cuda and not grouped_kernel(*weights):
             raise UserError(f"moe_grouped_gemm: true needs bf16 experts whose sizes are multiples of 8 on a CUDA "
