@@ -99,8 +99,9 @@ def _resume(tmp_path, corpus, source, nproc, universal_first=False, **keys):
     checkpoint.write_atomic(ckpt / checkpoint.LATEST_FILE, checkpoint.step_name(STOP))
     if universal_first:
         universal.convert(ckpt, workers=1)
-    run_training(write_train_config(tmp_path / "run", corpus, load=str(ckpt), load_universal=universal_first,
-                                    **keys, **MOE), nproc=nproc)
+    run = run_training(write_train_config(tmp_path / "run", corpus, load=str(ckpt), load_universal=universal_first,
+                                          **keys, **MOE), nproc=nproc)
+    (tmp_path / "run" / "stdout.txt").write_text(run.stdout)  # what the resumed run printed
     return ckpt
 
 
@@ -236,6 +237,8 @@ def test_pp2_ep2_converts_to_the_universal_checkpoint_of_one_process(tmp_path, s
     not 2 and 3, in universal._merge_expert_parallel_rank) leaves layer 1's experts 2 and 3 0.125 from one process's
     (6e-6 allowed); the resumed run's gradient norm at step 3 is 1.1904 against 1.1927."""
     resumed = _resume(tmp_path, small_corpus, pp2ep2, 1, universal_first=True, **ONE_TIED)
+    assert "(saved at PP=2 x EP=2 x TP=1 x DP=2) at TP=1 x DP=1, iteration 2" in \
+        (tmp_path / "run" / "stdout.txt").read_text()
     zero = checkpoint.universal_dir(resumed, STOP) / "zero"
     want, _, _ = checkpoint.load_merged(one_tied, STOP)
     assert sorted(p.name for p in zero.iterdir() if p.is_dir()) == sorted(want)
@@ -253,6 +256,8 @@ def test_a_universal_checkpoint_resumes_at_pp2_ep2(tmp_path, small_corpus, one_t
     Broken on purpose: reading by the local names (resume_universal without global_expert_names: each stage's EP
     rank 1 reads experts 0 and 1) gives the step-3 loss 6.57406 against 6.57351 (6.6e-5 allowed)."""
     resumed = _resume(tmp_path, small_corpus, one_tied, 4, universal_first=True, **PP2EP2)
+    assert "(saved at TP=1 x DP=1) at PP=2 x EP=2 x TP=1 x DP=2, iteration 2" in \
+        (tmp_path / "run" / "stdout.txt").read_text()
     _assert_steps_3_4_are_one_tieds(resumed, one_tied, data_parallel=2)
 
 

@@ -565,9 +565,16 @@ def resume_universal(engine, model, c: NeoXConfig, state: TrainState) -> None:
     else:
         log.warning("%s holds no RNG states (not made by tools/ckpts/to_universal.py?): dropout continues from fresh "
                     "seeds", folder)
-    log.info("resumed from universal checkpoint %s (saved at TP=%d x DP=%d) at TP=%d x DP=%d, iteration %d "
-             "(%d samples consumed)", folder, saved_tp, max(saved_dp, 1), parallel.tp_size(),
-             parallel.dp_size(), state.iteration, state.consumed_samples)
+    saved = _layout(checkpoint.pp_size_of(folder), checkpoint.ep_size_of(folder), saved_tp, max(saved_dp, 1))
+    now = _layout(parallel.pp_size(), parallel.ep_size(), parallel.tp_size(), parallel.dp_size())
+    log.info("resumed from universal checkpoint %s (saved at %s) at %s, iteration %d (%d samples consumed)", folder,
+             saved, now, state.iteration, state.consumed_samples)
+
+
+def _layout(pp: int, ep: int, tp: int, dp: int) -> str:
+    """"PP=2 x EP=2 x TP=1 x DP=2": pipeline stages and expert parallelism named where there are more than one."""
+    return " x ".join(f"{name}={n}" for name, n in (("PP", pp), ("EP", ep), ("TP", tp), ("DP", dp))
+                      if n > 1 or name in ("TP", "DP"))
 
 
 def load_weights_only(model, folder: Path, trust: bool = False) -> None:
