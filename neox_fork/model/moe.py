@@ -126,10 +126,11 @@ class Experts(SequentialMLP):
         """[tokens, h] sorted by expert -> ([tokens, h], None), as SequentialMLP's; grouped: see `grouped_forward`."""
         expert = self.local_experts[0]
         weights = (expert.linear_fc1.weight, expert.linear_fc2.weight)
-        if self.grouped is False or (self.grouped is None and not grouped_kernel(*weights)) \
+        kernel = grouped_kernel(*weights)
+        if self.grouped is False or (self.grouped is None and not kernel) \
                 or self.config.moe_apply_probs_on_input or hidden.shape[0] == 0:  # no token reached these experts
             return super().forward(hidden, tokens_per_expert, probs)
-        if weights[0].is_cuda and not grouped_kernel(*weights):
+        if weights[0].is_cuda and not kernel:
             raise UserError(f"moe_grouped_gemm: true needs bf16 experts whose sizes are multiples of 8 on a CUDA "
                             f"device of compute capability 8+ (these are {weights[0].dtype}, fc1 "
                             f"{list(weights[0].shape)} and fc2 {list(weights[1].shape)} on "
