@@ -193,7 +193,6 @@ def _ds_to_universal(folder: Path, source_dir: Path, output: Path, workers: int,
         raise UserError(f"DeepSpeed's ds_to_universal failed on {folder}: {type(err).__name__}: {err}") from None
 
 
-_EXPERT_NAME = re.compile(r".*\.mlp\.moe\.experts\.local_experts\.\d+\..*")
 # a (stage, EP, TP) rank's model states or ZeRO shard: mp_rank_XX is _saved_rank's number
 _RANK_FILE = re.compile(r"(.*mp_rank_)(\d+)(_(?:model|optim)_states\.pt)")
 # DeepSpeed's record of a model states file's layout (deepspeed.checkpoint.constants), which its converter checks
@@ -245,13 +244,13 @@ def _merge_expert_parallel_rank(part: Path, out: Path, ep_rank: int, local_exper
     experts renamed to their global index (EP rank x local experts + E), its dense tensors taken from EP rank 0.
     The model states files get their saved (stage, EP, TP) numbers back, for the iteration and data position they
     carry."""
-    from neox_fork.model.moe import global_expert_names
+    from neox_fork.model.moe import global_expert_names, is_expert
 
     zero = part / "zero"
     def rename(name: str) -> str:
         return next(iter(global_expert_names({name: None}, ep_rank, local_experts)))
 
-    experts = {name for name in names if _EXPERT_NAME.fullmatch(name)}
+    experts = {name for name in names if is_expert(name)}
     _keep_parameters(zero, names if ep_rank == 0 else experts, rename)
     if ep_rank == 0:
         part.rename(out)

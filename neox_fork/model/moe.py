@@ -187,6 +187,11 @@ def grouped_forward(experts: SequentialMLP, hidden: torch.Tensor, tokens_per_exp
 _EXPERT = re.compile(r"(.*\.mlp\.moe\.experts\.local_experts\.)(\d+)(\..*)")
 
 
+def is_expert(name: str) -> bool:
+    """Whether a parameter (our name) belongs to an expert: split over EP, its ZeRO state per EP rank."""
+    return _EXPERT.fullmatch(name) is not None
+
+
 def global_expert_names(state: dict, ep_rank: int, local_experts: int) -> dict:
     """A rank's state with its local expert indices made global (rank x local experts + index); the rest as is."""
     out = {}

@@ -14,6 +14,7 @@ from neox_fork.errors import UserError
 from neox_fork.model import rope_scaling
 from neox_fork.model.shape import ModelShape, count_parameters
 from neox_fork.model.adapters import is_adapter
+from neox_fork.model.moe import is_expert
 from neox_fork.model.transformer import build_model
 
 DISK_BYTES_PER_SEC = 100e6  # a conservative shared filesystem as seen from one node
@@ -89,7 +90,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
     tp, dp, cp = config.model_parallel_size, config.data_parallel_size(world), config.context_parallel_size
     # expert parallelism: a rank holds 1/EP of the experts, and ZeRO shards over the expert-data-parallel ranks
     ep = config.expert_model_parallel_size
-    experts = sum(v for k, v in numels.items() if ".mlp.moe.experts." in k)
+    experts = sum(v for k, v in numels.items() if is_expert(k))
     seq = config.seq_length
     fpt = flops.training_flops_per_token(model, seq, config.activation_recompute)
     model_fpt = fpt.model
@@ -156,7 +157,7 @@ def print_summary(paths, world_size=None, gpu="A100", gpu_memory_gb=None, assume
                      f"{3 if config.activation_recompute == 'full' else 2} passes)")
     saved_numels = adapters if config.adapter else numels
     ckpt_bytes = checkpoint_bytes(config, checkpoint_elements(saved_numels, config), checkpoint_elements(
-        {k: v for k, v in saved_numels.items() if ".mlp.moe.experts." not in k}, config))
+        {k: v for k, v in saved_numels.items() if not is_expert(k)}, config))
     saved = "adapter parameter; the base is named, not copied" if config.adapter else "parameter"
     lines.append(f"checkpoint: {ckpt_bytes / 1e9:.1f} GB per save ({ckpt_bytes // trainable} bytes per {saved}); "
                  f"{ckpt_bytes / DISK_BYTES_PER_SEC:.0f} s to write at {DISK_BYTES_PER_SEC / 1e6:.0f} MB/s "

@@ -98,7 +98,7 @@ def checkpoint_size(c: NeoXConfig, model) -> tuple[int, str]:
     replicated = sum(p.numel() for name, p in model.named_parameters() if checkpoint.sharding(name) is None)
     elements = count_parameters(model.shape) + (parallel.tp_size() - 1) * replicated
     # experts: this rank's share of each (split over TP, spread over EP) times the ranks that hold them
-    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.moe.experts." in name)
+    experts = sum(p.numel() for name, p in model.named_parameters() if moe.is_expert(name))
     return (checkpoint_bytes(c, elements, elements - experts * parallel.tp_size() * parallel.ep_size()),
             "one checkpoint (model_summary's estimate)")
 
