@@ -264,19 +264,20 @@ class HiddenDropout(nn.Module):
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if sequence_parallel:
-            local, b, h = x.shape
-            start = self.tp_rank * local
-            full = x.new_empty(b, local * self.tp_size, h).bernoulli_(1.0 - self.p)
-            keep = full[:, start : start + local].transpose(0, 1).to(torch.bool)
-        elif self.cp_size > 1:  # context parallelism: [b, s/cp, h], this CP rank's positions of the whole mask
-            b, local, h = x.shape
-            start = self.cp_rank * local
-            full = x.new_empty(b, local * self.cp_size, h).bernoulli_(1.0 - self.p)
-            keep = full[:, start : start + local].to(torch.bool)
+        if sequence_parallel:  # [s/tp, b, h]
+            keep = self._slice_of_whole_mask(x.transpose(0, 1), self.tp_rank, self.tp_size).transpose(0, 1)
+        elif self.cp_size > 1:  # context parallelism: [b, s/cp, h]
+            keep = self._slice_of_whole_mask(x, self.cp_rank, self.cp_size)
         else:
             keep = torch.empty_like(x).bernoulli_(1.0 - self.p).to(torch.bool)
         return x * keep * (1.0 / (1.0 - self.p))
+
+    def _slice_of_whole_mask(self, x: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        """Rank `rank` of `size`'s positions [b, s/size, h] (those of `x`) of the keep mask of the whole
+        [b, s, h] sequence, drawn as one process draws it."""
+        b, local, h = x.shape
+        full = x.new_empty(b, local * size, h).bernoulli_(1.0 - self.p)
+        return full[:, rank * local : (rank + 1) * local].to(torch.bool)
 
 
 class TransformerLayer(nn.Module):
