@@ -114,39 +114,45 @@ def _rows(ckpt, keys, steps):
     return out
 
 
+def _assert_like(got_ckpt, want_ckpt, keys, steps, data_parallel=1, exact=False):
+    """The run saved in `got_ckpt` at `steps` against the one in `want_ckpt` (every step logged): `keys` within
+    LOSS_RTOL relative (equal when `exact`); tokens per expert equal, each of `data_parallel` ranks counting its
+    share (averaged); final weights within WEIGHT_TOL (equal when `exact`), under the same names. Returns (the
+    rows of `got_ckpt`, its merged weights)."""
+    got = _rows(got_ckpt, [*keys, *TOKEN_KEYS], steps)
+    want = _rows(want_ckpt, [*keys, *TOKEN_KEYS], list(range(1, STEPS + 1)))
+    for it in steps:
+        for key in keys:
+            if exact:
+                assert got[key][it] == want[key][it], (key, it)
+            else:
+                assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
+        assert [data_parallel * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    wa, _, _ = checkpoint.load_merged(got_ckpt)
+    wb, _, _ = checkpoint.load_merged(want_ckpt)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0 if exact else WEIGHT_TOL, msg=name)
+    return got, wa
+
+
 def test_pp2_trains_like_one_process_with_the_balancing_loss_and_expert_load_of_both_stages(one, pp2):
     steps = list(range(1, STEPS + 1))
-    got = _rows(pp2, ["lm_loss", "moe_lbl", *TOKEN_KEYS], steps)
-    want = _rows(one, ["lm_loss", "moe_lbl", *TOKEN_KEYS], steps)
+    got, weights = _assert_like(pp2, one, ["lm_loss", "moe_lbl"], steps)
     for it in steps:
-        for key in ("lm_loss", "moe_lbl"):
-            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
-        assert [got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
         for layer in (0, 1):  # dropless: 2 micro-batches x 2 x 64 tokens x top 2 per layer
             assert sum(got[f"moe_tokens/layer{layer}/expert{e}"][it] for e in range(4)) == 2 * 2 * 64 * 2
     # each stage holds one MoE layer (the partition of test_pipeline_parallel_trains_like_one_process)
     folder = checkpoint.resolve(pp2)
     assert sorted(p.name for p in folder.glob("layer_0[23]-*")) == ["layer_02-model_00-model_states.pt",
                                                                     "layer_03-model_00-model_states.pt"]
-    wa, _, _ = checkpoint.load_merged(pp2)
-    wb, _, _ = checkpoint.load_merged(one)
-    assert wa.keys() == wb.keys() and any(".mlp.moe.experts.local_experts.3." in n for n in wa)
-    assert any(n.endswith(".mlp.moe.router.weight") for n in wa)
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+    assert any(".mlp.moe.experts.local_experts.3." in n for n in weights)
+    assert any(n.endswith(".mlp.moe.router.weight") for n in weights)
 
 
 def test_pp2_resumes_exactly_at_pp2(tmp_path, small_corpus, pp2):
     same = _resume(tmp_path, small_corpus, pp2, 2, **PP2)
-    keys = ["lm_loss", "moe_lbl", *TOKEN_KEYS]
-    got, want = _rows(same, keys, [3, 4]), _rows(pp2, keys, list(range(1, STEPS + 1)))
-    for key in keys:
-        for it in (3, 4):
-            assert got[key][it] == want[key][it], (key, it)
-    wa, _, _ = checkpoint.load_merged(same)
-    wb, _, _ = checkpoint.load_merged(pp2)
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
+    _assert_like(same, pp2, ["lm_loss", "moe_lbl"], [3, 4], exact=True)
 
 
 def test_pp2_resumes_at_dp2_through_the_universal_checkpoint_like_one_process(tmp_path, small_corpus, one, pp2):
@@ -156,17 +162,8 @@ def test_pp2_resumes_at_dp2_through_the_universal_checkpoint_like_one_process(tm
     zero = checkpoint.universal_dir(dp2, STOP) / "zero"
     assert (zero / "layers.1.mlp.moe.experts.local_experts.3.linear_fc2.weight" / "exp_avg.pt").is_file()
     assert (zero / "layers.0.mlp.moe.router.weight" / "fp32.pt").is_file()
-    keys = ["lm_loss", "moe_lbl", *TOKEN_KEYS]
-    got, want = _rows(dp2, keys, [3, 4]), _rows(one, keys, list(range(1, STEPS + 1)))
-    for it in (3, 4):
-        for key in ("lm_loss", "moe_lbl"):
-            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
-        # tokens per expert: each data-parallel rank's count of its micro-batch, averaged over the 2 ranks
-        assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
-    wa, _, _ = checkpoint.load_merged(dp2)
-    wb, _, _ = checkpoint.load_merged(one)
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+    # tokens per expert: each data-parallel rank's count of its micro-batch, averaged over the 2 ranks
+    _assert_like(dp2, one, ["lm_loss", "moe_lbl"], [3, 4], data_parallel=2)
 
 
 def test_pp2_ep2_trains_like_one_process(one_tied, pp2ep2):
@@ -174,13 +171,7 @@ def test_pp2_ep2_trains_like_one_process(one_tied, pp2ep2):
     data-parallel group the expert-data-parallel one of 1 rank): micro-batch 2 on each of the 2 data-parallel
     ranks is `one_tied`'s 2 accumulated micro-batches (as dp2 above), embeddings tied (the first and last stage hold
     a copy). Layer files hold every expert (global index)."""
-    steps = list(range(1, STEPS + 1))
-    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
-    got, want = _rows(pp2ep2, keys, steps), _rows(one_tied, keys, steps)
-    for it in steps:
-        for key in ("lm_loss", "moe_lbl", "grad_norm"):
-            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
-        assert [2 * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    _assert_like(pp2ep2, one_tied, ["lm_loss", "moe_lbl", "grad_norm"], list(range(1, STEPS + 1)), data_parallel=2)
     # validation after step 4: each data-parallel rank's one micro-batch of 2 is one of `one`'s 2, averaged over both
     ea, eb = read_metrics(pp2ep2, "eval_lm_loss"), read_metrics(one_tied, "eval_lm_loss")
     assert sorted(ea) == sorted(eb) == [STEPS]
@@ -188,43 +179,20 @@ def test_pp2_ep2_trains_like_one_process(one_tied, pp2ep2):
     folder = checkpoint.resolve(pp2ep2)
     assert sorted(p.name for p in folder.glob("layer_0[23]-*")) == ["layer_02-model_00-model_states.pt",
                                                                     "layer_03-model_00-model_states.pt"]
-    wa, _, _ = checkpoint.load_merged(pp2ep2)
-    wb, _, _ = checkpoint.load_merged(one_tied)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
 
 
 def test_pp2_ep2_resumes_exactly(tmp_path, small_corpus, pp2ep2):
     """Each stage's layer files (every expert) give each EP rank its own experts back; DeepSpeed's optimizer state
     is per (stage, TP x EP) rank: steps 3-4 equal the uninterrupted run bit for bit."""
     same = _resume(tmp_path, small_corpus, pp2ep2, 4, **PP2EP2)
-    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
-    got, want = _rows(same, keys, [3, 4]), _rows(pp2ep2, keys, list(range(1, STEPS + 1)))
-    for key in keys:
-        for it in (3, 4):
-            assert got[key][it] == want[key][it], (key, it)
-    wa, _, _ = checkpoint.load_merged(same)
-    wb, _, _ = checkpoint.load_merged(pp2ep2)
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
+    _assert_like(same, pp2ep2, ["lm_loss", "moe_lbl", "grad_norm"], [3, 4], exact=True)
 
 
 def _assert_steps_3_4_are_one_tieds(resumed, one_tied, data_parallel: int):
     """Steps 3-4 of `resumed` against the uninterrupted `one_tied`, with test_pp2_ep2_trains_like_one_process's
     bounds; tokens per expert are each of `data_parallel` ranks' count of its share of one_tied's 2 micro-batches,
     averaged."""
-    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
-    got, want = _rows(resumed, keys, [3, 4]), _rows(one_tied, keys, list(range(1, STEPS + 1)))
-    for it in (3, 4):
-        for key in ("lm_loss", "moe_lbl", "grad_norm"):
-            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
-        assert [data_parallel * got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
-    wa, _, _ = checkpoint.load_merged(resumed)
-    wb, _, _ = checkpoint.load_merged(one_tied)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
+    _assert_like(resumed, one_tied, ["lm_loss", "moe_lbl", "grad_norm"], [3, 4], data_parallel)
 
 
 def test_pp2_ep2_converts_to_the_universal_checkpoint_of_one_process(tmp_path, small_corpus, one_tied, pp2ep2):
@@ -274,17 +242,6 @@ def pp2tp2(tmp_path_factory, small_corpus):
 def test_pp2_tp2_trains_like_one_process(one, pp2tp2):
     """Pipe 2 x tensor parallel 2 (4 ranks; each expert split over the TP group as the dense MLP): pp2's micro-batches
     and accumulation, so every number is `one`'s (tokens per expert counted whole, validation on the same 2)."""
-    steps = list(range(1, STEPS + 1))
-    keys = ["lm_loss", "moe_lbl", "grad_norm", *TOKEN_KEYS]
-    got, want = _rows(pp2tp2, keys, steps), _rows(one, keys, steps)
-    for it in steps:
-        for key in ("lm_loss", "moe_lbl", "grad_norm"):
-            assert abs(got[key][it] - want[key][it]) <= LOSS_RTOL * max(abs(want[key][it]), 1.0), (key, it)
-        assert [got[k][it] for k in TOKEN_KEYS] == [want[k][it] for k in TOKEN_KEYS], it
+    _assert_like(pp2tp2, one, ["lm_loss", "moe_lbl", "grad_norm"], list(range(1, STEPS + 1)))
     ea, eb = read_metrics(pp2tp2, "eval_lm_loss"), read_metrics(one, "eval_lm_loss")
     assert abs(ea[STEPS] - eb[STEPS]) <= LOSS_RTOL * max(abs(eb[STEPS]), 1.0), (ea, eb)
-    wa, _, _ = checkpoint.load_merged(pp2tp2)
-    wb, _, _ = checkpoint.load_merged(one)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=WEIGHT_TOL, msg=name)
