@@ -152,6 +152,29 @@ def run_training(config_path, nproc=1, timeout=600, check=True):
     return run
 
 
+def finetune_from_random_hf_model(config_path, model_class, config_class, hf_dir, imported_dir):
+    """A transformers `model_class` of the training config's shape (random from seed 0, fp32) saved to `hf_dir`,
+    imported with tools/ckpts/convert_hf_llama_to_neox.py into `imported_dir`, and the config made to fine-tune
+    from it (`load`, `finetune: true`). Returns (the transformers model, the config as loaded before)."""
+    import torch
+
+    from neox_fork.checkpoint.hf import hf_config_dict
+    from neox_fork.config.loading import load_config
+
+    config = load_config(config_path)
+    keys = hf_config_dict(config, config.padded_vocab_size(600), "fp32")
+    for k in ("architectures", "model_type", "torch_dtype"):
+        keys.pop(k)
+    torch.manual_seed(0)
+    model = model_class(config_class(**keys))
+    model.save_pretrained(hf_dir)
+    done = run_cli("tools/ckpts/convert_hf_llama_to_neox.py", "--hf-dir", str(hf_dir), "--output-dir",
+                   str(imported_dir))
+    assert done.returncode == 0, done.stderr
+    Path(config_path).write_text(Path(config_path).read_text() + f"load: {imported_dir}\nfinetune: true\n")
+    return model, config
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, small_corpus):
     """A real training checkpoint (fp32, one process, ZeRO-1) with steps 1 and 2; copy it before changing it."""

@@ -17,10 +17,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from conftest import read_metrics, run_cli, run_training, write_train_config
+from conftest import finetune_from_random_hf_model, read_metrics, run_cli, run_training, write_train_config
 from neox_fork.checkpoint import store as checkpoint
-from neox_fork.checkpoint.hf import (config_from_hf, export_folder, family, from_hf_state_dict, hf_config_dict,
-                                    import_folder)
+from neox_fork.checkpoint.hf import config_from_hf, export_folder, family, from_hf_state_dict, import_folder
 from neox_fork.config.loading import from_dict, load_config
 from neox_fork.errors import UserError
 from neox_fork.inference.generation import SamplingParams, generate, load_for_inference
@@ -192,17 +191,8 @@ def trained(tmp_path_factory, small_corpus):
     the export tool: (folder, the transformers model it started from)."""
     root = tmp_path_factory.mktemp("mixtral")
     config_path = write_train_config(root, small_corpus, train_iters=3, extra_save_iters=[0], **TRAIN_KEYS)
-    config = load_config(config_path)
-    keys = hf_config_dict(config, config.padded_vocab_size(600), "fp32")
-    for k in ("architectures", "model_type", "torch_dtype"):
-        keys.pop(k)
-    torch.manual_seed(0)
-    start = MixtralForCausalLM(MixtralConfig(**keys))
-    start.save_pretrained(root / "start")
-    done = run_cli("tools/ckpts/convert_hf_llama_to_neox.py", "--hf-dir", str(root / "start"),
-                   "--output-dir", str(root / "imported"))
-    assert done.returncode == 0, done.stderr
-    config_path.write_text(config_path.read_text() + f"load: {root / 'imported'}\nfinetune: true\n")
+    start, _ = finetune_from_random_hf_model(config_path, MixtralForCausalLM, MixtralConfig, root / "start",
+                                             root / "imported")
     run_training(config_path)
     done = run_cli("tools/convert_to_hf.py", "--input-dir", str(root / "ckpt"), "--output-dir", str(root / "hf"))
     assert done.returncode == 0, done.stderr
